@@ -1,0 +1,4 @@
+//! The contract between `llava-data` (pipeline) and `llava-trainer`: the `datasets.toml` model,
+//! the shard schema and the manifest. Both halves depend on this crate and on nothing of each other.
+
+pub mod constants;

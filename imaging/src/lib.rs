@@ -1,0 +1,1 @@
+//! Pillow-exact decoding, resampling and anyres tiling.

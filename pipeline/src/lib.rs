@@ -1,0 +1,1 @@
+//! `llava-data`: LLaVA records -> token ids, labels and tiles -> shards.

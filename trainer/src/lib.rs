@@ -1,0 +1,1 @@
+//! `llava-trainer`: the LLaVA-NeXT model, data loader and training loop.
