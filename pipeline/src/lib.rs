@@ -1,1 +1,7 @@
-//! `llava-data`: LLaVA records -> token ids, labels and tiles -> shards.
+//! `llava-data`: LLaVA records → token ids, labels and anyres tiles → Parquet shards.
+
+pub mod record;
+pub mod reject;
+pub mod template;
+pub mod text;
+pub mod tokenizer;

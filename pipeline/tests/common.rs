@@ -1,0 +1,64 @@
+//! Shared helpers of the pipeline's integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use llava_data::tokenizer::TextTokenizer;
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("pipeline/ has a parent")
+        .to_path_buf()
+}
+
+pub fn fixtures() -> PathBuf {
+    repo_root().join("fixtures")
+}
+
+/// The patched Llama-3-Instruct tokenizer that `scripts/fetch-tokenizer.sh` writes (or
+/// `LLAVA_TOKENIZER`). Missing is a failure, not a skip: the goldens are meaningless without it.
+pub fn tokenizer_path() -> PathBuf {
+    let path = std::env::var_os("LLAVA_TOKENIZER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".cache/tokenizer/tokenizer.json"));
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-tokenizer.sh (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+pub fn tokenizer() -> TextTokenizer {
+    TextTokenizer::from_file(&tokenizer_path()).expect("tokenizer loads")
+}
+
+pub fn golden_rows(name: &str) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(fixtures().join("golden").join(name)).expect("golden file");
+    text.lines()
+        .map(|l| serde_json::from_str(l).expect("golden row is JSON"))
+        .collect()
+}
+
+/// `fixtures/data/datasets.json`: each data file's image folder (relative to `fixtures/data`).
+pub fn image_folder_of(file: &str) -> PathBuf {
+    let text =
+        std::fs::read_to_string(fixtures().join("data/datasets.json")).expect("datasets.json");
+    let list: Vec<serde_json::Value> = serde_json::from_str(&text).expect("datasets.json is JSON");
+    let entry = list
+        .iter()
+        .find(|e| e["file"] == file)
+        .unwrap_or_else(|| panic!("{file} not in datasets.json"));
+    fixtures()
+        .join("data")
+        .join(entry["image_folder"].as_str().expect("image_folder"))
+}
+
+pub fn ints(v: &serde_json::Value) -> Vec<i32> {
+    v.as_array()
+        .expect("list")
+        .iter()
+        .map(|x| x.as_i64().expect("int") as i32)
+        .collect()
+}
