@@ -1,1 +1,15 @@
-//! `llava-trainer`: the LLaVA-NeXT model, data loader and training loop.
+//! Training model for LLaVA-NeXT (CLIP ViT-L/14-336 → mlp2x_gelu → Llama-3) on candle.
+//!
+//! Everything in the forward pass has a backward pass: candle-nn's fused softmax / norm / rope
+//! kernels are inference-only and are replaced by the primitive-op forms in [`ops`].
+
+pub mod clip;
+pub mod error;
+pub mod llama;
+pub mod llava_next;
+pub mod ops;
+pub mod projector;
+pub mod weights;
+
+pub use error::{Error, Result};
+pub use llava_next::{Batch, ImageMeta, LlavaNext, LlavaNextConfig, Output};

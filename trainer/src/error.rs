@@ -1,0 +1,54 @@
+//! Errors of the trainer library.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while building, loading or running the model.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+
+    #[error("{path}: cannot read tensors: {source}")]
+    Read {
+        path: PathBuf,
+        source: candle_core::Error,
+    },
+
+    #[error("missing tensor `{name}` (searched: {searched})")]
+    MissingTensor { name: String, searched: String },
+
+    #[error("tensor `{name}` in {path} has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch {
+        name: String,
+        path: PathBuf,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+
+    #[error("tensor `{name}` is provided twice: as `{first}` and as `{second}`")]
+    DuplicateTensor {
+        name: String,
+        first: String,
+        second: String,
+    },
+
+    #[error("invalid config: {0}")]
+    Config(String),
+
+    #[error("invalid batch: {0}")]
+    Batch(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

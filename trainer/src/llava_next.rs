@@ -1,0 +1,669 @@
+//! The LLaVA-NeXT wrapper: vision tower → projector → anyres merge → placement at the image
+//! placeholders → Llama-3, with the batch-mean causal LM loss.
+//!
+//! Parameter names are HF's legacy `LlavaNextForConditionalGeneration` layout:
+//! `vision_tower.vision_model.*`, `multi_modal_projector.*`, `image_newline`,
+//! `language_model.{model.*, lm_head.weight}`.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Init, VarBuilder};
+use llava_formats::constants::{IGNORE_INDEX, IMAGE_TOKEN_INDEX};
+use serde::{Deserialize, Serialize};
+
+use crate::clip::{self, ClipVisionConfig, ClipVisionModel};
+use crate::llama::{LlamaConfig, LlamaForCausalLM};
+use crate::ops;
+use crate::projector::{MultiModalProjector, ProjectorConfig};
+use crate::{Error, Result};
+
+/// How per-tile features become one image's token sequence (LLaVA `mm_patch_merge_type`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MergeType {
+    /// Pretraining: all tiles' tokens concatenated, no newline.
+    Flat,
+    /// Fine-tuning (HF LlavaNext): base tile, then the unpadded tile grid with a newline per row.
+    #[default]
+    SpatialUnpad,
+}
+
+/// Float rounding of `unpad_image`'s new size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnpadRounding {
+    /// LLaVA-NeXT: `int(H * s)`.
+    #[default]
+    Truncate,
+    /// HF transformers: `int(round(H * s, 7))`.
+    HfRound7,
+}
+
+/// HF `LlavaNextConfig` (`config.json`); defaults are llama3-llava-next-8b.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlavaNextConfig {
+    #[serde(default)]
+    pub vision_config: ClipVisionConfig,
+    #[serde(default)]
+    pub text_config: LlamaConfig,
+    /// Placeholder id of HF checkpoints; `IMAGE_TOKEN_INDEX` (-200) is always a placeholder too.
+    #[serde(default = "defaults::image_token_index")]
+    pub image_token_index: i64,
+    #[serde(default = "defaults::vision_feature_layer")]
+    pub vision_feature_layer: i64,
+    /// `"default"` drops CLS, `"full"` keeps it.
+    #[serde(default = "defaults::vision_feature_select_strategy")]
+    pub vision_feature_select_strategy: String,
+    #[serde(default = "defaults::projector_hidden_act")]
+    pub projector_hidden_act: String,
+    #[serde(default = "defaults::multimodal_projector_bias")]
+    pub multimodal_projector_bias: bool,
+    /// Kept for the processor; the model takes each image's grid from the batch.
+    #[serde(default)]
+    pub image_grid_pinpoints: Vec<[usize; 2]>,
+    /// Not an HF field: LLaVA's `mm_patch_merge_type`.
+    #[serde(default)]
+    pub mm_patch_merge_type: MergeType,
+    /// Not an HF field.
+    #[serde(default)]
+    pub unpad_rounding: UnpadRounding,
+    /// LLaVA's `tokenizer_model_max_length`: rows are cut to it after image expansion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer_model_max_length: Option<usize>,
+}
+
+mod defaults {
+    pub fn image_token_index() -> i64 {
+        128256
+    }
+    pub fn vision_feature_layer() -> i64 {
+        -2
+    }
+    pub fn vision_feature_select_strategy() -> String {
+        "default".into()
+    }
+    pub fn projector_hidden_act() -> String {
+        "gelu".into()
+    }
+    pub fn multimodal_projector_bias() -> bool {
+        true
+    }
+}
+
+impl Default for LlavaNextConfig {
+    fn default() -> Self {
+        Self::llama3_llava_next_8b()
+    }
+}
+
+impl LlavaNextConfig {
+    /// CLIP ViT-L/14-336 + mlp2x_gelu + Llama-3-8B with the vocabulary grown to 128320
+    /// (`<image>`, `<pad>`, rounded up to a multiple of 64; spec §8.3).
+    pub fn llama3_llava_next_8b() -> Self {
+        let mut cfg: Self =
+            serde_json::from_str("{}").unwrap_or_else(|_| unreachable!("all fields have defaults"));
+        cfg.text_config.vocab_size = 128320;
+        cfg.image_grid_pinpoints = vec![[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]];
+        cfg
+    }
+
+    pub fn from_json_str(s: &str) -> std::result::Result<Self, serde_json::Error> {
+        serde_json::from_str(s)
+    }
+
+    /// Reads an HF `config.json`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.into(),
+            source,
+        })?;
+        let cfg: Self = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: path.into(),
+            source,
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.text_config.validate().map_err(Error::Config)?;
+        if self.projector_hidden_act != "gelu" {
+            return Err(Error::Config(format!(
+                "projector_hidden_act {:?} (only \"gelu\")",
+                self.projector_hidden_act
+            )));
+        }
+        if !matches!(self.vision_feature_select_strategy.as_str(), "default" | "full") {
+            return Err(Error::Config(format!(
+                "vision_feature_select_strategy {:?}",
+                self.vision_feature_select_strategy
+            )));
+        }
+        if self
+            .vision_config
+            .layers_for_feature_layer(self.vision_feature_layer)
+            .is_none()
+        {
+            return Err(Error::Config(format!(
+                "vision_feature_layer {} out of range",
+                self.vision_feature_layer
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn projector_config(&self) -> ProjectorConfig {
+        ProjectorConfig {
+            vision_hidden_size: self.vision_config.hidden_size,
+            text_hidden_size: self.text_config.hidden_size,
+            bias: self.multimodal_projector_bias,
+        }
+    }
+
+    pub fn has_image_newline(&self) -> bool {
+        self.mm_patch_merge_type == MergeType::SpatialUnpad
+    }
+
+    /// Feature tokens of one tile (g², plus CLS with the `full` strategy).
+    pub fn tokens_per_tile(&self) -> usize {
+        let g = self.vision_config.grid_size();
+        g * g + usize::from(self.vision_feature_select_strategy == "full")
+    }
+
+    /// Every parameter of the model: canonical (HF legacy) name and shape; no allocation.
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut out: Vec<(String, Vec<usize>)> = Vec::new();
+        for (n, s) in self.vision_config.param_shapes() {
+            out.push((format!("{VISION_PREFIX}.{n}"), s));
+        }
+        for (n, s) in self.projector_config().param_shapes() {
+            out.push((format!("{PROJECTOR_PREFIX}.{n}"), s));
+        }
+        if self.has_image_newline() {
+            out.push((IMAGE_NEWLINE.into(), vec![self.text_config.hidden_size]));
+        }
+        for (n, s) in self.text_config.param_shapes() {
+            out.push((format!("{LANGUAGE_PREFIX}.{n}"), s));
+        }
+        out
+    }
+
+    /// Number of tokens image features occupy: the packed length of one image.
+    pub fn image_token_count(&self, image: &ImageMeta) -> Result<usize> {
+        let t = self.tokens_per_tile();
+        if image.num_tiles == 0 {
+            return Err(Error::Batch("an image with 0 tiles".into()));
+        }
+        if self.mm_patch_merge_type == MergeType::Flat {
+            return Ok(image.num_tiles * t);
+        }
+        if image.num_tiles == 1 {
+            return Ok(t + 1);
+        }
+        let (h, w) = self.unpadded_grid(image)?;
+        Ok(t + h * (w + 1))
+    }
+
+    /// Feature-grid size `(h', w')` kept by `unpad_image` for a multi-tile image.
+    pub fn unpadded_grid(&self, image: &ImageMeta) -> Result<(usize, usize)> {
+        image.check_tiles()?;
+        let g = self.vision_config.grid_size();
+        let (cols, rows) = image.grid;
+        let (fh, fw) = (rows * g, cols * g);
+        let (w, h) = image.orig_size;
+        if w == 0 || h == 0 {
+            return Err(Error::Batch(format!("image of size {w}x{h}")));
+        }
+        let cut = |x: f64| -> usize {
+            match self.unpad_rounding {
+                UnpadRounding::Truncate => x as usize,
+                UnpadRounding::HfRound7 => ((x * 1e7).round() / 1e7) as usize,
+            }
+        };
+        // Same f64 expressions as the Python, so boundary cases agree.
+        if (w as f64 / h as f64) > (fw as f64 / fh as f64) {
+            let nh = cut(h as f64 * (fw as f64 / w as f64)).min(fh);
+            let pad = (fh - nh) / 2;
+            Ok((fh - 2 * pad, fw))
+        } else {
+            let nw = cut(w as f64 * (fh as f64 / h as f64)).min(fw);
+            let pad = (fw - nw) / 2;
+            Ok((fh, fw - 2 * pad))
+        }
+    }
+}
+
+pub const VISION_PREFIX: &str = "vision_tower.vision_model";
+pub const PROJECTOR_PREFIX: &str = "multi_modal_projector";
+pub const IMAGE_NEWLINE: &str = "image_newline";
+pub const LANGUAGE_PREFIX: &str = "language_model";
+
+/// What the model needs to know about one image; the pipeline computed all of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageMeta {
+    /// Original image size `(width, height)` in pixels (PIL order), used by unpad.
+    pub orig_size: (usize, usize),
+    /// Anyres grid `(cols, rows)` of the best resolution; `(1, 1)` for single-tile images.
+    pub grid: (usize, usize),
+    /// Tiles in `pixel_values` for this image: 1 (`pad`/`square`) or `1 + cols * rows`.
+    pub num_tiles: usize,
+}
+
+impl ImageMeta {
+    /// A single-tile (`pad`/`square`) image.
+    pub fn single(orig_size: (usize, usize)) -> Self {
+        Self {
+            orig_size,
+            grid: (1, 1),
+            num_tiles: 1,
+        }
+    }
+
+    fn check_tiles(&self) -> Result<()> {
+        let (cols, rows) = self.grid;
+        if self.num_tiles != 1 + cols * rows {
+            return Err(Error::Batch(format!(
+                "image with grid {cols}x{rows} (cols x rows) has {} tiles, expected {}",
+                self.num_tiles,
+                1 + cols * rows
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One right-padded training micro-batch.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// `[B, L]` integer ids, right padded. Image placeholders are `-200` (one per image, expanded
+    /// by the model) or `config.image_token_index`; a run of at least N placeholders, N being the
+    /// image's token count, is taken as already expanded (HF processor style).
+    pub input_ids: Tensor,
+    /// `[B, L]` targets aligned with `input_ids` (not shifted), `-100` = ignored. None: no loss.
+    pub labels: Option<Tensor>,
+    /// Real tokens per row; positions at or past it are padding.
+    pub lengths: Vec<usize>,
+    /// `[T, 3, S, S]`: all tiles of all images in placeholder order; per image its base tile
+    /// first, then its grid tiles row-major. None when the batch has no image.
+    pub pixel_values: Option<Tensor>,
+    /// One entry per image, in placeholder order.
+    pub images: Vec<ImageMeta>,
+}
+
+/// Per-row lengths from a `[B, L]` 0/1 attention mask (right padding).
+pub fn lengths_from_attention_mask(mask: &Tensor) -> Result<Vec<usize>> {
+    let rows = mask.to_dtype(DType::I64)?.to_vec2::<i64>()?;
+    Ok(rows
+        .iter()
+        .map(|r| r.iter().filter(|&&m| m != 0).count())
+        .collect())
+}
+
+/// Input embeddings after image placement.
+#[derive(Debug, Clone)]
+pub struct Embedded {
+    /// `[B, L', H]`; padding rows are zero vectors.
+    pub embeds: Tensor,
+    /// Real tokens per row after expansion and truncation.
+    pub lengths: Vec<usize>,
+    /// `[B, L']` i64 labels after expansion (image tokens and padding -100).
+    pub labels: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// `[B, L', V]` f32.
+    pub logits: Tensor,
+    /// Scalar f32 mean cross entropy over the supervised positions of the batch.
+    pub loss: Option<Tensor>,
+    /// `[B, L']` f32, loss of predicting token t+1 at t (0 where ignored and at the last position).
+    pub token_loss: Option<Tensor>,
+    pub lengths: Vec<usize>,
+    pub labels: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LlavaNext {
+    vision_tower: ClipVisionModel,
+    multi_modal_projector: MultiModalProjector,
+    image_newline: Option<Tensor>,
+    language_model: LlamaForCausalLM,
+    cfg: LlavaNextConfig,
+    vision_layers: usize,
+}
+
+impl LlavaNext {
+    /// Builds the model on `vb` (normally a [`candle_nn::VarMap`] filled by
+    /// [`crate::weights::load`]; absent parameters are freshly initialised).
+    pub fn new(cfg: &LlavaNextConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let vision_layers = cfg
+            .vision_config
+            .layers_for_feature_layer(cfg.vision_feature_layer)
+            .ok_or_else(|| Error::Config("vision_feature_layer out of range".into()))?;
+        let vision_tower = ClipVisionModel::new(&cfg.vision_config, vb.pp(VISION_PREFIX))?;
+        let multi_modal_projector =
+            MultiModalProjector::new(&cfg.projector_config(), vb.pp(PROJECTOR_PREFIX))?;
+        let image_newline = if cfg.has_image_newline() {
+            let h = cfg.text_config.hidden_size;
+            let stdev = 1.0 / (h as f64).sqrt();
+            Some(vb.get_with_hints(h, IMAGE_NEWLINE, Init::Randn { mean: 0.0, stdev })?)
+        } else {
+            None
+        };
+        let language_model = LlamaForCausalLM::new(&cfg.text_config, vb.pp(LANGUAGE_PREFIX))?;
+        Ok(Self {
+            vision_tower,
+            multi_modal_projector,
+            image_newline,
+            language_model,
+            cfg: cfg.clone(),
+            vision_layers,
+        })
+    }
+
+    pub fn config(&self) -> &LlavaNextConfig {
+        &self.cfg
+    }
+
+    pub fn vision_tower(&self) -> &ClipVisionModel {
+        &self.vision_tower
+    }
+
+    pub fn language_model(&self) -> &LlamaForCausalLM {
+        &self.language_model
+    }
+
+    /// HF `hidden_states[vision_feature_layer]` of every tile: `[T, 1 + g², C]` (CLS included).
+    pub fn vision_selected_layer(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        Ok(self
+            .vision_tower
+            .forward_to_layer(pixel_values, self.vision_layers)?)
+    }
+
+    /// Projected per-tile features `[T, tokens_per_tile, H]` (one vision call for all tiles).
+    pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let hidden = self.vision_selected_layer(pixel_values)?;
+        let feats = if self.cfg.vision_feature_select_strategy == "full" {
+            hidden
+        } else {
+            clip::drop_cls(&hidden)?
+        };
+        Ok(self.multi_modal_projector.forward(&feats)?)
+    }
+
+    /// Splits `[T, t, H]` tile features per image and merges each: `[N_i, H]` per image.
+    pub fn pack_image_features(&self, feats: &Tensor, images: &[ImageMeta]) -> Result<Vec<Tensor>> {
+        let total: usize = images.iter().map(|m| m.num_tiles).sum();
+        let (t_all, t, h) = feats.dims3()?;
+        if total != t_all {
+            return Err(Error::Batch(format!(
+                "images declare {total} tiles, pixel_values has {t_all}"
+            )));
+        }
+        let mut out = Vec::with_capacity(images.len());
+        let mut start = 0;
+        for meta in images {
+            let f = feats.narrow(0, start, meta.num_tiles)?;
+            start += meta.num_tiles;
+            out.push(self.pack_one(&f, meta, t, h)?);
+        }
+        Ok(out)
+    }
+
+    fn pack_one(&self, f: &Tensor, meta: &ImageMeta, t: usize, h: usize) -> Result<Tensor> {
+        if self.cfg.mm_patch_merge_type == MergeType::Flat {
+            return Ok(f.reshape((meta.num_tiles * t, h))?);
+        }
+        let newline = self
+            .image_newline
+            .as_ref()
+            .ok_or_else(|| Error::Config("spatial_unpad needs image_newline".into()))?;
+        let base = f.get(0)?;
+        if meta.num_tiles == 1 {
+            return Ok(Tensor::cat(&[&base, &newline.reshape((1, h))?], 0)?);
+        }
+        let (kh, kw) = self.cfg.unpadded_grid(meta)?;
+        let g = self.cfg.vision_config.grid_size();
+        if t != g * g {
+            return Err(Error::Config(
+                "spatial_unpad needs the CLS-free (\"default\") feature strategy".into(),
+            ));
+        }
+        let (cols, rows) = meta.grid;
+        let (fh, fw) = (rows * g, cols * g);
+        if kh == 0 {
+            return Ok(base);
+        }
+        // [rows*cols, g*g, C] → [rows, cols, g, g, C] → [C, rows, g, cols, g] → [C, Fh, Fw].
+        let nl = newline.reshape((h, 1, 1))?.broadcast_as((h, kh, 1))?;
+        let grid = if kw == 0 {
+            nl.contiguous()?
+        } else {
+            let grid = f
+                .narrow(0, 1, rows * cols)?
+                .reshape((rows, cols, g, g, h))?
+                .permute((4, 0, 2, 1, 3))?
+                .reshape((h, fh, fw))?
+                .narrow(1, (fh - kh) / 2, kh)?
+                .narrow(2, (fw - kw) / 2, kw)?;
+            Tensor::cat(&[&grid, &nl], 2)?
+        };
+        let grid = grid.reshape((h, kh * (kw + 1)))?.t()?;
+        Ok(Tensor::cat(&[&base, &grid], 0)?)
+    }
+
+    fn is_placeholder(&self, id: i64) -> bool {
+        id == IMAGE_TOKEN_INDEX as i64 || id == self.cfg.image_token_index
+    }
+
+    /// Embeds the text and puts each image's packed features at its placeholder(s).
+    pub fn embed_inputs(&self, batch: &Batch, packed: &[Tensor]) -> Result<Embedded> {
+        let ids = batch.input_ids.to_dtype(DType::I64)?.to_vec2::<i64>()?;
+        let b = ids.len();
+        let l = ids.first().map_or(0, Vec::len);
+        if batch.lengths.len() != b {
+            return Err(Error::Batch(format!(
+                "{} lengths for {b} rows",
+                batch.lengths.len()
+            )));
+        }
+        let labels = match &batch.labels {
+            Some(t) => {
+                let v = t.to_dtype(DType::I64)?.to_vec2::<i64>()?;
+                if v.len() != b || v.iter().any(|r| r.len() != l) {
+                    return Err(Error::Batch("labels and input_ids differ in shape".into()));
+                }
+                Some(v)
+            }
+            None => None,
+        };
+        let vocab = self.cfg.text_config.vocab_size as i64;
+        let counts: Vec<usize> = packed.iter().map(|p| p.dim(0)).collect::<candle_core::Result<_>>()?;
+        let img_total: usize = counts.iter().sum();
+        let mut img_offset = Vec::with_capacity(counts.len());
+        let mut acc = 0;
+        for c in &counts {
+            img_offset.push(acc);
+            acc += c;
+        }
+        // Rows of the gather table: [embeds of all B*L ids | all image tokens | one zero row].
+        let text_rows = b * l;
+        let zero_row = (text_rows + img_total) as u32;
+        let mut safe_ids = Vec::with_capacity(text_rows);
+        let mut rows_idx: Vec<Vec<u32>> = Vec::with_capacity(b);
+        let mut rows_lab: Vec<Vec<i64>> = Vec::with_capacity(b);
+        let mut next_image = 0usize;
+        let mut n_placeholders = 0usize;
+        for (bi, row) in ids.iter().enumerate() {
+            let len = batch.lengths[bi];
+            if len > l {
+                return Err(Error::Batch(format!("row {bi}: length {len} > {l}")));
+            }
+            for (p, &id) in row.iter().enumerate() {
+                let ok = (0..vocab).contains(&id);
+                if p < len && !ok && !self.is_placeholder(id) {
+                    return Err(Error::Batch(format!(
+                        "row {bi}, position {p}: token id {id} outside the vocabulary of {vocab}"
+                    )));
+                }
+                safe_ids.push(if ok { id as u32 } else { 0 });
+            }
+            let mut idx = Vec::with_capacity(len);
+            let mut lab = Vec::with_capacity(len);
+            let mut p = 0;
+            while p < len {
+                let id = row[p];
+                if !self.is_placeholder(id) {
+                    idx.push((bi * l + p) as u32);
+                    lab.push(labels.as_ref().map_or(IGNORE_INDEX as i64, |v| v[bi][p]));
+                    p += 1;
+                    continue;
+                }
+                n_placeholders += 1;
+                let k = next_image;
+                next_image += 1;
+                let Some(&n) = counts.get(k) else {
+                    p += 1;
+                    continue; // counted; reported below
+                };
+                let run = row[p..len].iter().take_while(|&&x| self.is_placeholder(x)).count();
+                p += if run >= n && n > 1 { n } else { 1 };
+                let off = (text_rows + img_offset[k]) as u32;
+                idx.extend(off..off + n as u32);
+                lab.extend(std::iter::repeat_n(IGNORE_INDEX as i64, n));
+            }
+            if let Some(max) = self.cfg.tokenizer_model_max_length {
+                idx.truncate(max);
+                lab.truncate(max);
+            }
+            rows_idx.push(idx);
+            rows_lab.push(lab);
+        }
+        if n_placeholders != packed.len() {
+            return Err(Error::Batch(format!(
+                "image features and image tokens do not match: {} images, {n_placeholders} \
+                 placeholders (a pre-expanded run counts as one)",
+                packed.len()
+            )));
+        }
+        let width = rows_idx.iter().map(Vec::len).max().unwrap_or(0);
+        let lengths: Vec<usize> = rows_idx.iter().map(Vec::len).collect();
+        let mut flat_idx = Vec::with_capacity(b * width);
+        let mut flat_lab = Vec::with_capacity(b * width);
+        for (idx, lab) in rows_idx.iter().zip(&rows_lab) {
+            flat_idx.extend_from_slice(idx);
+            flat_idx.extend(std::iter::repeat_n(zero_row, width - idx.len()));
+            flat_lab.extend_from_slice(lab);
+            flat_lab.extend(std::iter::repeat_n(IGNORE_INDEX as i64, width - lab.len()));
+        }
+        let dev = batch.input_ids.device();
+        let ids_t = Tensor::from_vec(safe_ids, text_rows, dev)?;
+        let text = self.language_model.embed(&ids_t)?;
+        let hdim = self.cfg.text_config.hidden_size;
+        let mut parts = vec![text];
+        for p in packed {
+            parts.push(p.to_dtype(parts[0].dtype())?);
+        }
+        parts.push(Tensor::zeros((1, hdim), parts[0].dtype(), dev)?);
+        let table = Tensor::cat(&parts, 0)?;
+        let gather = Tensor::from_vec(flat_idx, b * width, dev)?;
+        let embeds = table.index_select(&gather, 0)?.reshape((b, width, hdim))?;
+        let labels = match labels {
+            Some(_) => Some(Tensor::from_vec(flat_lab, (b, width), dev)?),
+            None => None,
+        };
+        Ok(Embedded {
+            embeds,
+            lengths,
+            labels,
+        })
+    }
+
+    /// Packed image features of the batch (empty without images).
+    pub fn batch_image_features(&self, batch: &Batch) -> Result<Vec<Tensor>> {
+        match (&batch.pixel_values, batch.images.is_empty()) {
+            (None, true) => Ok(Vec::new()),
+            (Some(px), false) => {
+                let feats = self.image_features(px)?;
+                self.pack_image_features(&feats, &batch.images)
+            }
+            (None, false) => Err(Error::Batch("images listed but no pixel_values".into())),
+            (Some(_), true) => Err(Error::Batch("pixel_values without image metadata".into())),
+        }
+    }
+
+    /// Full forward: logits, and with labels the batch-mean loss and per-token loss.
+    pub fn forward(&self, batch: &Batch) -> Result<Output> {
+        let packed = self.batch_image_features(batch)?;
+        let emb = self.embed_inputs(batch, &packed)?;
+        let logits = self.language_model.forward_embeds(&emb.embeds, &emb.lengths)?;
+        let (loss, token_loss) = match &emb.labels {
+            Some(labels) => {
+                let (loss, tok) = ops::shifted_cross_entropy(&logits, labels, IGNORE_INDEX as i64)?;
+                (Some(loss), Some(tok))
+            }
+            None => (None, None),
+        };
+        Ok(Output {
+            logits,
+            loss,
+            token_loss,
+            lengths: emb.lengths,
+            labels: emb.labels,
+        })
+    }
+}
+
+/// A fresh device-side helper: the CPU, or CUDA device 0 with the `cuda` feature.
+pub fn default_device() -> Result<Device> {
+    #[cfg(feature = "cuda")]
+    {
+        Ok(Device::new_cuda(0)?)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Ok(Device::Cpu)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(w: usize, h: usize, cols: usize, rows: usize) -> ImageMeta {
+        ImageMeta {
+            orig_size: (w, h),
+            grid: (cols, rows),
+            num_tiles: 1 + cols * rows,
+        }
+    }
+
+    #[test]
+    fn token_counts_match_spec_table() {
+        let cfg = LlavaNextConfig::llama3_llava_next_8b();
+        let cases = [
+            ((640, 480, 2, 2), 2340),
+            ((768, 1024, 2, 2), 2352),
+            ((1280, 720, 2, 2), 1948),
+            ((720, 1280, 2, 2), 1968),
+            ((512, 512, 2, 2), 2928),
+            ((1024, 899, 2, 2), 2634),
+            ((800, 1200, 2, 2), 2160),
+            ((2000, 500, 3, 1), 1890),
+            ((3000, 1000, 3, 1), 2328),
+            ((700, 300, 3, 1), 1944),
+            ((500, 1500, 1, 3), 2376),
+            ((336, 336, 1, 2), 1176),
+            ((300, 200, 1, 2), 976),
+            ((5000, 10, 2, 1), 576),
+            ((10, 5000, 1, 3), 576 + 72),
+        ];
+        for ((w, h, c, r), n) in cases {
+            assert_eq!(cfg.image_token_count(&meta(w, h, c, r)).ok(), Some(n), "{w}x{h}");
+        }
+        assert_eq!(cfg.image_token_count(&ImageMeta::single((640, 480))).ok(), Some(577));
+    }
+}

@@ -1,0 +1,132 @@
+//! Differentiable forms of the fused candle-nn kernels.
+//!
+//! candle-nn's `softmax_last_dim`, `rms_norm`, `layer_norm` and `rope` have no backward pass and
+//! silently cut the autograd graph, so the training path only uses primitive ops. Reductions run in
+//! f32 whatever the parameter dtype, as PyTorch's autocast does.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+
+/// Softmax over the last dimension, computed in f32 and cast back to the input dtype.
+pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    let dtype = xs.dtype();
+    let xs = xs.to_dtype(DType::F32)?;
+    // Shift invariance: the max needs no gradient, detaching it avoids a useless argmax path.
+    let max = xs.max_keepdim(D::Minus1)?.detach();
+    let e = xs.broadcast_sub(&max)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&s)?.to_dtype(dtype)
+}
+
+/// Log-sum-exp over the last dimension (f32 in, f32 out), keeping the reduced dim.
+pub fn logsumexp_last_dim(xs: &Tensor) -> Result<Tensor> {
+    let max = xs.max_keepdim(D::Minus1)?.detach();
+    let s = xs.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?;
+    s.log()?.broadcast_add(&max)
+}
+
+/// `x * sigmoid(1.702 x)` (CLIP's quick_gelu).
+pub fn quick_gelu(xs: &Tensor) -> Result<Tensor> {
+    let sig = (xs.affine(-1.702, 0.0)?.exp()? + 1.0)?.recip()?;
+    xs * sig
+}
+
+/// LayerNorm with weight and bias (biased variance, as torch).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(size: usize, eps: f64, vb: candle_nn::VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?;
+        let bias = vb.get_with_hints(size, "bias", candle_nn::Init::Const(0.0))?;
+        Ok(Self { weight, bias, eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dtype = xs.dtype();
+        let x = xs.to_dtype(DType::F32)?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let w = self.weight.to_dtype(DType::F32)?;
+        let b = self.bias.to_dtype(DType::F32)?;
+        xn.broadcast_mul(&w)?.broadcast_add(&b)?.to_dtype(dtype)
+    }
+}
+
+/// Llama RMSNorm: normalise in f32, cast back, then scale (HF order).
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(size: usize, eps: f64, vb: candle_nn::VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?;
+        Ok(Self { weight, eps })
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dtype = xs.dtype();
+        let x = xs.to_dtype(DType::F32)?;
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let xn = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        xn.broadcast_mul(&self.weight)
+    }
+}
+
+/// Linear layer over a `[.., in]` input; weights are `[out, in]` as in PyTorch.
+pub fn linear(
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    vb: candle_nn::VarBuilder,
+) -> Result<candle_nn::Linear> {
+    let bound = 1.0 / (in_dim as f64).sqrt();
+    let init = candle_nn::Init::Uniform {
+        lo: -bound,
+        up: bound,
+    };
+    let w = vb.get_with_hints((out_dim, in_dim), "weight", init)?;
+    let b = if bias {
+        Some(vb.get_with_hints(out_dim, "bias", init)?)
+    } else {
+        None
+    };
+    Ok(candle_nn::Linear::new(w, b))
+}
+
+/// Per-position cross entropy of `logits[:, t]` predicting `labels[:, t + 1]`.
+///
+/// `logits`: `[B, L, V]` f32; `labels`: `[B, L]` i64 with `ignore` for untrained positions.
+/// Returns `(mean over supervised positions, per-token loss [B, L])`; the per-token loss is 0 on
+/// ignored targets and on the last position. With no supervised position the mean is 0 (HF: NaN).
+pub fn shifted_cross_entropy(logits: &Tensor, labels: &Tensor, ignore: i64) -> Result<(Tensor, Tensor)> {
+    let (b, l, _v) = logits.dims3()?;
+    let dev = logits.device();
+    if l < 2 {
+        let z = Tensor::zeros((b, l), DType::F32, dev)?;
+        return Ok(((logits.sum_all()? * 0.0)?, z));
+    }
+    let logits = logits.narrow(1, 0, l - 1)?.to_dtype(DType::F32)?;
+    let targets = labels.narrow(1, 1, l - 1)?.to_dtype(DType::I64)?;
+    let valid = targets.ne(ignore)?;
+    let safe = valid.where_cond(&targets, &targets.zeros_like()?)?.to_dtype(DType::U32)?;
+    let mask = valid.to_dtype(DType::F32)?;
+    let lse = logsumexp_last_dim(&logits)?.squeeze(D::Minus1)?;
+    let picked = logits.gather(&safe.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)?;
+    let nll = ((lse - picked)? * &mask)?;
+    let n = mask.sum_all()?.to_scalar::<f32>()?;
+    let loss = (nll.sum_all()? / f64::from(n.max(1.0)))?;
+    let per_token = Tensor::cat(&[&nll, &Tensor::zeros((b, 1), DType::F32, dev)?], 1)?;
+    Ok((loss, per_token))
+}
