@@ -1,0 +1,3 @@
+//! One module per subcommand; each parses its flags and calls the library.
+
+pub mod convert;
