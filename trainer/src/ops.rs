@@ -117,13 +117,15 @@ pub fn shifted_cross_entropy(logits: &Tensor, labels: &Tensor, ignore: i64) -> R
         let z = Tensor::zeros((b, l), DType::F32, dev)?;
         return Ok(((logits.sum_all()? * 0.0)?, z));
     }
-    let logits = logits.narrow(1, 0, l - 1)?.to_dtype(DType::F32)?;
+    let logits = logits.narrow(1, 0, l - 1)?.to_dtype(DType::F32)?.contiguous()?;
     let targets = labels.narrow(1, 1, l - 1)?.to_dtype(DType::I64)?;
     let valid = targets.ne(ignore)?;
     let safe = valid.where_cond(&targets, &targets.zeros_like()?)?.to_dtype(DType::U32)?;
     let mask = valid.to_dtype(DType::F32)?;
     let lse = logsumexp_last_dim(&logits)?.squeeze(D::Minus1)?;
-    let picked = logits.gather(&safe.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)?;
+    let picked = logits
+        .gather(&safe.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?
+        .squeeze(D::Minus1)?;
     let nll = ((lse - picked)? * &mask)?;
     let n = mask.sum_all()?.to_scalar::<f32>()?;
     let loss = (nll.sum_all()? / f64::from(n.max(1.0)))?;
