@@ -1,1 +1,35 @@
-//! Pillow-exact decoding, resampling and anyres tiling.
+//! Pillow-exact decoding, resampling and anyres tiling for LLaVA-NeXT.
+//!
+//! `decode` -> `RgbImage` (Pillow `convert("RGB")`), `resample` (Pillow BICUBIC),
+//! `geometry` (anyres sizes and token counts), `tiles` (uint8 `(T, 3, 336, 336)` tiles),
+//! `normalize` (the CLIP processor's float32 values).
+
+pub mod decode;
+pub mod geometry;
+pub mod normalize;
+pub mod resample;
+pub mod tiles;
+
+pub use decode::{decode_rgb, decode_rgb_file, ImageError, RgbImage};
+pub use geometry::{
+    anyres_grid, anyres_image_tokens, parse_pinpoints, resize_and_pad_size, select_best_resolution,
+    single_tile_tokens, unpad_feature_hw, MergeType, PinpointsError, RECIPE_PINPOINTS, TILE,
+};
+pub use normalize::normalize_tiles;
+pub use resample::resize_bicubic;
+pub use tiles::{make_tiles, AspectMode, TileError, Tiles};
+
+use std::path::Path;
+
+/// Write tile `i` of `tiles` as an RGB PNG (for `convert --dump-tiles`).
+pub fn write_tile_png(tiles: &Tiles, i: usize, path: &Path) -> Result<(), image::ImageError> {
+    let hwc = tiles.tile_hwc(i);
+    image::save_buffer_with_format(
+        path,
+        &hwc,
+        TILE,
+        TILE,
+        image::ExtendedColorType::Rgb8,
+        image::ImageFormat::Png,
+    )
+}
