@@ -84,6 +84,24 @@ impl ClipVisionConfig {
         serde_json::from_str("{}").unwrap_or_else(|_| unreachable!("all fields have defaults"))
     }
 
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let h = self.hidden_size;
+        if self.patch_size == 0 || self.num_attention_heads == 0 || h == 0 {
+            return Err(
+                "vision hidden_size, patch_size and num_attention_heads must be > 0".into(),
+            );
+        }
+        if h.checked_rem(self.num_attention_heads) != Some(0)
+            || self.image_size.checked_rem(self.patch_size) != Some(0)
+        {
+            return Err(format!(
+                "vision hidden_size {h} / heads {} or image_size {} / patch_size {} do not divide",
+                self.num_attention_heads, self.image_size, self.patch_size
+            ));
+        }
+        Ok(())
+    }
+
     /// Patches per side of one tile (24 for 336/14).
     pub fn grid_size(&self) -> usize {
         self.image_size / self.patch_size
@@ -151,16 +169,29 @@ impl ClipEmbeddings {
     pub fn new(cfg: &ClipVisionConfig, vb: VarBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
         let p = cfg.patch_size;
-        let class_embedding = vb.get_with_hints(h, "class_embedding", Init::Randn { mean: 0.0, stdev: 1.0 })?;
+        let class_embedding = vb.get_with_hints(
+            h,
+            "class_embedding",
+            Init::Randn {
+                mean: 0.0,
+                stdev: 1.0,
+            },
+        )?;
         let patch_embedding = vb.pp("patch_embedding").get_with_hints(
             (h, cfg.num_channels, p, p),
             "weight",
-            Init::Randn { mean: 0.0, stdev: 0.02 },
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
         )?;
         let position_embedding = vb.pp("position_embedding").get_with_hints(
             (cfg.num_positions(), h),
             "weight",
-            Init::Randn { mean: 0.0, stdev: 0.02 },
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
         )?;
         Ok(Self {
             class_embedding,
@@ -184,7 +215,10 @@ impl ClipEmbeddings {
             .reshape((n, gh * gw, c * p * p))?;
         let w = self.patch_embedding.reshape((hidden, c * p * p))?;
         let patch_embeds = patches.broadcast_matmul(&w.t()?)?;
-        let cls = self.class_embedding.reshape((1, 1, hidden))?.broadcast_as((n, 1, hidden))?;
+        let cls = self
+            .class_embedding
+            .reshape((1, 1, hidden))?
+            .broadcast_as((n, 1, hidden))?;
         let embeds = Tensor::cat(&[&cls, &patch_embeds], 1)?;
         let pos = self.position_embedding.narrow(0, 0, gh * gw + 1)?;
         embeds.broadcast_add(&pos)

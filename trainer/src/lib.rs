@@ -3,6 +3,7 @@
 //! Everything in the forward pass has a backward pass: candle-nn's fused softmax / norm / rope
 //! kernels are inference-only and are replaced by the primitive-op forms in [`ops`].
 
+pub mod bench;
 pub mod clip;
 pub mod error;
 pub mod llama;

@@ -125,14 +125,24 @@ impl LlamaConfig {
         if self.attention_bias || self.mlp_bias {
             return Err("Llama attention_bias / mlp_bias are not supported".into());
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if self.num_attention_heads == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
+            return Err("hidden_size, vocab_size and num_attention_heads must be > 0".into());
+        }
+        if self
+            .num_attention_heads
+            .checked_rem(self.num_key_value_heads)
+            != Some(0)
+        {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
-            return Err(format!("head_dim {} must be even for RoPE", self.head_dim()));
+        if self.head_dim() & 1 == 1 {
+            return Err(format!(
+                "head_dim {} must be even for RoPE",
+                self.head_dim()
+            ));
         }
         if let (_, Some(s)) = self.rope() {
             if s.rope_type.as_deref() != Some("llama3") {
@@ -276,9 +286,21 @@ impl LlamaAttention {
         let (b, l, _) = xs.dims3()?;
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let rep = nh / nkv;
-        let q = self.q_proj.forward(xs)?.reshape((b, l, nh, d))?.transpose(1, 2)?;
-        let k = self.k_proj.forward(xs)?.reshape((b, l, nkv, d))?.transpose(1, 2)?;
-        let v = self.v_proj.forward(xs)?.reshape((b, l, nkv, d))?.transpose(1, 2)?;
+        let q = self
+            .q_proj
+            .forward(xs)?
+            .reshape((b, l, nh, d))?
+            .transpose(1, 2)?;
+        let k = self
+            .k_proj
+            .forward(xs)?
+            .reshape((b, l, nkv, d))?
+            .transpose(1, 2)?;
+        let v = self
+            .v_proj
+            .forward(xs)?
+            .reshape((b, l, nkv, d))?
+            .transpose(1, 2)?;
         let q = rope.apply(&q.contiguous()?)?;
         let k = rope.apply(&k.contiguous()?)?;
         // GQA without materialising repeated K/V: query head h uses kv head h / rep (HF
@@ -346,8 +368,13 @@ impl LlamaDecoderLayer {
     }
 
     pub fn forward(&self, xs: &Tensor, rope: &Rope, bias: &Tensor) -> Result<Tensor> {
-        let x = (xs + self.self_attn.forward(&self.input_layernorm.forward(xs)?, rope, bias)?)?;
-        &x + self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?
+        let x = (xs
+            + self
+                .self_attn
+                .forward(&self.input_layernorm.forward(xs)?, rope, bias)?)?;
+        &x + self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?)?
     }
 }
 
@@ -371,7 +398,10 @@ impl LlamaForCausalLM {
         let emb = vm.pp("embed_tokens").get_with_hints(
             (v, h),
             "weight",
-            Init::Randn { mean: 0.0, stdev: 0.02 },
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
         )?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| LlamaDecoderLayer::new(cfg, vm.pp("layers").pp(i)))

@@ -104,7 +104,8 @@ impl LlavaNextConfig {
         let mut cfg: Self =
             serde_json::from_str("{}").unwrap_or_else(|_| unreachable!("all fields have defaults"));
         cfg.text_config.vocab_size = 128320;
-        cfg.image_grid_pinpoints = vec![[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]];
+        cfg.image_grid_pinpoints =
+            vec![[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]];
         cfg
     }
 
@@ -129,13 +130,17 @@ impl LlavaNextConfig {
 
     pub fn validate(&self) -> Result<()> {
         self.text_config.validate().map_err(Error::Config)?;
+        self.vision_config.validate().map_err(Error::Config)?;
         if self.projector_hidden_act != "gelu" {
             return Err(Error::Config(format!(
                 "projector_hidden_act {:?} (only \"gelu\")",
                 self.projector_hidden_act
             )));
         }
-        if !matches!(self.vision_feature_select_strategy.as_str(), "default" | "full") {
+        if !matches!(
+            self.vision_feature_select_strategy.as_str(),
+            "default" | "full"
+        ) {
             return Err(Error::Config(format!(
                 "vision_feature_select_strategy {:?}",
                 self.vision_feature_select_strategy
@@ -481,7 +486,10 @@ impl LlavaNext {
             None => None,
         };
         let vocab = self.cfg.text_config.vocab_size as i64;
-        let counts: Vec<usize> = packed.iter().map(|p| p.dim(0)).collect::<candle_core::Result<_>>()?;
+        let counts: Vec<usize> = packed
+            .iter()
+            .map(|p| p.dim(0))
+            .collect::<candle_core::Result<_>>()?;
         let img_total: usize = counts.iter().sum();
         let mut img_offset = Vec::with_capacity(counts.len());
         let mut acc = 0;
@@ -529,7 +537,10 @@ impl LlavaNext {
                     p += 1;
                     continue; // counted; reported below
                 };
-                let run = row[p..len].iter().take_while(|&&x| self.is_placeholder(x)).count();
+                let run = row[p..len]
+                    .iter()
+                    .take_while(|&&x| self.is_placeholder(x))
+                    .count();
                 p += if run >= n && n > 1 { n } else { 1 };
                 let off = (text_rows + img_offset[k]) as u32;
                 idx.extend(off..off + n as u32);
@@ -599,7 +610,9 @@ impl LlavaNext {
     pub fn forward(&self, batch: &Batch) -> Result<Output> {
         let packed = self.batch_image_features(batch)?;
         let emb = self.embed_inputs(batch, &packed)?;
-        let logits = self.language_model.forward_embeds(&emb.embeds, &emb.lengths)?;
+        let logits = self
+            .language_model
+            .forward_embeds(&emb.embeds, &emb.lengths)?;
         let (loss, token_loss) = match &emb.labels {
             Some(labels) => {
                 let (loss, tok) = ops::shifted_cross_entropy(&logits, labels, IGNORE_INDEX as i64)?;
@@ -662,8 +675,15 @@ mod tests {
             ((10, 5000, 1, 3), 576 + 72),
         ];
         for ((w, h, c, r), n) in cases {
-            assert_eq!(cfg.image_token_count(&meta(w, h, c, r)).ok(), Some(n), "{w}x{h}");
+            assert_eq!(
+                cfg.image_token_count(&meta(w, h, c, r)).ok(),
+                Some(n),
+                "{w}x{h}"
+            );
         }
-        assert_eq!(cfg.image_token_count(&ImageMeta::single((640, 480))).ok(), Some(577));
+        assert_eq!(
+            cfg.image_token_count(&ImageMeta::single((640, 480))).ok(),
+            Some(577)
+        );
     }
 }

@@ -79,7 +79,9 @@ impl Module for RmsNorm {
         let dtype = xs.dtype();
         let x = xs.to_dtype(DType::F32)?;
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let xn = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        let xn = x
+            .broadcast_div(&(ms + self.eps)?.sqrt()?)?
+            .to_dtype(dtype)?;
         xn.broadcast_mul(&self.weight)
     }
 }
@@ -110,17 +112,26 @@ pub fn linear(
 /// `logits`: `[B, L, V]` f32; `labels`: `[B, L]` i64 with `ignore` for untrained positions.
 /// Returns `(mean over supervised positions, per-token loss [B, L])`; the per-token loss is 0 on
 /// ignored targets and on the last position. With no supervised position the mean is 0 (HF: NaN).
-pub fn shifted_cross_entropy(logits: &Tensor, labels: &Tensor, ignore: i64) -> Result<(Tensor, Tensor)> {
+pub fn shifted_cross_entropy(
+    logits: &Tensor,
+    labels: &Tensor,
+    ignore: i64,
+) -> Result<(Tensor, Tensor)> {
     let (b, l, _v) = logits.dims3()?;
     let dev = logits.device();
     if l < 2 {
         let z = Tensor::zeros((b, l), DType::F32, dev)?;
         return Ok(((logits.sum_all()? * 0.0)?, z));
     }
-    let logits = logits.narrow(1, 0, l - 1)?.to_dtype(DType::F32)?.contiguous()?;
+    let logits = logits
+        .narrow(1, 0, l - 1)?
+        .to_dtype(DType::F32)?
+        .contiguous()?;
     let targets = labels.narrow(1, 1, l - 1)?.to_dtype(DType::I64)?;
     let valid = targets.ne(ignore)?;
-    let safe = valid.where_cond(&targets, &targets.zeros_like()?)?.to_dtype(DType::U32)?;
+    let safe = valid
+        .where_cond(&targets, &targets.zeros_like()?)?
+        .to_dtype(DType::U32)?;
     let mask = valid.to_dtype(DType::F32)?;
     let lse = logsumexp_last_dim(&logits)?.squeeze(D::Minus1)?;
     let picked = logits

@@ -48,6 +48,7 @@ impl MultiModalProjector {
 
 impl Module for MultiModalProjector {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.linear_2.forward(&self.linear_1.forward(xs)?.gelu_erf()?)
+        self.linear_2
+            .forward(&self.linear_1.forward(xs)?.gelu_erf()?)
     }
 }

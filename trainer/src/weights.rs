@@ -207,7 +207,11 @@ fn open(path: &Path) -> Result<Source> {
 
 /// Reads every parameter of `cfg` from `paths` (files or directories) into a new `VarMap`
 /// under canonical names. Missing or mis-shaped tensors are errors naming the tensor and file.
-pub fn load_varmap(cfg: &LlavaNextConfig, paths: &[PathBuf], opts: &LoadOptions) -> Result<(VarMap, LoadReport)> {
+pub fn load_varmap(
+    cfg: &LlavaNextConfig,
+    paths: &[PathBuf],
+    opts: &LoadOptions,
+) -> Result<(VarMap, LoadReport)> {
     let mut files = Vec::new();
     for p in paths {
         files.extend(resolve_files(p)?);
@@ -223,7 +227,10 @@ pub fn load_varmap(cfg: &LlavaNextConfig, paths: &[PathBuf], opts: &LoadOptions)
                 .into_iter()
                 .map(|(k, v)| (k, v.shape().to_vec()))
                 .collect(),
-            Source::Pickle(m) => m.iter().map(|(k, t)| (k.clone(), t.dims().to_vec())).collect(),
+            Source::Pickle(m) => m
+                .iter()
+                .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+                .collect(),
         };
         for (key, shape) in keys {
             let Some(name) = canonical_name(&key).filter(|n| expected.contains_key(n)) else {
@@ -237,7 +244,14 @@ pub fn load_varmap(cfg: &LlavaNextConfig, paths: &[PathBuf], opts: &LoadOptions)
                     second: format!("{key} in {}", files[fi].display()),
                 });
             }
-            found.insert(name, Found { file: fi, key, shape });
+            found.insert(
+                name,
+                Found {
+                    file: fi,
+                    key,
+                    shape,
+                },
+            );
         }
     }
     let varmap = VarMap::new();
@@ -276,10 +290,13 @@ pub fn load_varmap(cfg: &LlavaNextConfig, paths: &[PathBuf], opts: &LoadOptions)
             return Err(mismatch());
         }
         let t = match &sources[f.file] {
-            Source::Safetensors(st) => st.load(&f.key, &opts.device).map_err(|source| Error::Read {
-                path: files[f.file].clone(),
-                source,
-            })?,
+            Source::Safetensors(st) => {
+                st.load(&f.key, &opts.device)
+                    .map_err(|source| Error::Read {
+                        path: files[f.file].clone(),
+                        source,
+                    })?
+            }
             Source::Pickle(m) => m
                 .get(&f.key)
                 .ok_or_else(mismatch)?
@@ -307,7 +324,11 @@ pub fn load_varmap(cfg: &LlavaNextConfig, paths: &[PathBuf], opts: &LoadOptions)
 }
 
 /// Loads the checkpoint(s) and builds the model on the resulting `VarMap`.
-pub fn load(cfg: &LlavaNextConfig, paths: &[PathBuf], opts: &LoadOptions) -> Result<(LlavaNext, VarMap, LoadReport)> {
+pub fn load(
+    cfg: &LlavaNextConfig,
+    paths: &[PathBuf],
+    opts: &LoadOptions,
+) -> Result<(LlavaNext, VarMap, LoadReport)> {
     let (varmap, report) = load_varmap(cfg, paths, opts)?;
     let vb = VarBuilder::from_varmap(&varmap, opts.dtype, &opts.device);
     let model = LlavaNext::new(cfg, vb)?;
@@ -395,13 +416,28 @@ mod tests {
         }
         let h = Some("language_model.lm_head.weight");
         assert_eq!(canonical_name("lm_head.weight").as_deref(), h);
-        assert_eq!(canonical_name("language_model.lm_head.weight").as_deref(), h);
+        assert_eq!(
+            canonical_name("language_model.lm_head.weight").as_deref(),
+            h
+        );
         let p = Some("multi_modal_projector.linear_2.bias");
         assert_eq!(canonical_name("model.mm_projector.2.bias").as_deref(), p);
-        assert_eq!(canonical_name("model.multi_modal_projector.linear_2.bias").as_deref(), p);
-        assert_eq!(canonical_name("model.image_newline").as_deref(), Some("image_newline"));
-        assert_eq!(canonical_name("text_model.encoder.layers.0.mlp.fc1.weight"), None);
+        assert_eq!(
+            canonical_name("model.multi_modal_projector.linear_2.bias").as_deref(),
+            p
+        );
+        assert_eq!(
+            canonical_name("model.image_newline").as_deref(),
+            Some("image_newline")
+        );
+        assert_eq!(
+            canonical_name("text_model.encoder.layers.0.mlp.fc1.weight"),
+            None
+        );
         assert_eq!(canonical_name("logit_scale"), None);
-        assert_eq!(canonical_name("model.layers.0.self_attn.rotary_emb.inv_freq"), None);
+        assert_eq!(
+            canonical_name("model.layers.0.self_attn.rotary_emb.inv_freq"),
+            None
+        );
     }
 }

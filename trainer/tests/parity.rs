@@ -37,11 +37,29 @@ fn parity_with_hf_reference() {
     println!("|---|---|---|---|---|");
 
     let emb = model.vision_tower().embed(&px).expect("embed");
-    ok &= check("vision embeddings (hidden_states[0])", &emb, &e["vision.hidden_states.embeddings"], FEAT.0, FEAT.1);
+    ok &= check(
+        "vision embeddings (hidden_states[0])",
+        &emb,
+        &e["vision.hidden_states.embeddings"],
+        FEAT.0,
+        FEAT.1,
+    );
     let sel = model.vision_selected_layer(&px).expect("vision");
-    ok &= check("vision selected layer (-2)", &sel, &e["vision.selected_layer"], FEAT.0, FEAT.1);
+    ok &= check(
+        "vision selected layer (-2)",
+        &sel,
+        &e["vision.selected_layer"],
+        FEAT.0,
+        FEAT.1,
+    );
     let feats = model.image_features(&px).expect("features");
-    ok &= check("projector output", &feats, &e["projector.output"], FEAT.0, FEAT.1);
+    ok &= check(
+        "projector output",
+        &feats,
+        &e["projector.output"],
+        FEAT.0,
+        FEAT.1,
+    );
     let packed = model.pack_image_features(&feats, &fx.images).expect("pack");
     for (i, p) in packed.iter().enumerate() {
         let name = format!("image_features.packed.{i}");
@@ -49,7 +67,10 @@ fn parity_with_hf_reference() {
     }
     let batch = fx.batch();
     let embedded = model.embed_inputs(&batch, &packed).expect("embed inputs");
-    assert_eq!(embedded.lengths, lengths, "pre-expanded ids keep their lengths");
+    assert_eq!(
+        embedded.lengths, lengths,
+        "pre-expanded ids keep their lengths"
+    );
     ok &= check(
         "inputs_embeds (valid rows)",
         &valid_rows(&embedded.embeds, &lengths),
@@ -99,12 +120,21 @@ fn parity_with_hf_reference() {
                 compared += 1;
             }
             (None, Some(want)) => {
-                println!("| grad {name} | missing here, HF has one (max |g| {}) | FAIL |",
-                    want.abs().and_then(|t| t.max_all()).and_then(|t| t.to_scalar::<f32>()).unwrap_or(f32::NAN));
+                println!(
+                    "| grad {name} | missing here, HF has one (max |g| {}) | FAIL |",
+                    want.abs()
+                        .and_then(|t| t.max_all())
+                        .and_then(|t| t.to_scalar::<f32>())
+                        .unwrap_or(f32::NAN)
+                );
                 ok = false;
             }
             (Some(g), None) => {
-                let m = g.abs().and_then(|t| t.max_all()).and_then(|t| t.to_scalar::<f32>()).expect("max");
+                let m = g
+                    .abs()
+                    .and_then(|t| t.max_all())
+                    .and_then(|t| t.to_scalar::<f32>())
+                    .expect("max");
                 if m != 0.0 {
                     println!("| grad {name} | nonzero ({m:e}) where HF has none | FAIL |");
                     ok = false;
@@ -166,7 +196,15 @@ fn single_placeholder_per_image_matches_expanded() {
     let w = c.logits.dim(1).expect("width");
     let al = a.logits.narrow(1, 0, w).expect("narrow");
     let lengths = a.lengths.clone();
-    assert!(common::compare(&valid_rows(&c.logits, &lengths), &valid_rows(&al, &lengths), 1e-5, 1e-5).2);
+    assert!(
+        common::compare(
+            &valid_rows(&c.logits, &lengths),
+            &valid_rows(&al, &lengths),
+            1e-5,
+            1e-5
+        )
+        .2
+    );
     let (la, lc) = (a.loss.expect("a"), c.loss.expect("c"));
     assert!(common::compare(&la, &lc, 1e-6, 0.0).2);
 }
@@ -179,7 +217,8 @@ fn placeholder_count_mismatch_is_an_error() {
     let px = fx.pixel_values();
     let n = fx.num_patches[0];
     batch.images.push(fx.images[0]);
-    batch.pixel_values = Some(Tensor::cat(&[&px, &px.narrow(0, 0, n).expect("n")], 0).expect("cat"));
+    batch.pixel_values =
+        Some(Tensor::cat(&[&px, &px.narrow(0, 0, n).expect("n")], 0).expect("cat"));
     let err = model.forward(&batch).expect_err("4 images, 3 placeholders");
     assert!(err.to_string().contains("do not match"), "{err}");
 }

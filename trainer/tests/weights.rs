@@ -37,7 +37,8 @@ fn key_mapping(dir: &Path) -> Vec<(String, String, String)> {
 }
 
 fn fixture_tensors(dir: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(dir.join("model/model.safetensors"), &Device::Cpu).expect("model")
+    candle_core::safetensors::load(dir.join("model/model.safetensors"), &Device::Cpu)
+        .expect("model")
 }
 
 fn save(map: &HashMap<String, Tensor>, path: &Path) {
@@ -65,7 +66,8 @@ fn assert_same(a: &candle_nn::VarMap, b: &candle_nn::VarMap) {
 fn every_layout_loads_the_same_parameters() {
     let fx = common::load_fixture();
     let opts = LoadOptions::default();
-    let (reference, _) = weights::load_varmap(&fx.cfg, &[fx.dir.join("model")], &opts).expect("ref");
+    let (reference, _) =
+        weights::load_varmap(&fx.cfg, &[fx.dir.join("model")], &opts).expect("ref");
     let tensors = fixture_tensors(&fx.dir);
     let mapping = key_mapping(&fx.dir);
     let tmp = tmpdir("layouts");
@@ -87,7 +89,11 @@ fn every_layout_loads_the_same_parameters() {
         }
     }
     let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
-    std::fs::write(hub_dir.join("model.safetensors.index.json"), index.to_string()).expect("index");
+    std::fs::write(
+        hub_dir.join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .expect("index");
     let (vm, _) = weights::load_varmap(&fx.cfg, &[hub_dir], &opts).expect("hub layout");
     assert_same(&reference, &vm);
 
@@ -115,14 +121,29 @@ fn every_layout_loads_the_same_parameters() {
             llm.insert(o.clone(), t);
         }
     }
-    clip.insert("text_model.embeddings.token_embedding.weight".into(), Tensor::zeros((4, 4), DType::F32, &Device::Cpu).expect("z"));
-    let paths = [tmp.join("llm.safetensors"), tmp.join("clip.safetensors"), tmp.join("proj.safetensors")];
+    clip.insert(
+        "text_model.embeddings.token_embedding.weight".into(),
+        Tensor::zeros((4, 4), DType::F32, &Device::Cpu).expect("z"),
+    );
+    let paths = [
+        tmp.join("llm.safetensors"),
+        tmp.join("clip.safetensors"),
+        tmp.join("proj.safetensors"),
+    ];
     save(&llm, &paths[0]);
     save(&clip, &paths[1]);
     save(&proj, &paths[2]);
-    let err = weights::load_varmap(&fx.cfg, &paths, &opts).err().expect("image_newline missing");
-    assert!(matches!(&err, Error::MissingTensor { name, .. } if name == "image_newline"), "{err}");
-    let fresh = LoadOptions { init_missing_projector: true, ..LoadOptions::default() };
+    let err = weights::load_varmap(&fx.cfg, &paths, &opts)
+        .err()
+        .expect("image_newline missing");
+    assert!(
+        matches!(&err, Error::MissingTensor { name, .. } if name == "image_newline"),
+        "{err}"
+    );
+    let fresh = LoadOptions {
+        init_missing_projector: true,
+        ..LoadOptions::default()
+    };
     let (model, vm, report) = weights::load(&fx.cfg, &paths, &fresh).expect("separate files");
     assert_eq!(report.initialised, vec!["image_newline".to_string()]);
     assert!(report.ignored.iter().any(|k| k.starts_with("text_model.")));
@@ -145,14 +166,28 @@ fn missing_and_misshaped_tensors_are_named() {
     let t = tensors.remove(key).expect("present");
     let path = tmp.join("missing.safetensors");
     save(&tensors, &path);
-    let err = weights::load_varmap(&fx.cfg, &[path.clone()], &LoadOptions::default()).err().expect("missing");
-    assert!(err.to_string().contains(key) && err.to_string().contains("missing.safetensors"), "{err}");
+    let err = weights::load_varmap(
+        &fx.cfg,
+        std::slice::from_ref(&path),
+        &LoadOptions::default(),
+    )
+    .err()
+    .expect("missing");
+    assert!(
+        err.to_string().contains(key) && err.to_string().contains("missing.safetensors"),
+        "{err}"
+    );
 
     tensors.insert(key.into(), t.narrow(0, 0, 8).expect("narrow"));
     save(&tensors, &path);
-    let err = weights::load_varmap(&fx.cfg, &[path], &LoadOptions::default()).err().expect("shape");
+    let err = weights::load_varmap(&fx.cfg, &[path], &LoadOptions::default())
+        .err()
+        .expect("shape");
     let msg = err.to_string();
-    assert!(msg.contains(key) && msg.contains("[8, 64]") && msg.contains("[176, 64]"), "{msg}");
+    assert!(
+        msg.contains(key) && msg.contains("[8, 64]") && msg.contains("[176, 64]"),
+        "{msg}"
+    );
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
@@ -165,17 +200,23 @@ fn save_writes_hf_legacy_layout_and_round_trips() {
     let out = tmp.join("model.safetensors");
     weights::save(&vm, &out).expect("save");
     let saved = candle_core::safetensors::load(&out, &Device::Cpu).expect("read back");
-    let hub: Vec<String> = key_mapping(&fx.dir).into_iter().map(|(_, h, _)| h).collect();
+    let hub: Vec<String> = key_mapping(&fx.dir)
+        .into_iter()
+        .map(|(_, h, _)| h)
+        .collect();
     let mut names: Vec<String> = saved.keys().cloned().collect();
     names.sort();
     let mut hub_sorted = hub.clone();
     hub_sorted.sort();
     assert_eq!(names, hub_sorted, "saved names are the llava-hf hub names");
-    let (_, back, _) = weights::load(&fx.cfg, &[tmp.clone()], &opts).expect("reload");
+    let (_, back, _) = weights::load(&fx.cfg, std::slice::from_ref(&tmp), &opts).expect("reload");
     assert_same(&vm, &back);
 
     // bf16 parameters load, and save in bf16.
-    let bf = LoadOptions { dtype: DType::BF16, ..LoadOptions::default() };
+    let bf = LoadOptions {
+        dtype: DType::BF16,
+        ..LoadOptions::default()
+    };
     let (model, vm, _) = weights::load(&fx.cfg, &[fx.dir.join("model")], &bf).expect("bf16");
     assert!(vm.all_vars().iter().all(|v| v.dtype() == DType::BF16));
     let out = model.forward(&fx.batch()).expect("bf16 forward");

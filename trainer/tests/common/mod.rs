@@ -112,8 +112,14 @@ impl Fixture {
 /// every element satisfies |a - e| <= atol + rtol |e|.
 pub fn compare(actual: &Tensor, expected: &Tensor, atol: f64, rtol: f64) -> (f64, f64, bool) {
     assert_eq!(actual.dims(), expected.dims(), "shape");
-    let a = actual.to_dtype(DType::F64).and_then(|t| t.flatten_all()).expect("a");
-    let e = expected.to_dtype(DType::F64).and_then(|t| t.flatten_all()).expect("e");
+    let a = actual
+        .to_dtype(DType::F64)
+        .and_then(|t| t.flatten_all())
+        .expect("a");
+    let e = expected
+        .to_dtype(DType::F64)
+        .and_then(|t| t.flatten_all())
+        .expect("e");
     let a = a.to_vec1::<f64>().expect("a");
     let e = e.to_vec1::<f64>().expect("e");
     let mut max_abs = 0f64;
@@ -125,7 +131,11 @@ pub fn compare(actual: &Tensor, expected: &Tensor, atol: f64, rtol: f64) -> (f64
         e_max = e_max.max(y.abs());
         ok &= d <= atol + rtol * y.abs();
     }
-    let rel = if e_max > 0.0 { max_abs / e_max } else { max_abs };
+    let rel = if e_max > 0.0 {
+        max_abs / e_max
+    } else {
+        max_abs
+    };
     (max_abs, rel, ok)
 }
 
