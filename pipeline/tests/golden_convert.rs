@@ -30,7 +30,7 @@ fn check_file(golden: &str, aspect: AspectMode, merges: &[(MergeType, &str)]) ->
                 model_max_length: 8192,
             };
             let what = format!("{golden} {file}[{index}] {template} {merge:?}");
-            let sample = match convert(&record, &image_folder_of(file), &config, &tokenizer) {
+            let sample = match convert(&record, &image_folder_of(file), &config, tokenizer) {
                 Ok(s) => s,
                 Err(e) => {
                     failures.push(format!("{what}: rejected: {e}"));

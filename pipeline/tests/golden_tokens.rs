@@ -20,7 +20,7 @@ fn token_ids_and_labels_match_the_reference() {
             let entries = read_entries(&fixtures().join("data").join(file)).unwrap();
             let record = parse_record(&entries[index]).unwrap();
             assert_eq!(record.id, row["json_id"].as_str().unwrap());
-            let got = tokenize(template, &record, &tokenizer)
+            let got = tokenize(template, &record, tokenizer)
                 .unwrap_or_else(|e| panic!("{file}[{index}] {template}: rejected: {e}"));
             let (want_ids, want_labels) = (ints(&row["input_ids"]), ints(&row["labels"]));
             if got.input_ids != want_ids || got.labels != want_labels {

@@ -30,8 +30,10 @@ pub fn tokenizer_path() -> PathBuf {
     path
 }
 
-pub fn tokenizer() -> TextTokenizer {
-    TextTokenizer::from_file(&tokenizer_path()).expect("tokenizer loads")
+/// Loaded once per test binary (a 9 MB JSON).
+pub fn tokenizer() -> &'static TextTokenizer {
+    static TOKENIZER: std::sync::OnceLock<TextTokenizer> = std::sync::OnceLock::new();
+    TOKENIZER.get_or_init(|| TextTokenizer::from_file(&tokenizer_path()).expect("tokenizer loads"))
 }
 
 pub fn golden_rows(name: &str) -> Vec<serde_json::Value> {
