@@ -242,17 +242,20 @@ impl Rope {
 }
 
 /// Additive attention bias `[B, 1, L, L]` (f32): key j visible to query i iff j <= i and
-/// j < len[b]. A finite minimum (as HF) keeps fully masked padding rows finite.
+/// j < len[b]. Built on the device (no L² host buffer); a finite minimum (as HF) keeps fully
+/// masked padding rows finite.
 pub fn attention_bias(lengths: &[usize], seq_len: usize, dev: &Device) -> Result<Tensor> {
-    let mut data = Vec::with_capacity(lengths.len() * seq_len * seq_len);
-    for &len in lengths {
-        for i in 0..seq_len {
-            for j in 0..seq_len {
-                data.push(if j <= i && j < len { 0f32 } else { f32::MIN });
-            }
-        }
-    }
-    Tensor::from_vec(data, (lengths.len(), 1, seq_len, seq_len), dev)
+    let b = lengths.len();
+    let pos = Tensor::arange(0u32, seq_len as u32, dev)?;
+    let i = pos.reshape((1, seq_len, 1))?;
+    let j = pos.reshape((1, 1, seq_len))?;
+    let lens: Vec<u32> = lengths.iter().map(|&l| l.min(seq_len) as u32).collect();
+    let lens = Tensor::from_vec(lens, (b, 1, 1), dev)?;
+    let causal = j.broadcast_le(&i)?.to_dtype(DType::F32)?;
+    let valid = j.broadcast_lt(&lens)?.to_dtype(DType::F32)?;
+    let allowed = causal.broadcast_mul(&valid)?;
+    // allowed 1 → 0, allowed 0 → f32::MIN.
+    ((allowed - 1.0)? * f64::from(-f32::MIN))?.unsqueeze(1)
 }
 
 #[derive(Debug, Clone)]

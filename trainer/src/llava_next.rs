@@ -113,15 +113,77 @@ impl LlavaNextConfig {
         serde_json::from_str(s)
     }
 
-    /// Reads an HF `config.json`.
+    /// Reads a `config.json`: HF LlavaNext (has `text_config`) or original LLaVA-NeXT
+    /// (`llava_llama`: flat Llama fields plus `mm_*`).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        let value = read_json(path)?;
+        let json = |source| Error::Json {
             path: path.into(),
             source,
+        };
+        let cfg = if value.get("text_config").is_some() {
+            serde_json::from_value(value).map_err(json)?
+        } else {
+            Self::from_llava_original(value).map_err(json)?
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Original LLaVA-NeXT `config.json` (`LlavaLlamaForCausalLM`); the vision tower is named,
+    /// not described, so it takes the CLIP ViT-L/14-336 shape.
+    pub fn from_llava_original(value: serde_json::Value) -> serde_json::Result<Self> {
+        let text_config: LlamaConfig = serde_json::from_value(value.clone())?;
+        let mut cfg = Self::llama3_llava_next_8b();
+        cfg.text_config = text_config;
+        cfg.image_token_index = IMAGE_TOKEN_INDEX as i64;
+        if let Some(l) = value.get("mm_vision_select_layer").and_then(|v| v.as_i64()) {
+            cfg.vision_feature_layer = l;
+        }
+        if value
+            .get("mm_vision_select_feature")
+            .and_then(|v| v.as_str())
+            == Some("cls_patch")
+        {
+            cfg.vision_feature_select_strategy = "full".into();
+        }
+        if let Some(m) = value.get("mm_patch_merge_type") {
+            cfg.mm_patch_merge_type = serde_json::from_value(m.clone())?;
+        }
+        if let Some(p) = value.get("image_grid_pinpoints") {
+            cfg.image_grid_pinpoints = serde_json::from_value(p.clone()).unwrap_or_default();
+        }
+        cfg.tokenizer_model_max_length = value
+            .get("tokenizer_model_max_length")
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize);
+        Ok(cfg)
+    }
+
+    /// Config for separate checkpoints: a Llama `config.json` and a CLIP `config.json`
+    /// (`CLIPVisionModel`, or a full `CLIPModel` with `vision_config`); the rest is the recipe's
+    /// (mlp2x_gelu, layer -2, spatial_unpad). `vocab_size` overrides the Llama one (e.g. 128320).
+    pub fn from_llama_and_clip_files(
+        llama: &Path,
+        clip: &Path,
+        vocab_size: Option<usize>,
+    ) -> Result<Self> {
+        let mut cfg = Self::llama3_llava_next_8b();
+        let l = read_json(llama)?;
+        cfg.text_config = serde_json::from_value(l).map_err(|source| Error::Json {
+            path: llama.into(),
+            source,
         })?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: path.into(),
+        if let Some(v) = vocab_size {
+            cfg.text_config.vocab_size = v;
+        }
+        let mut c = read_json(clip)?;
+        if let Some(v) = c.get("vision_config") {
+            c = v.clone();
+        }
+        cfg.vision_config = serde_json::from_value(c).map_err(|source| Error::Json {
+            path: clip.into(),
             source,
         })?;
         cfg.validate()?;
@@ -238,6 +300,17 @@ impl LlavaNextConfig {
             Ok((fh, fw - 2 * pad))
         }
     }
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.into(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.into(),
+        source,
+    })
 }
 
 pub const VISION_PREFIX: &str = "vision_tower.vision_model";
@@ -685,5 +758,22 @@ mod tests {
             cfg.image_token_count(&ImageMeta::single((640, 480))).ok(),
             Some(577)
         );
+    }
+
+    #[test]
+    fn original_llava_config() {
+        let v = serde_json::json!({
+            "model_type": "llava_llama", "vocab_size": 128256, "hidden_size": 4096,
+            "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_vision_select_layer": -2,
+            "mm_vision_select_feature": "patch", "mm_patch_merge_type": "flat",
+            "rope_theta": 500000.0, "tokenizer_model_max_length": 8192
+        });
+        let cfg = LlavaNextConfig::from_llava_original(v).expect("parse");
+        assert_eq!(cfg.image_token_index, -200);
+        assert_eq!(cfg.mm_patch_merge_type, MergeType::Flat);
+        assert!(!cfg.has_image_newline());
+        assert_eq!(cfg.tokenizer_model_max_length, Some(8192));
+        assert_eq!(cfg.text_config.vocab_size, 128256);
+        cfg.validate().expect("valid");
     }
 }
