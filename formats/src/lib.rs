@@ -1,4 +1,7 @@
 //! The contract between `llava-data` (pipeline) and `llava-trainer`: the `datasets.toml` model,
 //! the shard schema and the manifest. Both halves depend on this crate and on nothing of each other.
 
+pub mod config;
 pub mod constants;
+pub mod manifest;
+pub mod schema;

@@ -1,0 +1,121 @@
+//! `manifest.json` (what a build wrote) and `rejects.jsonl` (what it did not, and why).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+pub const REJECTS_FILE: &str = "rejects.jsonl";
+pub const FORMAT_NAME: &str = "llava-next-shards";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always [`FORMAT_NAME`].
+    pub format: String,
+    pub schema_version: u32,
+    /// `llava-data <version>`.
+    pub created_by: String,
+    /// SHA-256 of the `datasets.toml` bytes.
+    pub config_sha256: String,
+    pub tokenizer_sha256: String,
+    pub settings: BuildSettings,
+    pub grouping: Grouping,
+    pub sources: Vec<SourceStats>,
+    pub shards: Vec<ShardInfo>,
+    pub totals: Totals,
+}
+
+/// Settings that decide the content of a row; a trainer checks them against its model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuildSettings {
+    pub model_max_length: usize,
+    /// (width, height) pairs, LLaVA-NeXT order.
+    pub image_grid_pinpoints: Vec<[u32; 2]>,
+    pub mm_patch_merge_type: String,
+    pub tile_size: u32,
+    /// `raw` (uint8 CHW) or `jpeg`.
+    pub tile_encoding: String,
+    pub seed: u64,
+}
+
+/// How samples were grouped (see the schema doc in `formats::schema`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Grouping {
+    /// `length_pools`: per modality, a seeded shuffle cut into pools of `group_size ×
+    /// length_pool_groups` samples, each pool sorted by exact length (descending) and cut into
+    /// groups of `group_size`, each group into batches of `batch_size` consecutive samples (one
+    /// Parquet row group each). Groups never mix modalities; the last group of a modality may be
+    /// short, and so may its last batch.
+    pub method: String,
+    pub batch_size: usize,
+    pub group_size: usize,
+    pub length_pool_groups: usize,
+    pub groups: u64,
+    pub batches: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceStats {
+    pub name: String,
+    pub json: Vec<String>,
+    pub template: String,
+    pub image_aspect_ratio: String,
+    pub sampling: String,
+    /// Records in the files, before sampling.
+    pub in_files: u64,
+    /// Records selected by the sampling rule: `written + rejected = read`.
+    pub read: u64,
+    pub written: u64,
+    pub rejected: u64,
+    pub rejects_by_kind: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    pub file: String,
+    pub modality: String,
+    pub rows: u64,
+    pub bytes: u64,
+    pub sha256: String,
+    pub min_length: u32,
+    pub max_length: u32,
+    /// Row groups = batches.
+    pub row_groups: u64,
+    /// Group ids in this shard: `first_group .. first_group + groups`.
+    pub first_group: u32,
+    pub groups: u32,
+    pub tokens: u64,
+    pub supervised_tokens: u64,
+    pub tiles: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Totals {
+    pub samples: u64,
+    pub image_samples: u64,
+    pub text_samples: u64,
+    pub rejected: u64,
+    pub truncated: u64,
+    /// Sum of exact lengths (text + image tokens).
+    pub tokens: u64,
+    pub image_tokens: u64,
+    pub supervised_tokens: u64,
+    pub images: u64,
+    pub tiles: u64,
+    pub bytes: u64,
+}
+
+/// One line of `rejects.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RejectEntry {
+    pub source: String,
+    pub json_file: String,
+    pub index: u64,
+    /// 1-based line for JSONL files.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub line: Option<u64>,
+    pub id: String,
+    /// Stable short name, for counting.
+    pub kind: String,
+    pub reason: String,
+}

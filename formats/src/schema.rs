@@ -1,0 +1,413 @@
+//! The shard schema (Parquet, one row per sample) and the conversion of rows to and from Arrow.
+//!
+//! Layout contract (version [`SCHEMA_VERSION`]):
+//! - One Parquet **row group per batch**: the `batch_size` samples of one batch of one group,
+//!   sorted by length (descending). A group's batches are consecutive row groups of one shard, so a
+//!   trainer rank reads exactly its own batches with whole-row-group reads, never the other ranks'.
+//! - A shard holds one modality (`image` or `text`) and whole groups only.
+//! - `tiles`: one binary value per tile, image by image, base tile first then the grid row-major.
+//!   `raw` encoding: 3·336·336 uint8 bytes in (channel RGB, row, column) order (CHW), exactly the
+//!   reference's pixels before normalisation. `jpeg` encoding: one baseline JPEG per tile (HWC RGB).
+//! - `image_*` columns are parallel lists, one element per image of the sample.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow_array::builder::{
+    BinaryBuilder, BooleanBuilder, Int32Builder, ListBuilder, StringBuilder, UInt32Builder,
+    UInt64Builder,
+};
+use arrow_array::{
+    Array, ArrayRef, BinaryArray, BooleanArray, Int32Array, ListArray, RecordBatch, StringArray,
+    UInt32Array, UInt64Array,
+};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use thiserror::Error;
+
+/// Bumped on any change of columns, their meaning or the layout above.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Parquet key-value metadata keys.
+pub const META_SCHEMA_VERSION: &str = "llava.schema_version";
+pub const META_TILE_ENCODING: &str = "llava.tile_encoding";
+pub const META_TILE_LAYOUT: &str = "llava.tile_layout";
+
+pub mod col {
+    pub const ID: &str = "id";
+    pub const SOURCE: &str = "source";
+    pub const JSON_FILE: &str = "json_file";
+    pub const INDEX: &str = "index";
+    pub const INPUT_IDS: &str = "input_ids";
+    pub const LABELS: &str = "labels";
+    pub const LENGTH: &str = "length";
+    pub const NUM_IMAGE_TOKENS: &str = "num_image_tokens";
+    pub const MODALITY: &str = "modality";
+    pub const TRUNCATED: &str = "truncated";
+    pub const GROUP: &str = "group";
+    pub const BATCH: &str = "batch";
+    pub const IMAGE_PATH: &str = "image_path";
+    pub const IMAGE_WIDTH: &str = "image_width";
+    pub const IMAGE_HEIGHT: &str = "image_height";
+    pub const IMAGE_PROCESSING: &str = "image_processing";
+    pub const IMAGE_BEST_WIDTH: &str = "image_best_width";
+    pub const IMAGE_BEST_HEIGHT: &str = "image_best_height";
+    pub const IMAGE_GRID_COLS: &str = "image_grid_cols";
+    pub const IMAGE_GRID_ROWS: &str = "image_grid_rows";
+    pub const IMAGE_NUM_TILES: &str = "image_num_tiles";
+    pub const IMAGE_TOKENS: &str = "image_tokens";
+    pub const TILES: &str = "tiles";
+}
+
+/// One image of a sample (everything but the pixels).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageMeta {
+    pub path: String,
+    /// Decoded size (w, h) in stored orientation: what the model's unpad uses.
+    pub width: u32,
+    pub height: u32,
+    /// `anyres`, `pad` or `square`.
+    pub processing: String,
+    /// Best resolution (w, h) for anyres; 0 × 0 for single-tile images.
+    pub best_width: u32,
+    pub best_height: u32,
+    pub grid_cols: u32,
+    pub grid_rows: u32,
+    pub num_tiles: u32,
+    pub image_tokens: u32,
+}
+
+/// One sample as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardRow {
+    pub id: String,
+    pub source: String,
+    pub json_file: String,
+    /// Position of the record in its JSON/JSONL file.
+    pub index: u64,
+    pub input_ids: Vec<i32>,
+    pub labels: Vec<i32>,
+    /// Exact length in the model: text tokens + image tokens.
+    pub length: u32,
+    pub num_image_tokens: u32,
+    /// `image` or `text`.
+    pub modality: String,
+    pub truncated: bool,
+    pub group: u32,
+    pub batch: u32,
+    pub images: Vec<ImageMeta>,
+    pub tiles: Vec<Vec<u8>>,
+}
+
+#[derive(Debug, Error)]
+pub enum SchemaError {
+    #[error("column {0:?} is missing")]
+    MissingColumn(&'static str),
+    #[error("column {column:?} has type {found}, expected {expected}")]
+    WrongType {
+        column: &'static str,
+        found: String,
+        expected: String,
+    },
+    #[error("shard schema version {found} is not supported (this build reads version {SCHEMA_VERSION}); rebuild the shards with this llava-data")]
+    Version { found: String },
+}
+
+fn list_of(item: DataType) -> DataType {
+    DataType::List(Arc::new(Field::new("item", item, true)))
+}
+
+/// The Arrow schema of a shard, with the version and tile encoding in its metadata.
+pub fn shard_schema(tile_encoding: &str) -> SchemaRef {
+    use DataType::*;
+    let fields = vec![
+        Field::new(col::ID, Utf8, false),
+        Field::new(col::SOURCE, Utf8, false),
+        Field::new(col::JSON_FILE, Utf8, false),
+        Field::new(col::INDEX, UInt64, false),
+        Field::new(col::INPUT_IDS, list_of(Int32), false),
+        Field::new(col::LABELS, list_of(Int32), false),
+        Field::new(col::LENGTH, UInt32, false),
+        Field::new(col::NUM_IMAGE_TOKENS, UInt32, false),
+        Field::new(col::MODALITY, Utf8, false),
+        Field::new(col::TRUNCATED, Boolean, false),
+        Field::new(col::GROUP, UInt32, false),
+        Field::new(col::BATCH, UInt32, false),
+        Field::new(col::IMAGE_PATH, list_of(Utf8), false),
+        Field::new(col::IMAGE_WIDTH, list_of(UInt32), false),
+        Field::new(col::IMAGE_HEIGHT, list_of(UInt32), false),
+        Field::new(col::IMAGE_PROCESSING, list_of(Utf8), false),
+        Field::new(col::IMAGE_BEST_WIDTH, list_of(UInt32), false),
+        Field::new(col::IMAGE_BEST_HEIGHT, list_of(UInt32), false),
+        Field::new(col::IMAGE_GRID_COLS, list_of(UInt32), false),
+        Field::new(col::IMAGE_GRID_ROWS, list_of(UInt32), false),
+        Field::new(col::IMAGE_NUM_TILES, list_of(UInt32), false),
+        Field::new(col::IMAGE_TOKENS, list_of(UInt32), false),
+        Field::new(col::TILES, list_of(Binary), false),
+    ];
+    let metadata = HashMap::from([
+        (META_SCHEMA_VERSION.to_string(), SCHEMA_VERSION.to_string()),
+        (META_TILE_ENCODING.to_string(), tile_encoding.to_string()),
+        (
+            META_TILE_LAYOUT.to_string(),
+            "tile-major; raw: uint8 CHW 3x336x336; jpeg: baseline JPEG HWC RGB".to_string(),
+        ),
+    ]);
+    Arc::new(Schema::new_with_metadata(fields, metadata))
+}
+
+/// Checks the version recorded in a shard's metadata.
+pub fn check_version(metadata: &HashMap<String, String>) -> Result<(), SchemaError> {
+    match metadata.get(META_SCHEMA_VERSION) {
+        Some(v) if v == &SCHEMA_VERSION.to_string() => Ok(()),
+        Some(v) => Err(SchemaError::Version { found: v.clone() }),
+        None => Err(SchemaError::Version {
+            found: "(none)".into(),
+        }),
+    }
+}
+
+/// Rows → one record batch (one row group when written).
+pub fn rows_to_batch(rows: &[ShardRow], schema: &SchemaRef) -> RecordBatch {
+    let strings = |f: &dyn Fn(&ShardRow) -> &str| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(rows.iter().map(f)))
+    };
+    let u32s = |f: &dyn Fn(&ShardRow) -> u32| -> ArrayRef {
+        Arc::new(UInt32Array::from_iter_values(rows.iter().map(f)))
+    };
+    let i32_lists = |f: &dyn Fn(&ShardRow) -> &[i32]| -> ArrayRef {
+        let mut b = ListBuilder::new(Int32Builder::new());
+        for r in rows {
+            b.values().append_slice(f(r));
+            b.append(true);
+        }
+        Arc::new(b.finish())
+    };
+    let image_u32s = |f: &dyn Fn(&ImageMeta) -> u32| -> ArrayRef {
+        let mut b = ListBuilder::new(UInt32Builder::new());
+        for r in rows {
+            for img in &r.images {
+                b.values().append_value(f(img));
+            }
+            b.append(true);
+        }
+        Arc::new(b.finish())
+    };
+    let image_strings = |f: &dyn Fn(&ImageMeta) -> &str| -> ArrayRef {
+        let mut b = ListBuilder::new(StringBuilder::new());
+        for r in rows {
+            for img in &r.images {
+                b.values().append_value(f(img));
+            }
+            b.append(true);
+        }
+        Arc::new(b.finish())
+    };
+    let mut index = UInt64Builder::new();
+    let mut truncated = BooleanBuilder::new();
+    let tile_bytes: usize = rows.iter().flat_map(|r| &r.tiles).map(Vec::len).sum();
+    let tile_count: usize = rows.iter().map(|r| r.tiles.len()).sum();
+    let mut tiles = ListBuilder::new(BinaryBuilder::with_capacity(tile_count, tile_bytes));
+    for r in rows {
+        index.append_value(r.index);
+        truncated.append_value(r.truncated);
+        for t in &r.tiles {
+            tiles.values().append_value(t);
+        }
+        tiles.append(true);
+    }
+    let columns: Vec<ArrayRef> = vec![
+        strings(&|r| &r.id),
+        strings(&|r| &r.source),
+        strings(&|r| &r.json_file),
+        Arc::new(index.finish()),
+        i32_lists(&|r| &r.input_ids),
+        i32_lists(&|r| &r.labels),
+        u32s(&|r| r.length),
+        u32s(&|r| r.num_image_tokens),
+        strings(&|r| &r.modality),
+        Arc::new(truncated.finish()),
+        u32s(&|r| r.group),
+        u32s(&|r| r.batch),
+        image_strings(&|i| &i.path),
+        image_u32s(&|i| i.width),
+        image_u32s(&|i| i.height),
+        image_strings(&|i| &i.processing),
+        image_u32s(&|i| i.best_width),
+        image_u32s(&|i| i.best_height),
+        image_u32s(&|i| i.grid_cols),
+        image_u32s(&|i| i.grid_rows),
+        image_u32s(&|i| i.num_tiles),
+        image_u32s(&|i| i.image_tokens),
+        Arc::new(tiles.finish()),
+    ];
+    RecordBatch::try_new(schema.clone(), columns).expect("columns follow shard_schema")
+}
+
+fn column<'a, T: 'static>(
+    batch: &'a RecordBatch,
+    name: &'static str,
+    expected: &str,
+) -> Result<&'a T, SchemaError> {
+    let array = batch
+        .column_by_name(name)
+        .ok_or(SchemaError::MissingColumn(name))?;
+    array
+        .as_any()
+        .downcast_ref::<T>()
+        .ok_or_else(|| SchemaError::WrongType {
+            column: name,
+            found: array.data_type().to_string(),
+            expected: expected.to_string(),
+        })
+}
+
+fn list_values<'a, T: 'static>(
+    list: &'a ListArray,
+    name: &'static str,
+    expected: &str,
+) -> Result<&'a T, SchemaError> {
+    list.values()
+        .as_any()
+        .downcast_ref::<T>()
+        .ok_or_else(|| SchemaError::WrongType {
+            column: name,
+            found: list.data_type().to_string(),
+            expected: expected.to_string(),
+        })
+}
+
+/// The `[start, end)` value range of row `i` of a list column.
+fn range(list: &ListArray, i: usize) -> std::ops::Range<usize> {
+    let offsets = list.value_offsets();
+    offsets[i] as usize..offsets[i + 1] as usize
+}
+
+/// A record batch read from a shard → rows. Reads only the columns present in `batch` that rows
+/// need; a projection without `tiles` gives rows with empty `tiles`.
+pub fn batch_to_rows(batch: &RecordBatch) -> Result<Vec<ShardRow>, SchemaError> {
+    let id = column::<StringArray>(batch, col::ID, "utf8")?;
+    let source = column::<StringArray>(batch, col::SOURCE, "utf8")?;
+    let json_file = column::<StringArray>(batch, col::JSON_FILE, "utf8")?;
+    let index = column::<UInt64Array>(batch, col::INDEX, "uint64")?;
+    let input_ids = column::<ListArray>(batch, col::INPUT_IDS, "list<int32>")?;
+    let input_values = list_values::<Int32Array>(input_ids, col::INPUT_IDS, "list<int32>")?;
+    let labels = column::<ListArray>(batch, col::LABELS, "list<int32>")?;
+    let label_values = list_values::<Int32Array>(labels, col::LABELS, "list<int32>")?;
+    let length = column::<UInt32Array>(batch, col::LENGTH, "uint32")?;
+    let num_image_tokens = column::<UInt32Array>(batch, col::NUM_IMAGE_TOKENS, "uint32")?;
+    let modality = column::<StringArray>(batch, col::MODALITY, "utf8")?;
+    let truncated = column::<BooleanArray>(batch, col::TRUNCATED, "boolean")?;
+    let group = column::<UInt32Array>(batch, col::GROUP, "uint32")?;
+    let batch_no = column::<UInt32Array>(batch, col::BATCH, "uint32")?;
+    let u32_list = |name: &'static str| -> Result<(&ListArray, &UInt32Array), SchemaError> {
+        let l = column::<ListArray>(batch, name, "list<uint32>")?;
+        Ok((l, list_values::<UInt32Array>(l, name, "list<uint32>")?))
+    };
+    let str_list = |name: &'static str| -> Result<(&ListArray, &StringArray), SchemaError> {
+        let l = column::<ListArray>(batch, name, "list<utf8>")?;
+        Ok((l, list_values::<StringArray>(l, name, "list<utf8>")?))
+    };
+    let paths = str_list(col::IMAGE_PATH)?;
+    let processing = str_list(col::IMAGE_PROCESSING)?;
+    let widths = u32_list(col::IMAGE_WIDTH)?;
+    let heights = u32_list(col::IMAGE_HEIGHT)?;
+    let best_w = u32_list(col::IMAGE_BEST_WIDTH)?;
+    let best_h = u32_list(col::IMAGE_BEST_HEIGHT)?;
+    let cols = u32_list(col::IMAGE_GRID_COLS)?;
+    let grid_rows = u32_list(col::IMAGE_GRID_ROWS)?;
+    let num_tiles = u32_list(col::IMAGE_NUM_TILES)?;
+    let image_tokens = u32_list(col::IMAGE_TOKENS)?;
+    let tiles = match batch.column_by_name(col::TILES) {
+        Some(_) => {
+            let l = column::<ListArray>(batch, col::TILES, "list<binary>")?;
+            Some((
+                l,
+                list_values::<BinaryArray>(l, col::TILES, "list<binary>")?,
+            ))
+        }
+        None => None,
+    };
+    let mut rows = Vec::with_capacity(batch.num_rows());
+    for i in 0..batch.num_rows() {
+        let images = range(paths.0, i)
+            .map(|j| ImageMeta {
+                path: paths.1.value(j).to_string(),
+                width: widths.1.value(j),
+                height: heights.1.value(j),
+                processing: processing.1.value(j).to_string(),
+                best_width: best_w.1.value(j),
+                best_height: best_h.1.value(j),
+                grid_cols: cols.1.value(j),
+                grid_rows: grid_rows.1.value(j),
+                num_tiles: num_tiles.1.value(j),
+                image_tokens: image_tokens.1.value(j),
+            })
+            .collect();
+        let tiles = match &tiles {
+            Some((l, v)) => range(l, i).map(|j| v.value(j).to_vec()).collect(),
+            None => Vec::new(),
+        };
+        rows.push(ShardRow {
+            id: id.value(i).to_string(),
+            source: source.value(i).to_string(),
+            json_file: json_file.value(i).to_string(),
+            index: index.value(i),
+            input_ids: input_values.values()[range(input_ids, i)].to_vec(),
+            labels: label_values.values()[range(labels, i)].to_vec(),
+            length: length.value(i),
+            num_image_tokens: num_image_tokens.value(i),
+            modality: modality.value(i).to_string(),
+            truncated: truncated.value(i),
+            group: group.value(i),
+            batch: batch_no.value(i),
+            images,
+            tiles,
+        });
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_round_trip() {
+        let row = ShardRow {
+            id: "a".into(),
+            source: "s".into(),
+            json_file: "f.json".into(),
+            index: 3,
+            input_ids: vec![128000, -200, 5],
+            labels: vec![-100, -100, 5],
+            length: 579,
+            num_image_tokens: 577,
+            modality: "image".into(),
+            truncated: false,
+            group: 1,
+            batch: 2,
+            images: vec![ImageMeta {
+                path: "x.jpg".into(),
+                width: 10,
+                height: 20,
+                processing: "square".into(),
+                best_width: 0,
+                best_height: 0,
+                grid_cols: 1,
+                grid_rows: 1,
+                num_tiles: 1,
+                image_tokens: 577,
+            }],
+            tiles: vec![vec![1, 2, 3]],
+        };
+        let text = ShardRow {
+            images: vec![],
+            tiles: vec![],
+            modality: "text".into(),
+            ..row.clone()
+        };
+        let schema = shard_schema("raw");
+        let batch = rows_to_batch(&[row.clone(), text.clone()], &schema);
+        assert_eq!(batch_to_rows(&batch).unwrap(), vec![row, text]);
+    }
+}
