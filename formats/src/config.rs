@@ -286,7 +286,7 @@ impl DatasetsConfig {
         positive("group_size", self.group_size)?;
         positive("length_pool_groups", self.length_pool_groups)?;
         positive("shard_target_mb", self.shard_target_mb as usize)?;
-        if self.group_size % self.batch_size != 0 {
+        if !self.group_size.is_multiple_of(self.batch_size) {
             return Err((
                 "group_size".into(),
                 format!(
