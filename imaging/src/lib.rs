@@ -7,6 +7,7 @@
 pub mod decode;
 pub mod geometry;
 pub mod normalize;
+pub mod probe;
 pub mod resample;
 pub mod tiles;
 
@@ -16,6 +17,7 @@ pub use geometry::{
     single_tile_tokens, unpad_feature_hw, MergeType, PinpointsError, RECIPE_PINPOINTS, TILE,
 };
 pub use normalize::normalize_tiles;
+pub use probe::{probe_size, probe_size_file};
 pub use resample::resize_bicubic;
 pub use tiles::{make_tiles, AspectMode, TileError, Tiles};
 
