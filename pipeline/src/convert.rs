@@ -1,12 +1,16 @@
-//! One record → one training sample: template tokens, tiles of every image, exact length.
+//! One record → one training sample, in two steps:
+//! - [`prepare`]: template tokens, each image's size (from its header) and token count, the exact
+//!   length and the truncation. Cheap: a build runs it over the whole mixture to plan the groups.
+//! - [`render`]: decodes and tiles the images of a prepared sample (the expensive part).
 
 use std::path::Path;
 
-use llava_formats::constants::{IMAGE_TOKEN_INDEX, TOKENS_PER_TILE};
+use llava_formats::constants::{IGNORE_INDEX, IMAGE_TOKEN_INDEX, TOKENS_PER_TILE};
 use llava_imaging::{
-    anyres_image_tokens, decode_rgb_file, make_tiles, single_tile_tokens, AspectMode, MergeType,
-    Tiles,
+    anyres_grid, anyres_image_tokens, decode_rgb_file, make_tiles, probe_size_file,
+    single_tile_tokens, AspectMode, MergeType, Tiles, TILE,
 };
+use serde::{Deserialize, Serialize};
 
 use crate::record::Record;
 use crate::reject::Reject;
@@ -23,16 +27,38 @@ pub struct ConvertConfig {
     pub model_max_length: usize,
 }
 
-/// One image of a sample, tiled.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SampleImage {
+/// A sample with everything but its pixels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prepared {
+    pub index: usize,
+    pub id: String,
+    pub input_ids: Vec<i32>,
+    pub labels: Vec<i32>,
+    /// Exact sequence length in the model: text tokens + image tokens.
+    pub length: usize,
+    pub truncated: bool,
+    pub images: Vec<PlannedImage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedImage {
     /// Path as written in the record (relative to the image folder).
     pub path: String,
-    /// `(w, h)` of the decoded image, in stored orientation.
+    /// `(w, h)` in stored orientation (no EXIF rotation), from the file header.
     pub image_size: (u32, u32),
     /// `anyres`, `pad` or `square`.
-    pub processing: &'static str,
+    pub processing: String,
+    pub num_tiles: usize,
     /// Feature tokens this image becomes in the model.
+    pub image_tokens: usize,
+}
+
+/// One tiled image of a sample.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SampleImage {
+    pub path: String,
+    pub image_size: (u32, u32),
+    pub processing: String,
     pub image_tokens: usize,
     /// Base tile first; best resolution and grid for anyres.
     pub tiles: Tiles,
@@ -45,15 +71,17 @@ pub struct Sample {
     pub id: String,
     pub input_ids: Vec<i32>,
     pub labels: Vec<i32>,
-    /// Exact sequence length in the model: text tokens + image tokens.
     pub length: usize,
     pub truncated: bool,
     pub images: Vec<SampleImage>,
 }
 
-impl Sample {
+impl Prepared {
     pub fn num_image_tokens(&self) -> usize {
         self.images.iter().map(|i| i.image_tokens).sum()
+    }
+    pub fn num_tiles(&self) -> usize {
+        self.images.iter().map(|i| i.num_tiles).sum()
     }
     pub fn modality(&self) -> &'static str {
         if self.images.is_empty() {
@@ -62,22 +90,29 @@ impl Sample {
             "image"
         }
     }
-    /// Positions whose label is trained on (the first position is never a target, but the
-    /// reference's `n_supervised` counts it, and so do we).
+    /// Positions with a label (the reference's `n_supervised`).
     pub fn supervised_tokens(&self) -> usize {
-        self.labels
-            .iter()
-            .filter(|&&l| l != llava_formats::constants::IGNORE_INDEX)
-            .count()
+        self.labels.iter().filter(|&&l| l != IGNORE_INDEX).count()
     }
 }
 
+/// Decodes and tiles a record in one go (`prepare` + `render`).
 pub fn convert(
     record: &Record,
     image_folder: &Path,
     config: &ConvertConfig,
     tokenizer: &TextTokenizer,
 ) -> Result<Sample, Reject> {
+    let prepared = prepare(record, image_folder, config, tokenizer)?;
+    render(prepared, image_folder, config)
+}
+
+pub fn prepare(
+    record: &Record,
+    image_folder: &Path,
+    config: &ConvertConfig,
+    tokenizer: &TextTokenizer,
+) -> Result<Prepared, Reject> {
     let mut tokens = tokenize(config.template, record, tokenizer)?;
     let multi = record.images.len() > 1;
     let mut images = record
@@ -89,33 +124,31 @@ pub fn convert(
             } else {
                 &config.aspect
             };
-            tile_image(image_folder, path, mode, config.merge)
+            plan_image(image_folder, path, mode, config.merge)
         })
         .collect::<Result<Vec<_>, _>>()?;
 
     let cut = truncation_point(&tokens.input_ids, &images, config.model_max_length);
     let truncated = cut.keep < tokens.input_ids.len();
     if truncated {
-        if let Some(image) = cut.image_cut {
-            if cut.keep <= tokens.first_trained_position {
-                return Err(Reject::ImageDoesNotFit {
+        if cut.keep <= tokens.first_trained_position {
+            return Err(match cut.image_cut {
+                Some(image) => Reject::ImageDoesNotFit {
                     index: image,
                     tokens: images[image].image_tokens,
                     position: cut.length,
                     max_len: config.model_max_length,
-                });
-            }
-        }
-        if cut.keep <= tokens.first_trained_position {
-            return Err(Reject::NothingLeftAfterTruncation {
-                max_len: config.model_max_length,
+                },
+                None => Reject::NothingLeftAfterTruncation {
+                    max_len: config.model_max_length,
+                },
             });
         }
         tokens.input_ids.truncate(cut.keep);
         tokens.labels.truncate(cut.keep);
         images.truncate(cut.images_kept);
     }
-    Ok(Sample {
+    Ok(Prepared {
         index: record.index,
         id: record.id.clone(),
         input_ids: tokens.input_ids,
@@ -126,38 +159,85 @@ pub fn convert(
     })
 }
 
-fn tile_image(
+/// Decodes and tiles the images of a prepared sample.
+pub fn render(
+    prepared: Prepared,
+    image_folder: &Path,
+    config: &ConvertConfig,
+) -> Result<Sample, Reject> {
+    let images = prepared
+        .images
+        .into_iter()
+        .map(|planned| {
+            let full = image_folder.join(&planned.path);
+            let reject = |reason: String| Reject::Image {
+                path: full.display().to_string(),
+                reason,
+            };
+            let image = decode_rgb_file(&full).map_err(|e| reject(e.to_string()))?;
+            if (image.width, image.height) != planned.image_size {
+                return Err(reject(format!(
+                    "decoded size {}x{} differs from the header's {}x{}",
+                    image.width, image.height, planned.image_size.0, planned.image_size.1
+                )));
+            }
+            let mode = match planned.processing.as_str() {
+                "pad" => AspectMode::Pad,
+                _ => config.aspect.clone(),
+            };
+            let tiles = make_tiles(&image, &mode).map_err(|e| reject(e.to_string()))?;
+            Ok(SampleImage {
+                path: planned.path,
+                image_size: planned.image_size,
+                processing: planned.processing,
+                image_tokens: planned.image_tokens,
+                tiles,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Sample {
+        index: prepared.index,
+        id: prepared.id,
+        input_ids: prepared.input_ids,
+        labels: prepared.labels,
+        length: prepared.length,
+        truncated: prepared.truncated,
+        images,
+    })
+}
+
+fn plan_image(
     folder: &Path,
     path: &str,
     mode: &AspectMode,
     merge: MergeType,
-) -> Result<SampleImage, Reject> {
+) -> Result<PlannedImage, Reject> {
     // `os.path.join` semantics: an absolute path in the record replaces the folder.
     let full = folder.join(path);
-    let reject = |reason: String| Reject::Image {
+    let image_size = probe_size_file(&full).map_err(|e| Reject::Image {
         path: full.display().to_string(),
-        reason,
-    };
-    let image = decode_rgb_file(&full).map_err(|e| reject(e.to_string()))?;
-    let tiles = make_tiles(&image, mode).map_err(|e| reject(e.to_string()))?;
-    let image_size = (image.width, image.height);
-    let (processing, image_tokens) = match (mode, merge) {
-        (AspectMode::Anyres(pinpoints), MergeType::SpatialUnpad) => {
-            ("anyres", anyres_image_tokens(image_size, pinpoints))
+        reason: e.to_string(),
+    })?;
+    let (processing, num_tiles, image_tokens) = match mode {
+        AspectMode::Anyres(pinpoints) => {
+            let (cols, rows) = anyres_grid(image_size, pinpoints, TILE);
+            let num_tiles = 1 + (cols * rows) as usize;
+            let tokens = match merge {
+                MergeType::SpatialUnpad => anyres_image_tokens(image_size, pinpoints),
+                // `flat` concatenates the features of every tile.
+                MergeType::Flat => num_tiles * TOKENS_PER_TILE as usize,
+            };
+            ("anyres", num_tiles, tokens)
         }
-        // `flat` concatenates the features of every tile.
-        (AspectMode::Anyres(_), MergeType::Flat) => {
-            ("anyres", tiles.num_tiles * TOKENS_PER_TILE as usize)
-        }
-        (AspectMode::Pad, _) => ("pad", single_tile_tokens(merge)),
-        (AspectMode::Square, _) => ("square", single_tile_tokens(merge)),
+        AspectMode::Pad => ("pad", 1, single_tile_tokens(merge)),
+        AspectMode::Square => ("square", 1, single_tile_tokens(merge)),
     };
-    Ok(SampleImage {
+    Ok(PlannedImage {
         path: path.to_string(),
         image_size,
-        processing,
+        processing: processing.to_string(),
+        num_tiles,
         image_tokens,
-        tiles,
     })
 }
 
@@ -174,7 +254,7 @@ struct Cut {
 /// Where to cut so that the expanded sequence fits in `max_len`. The reference cuts the expanded
 /// embeddings at `max_len`, possibly inside an image; we cut before such an image instead: nothing
 /// after it would be kept anyway, so the trained tokens are the same.
-fn truncation_point(ids: &[i32], images: &[SampleImage], max_len: usize) -> Cut {
+fn truncation_point(ids: &[i32], images: &[PlannedImage], max_len: usize) -> Cut {
     let mut length = 0;
     let mut image = 0;
     for (pos, &id) in ids.iter().enumerate() {

@@ -123,7 +123,7 @@ fn sample_json(entry: &RawEntry, result: &Result<Sample, Reject>) -> serde_json:
             "images": s.images.iter().map(|img| json!({
                 "path": img.path,
                 "image_size": [img.image_size.0, img.image_size.1],
-                "processing": img.processing,
+                "processing": &img.processing,
                 "best_resolution": img.tiles.best_resolution.map(|(w, h)| [w, h]),
                 "grid_cols": img.tiles.grid_cols,
                 "grid_rows": img.tiles.grid_rows,
