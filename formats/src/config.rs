@@ -78,6 +78,9 @@ pub struct SourceConfig {
     /// `all`, `first:N`, `end:N`, `random:N`, with N a count or a percentage (`random:10%`).
     #[serde(default)]
     pub sampling: Sampling,
+    /// `json` paths as written in the file (for rows and reports); filled by `load`.
+    #[serde(skip)]
+    pub json_as_written: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -336,6 +339,12 @@ impl DatasetsConfig {
         self.output = join(&self.output);
         self.tokenizer = join(&self.tokenizer);
         for source in &mut self.sources {
+            source.json_as_written = source
+                .json
+                .paths()
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
             source.json = OneOrMany::Many(source.json.paths().iter().map(|p| join(p)).collect());
             source.image_folder = source.image_folder.as_deref().map(join);
         }

@@ -3,6 +3,7 @@
 pub mod convert;
 pub mod record;
 pub mod reject;
+pub mod rng;
 pub mod template;
 pub mod text;
 pub mod tokenizer;

@@ -4,7 +4,7 @@
 //! elsewhere: every shape the reference would crash on, or silently mis-train, becomes a [`Reject`].
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -59,57 +59,77 @@ pub enum SourceError {
     UnknownExtension { path: PathBuf },
 }
 
-/// Reads every entry of a `.json` (list) or `.jsonl` file. A malformed JSONL line becomes an entry
-/// with an error (rejected later, with its line number); a `.json` file that is not a list is an
-/// error for the whole file, since no record in it can be located.
-pub fn read_entries(path: &Path) -> Result<Vec<RawEntry>, SourceError> {
+/// Calls `f` with every entry of a `.json` (list) or `.jsonl` file, in order, holding one record
+/// at a time (a 1 GB JSON list is streamed, not loaded).
+pub fn for_each_entry(path: &Path, f: &mut dyn FnMut(RawEntry)) -> Result<(), SourceError> {
     let io_err = |source| SourceError::Io {
         path: path.to_path_buf(),
         source,
     };
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let reader = BufReader::with_capacity(1 << 20, File::open(path).map_err(io_err)?);
     match ext {
         "jsonl" => {
-            let reader = BufReader::new(File::open(path).map_err(io_err)?);
-            let mut entries = Vec::new();
+            let mut index = 0;
             for (line_no, line) in reader.lines().enumerate() {
                 let line = line.map_err(io_err)?;
                 if line.trim().is_empty() {
                     continue;
                 }
-                entries.push(RawEntry {
-                    index: entries.len(),
+                f(RawEntry {
+                    index,
                     line: Some(line_no + 1),
                     value: serde_json::from_str(&line).map_err(|e| e.to_string()),
                 });
+                index += 1;
             }
-            Ok(entries)
+            Ok(())
         }
         "json" => {
-            let mut text = String::new();
-            File::open(path)
-                .map_err(io_err)?
-                .read_to_string(&mut text)
-                .map_err(io_err)?;
-            let list: Vec<Value> =
-                serde_json::from_str(&text).map_err(|e| SourceError::NotAList {
+            use serde::de::Deserializer as _;
+            let mut de = serde_json::Deserializer::from_reader(reader);
+            de.deserialize_seq(EntryVisitor { f })
+                .and_then(|()| de.end())
+                .map_err(|e| SourceError::NotAList {
                     path: path.to_path_buf(),
                     reason: e.to_string(),
-                })?;
-            Ok(list
-                .into_iter()
-                .enumerate()
-                .map(|(index, value)| RawEntry {
-                    index,
-                    line: None,
-                    value: Ok(value),
                 })
-                .collect())
         }
         _ => Err(SourceError::UnknownExtension {
             path: path.to_path_buf(),
         }),
     }
+}
+
+/// Visits a JSON list element by element.
+struct EntryVisitor<'a> {
+    f: &'a mut dyn FnMut(RawEntry),
+}
+
+impl<'de> serde::de::Visitor<'de> for EntryVisitor<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON list of records")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut index = 0;
+        while let Some(value) = seq.next_element::<Value>()? {
+            (self.f)(RawEntry {
+                index,
+                line: None,
+                value: Ok(value),
+            });
+            index += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Reads every entry of a `.json` (list) or `.jsonl` file into memory (small files, tests).
+pub fn read_entries(path: &Path) -> Result<Vec<RawEntry>, SourceError> {
+    let mut entries = Vec::new();
+    for_each_entry(path, &mut |e| entries.push(e))?;
+    Ok(entries)
 }
 
 /// The `id` of an entry as written to outputs, available even for entries that fail validation.
