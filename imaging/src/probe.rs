@@ -61,9 +61,7 @@ pub fn probe_size(bytes: &[u8]) -> Result<(u32, u32), ImageError> {
                 Format::Jpeg => unreachable!("handled above"),
             };
             let reader = image::ImageReader::with_format(Cursor::new(bytes), image_format);
-            let decoder = reader
-                .into_decoder()
-                .map_err(|e| corrupt(e.to_string()))?;
+            let decoder = reader.into_decoder().map_err(|e| corrupt(e.to_string()))?;
             decoder.dimensions()
         }
     };
@@ -138,7 +136,12 @@ mod tests {
                 } else if !path.extension().is_some_and(|e| e == "md" || e == "json") {
                     let decoded = crate::decode_rgb_file(&path).unwrap();
                     let probed = probe_size_file(&path).unwrap();
-                    assert_eq!(probed, (decoded.width, decoded.height), "{}", path.display());
+                    assert_eq!(
+                        probed,
+                        (decoded.width, decoded.height),
+                        "{}",
+                        path.display()
+                    );
                     checked += 1;
                 }
             }
