@@ -1,5 +1,6 @@
 //! `llava-data`: LLaVA records → token ids, labels and anyres tiles → Parquet shards.
 
+pub mod build;
 pub mod convert;
 pub mod record;
 pub mod reject;

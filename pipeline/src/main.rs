@@ -16,6 +16,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Build a datasets.toml mixture into length-grouped Parquet shards + manifest.json.
+    Build(cli::build::BuildArgs),
+    /// Join the partitions of a `build --partition i/N` into one manifest.
+    Merge(cli::build::MergeArgs),
     /// Show what each record of one JSON/JSONL file becomes: token ids, labels, tiles (one JSON
     /// line per record).
     Convert(cli::convert::ConvertArgs),
@@ -30,6 +34,8 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Build(args) => cli::build::run_build(args),
+        Command::Merge(args) => cli::build::run_merge(args),
         Command::Convert(args) => cli::convert::run(args),
     }
 }

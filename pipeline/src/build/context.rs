@@ -1,0 +1,119 @@
+//! Everything a build needs, resolved and checked before any work starts.
+
+use std::path::{Path, PathBuf};
+
+use llava_formats::config::{ConfigError, DatasetsConfig, Pinpoints};
+use llava_imaging::{parse_pinpoints, AspectMode, MergeType};
+use sha2::{Digest, Sha256};
+
+use super::BuildError;
+use crate::convert::ConvertConfig;
+use crate::template::Template;
+use crate::tokenizer::TextTokenizer;
+
+pub struct BuildContext {
+    pub config: DatasetsConfig,
+    pub config_path: PathBuf,
+    pub config_sha256: String,
+    pub output: PathBuf,
+    pub tokenizer: TextTokenizer,
+    pub pinpoints: Vec<(u32, u32)>,
+    pub merge: MergeType,
+    /// One per source, in config order.
+    pub convert: Vec<ConvertConfig>,
+}
+
+impl BuildContext {
+    pub fn load(config_path: &Path, output: Option<&Path>) -> Result<Self, BuildError> {
+        let (config, text) = DatasetsConfig::load(config_path)?;
+        let file = config_path.display().to_string();
+        let err = |key: &str, message: String| {
+            BuildError::Config(ConfigError {
+                file: file.clone(),
+                key: key.to_string(),
+                message,
+            })
+        };
+        let pinpoints = match &config.image_grid_pinpoints {
+            Pinpoints::Text(s) => {
+                parse_pinpoints(s).map_err(|e| err("image_grid_pinpoints", e.to_string()))?
+            }
+            Pinpoints::List(list) => list.iter().map(|[w, h]| (*w, *h)).collect(),
+        };
+        if pinpoints.is_empty() || pinpoints.iter().any(|&(w, h)| w == 0 || h == 0) {
+            return Err(err(
+                "image_grid_pinpoints",
+                "needs at least one (width, height) pair of positive sizes".into(),
+            ));
+        }
+        let merge = match config.mm_patch_merge_type.as_str() {
+            "flat" => MergeType::Flat,
+            _ => MergeType::SpatialUnpad,
+        };
+        if !config.tokenizer.is_file() {
+            return Err(err(
+                "tokenizer",
+                format!(
+                    "{} does not exist (scripts/fetch-tokenizer.sh fetches the Llama-3 one)",
+                    config.tokenizer.display()
+                ),
+            ));
+        }
+        let tokenizer = TextTokenizer::from_file(&config.tokenizer)
+            .map_err(|e| err("tokenizer", e.to_string()))?;
+        let mut convert = Vec::new();
+        for (i, source) in config.sources.iter().enumerate() {
+            for path in source.json.paths() {
+                if !path.is_file() {
+                    return Err(err(
+                        &format!("sources[{i}].json"),
+                        format!("{} does not exist", path.display()),
+                    ));
+                }
+            }
+            if let Some(folder) = &source.image_folder {
+                if !folder.is_dir() {
+                    return Err(err(
+                        &format!("sources[{i}].image_folder"),
+                        format!("{} is not a folder", folder.display()),
+                    ));
+                }
+            }
+            let template: Template = source
+                .template
+                .parse()
+                .map_err(|e: String| err(&format!("sources[{i}].template"), e))?;
+            let aspect = match source.image_aspect_ratio.as_str() {
+                "pad" => AspectMode::Pad,
+                "square" => AspectMode::Square,
+                _ => AspectMode::Anyres(pinpoints.clone()),
+            };
+            convert.push(ConvertConfig {
+                template,
+                aspect,
+                merge,
+                model_max_length: config.model_max_length,
+            });
+        }
+        let output = output
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| config.output.clone());
+        Ok(BuildContext {
+            config_sha256: hex::encode(Sha256::digest(text.as_bytes())),
+            config,
+            config_path: config_path.to_path_buf(),
+            output,
+            tokenizer,
+            pinpoints,
+            merge,
+            convert,
+        })
+    }
+
+    pub fn image_folder(&self, source: usize) -> &Path {
+        self.config.sources[source]
+            .image_folder
+            .as_deref()
+            .unwrap_or(Path::new("."))
+    }
+}

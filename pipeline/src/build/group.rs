@@ -1,0 +1,115 @@
+//! Groups, batches and shards, planned from exact lengths only (before any pixel is decoded).
+//!
+//! Per modality: a seeded shuffle, cut into pools of `group_size × length_pool_groups` samples;
+//! each pool sorted by length (descending, ties by pass-1 order) and cut into groups of
+//! `group_size`, each group into batches of `batch_size` consecutive samples. Neighbouring
+//! samples of a sorted pool have similar lengths, so batches pad little and the batches of one
+//! group (which a trainer spreads over its ranks) carry similar token counts.
+
+use serde::{Deserialize, Serialize};
+
+use super::pass1::SampleMeta;
+use super::BuildContext;
+use crate::rng::SplitMix64;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    pub id: u32,
+    pub is_image: bool,
+    /// Batches of sample ordinals (indices into pass 1's `samples`).
+    pub batches: Vec<Vec<u32>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardPlan {
+    pub file: String,
+    pub is_image: bool,
+    /// Range of group ids.
+    pub first_group: u32,
+    pub groups: u32,
+    /// Global id of the first batch of the shard.
+    pub first_batch: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub groups: Vec<Group>,
+    pub shards: Vec<ShardPlan>,
+}
+
+/// Bytes of one raw tile (3 × 336 × 336).
+const RAW_TILE_BYTES: u64 = 3 * 336 * 336;
+/// A conservative estimate of a JPEG tile (q95), for shard sizing only.
+const JPEG_TILE_BYTES: u64 = 40_000;
+
+pub fn plan(ctx: &BuildContext, samples: &[SampleMeta]) -> Plan {
+    let c = &ctx.config;
+    let mut groups = Vec::new();
+    for is_image in [true, false] {
+        let mut order: Vec<u32> = (0..samples.len() as u32)
+            .filter(|&i| samples[i as usize].is_image == is_image)
+            .collect();
+        let purpose = if is_image {
+            "group:image"
+        } else {
+            "group:text"
+        };
+        SplitMix64::new(c.seed, purpose).shuffle(&mut order);
+        for pool in order.chunks_mut(c.group_size * c.length_pool_groups) {
+            pool.sort_by_key(|&i| (std::cmp::Reverse(samples[i as usize].length), i));
+            for group in pool.chunks(c.group_size) {
+                groups.push(Group {
+                    id: groups.len() as u32,
+                    is_image,
+                    batches: group.chunks(c.batch_size).map(<[u32]>::to_vec).collect(),
+                });
+            }
+        }
+    }
+
+    let tile_bytes = if c.tile_encoding == "jpeg" {
+        JPEG_TILE_BYTES
+    } else {
+        RAW_TILE_BYTES
+    };
+    let target = c.shard_target_mb * 1024 * 1024;
+    let mut shards: Vec<ShardPlan> = Vec::new();
+    let mut bytes = 0u64;
+    let mut batch_id = 0u32;
+    for group in &groups {
+        let group_bytes: u64 = group
+            .batches
+            .iter()
+            .flatten()
+            .map(|&i| {
+                let s = &samples[i as usize];
+                u64::from(s.num_tiles) * tile_bytes + u64::from(s.bytes)
+            })
+            .sum();
+        let start_new = match shards.last() {
+            None => true,
+            Some(last) => last.is_image != group.is_image || bytes >= target,
+        };
+        if start_new {
+            let modality = if group.is_image { "image" } else { "text" };
+            let n = shards
+                .iter()
+                .filter(|s| s.is_image == group.is_image)
+                .count();
+            shards.push(ShardPlan {
+                file: format!("{modality}-{n:05}.parquet"),
+                is_image: group.is_image,
+                first_group: group.id,
+                groups: 0,
+                first_batch: batch_id,
+            });
+            bytes = 0;
+        }
+        if let Some(last) = shards.last_mut() {
+            last.groups += 1;
+        }
+        bytes += group_bytes;
+        batch_id += group.batches.len() as u32;
+    }
+    Plan { groups, shards }
+}

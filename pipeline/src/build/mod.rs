@@ -1,0 +1,123 @@
+//! `llava-data build`: a `datasets.toml` mixture → length-grouped Parquet shards + manifest.
+//!
+//! Two passes, so that memory stays bounded and the output does not depend on thread count:
+//! 1. [`pass1`]: every selected record is parsed, tokenized and its images' sizes read from their
+//!    headers: that gives each sample's exact length. Prepared samples are spilled to a work file.
+//! 2. [`group`] plans groups and shards from the lengths alone (seeded), then [`shard`] renders the
+//!    pixels of one shard at a time (rayon) and writes it under a temporary name, renamed when
+//!    complete. A rerun skips finished shards; `--partition i/N` writes every N-th shard, and
+//!    [`assemble`] joins the parts into `manifest.json`.
+
+pub mod assemble;
+pub mod context;
+pub mod group;
+pub mod pass1;
+pub mod shard;
+
+use std::path::{Path, PathBuf};
+
+use llava_formats::config::ConfigError;
+use llava_formats::manifest::Manifest;
+use thiserror::Error;
+
+pub use context::BuildContext;
+
+/// Folder (inside the output) for plan, spill and per-shard records; not part of the dataset.
+pub const WORK_DIR: &str = ".work";
+pub const SHARDS_DIR: &str = "shards";
+
+#[derive(Debug, Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Source(#[from] crate::record::SourceError),
+    #[error("writing {path}: {reason}")]
+    Parquet { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Plan(String),
+}
+
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
+    move |source| BuildError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Which part of the shards this process writes (`--partition i/N`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Partition {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Partition {
+    pub const WHOLE: Partition = Partition { index: 0, count: 1 };
+
+    pub fn owns(&self, shard: usize) -> bool {
+        shard % self.count == self.index
+    }
+}
+
+impl std::str::FromStr for Partition {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let err = || format!("{s:?}: expected i/N with 0 <= i < N, e.g. 3/8");
+        let (i, n) = s.split_once('/').ok_or_else(err)?;
+        let (index, count): (usize, usize) = (
+            i.trim().parse().map_err(|_| err())?,
+            n.trim().parse().map_err(|_| err())?,
+        );
+        if count == 0 || index >= count {
+            return Err(err());
+        }
+        Ok(Partition { index, count })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// Overrides the config's `output`.
+    pub output: Option<PathBuf>,
+    pub partition: Partition,
+    /// Draw progress bars (on a terminal).
+    pub progress: bool,
+}
+
+/// What a build run did.
+#[derive(Debug)]
+pub struct BuildOutcome {
+    pub output: PathBuf,
+    pub shards_written: usize,
+    pub shards_skipped: usize,
+    /// `Some` when this run completed the build (a whole build, or the last missing partition).
+    pub manifest: Option<Manifest>,
+}
+
+/// Runs a build (or one partition of it).
+pub fn build(config_path: &Path, options: &BuildOptions) -> Result<BuildOutcome, BuildError> {
+    let ctx = BuildContext::load(config_path, options.output.as_deref())?;
+    let pass1 = pass1::run(&ctx, options)?;
+    let plan = group::plan(&ctx, &pass1.samples);
+    let work = ctx.output.join(WORK_DIR);
+    assemble::write_pass1_and_plan(&work, &ctx, &pass1, &plan)?;
+    let (written, skipped) = shard::write_owned(&ctx, &pass1, &plan, options)?;
+    std::fs::remove_file(&pass1.spill_path).ok();
+    let manifest = if options.partition == Partition::WHOLE {
+        Some(assemble::assemble(&ctx.output)?)
+    } else {
+        None
+    };
+    Ok(BuildOutcome {
+        output: ctx.output.clone(),
+        shards_written: written,
+        shards_skipped: skipped,
+        manifest,
+    })
+}

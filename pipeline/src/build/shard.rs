@@ -1,0 +1,373 @@
+//! Pass 2: render and write the shards this process owns, one at a time, each to a temporary
+//! name renamed when complete, with a small record of what it holds beside it.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use llava_formats::constants::IGNORE_INDEX;
+use llava_formats::manifest::{RejectEntry, ShardInfo};
+use llava_formats::schema::{rows_to_batch, shard_schema, ImageMeta, ShardRow};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::group::{Plan, ShardPlan};
+use super::pass1::{progress_bar, Pass1, SampleMeta};
+use super::{io_err, BuildContext, BuildError, BuildOptions, SHARDS_DIR, WORK_DIR};
+use crate::convert::{render, Prepared, Sample};
+
+/// What a finished shard holds, written beside the work files; `assemble` builds the manifest
+/// from these records alone, so that partitions built on different machines merge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardRecord {
+    pub config_sha256: String,
+    pub info: ShardInfo,
+    /// Samples written, per source (config order).
+    pub written: Vec<u64>,
+    pub rejects: Vec<RejectEntry>,
+    pub images: u64,
+    pub image_tokens: u64,
+    pub truncated: u64,
+}
+
+pub fn record_path(output: &Path, file: &str) -> PathBuf {
+    output
+        .join(WORK_DIR)
+        .join(SHARDS_DIR)
+        .join(format!("{file}.json"))
+}
+
+/// Writes every shard of the plan that this partition owns and that is not finished yet.
+/// Returns (written, skipped).
+pub fn write_owned(
+    ctx: &BuildContext,
+    pass1: &Pass1,
+    plan: &Plan,
+    options: &BuildOptions,
+) -> Result<(usize, usize), BuildError> {
+    let shards_dir = ctx.output.join(SHARDS_DIR);
+    let records_dir = ctx.output.join(WORK_DIR).join(SHARDS_DIR);
+    for dir in [&shards_dir, &records_dir] {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    }
+    let spill = File::open(&pass1.spill_path).map_err(io_err(&pass1.spill_path))?;
+    let owned: Vec<(usize, &ShardPlan)> = plan
+        .shards
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| options.partition.owns(*i))
+        .collect();
+    let todo: Vec<&ShardPlan> = owned
+        .iter()
+        .map(|(_, s)| *s)
+        .filter(|s| !is_finished(ctx, s))
+        .collect();
+    let samples_todo: u64 = todo
+        .iter()
+        .flat_map(|s| shard_groups(plan, s))
+        .flat_map(|g| &g.batches)
+        .map(|b| b.len() as u64)
+        .sum();
+    let bar = progress_bar(options.progress, samples_todo, "pass 2/2: pixels + write");
+    let mut rejected = 0usize;
+    for shard in &todo {
+        let record = write_shard(ctx, pass1, plan, shard, &spill, &bar)?;
+        rejected += record.rejects.len();
+        bar.set_message(format!("{rejected} rejected"));
+    }
+    bar.finish_and_clear();
+    Ok((todo.len(), owned.len() - todo.len()))
+}
+
+fn shard_groups<'a>(plan: &'a Plan, shard: &ShardPlan) -> &'a [super::group::Group] {
+    let start = shard.first_group as usize;
+    &plan.groups[start..start + shard.groups as usize]
+}
+
+/// A shard is finished when its file and record exist, for this config, with the recorded size.
+fn is_finished(ctx: &BuildContext, shard: &ShardPlan) -> bool {
+    let path = ctx.output.join(SHARDS_DIR).join(&shard.file);
+    let Ok(text) = std::fs::read_to_string(record_path(&ctx.output, &shard.file)) else {
+        return false;
+    };
+    let Ok(record) = serde_json::from_str::<ShardRecord>(&text) else {
+        return false;
+    };
+    record.config_sha256 == ctx.config_sha256
+        && std::fs::metadata(&path).is_ok_and(|m| m.len() == record.info.bytes)
+}
+
+fn writer_properties(ctx: &BuildContext) -> Result<WriterProperties, BuildError> {
+    let level = ZstdLevel::try_new(ctx.config.zstd_level)
+        .map_err(|e| BuildError::Plan(format!("zstd_level: {e}")))?;
+    let tiles = ColumnPath::from(vec![
+        llava_formats::schema::col::TILES.to_string(),
+        "list".to_string(),
+        "item".to_string(),
+    ]);
+    Ok(WriterProperties::builder()
+        .set_compression(Compression::ZSTD(level))
+        // Row groups are cut explicitly, one per batch.
+        .set_max_row_group_row_count(None)
+        // Tiles are large, incompressible-looking blobs: no dictionary, no min/max statistics.
+        .set_column_dictionary_enabled(tiles.clone(), false)
+        .set_column_statistics_enabled(tiles, EnabledStatistics::None)
+        .build())
+}
+
+fn write_shard(
+    ctx: &BuildContext,
+    pass1: &Pass1,
+    plan: &Plan,
+    shard: &ShardPlan,
+    spill: &File,
+    bar: &indicatif::ProgressBar,
+) -> Result<ShardRecord, BuildError> {
+    let final_path = ctx.output.join(SHARDS_DIR).join(&shard.file);
+    let tmp_path = final_path.with_extension("parquet.tmp");
+    let file = File::create(&tmp_path).map_err(io_err(&tmp_path))?;
+    let schema = shard_schema(&ctx.config.tile_encoding);
+    let parquet_err = |e: parquet::errors::ParquetError| BuildError::Parquet {
+        path: tmp_path.clone(),
+        reason: e.to_string(),
+    };
+    let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(writer_properties(ctx)?))
+        .map_err(parquet_err)?;
+
+    let mut stats = Stats::new(ctx.config.sources.len());
+    // Batches with their global ids, in order.
+    let mut batches = Vec::new();
+    let mut batch_id = shard.first_batch;
+    for group in shard_groups(plan, shard) {
+        for batch in &group.batches {
+            batches.push((group.id, batch_id, batch));
+            batch_id += 1;
+        }
+    }
+    // Render a window of whole batches in parallel (enough samples to keep every thread busy),
+    // then write its batches in order: the output does not depend on the thread count.
+    let window_samples = (rayon::current_num_threads() * 2).max(ctx.config.batch_size);
+    let mut start = 0;
+    while start < batches.len() {
+        let mut end = start;
+        let mut n = 0;
+        while end < batches.len() && (n < window_samples || end == start) {
+            n += batches[end].2.len();
+            end += 1;
+        }
+        let work: Vec<(u32, u32, u32)> = batches[start..end]
+            .iter()
+            .flat_map(|&(g, b, ords)| ords.iter().map(move |&o| (g, b, o)))
+            .collect();
+        let rendered: Vec<Result<ShardRow, RejectEntry>> = work
+            .par_iter()
+            .map(|&(group, batch, ordinal)| {
+                let meta = &pass1.samples[ordinal as usize];
+                render_row(ctx, meta, spill, &pass1.spill_path, group, batch)
+            })
+            .collect();
+        let mut results = rendered.into_iter();
+        for &(_, _, ords) in &batches[start..end] {
+            let mut rows = Vec::with_capacity(ords.len());
+            for result in results.by_ref().take(ords.len()) {
+                match result {
+                    Ok(row) => rows.push(row),
+                    Err(reject) => stats.rejects.push(reject),
+                }
+            }
+            bar.inc(ords.len() as u64);
+            if rows.is_empty() {
+                continue;
+            }
+            for (row, ordinal) in rows.iter().zip(ords) {
+                stats.add(row, pass1.samples[*ordinal as usize].source as usize);
+            }
+            writer
+                .write(&rows_to_batch(&rows, &schema))
+                .map_err(parquet_err)?;
+            writer.flush().map_err(parquet_err)?;
+            stats.row_groups += 1;
+        }
+        start = end;
+    }
+    let file = writer.into_inner().map_err(parquet_err)?;
+    file.sync_all().map_err(io_err(&tmp_path))?;
+    drop(file);
+    let bytes = std::fs::read(&tmp_path).map_err(io_err(&tmp_path))?;
+    let record = ShardRecord {
+        config_sha256: ctx.config_sha256.clone(),
+        info: ShardInfo {
+            file: format!("{SHARDS_DIR}/{}", shard.file),
+            modality: if shard.is_image { "image" } else { "text" }.to_string(),
+            rows: stats.rows,
+            bytes: bytes.len() as u64,
+            sha256: hex::encode(Sha256::digest(&bytes)),
+            min_length: stats.min_length.unwrap_or(0),
+            max_length: stats.max_length,
+            row_groups: stats.row_groups,
+            first_group: shard.first_group,
+            groups: shard.groups,
+            tokens: stats.tokens,
+            supervised_tokens: stats.supervised_tokens,
+            tiles: stats.tiles,
+        },
+        written: stats.written,
+        rejects: stats.rejects,
+        images: stats.images,
+        image_tokens: stats.image_tokens,
+        truncated: stats.truncated,
+    };
+    // The record first, the rename last: a shard file under its final name is always complete.
+    let record_file = record_path(&ctx.output, &shard.file);
+    let record_tmp = record_file.with_extension("json.tmp");
+    let json = serde_json::to_vec_pretty(&record).map_err(|e| BuildError::Plan(e.to_string()))?;
+    std::fs::write(&record_tmp, json).map_err(io_err(&record_tmp))?;
+    std::fs::rename(&record_tmp, &record_file).map_err(io_err(&record_file))?;
+    std::fs::rename(&tmp_path, &final_path).map_err(io_err(&final_path))?;
+    Ok(record)
+}
+
+fn render_row(
+    ctx: &BuildContext,
+    meta: &SampleMeta,
+    spill: &File,
+    spill_path: &Path,
+    group: u32,
+    batch: u32,
+) -> Result<ShardRow, RejectEntry> {
+    let s = meta.source as usize;
+    let source = &ctx.config.sources[s];
+    let mut buf = vec![0u8; meta.bytes as usize];
+    let reject = |id: &str, kind: &str, reason: String| RejectEntry {
+        source: source.name.clone(),
+        json_file: source.json_as_written[meta.file as usize].clone(),
+        index: meta.index,
+        line: None,
+        id: id.to_string(),
+        kind: kind.to_string(),
+        reason,
+    };
+    spill
+        .read_exact_at(&mut buf, meta.offset)
+        .map_err(|e| reject("", "io", format!("{}: {e}", spill_path.display())))?;
+    let prepared: Prepared =
+        serde_json::from_slice(&buf).map_err(|e| reject("", "io", e.to_string()))?;
+    let id = prepared.id.clone();
+    let sample = render(prepared, ctx.image_folder(s), &ctx.convert[s])
+        .map_err(|r| reject(&id, r.kind(), r.to_string()))?;
+    let tiles = encode_tiles(&sample, &ctx.config.tile_encoding, ctx.config.jpeg_quality)
+        .map_err(|e| reject(&id, "tile_encoding", e))?;
+    Ok(ShardRow {
+        id: sample.id,
+        source: source.name.clone(),
+        json_file: source.json_as_written[meta.file as usize].clone(),
+        index: meta.index,
+        length: sample.length as u32,
+        num_image_tokens: sample.images.iter().map(|i| i.image_tokens as u32).sum(),
+        modality: if sample.images.is_empty() {
+            "text"
+        } else {
+            "image"
+        }
+        .to_string(),
+        truncated: sample.truncated,
+        group,
+        batch,
+        images: sample
+            .images
+            .iter()
+            .map(|img| ImageMeta {
+                path: img.path.clone(),
+                width: img.image_size.0,
+                height: img.image_size.1,
+                processing: img.processing.clone(),
+                best_width: img.tiles.best_resolution.map_or(0, |b| b.0),
+                best_height: img.tiles.best_resolution.map_or(0, |b| b.1),
+                grid_cols: img.tiles.grid_cols,
+                grid_rows: img.tiles.grid_rows,
+                num_tiles: img.tiles.num_tiles as u32,
+                image_tokens: img.image_tokens as u32,
+            })
+            .collect(),
+        tiles,
+        input_ids: sample.input_ids,
+        labels: sample.labels,
+    })
+}
+
+/// Each tile as stored: raw CHW bytes, or a JPEG of the tile.
+fn encode_tiles(sample: &Sample, encoding: &str, quality: u8) -> Result<Vec<Vec<u8>>, String> {
+    let mut out = Vec::new();
+    for img in &sample.images {
+        for t in 0..img.tiles.num_tiles {
+            if encoding == "jpeg" {
+                let hwc = img.tiles.tile_hwc(t);
+                let image = turbojpeg::Image {
+                    pixels: hwc.as_slice(),
+                    width: llava_imaging::TILE as usize,
+                    pitch: 3 * llava_imaging::TILE as usize,
+                    height: llava_imaging::TILE as usize,
+                    format: turbojpeg::PixelFormat::RGB,
+                };
+                let jpeg = turbojpeg::compress(image, i32::from(quality), turbojpeg::Subsamp::None)
+                    .map_err(|e| e.to_string())?;
+                out.push(jpeg.to_vec());
+            } else {
+                out.push(img.tiles.tile(t).to_vec());
+            }
+        }
+    }
+    Ok(out)
+}
+
+struct Stats {
+    rows: u64,
+    row_groups: u64,
+    min_length: Option<u32>,
+    max_length: u32,
+    tokens: u64,
+    supervised_tokens: u64,
+    tiles: u64,
+    images: u64,
+    image_tokens: u64,
+    truncated: u64,
+    written: Vec<u64>,
+    rejects: Vec<RejectEntry>,
+}
+
+impl Stats {
+    fn new(sources: usize) -> Self {
+        Stats {
+            rows: 0,
+            row_groups: 0,
+            min_length: None,
+            max_length: 0,
+            tokens: 0,
+            supervised_tokens: 0,
+            tiles: 0,
+            images: 0,
+            image_tokens: 0,
+            truncated: 0,
+            written: vec![0; sources],
+            rejects: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, row: &ShardRow, source: usize) {
+        self.rows += 1;
+        self.min_length = Some(self.min_length.map_or(row.length, |m| m.min(row.length)));
+        self.max_length = self.max_length.max(row.length);
+        self.tokens += u64::from(row.length);
+        self.supervised_tokens += row.labels.iter().filter(|&&l| l != IGNORE_INDEX).count() as u64;
+        self.tiles += row.tiles.len() as u64;
+        self.images += row.images.len() as u64;
+        self.image_tokens += u64::from(row.num_image_tokens);
+        self.truncated += u64::from(row.truncated);
+        self.written[source] += 1;
+    }
+}
