@@ -164,7 +164,7 @@ fn write_shard(
             .iter()
             .flat_map(|&(g, b, ords)| ords.iter().map(move |&o| (g, b, o)))
             .collect();
-        let rendered: Vec<Result<ShardRow, RejectEntry>> = work
+        let rendered: Vec<Result<ShardRow, Box<RejectEntry>>> = work
             .par_iter()
             .map(|&(group, batch, ordinal)| {
                 let meta = &pass1.samples[ordinal as usize];
@@ -177,7 +177,7 @@ fn write_shard(
             for result in results.by_ref().take(ords.len()) {
                 match result {
                     Ok(row) => rows.push(row),
-                    Err(reject) => stats.rejects.push(reject),
+                    Err(reject) => stats.rejects.push(*reject),
                 }
             }
             bar.inc(ords.len() as u64);
@@ -239,18 +239,20 @@ fn render_row(
     spill_path: &Path,
     group: u32,
     batch: u32,
-) -> Result<ShardRow, RejectEntry> {
+) -> Result<ShardRow, Box<RejectEntry>> {
     let s = meta.source as usize;
     let source = &ctx.config.sources[s];
     let mut buf = vec![0u8; meta.bytes as usize];
-    let reject = |id: &str, kind: &str, reason: String| RejectEntry {
-        source: source.name.clone(),
-        json_file: source.json_as_written[meta.file as usize].clone(),
-        index: meta.index,
-        line: None,
-        id: id.to_string(),
-        kind: kind.to_string(),
-        reason,
+    let reject = |id: &str, kind: &str, reason: String| {
+        Box::new(RejectEntry {
+            source: source.name.clone(),
+            json_file: source.json_as_written[meta.file as usize].clone(),
+            index: meta.index,
+            line: None,
+            id: id.to_string(),
+            kind: kind.to_string(),
+            reason,
+        })
     };
     spill
         .read_exact_at(&mut buf, meta.offset)
