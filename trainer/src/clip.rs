@@ -5,10 +5,10 @@
 //! layer_norm2}`, `post_layernorm` (loaded and saved, never applied, as in LLaVA).
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::ops::{self, LayerNorm};
+use crate::ops::{self, LayerNorm, Linear};
 
 /// Activation of the CLIP MLP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -2,10 +2,10 @@
 //! causal + right-padding mask, untied `lm_head`. Full-sequence forward, no KV cache.
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{Embedding, Init, Linear, VarBuilder};
+use candle_nn::{Embedding, Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::ops::{self, RmsNorm};
+use crate::ops::{self, Linear, RmsNorm};
 
 /// RoPE parameters: HF 4.x `rope_scaling` or HF 5.x `rope_parameters` (which also holds the theta).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

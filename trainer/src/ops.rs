@@ -86,13 +86,50 @@ impl Module for RmsNorm {
     }
 }
 
-/// Linear layer over a `[.., in]` input; weights are `[out, in]` as in PyTorch.
+/// Linear layer, weights `[out, in]` as in PyTorch. Unlike `candle_nn::Linear`, the input is
+/// flattened to 2-D before the matmul: a batch-broadcast weight would make backward materialise
+/// one weight-sized gradient per batch row before summing them.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dims = xs.dims().to_vec();
+        let (lead, in_dim) = dims.split_at(dims.len().saturating_sub(1));
+        let rows: usize = lead.iter().product();
+        let in_dim = in_dim.first().copied().unwrap_or(1);
+        let out_dim = self.weight.dim(0)?;
+        let y = xs.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut shape = lead.to_vec();
+        shape.push(out_dim);
+        y.reshape(shape)
+    }
+}
+
+/// A [`Linear`] named `weight` / `bias` under `vb`; missing weights get PyTorch's default init.
 pub fn linear(
     in_dim: usize,
     out_dim: usize,
     bias: bool,
     vb: candle_nn::VarBuilder,
-) -> Result<candle_nn::Linear> {
+) -> Result<Linear> {
     let bound = 1.0 / (in_dim as f64).sqrt();
     let init = candle_nn::Init::Uniform {
         lo: -bound,
@@ -104,7 +141,7 @@ pub fn linear(
     } else {
         None
     };
-    Ok(candle_nn::Linear::new(w, b))
+    Ok(Linear::new(w, b))
 }
 
 /// Per-position cross entropy of `logits[:, t]` predicting `labels[:, t + 1]`.

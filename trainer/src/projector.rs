@@ -1,10 +1,10 @@
 //! `multi_modal_projector` (LLaVA `mm_projector`, type `mlp2x_gelu`): linear_1 → erf GELU → linear_2.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use crate::ops;
+use crate::ops::{self, Linear};
 
 /// Projector shape; for LLaVA-NeXT it follows from the vision and text hidden sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
