@@ -1,0 +1,184 @@
+//! `llava-trainer loader-bench`: throughput and latency of the data loader on local shards, or
+//! the plan of one rank as JSON lines (`--dry-run`).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use llava_trainer::data::synthetic::{write_synthetic, SynthSpec};
+use llava_trainer::data::{
+    DataState, EpochPlan, IndexOptions, Loader, LoaderConfig, PixelFormat, PlanConfig, ShardIndex,
+};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Folder with manifest.json and the shards.
+    #[arg(long)]
+    shards: PathBuf,
+    #[arg(long, default_value_t = 16)]
+    workers: usize,
+    /// Batches built or buffered at once (default: the number of workers).
+    #[arg(long)]
+    prefetch: Option<usize>,
+    /// Per-device batch size (default: the shards' batch size; divisors and multiples work).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    world_size: usize,
+    #[arg(long, default_value_t = 0)]
+    rank: usize,
+    #[arg(long, default_value_t = 0)]
+    epoch: u64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Stop after this many batches.
+    #[arg(long)]
+    max_batches: Option<usize>,
+    /// Hand tiles over as uint8 instead of normalised float32.
+    #[arg(long)]
+    u8: bool,
+    /// Compare every shard's SHA-256 with the manifest first.
+    #[arg(long)]
+    verify_checksums: bool,
+    /// Print the rank's plan as JSON lines and exit.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// First write this many synthetic five-tile image samples (batch size 4) into --shards.
+    #[arg(long)]
+    make_synthetic: Option<usize>,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e3
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if let Some(samples) = args.make_synthetic {
+        let spec = SynthSpec {
+            image_samples: samples,
+            text_samples: 0,
+            batch_size: 4,
+            group_size: 64,
+            groups_per_shard: 4,
+            tiles_per_image: 5,
+            ..SynthSpec::default()
+        };
+        let t = Instant::now();
+        write_synthetic(&args.shards, &spec)
+            .with_context(|| format!("writing synthetic shards to {}", args.shards.display()))?;
+        tracing::info!(
+            "wrote {samples} synthetic five-tile samples in {:.1}s",
+            t.elapsed().as_secs_f64()
+        );
+    }
+    let index = ShardIndex::open(
+        &args.shards,
+        &IndexOptions {
+            verify_checksums: args.verify_checksums,
+        },
+    )?;
+    let config = PlanConfig {
+        seed: args.seed,
+        world_size: args.world_size,
+        batch_size: args.batch_size,
+    };
+    let plan = EpochPlan::new(&index, &config, &DataState::new(args.epoch))?;
+    let mut batches = plan.rank(args.rank)?;
+    if let Some(max) = args.max_batches {
+        batches.truncate(max);
+    }
+    if args.dry_run {
+        let mut out = std::io::stdout().lock();
+        for b in &batches {
+            writeln!(out, "{}", b.to_json(&index))?;
+        }
+        return Ok(());
+    }
+    tracing::info!(
+        "epoch {} plan: {} steps of batch size {}; {}",
+        args.epoch,
+        plan.num_steps(),
+        plan.batch_size,
+        plan.balance()
+    );
+    if batches.is_empty() {
+        bail!("rank {} has no batches", args.rank);
+    }
+
+    let loader_config = LoaderConfig {
+        workers: args.workers,
+        prefetch: args.prefetch.unwrap_or(args.workers),
+        pixels: if args.u8 {
+            PixelFormat::U8
+        } else {
+            PixelFormat::F32
+        },
+    };
+    let start = Instant::now();
+    let mut loader = Loader::new(index.clone(), batches, &loader_config)?;
+    let (mut waits, mut builds) = (Vec::new(), Vec::new());
+    let (mut samples, mut tiles, mut bytes) = (0usize, 0usize, 0u64);
+    loop {
+        let t = Instant::now();
+        let Some(batch) = loader.next() else { break };
+        waits.push(t.elapsed());
+        let batch = batch?;
+        builds.push(batch.load_time);
+        samples += batch.batch_size();
+        tiles += batch.num_tiles;
+        bytes += batch.bytes_read;
+    }
+    let wall = start.elapsed().as_secs_f64();
+    drop(loader);
+    let first_wait = waits.first().copied().unwrap_or_default();
+    // Steady state excludes the first batch (pipeline fill).
+    let mut steady: Vec<Duration> = waits.iter().skip(1).copied().collect();
+    steady.sort();
+    builds.sort();
+    let result = serde_json::json!({
+        "workers": args.workers,
+        "batches": waits.len(),
+        "samples": samples,
+        "tiles": tiles,
+        "seconds": wall,
+        "samples_per_s": samples as f64 / wall,
+        "samples_per_s_per_worker": samples as f64 / wall / args.workers as f64,
+        "shard_mb_per_s": bytes as f64 / 1e6 / wall,
+        "tile_mb_per_s": (tiles * 3 * index.tile_size() * index.tile_size()) as f64 / 1e6 / wall,
+        "first_batch_ms": first_wait.as_secs_f64() * 1e3,
+        "wait_p50_ms": percentile(&steady, 0.50),
+        "wait_p99_ms": percentile(&steady, 0.99),
+        "worker_p50_ms": percentile(&builds, 0.50),
+        "worker_p99_ms": percentile(&builds, 0.99),
+    });
+    if args.json {
+        println!("{result}");
+    } else {
+        println!(
+            "{} batches, {samples} samples ({tiles} tiles) in {wall:.2}s with {} workers: \
+             {:.1} samples/s ({:.1}/worker), {:.1} MB/s shard bytes, {:.1} MB/s tiles; \
+             consumer wait p50 {:.1} ms p99 {:.1} ms (first {:.1} ms); \
+             worker per batch p50 {:.1} ms p99 {:.1} ms",
+            waits.len(),
+            args.workers,
+            result["samples_per_s"].as_f64().unwrap_or(0.0),
+            result["samples_per_s_per_worker"].as_f64().unwrap_or(0.0),
+            result["shard_mb_per_s"].as_f64().unwrap_or(0.0),
+            result["tile_mb_per_s"].as_f64().unwrap_or(0.0),
+            result["wait_p50_ms"].as_f64().unwrap_or(0.0),
+            result["wait_p99_ms"].as_f64().unwrap_or(0.0),
+            result["first_batch_ms"].as_f64().unwrap_or(0.0),
+            result["worker_p50_ms"].as_f64().unwrap_or(0.0),
+            result["worker_p99_ms"].as_f64().unwrap_or(0.0),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,3 @@
+//! Subcommands of the `llava-trainer` binary.
+
+pub mod loader_bench;

@@ -1,0 +1,206 @@
+//! Collation of one batch's rows into the plain arrays the model consumes.
+
+use std::time::Duration;
+
+use llava_formats::constants::IGNORE_INDEX;
+use llava_formats::schema::ShardRow;
+
+use super::index::Modality;
+use super::normalize::normalize_into;
+use super::plan::{DataState, PlannedBatch};
+
+/// Id written into padding positions. Any value works: padding is defined by `lengths` /
+/// `attention_mask`, never by comparing ids with this (token 0 is a real token, `"!"`).
+pub const PAD_ID: i32 = 0;
+
+/// How tiles are handed over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PixelFormat {
+    /// CLIP-normalised float32, bit-exact with the reference.
+    #[default]
+    F32,
+    /// The stored uint8 (normalise on the device: 4x less host memory and transfer).
+    U8,
+}
+
+/// All tiles of a batch as one `[num_tiles, 3, tile_size, tile_size]` row-major array.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Pixels {
+    F32(Vec<f32>),
+    U8(Vec<u8>),
+}
+
+impl Pixels {
+    pub fn len(&self) -> usize {
+        match self {
+            Self::F32(v) => v.len(),
+            Self::U8(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Which record a row of the batch is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SampleId {
+    pub source: String,
+    /// Position of the record in its source file.
+    pub index: u64,
+    pub id: String,
+}
+
+/// One image of the batch, in placeholder order (the order of the `-200`s, row by row).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// Row of the batch the image belongs to.
+    pub sample: usize,
+    /// Original (decoded) size, what unpad uses.
+    pub width: u32,
+    pub height: u32,
+    pub grid_cols: u32,
+    pub grid_rows: u32,
+    /// Tiles of this image in [`Batch::pixels`]: base first, then the grid row-major.
+    pub num_tiles: u32,
+    /// Feature tokens the model inserts for this image.
+    pub image_tokens: u32,
+    /// `anyres`, `pad` or `square`.
+    pub processing: String,
+}
+
+/// One collated batch for one rank, as plain arrays (the model side turns them into tensors).
+///
+/// Shapes: `B = samples.len()`, `L = seq_len` (longest `input_ids` of the batch, before image
+/// expansion). `input_ids`, `labels` and `attention_mask` are `[B, L]` row-major, right padded
+/// with [`PAD_ID`], `-100` and `0` past each row's `lengths[i]`. Every image is still one `-200`
+/// in `input_ids`. `pixels` is `[num_tiles, 3, tile_size, tile_size]`: all tiles of all images
+/// in placeholder order. An empty batch (`B = 0`, see `plan`) has no rows and must still be
+/// stepped through (zero loss) to keep ranks in lock-step.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub epoch: u64,
+    pub step: u64,
+    pub rank: usize,
+    /// `None` only for an empty batch.
+    pub modality: Option<Modality>,
+    pub samples: Vec<SampleId>,
+    pub seq_len: usize,
+    pub input_ids: Vec<i32>,
+    pub labels: Vec<i32>,
+    /// 1 for real tokens, 0 for padding; built from `lengths`.
+    pub attention_mask: Vec<u8>,
+    /// `input_ids` length per row (text tokens + one placeholder per image).
+    pub lengths: Vec<usize>,
+    /// Exact length per row in the model (image placeholders expanded).
+    pub model_lengths: Vec<u32>,
+    /// Sum of `model_lengths`.
+    pub tokens: u64,
+    pub images: Vec<ImageInfo>,
+    pub tile_size: usize,
+    pub num_tiles: usize,
+    pub pixels: Pixels,
+    /// Data state to save with a checkpoint taken after this step.
+    pub next_state: DataState,
+    /// Shard bytes read for this batch.
+    pub bytes_read: u64,
+    /// Worker time to read, decode and collate this batch.
+    pub load_time: Duration,
+}
+
+impl Batch {
+    pub fn batch_size(&self) -> usize {
+        self.samples.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    /// `[num_tiles, 3, tile_size, tile_size]`.
+    pub fn pixel_shape(&self) -> [usize; 4] {
+        [self.num_tiles, 3, self.tile_size, self.tile_size]
+    }
+}
+
+/// Collates rows that the reader has already checked (ids/labels same length, one `-200` per
+/// image, one tile of `3·S·S` bytes per tile of each image).
+pub fn collate(
+    plan: &PlannedBatch,
+    rows: &[ShardRow],
+    format: PixelFormat,
+    tile_size: usize,
+) -> Batch {
+    let b = rows.len();
+    let seq_len = rows.iter().map(|r| r.input_ids.len()).max().unwrap_or(0);
+    let mut input_ids = vec![PAD_ID; b * seq_len];
+    let mut labels = vec![IGNORE_INDEX; b * seq_len];
+    let mut attention_mask = vec![0u8; b * seq_len];
+    let mut images = Vec::new();
+    let num_tiles: usize = rows.iter().map(|r| r.tiles.len()).sum();
+    for (i, r) in rows.iter().enumerate() {
+        let n = r.input_ids.len();
+        let row = i * seq_len..i * seq_len + n;
+        input_ids[row.clone()].copy_from_slice(&r.input_ids);
+        labels[row.clone()].copy_from_slice(&r.labels);
+        attention_mask[row].fill(1);
+        images.extend(r.images.iter().map(|m| ImageInfo {
+            sample: i,
+            width: m.width,
+            height: m.height,
+            grid_cols: m.grid_cols,
+            grid_rows: m.grid_rows,
+            num_tiles: m.num_tiles,
+            image_tokens: m.image_tokens,
+            processing: m.processing.clone(),
+        }));
+    }
+    let plane = tile_size * tile_size;
+    let tile_bytes = 3 * plane;
+    let tiles = rows.iter().flat_map(|r| &r.tiles);
+    let pixels = match format {
+        PixelFormat::U8 => {
+            let mut out = Vec::with_capacity(num_tiles * tile_bytes);
+            for t in tiles {
+                out.extend_from_slice(t);
+            }
+            Pixels::U8(out)
+        }
+        PixelFormat::F32 => {
+            let mut out = vec![0f32; num_tiles * tile_bytes];
+            for (t, dst) in tiles.zip(out.chunks_mut(tile_bytes)) {
+                normalize_into(t, plane, dst);
+            }
+            Pixels::F32(out)
+        }
+    };
+    Batch {
+        epoch: plan.epoch,
+        step: plan.step,
+        rank: plan.rank,
+        modality: plan.modality,
+        samples: rows
+            .iter()
+            .map(|r| SampleId {
+                source: r.source.clone(),
+                index: r.index,
+                id: r.id.clone(),
+            })
+            .collect(),
+        seq_len,
+        input_ids,
+        labels,
+        attention_mask,
+        lengths: rows.iter().map(|r| r.input_ids.len()).collect(),
+        model_lengths: rows.iter().map(|r| r.length).collect(),
+        tokens: rows.iter().map(|r| u64::from(r.length)).sum(),
+        images,
+        tile_size,
+        num_tiles,
+        pixels,
+        next_state: plan.next_state,
+        bytes_read: 0,
+        load_time: Duration::ZERO,
+    }
+}

@@ -1,0 +1,82 @@
+//! Errors of the data path. Every error about a shard names its file, and the row group when
+//! one is involved, so a bad shard can be found without a debugger.
+
+use std::path::PathBuf;
+
+use llava_formats::schema::SchemaError;
+
+pub type DataResult<T> = std::result::Result<T, DataError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("{path}: invalid manifest: {source}")]
+    Manifest {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+
+    #[error("{path}: shard listed in the manifest is missing or unreadable: {source}")]
+    MissingShard {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("{path}: size {found} bytes, the manifest says {expected}; the shard was changed or truncated")]
+    ShardSize {
+        path: PathBuf,
+        expected: u64,
+        found: u64,
+    },
+
+    #[error("{path}: SHA-256 {found}, the manifest says {expected}")]
+    Checksum {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
+
+    #[error("{path}: {source}")]
+    Schema { path: PathBuf, source: SchemaError },
+
+    #[error("{path}{}: {source}", row_group_suffix(*.row_group))]
+    Parquet {
+        path: PathBuf,
+        row_group: Option<usize>,
+        source: parquet::errors::ParquetError,
+    },
+
+    #[error("{path}{}: {detail}", row_group_suffix(*.row_group))]
+    Corrupt {
+        path: PathBuf,
+        row_group: Option<usize>,
+        detail: String,
+    },
+
+    #[error("tile encoding {0:?} is not supported by this loader (only \"raw\"); rebuild the shards with tile_encoding = \"raw\"")]
+    UnsupportedTileEncoding(String),
+
+    #[error("per-device batch size {requested} is not supported for shards built with batch size {built}: use a divisor or a multiple of {built}, or rebuild the shards")]
+    BatchSize { requested: usize, built: usize },
+
+    #[error("invalid plan request: {0}")]
+    Plan(String),
+
+    #[error("cannot resume: {0}")]
+    Resume(String),
+
+    #[error("loader worker failed: {0}")]
+    Worker(String),
+}
+
+fn row_group_suffix(row_group: Option<usize>) -> String {
+    match row_group {
+        Some(rg) => format!(" row group {rg}"),
+        None => String::new(),
+    }
+}

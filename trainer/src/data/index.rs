@@ -1,0 +1,474 @@
+//! The shard index: the manifest plus what the plan needs from each shard's small columns
+//! (group, batch, exact length, sample identity) per row group. Built once per run by reading
+//! only those columns (never the tiles), and checked against the manifest so that a stale or
+//! foreign shard fails here, before training starts.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::{Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
+use llava_formats::manifest::{Manifest, ShardInfo, FORMAT_NAME, MANIFEST_FILE};
+use llava_formats::schema::{check_version, col, shard_schema, SCHEMA_VERSION};
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+};
+use parquet::arrow::ProjectionMask;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::error::{DataError, DataResult};
+
+/// A shard's (and so a batch's) modality; batches never mix them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Modality {
+    Image,
+    Text,
+}
+
+impl Modality {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "image" => Some(Self::Image),
+            "text" => Some(Self::Text),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Image => "image",
+            Self::Text => "text",
+        }
+    }
+}
+
+/// One sample as the plan sees it. `source` indexes [`ShardIndex::sources`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SampleRef {
+    pub source: u32,
+    /// Position of the record in its source file.
+    pub index: u64,
+    /// Exact tokens in the model (text + image tokens).
+    pub length: u32,
+}
+
+/// One Parquet row group = one batch as built.
+#[derive(Debug, Clone)]
+pub struct RowGroupInfo {
+    /// Index into [`ShardIndex::shards`].
+    pub shard: usize,
+    /// Row group number inside its shard file.
+    pub row_group: usize,
+    pub group: u32,
+    pub batch: u32,
+    /// Range into [`ShardIndex::samples`], in row order.
+    pub samples: Range<usize>,
+    pub tokens: u64,
+}
+
+/// One group: consecutive row groups of one shard, one modality.
+#[derive(Debug, Clone)]
+pub struct GroupInfo {
+    pub id: u32,
+    pub shard: usize,
+    pub modality: Modality,
+    /// Range into [`ShardIndex::row_groups`].
+    pub row_groups: Range<usize>,
+}
+
+/// One shard file and its parsed footer (shared by all loader workers, parsed once).
+#[derive(Debug, Clone)]
+pub struct ShardFile {
+    pub info: ShardInfo,
+    pub path: PathBuf,
+    pub modality: Modality,
+    pub metadata: ArrowReaderMetadata,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct IndexOptions {
+    /// Hash every shard and compare with the manifest's SHA-256 (reads all bytes once).
+    /// Off by default: sizes are always compared, which catches truncation cheaply.
+    pub verify_checksums: bool,
+}
+
+#[derive(Debug)]
+pub struct ShardIndex {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub shards: Vec<ShardFile>,
+    /// All row groups, shard by shard, in file order.
+    pub row_groups: Vec<RowGroupInfo>,
+    /// All groups in shard/file order (the unshuffled order).
+    pub groups: Vec<GroupInfo>,
+    pub samples: Vec<SampleRef>,
+    /// Interned source names.
+    pub sources: Vec<String>,
+}
+
+impl ShardIndex {
+    /// Reads `dir/manifest.json` and the small columns of every shard it lists.
+    pub fn open(dir: &Path, options: &IndexOptions) -> DataResult<Arc<Self>> {
+        let manifest_path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&manifest_path).map_err(|source| DataError::Io {
+            path: manifest_path.clone(),
+            source,
+        })?;
+        let manifest: Manifest =
+            serde_json::from_str(&text).map_err(|source| DataError::Manifest {
+                path: manifest_path.clone(),
+                source,
+            })?;
+        Self::from_manifest(dir, manifest, options)
+    }
+
+    pub fn from_manifest(
+        dir: &Path,
+        manifest: Manifest,
+        options: &IndexOptions,
+    ) -> DataResult<Arc<Self>> {
+        let manifest_path = dir.join(MANIFEST_FILE);
+        let bad_manifest = |detail: String| DataError::Corrupt {
+            path: manifest_path.clone(),
+            row_group: None,
+            detail,
+        };
+        if manifest.format != FORMAT_NAME {
+            return Err(bad_manifest(format!(
+                "format {:?}, expected {FORMAT_NAME:?}",
+                manifest.format
+            )));
+        }
+        if manifest.schema_version != SCHEMA_VERSION {
+            return Err(bad_manifest(format!(
+                "schema version {}, this build reads {SCHEMA_VERSION}; rebuild the shards",
+                manifest.schema_version
+            )));
+        }
+        if manifest.settings.tile_encoding != "raw" {
+            return Err(DataError::UnsupportedTileEncoding(
+                manifest.settings.tile_encoding.clone(),
+            ));
+        }
+        if manifest.grouping.batch_size == 0 {
+            return Err(bad_manifest("grouping.batch_size is 0".into()));
+        }
+
+        let mut index = ShardIndex {
+            dir: dir.to_path_buf(),
+            manifest: manifest.clone(),
+            shards: Vec::new(),
+            row_groups: Vec::new(),
+            groups: Vec::new(),
+            samples: Vec::new(),
+            sources: Vec::new(),
+        };
+        let mut source_ids: HashMap<String, u32> = HashMap::new();
+        let mut seen_groups: HashMap<u32, PathBuf> = HashMap::new();
+        for info in &manifest.shards {
+            let shard = index.shards.len();
+            let file = open_shard(dir, info, options)?;
+            let path = file.path.clone();
+            let modality = file.modality;
+            let columns = read_small_columns(&file)?;
+            index.shards.push(file);
+
+            let meta = index.shards[shard].metadata.metadata().clone();
+            let mut offset = 0usize;
+            for rg in 0..meta.num_row_groups() {
+                let n = meta.row_group(rg).num_rows() as usize;
+                let rows = offset..offset + n;
+                offset += n;
+                let corrupt = |detail: String| DataError::Corrupt {
+                    path: path.clone(),
+                    row_group: Some(rg),
+                    detail,
+                };
+                if n == 0 {
+                    return Err(corrupt("empty row group".into()));
+                }
+                let group = columns.group[rows.start];
+                let batch = columns.batch[rows.start];
+                let start = index.samples.len();
+                let mut tokens = 0u64;
+                for i in rows.clone() {
+                    if columns.group[i] != group || columns.batch[i] != batch {
+                        return Err(corrupt(format!(
+                            "row group mixes (group, batch) ({group}, {batch}) and ({}, {})",
+                            columns.group[i], columns.batch[i]
+                        )));
+                    }
+                    if columns.modality[i] != modality.as_str() {
+                        return Err(corrupt(format!(
+                            "row of modality {:?} in a {} shard",
+                            columns.modality[i],
+                            modality.as_str()
+                        )));
+                    }
+                    let next_id = source_ids.len() as u32;
+                    let source =
+                        *source_ids
+                            .entry(columns.source[i].clone())
+                            .or_insert_with(|| {
+                                index.sources.push(columns.source[i].clone());
+                                next_id
+                            });
+                    tokens += u64::from(columns.length[i]);
+                    index.samples.push(SampleRef {
+                        source,
+                        index: columns.index[i],
+                        length: columns.length[i],
+                    });
+                }
+                let rg_id = index.row_groups.len();
+                index.row_groups.push(RowGroupInfo {
+                    shard,
+                    row_group: rg,
+                    group,
+                    batch,
+                    samples: start..index.samples.len(),
+                    tokens,
+                });
+                // A group's batches are consecutive row groups of one shard.
+                match index.groups.last_mut() {
+                    Some(g) if g.id == group && g.shard == shard => {
+                        g.row_groups.end = rg_id + 1;
+                    }
+                    _ => {
+                        if let Some(other) = seen_groups.insert(group, path.clone()) {
+                            return Err(corrupt(format!(
+                                "group {group} is not contiguous (also in {})",
+                                other.display()
+                            )));
+                        }
+                        index.groups.push(GroupInfo {
+                            id: group,
+                            shard,
+                            modality,
+                            row_groups: rg_id..rg_id + 1,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(Arc::new(index))
+    }
+
+    pub fn source_name(&self, sample: &SampleRef) -> &str {
+        &self.sources[sample.source as usize]
+    }
+
+    pub fn built_batch_size(&self) -> usize {
+        self.manifest.grouping.batch_size
+    }
+
+    pub fn tile_size(&self) -> usize {
+        self.manifest.settings.tile_size as usize
+    }
+}
+
+/// Opens a shard, checks size, optional checksum, version, schema and row-group count.
+fn open_shard(dir: &Path, info: &ShardInfo, options: &IndexOptions) -> DataResult<ShardFile> {
+    let path = dir.join(&info.file);
+    let mut file = File::open(&path).map_err(|source| DataError::MissingShard {
+        path: path.clone(),
+        source,
+    })?;
+    let size = file
+        .metadata()
+        .map_err(|source| DataError::Io {
+            path: path.clone(),
+            source,
+        })?
+        .len();
+    if size != info.bytes {
+        return Err(DataError::ShardSize {
+            path,
+            expected: info.bytes,
+            found: size,
+        });
+    }
+    if options.verify_checksums {
+        let found = sha256_file(&mut file).map_err(|source| DataError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        if !found.eq_ignore_ascii_case(&info.sha256) {
+            return Err(DataError::Checksum {
+                path,
+                expected: info.sha256.clone(),
+                found,
+            });
+        }
+    }
+    let corrupt = |detail: String| DataError::Corrupt {
+        path: path.clone(),
+        row_group: None,
+        detail,
+    };
+    let modality = Modality::parse(&info.modality)
+        .ok_or_else(|| corrupt(format!("unknown modality {:?}", info.modality)))?;
+    let metadata =
+        ArrowReaderMetadata::load(&file, ArrowReaderOptions::new()).map_err(|source| {
+            DataError::Parquet {
+                path: path.clone(),
+                row_group: None,
+                source,
+            }
+        })?;
+    // The writer's key-value metadata (schema version) travels in the Arrow schema.
+    let kv: HashMap<String, String> = metadata
+        .schema()
+        .metadata()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    check_version(&kv).map_err(|source| DataError::Schema {
+        path: path.clone(),
+        source,
+    })?;
+    let expected = shard_schema("raw");
+    let found = metadata.schema();
+    let same_fields = expected.fields().len() == found.fields().len()
+        && expected
+            .fields()
+            .iter()
+            .zip(found.fields())
+            .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type());
+    if !same_fields {
+        return Err(corrupt(format!(
+            "columns do not match shard schema v{SCHEMA_VERSION}: found [{}]",
+            found
+                .fields()
+                .iter()
+                .map(|f| format!("{}: {}", f.name(), f.data_type()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let row_groups = metadata.metadata().num_row_groups() as u64;
+    if row_groups != info.row_groups {
+        return Err(corrupt(format!(
+            "{row_groups} row groups, the manifest says {}",
+            info.row_groups
+        )));
+    }
+    let rows = metadata.metadata().file_metadata().num_rows() as u64;
+    if rows != info.rows {
+        return Err(corrupt(format!(
+            "{rows} rows, the manifest says {}",
+            info.rows
+        )));
+    }
+    Ok(ShardFile {
+        info: info.clone(),
+        path,
+        modality,
+        metadata,
+    })
+}
+
+fn sha256_file(file: &mut File) -> std::io::Result<String> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// The plan's columns of a whole shard, in row order.
+#[derive(Default)]
+struct SmallColumns {
+    source: Vec<String>,
+    index: Vec<u64>,
+    length: Vec<u32>,
+    modality: Vec<String>,
+    group: Vec<u32>,
+    batch: Vec<u32>,
+}
+
+fn read_small_columns(file: &ShardFile) -> DataResult<SmallColumns> {
+    let parquet_err = |source| DataError::Parquet {
+        path: file.path.clone(),
+        row_group: None,
+        source,
+    };
+    let handle = File::open(&file.path).map_err(|source| DataError::MissingShard {
+        path: file.path.clone(),
+        source,
+    })?;
+    let wanted = [
+        col::SOURCE,
+        col::INDEX,
+        col::LENGTH,
+        col::MODALITY,
+        col::GROUP,
+        col::BATCH,
+    ];
+    let schema = file.metadata.schema();
+    let roots: Vec<usize> = wanted
+        .iter()
+        .filter_map(|name| schema.index_of(name).ok())
+        .collect();
+    let mask = ProjectionMask::roots(file.metadata.parquet_schema(), roots);
+    let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(handle, file.metadata.clone())
+        .with_projection(mask)
+        .with_batch_size(64 * 1024)
+        .build()
+        .map_err(parquet_err)?;
+    let mut out = SmallColumns::default();
+    for batch in reader {
+        let batch = batch.map_err(|e| DataError::Corrupt {
+            path: file.path.clone(),
+            row_group: None,
+            detail: e.to_string(),
+        })?;
+        let corrupt = |detail: String| DataError::Corrupt {
+            path: file.path.clone(),
+            row_group: None,
+            detail,
+        };
+        let strings = |name| -> DataResult<&StringArray> { typed(&batch, name, &corrupt) };
+        let u32s = |name| -> DataResult<&UInt32Array> { typed(&batch, name, &corrupt) };
+        let index: &UInt64Array = typed(&batch, col::INDEX, &corrupt)?;
+        let source = strings(col::SOURCE)?;
+        let modality = strings(col::MODALITY)?;
+        out.source
+            .extend(source.iter().map(|s| s.unwrap_or_default().to_string()));
+        out.modality
+            .extend(modality.iter().map(|s| s.unwrap_or_default().to_string()));
+        out.index.extend(index.values().iter().copied());
+        out.length
+            .extend(u32s(col::LENGTH)?.values().iter().copied());
+        out.group.extend(u32s(col::GROUP)?.values().iter().copied());
+        out.batch.extend(u32s(col::BATCH)?.values().iter().copied());
+    }
+    Ok(out)
+}
+
+fn typed<'a, T: 'static>(
+    batch: &'a RecordBatch,
+    name: &str,
+    corrupt: &dyn Fn(String) -> DataError,
+) -> DataResult<&'a T> {
+    let array = batch
+        .column_by_name(name)
+        .ok_or_else(|| corrupt(format!("column {name:?} missing")))?;
+    if array.null_count() > 0 {
+        return Err(corrupt(format!("column {name:?} has nulls")));
+    }
+    array
+        .as_any()
+        .downcast_ref::<T>()
+        .ok_or_else(|| corrupt(format!("column {name:?} has type {}", array.data_type())))
+}

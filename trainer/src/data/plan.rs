@@ -1,0 +1,540 @@
+//! The epoch plan: which samples each rank trains on at each step. A pure function of (shard
+//! index, seed, epoch, world size, batch size) plus the resume state, so every rank computes the
+//! same plan without talking to the others.
+//!
+//! Global order (independent of the world size): the groups are shuffled with a seeded
+//! (seed, epoch) RNG; each group contributes its batches in order (a group is one modality and
+//! sorted by length, so neighbouring batches have similar lengths and never mix modalities).
+//! Step `s` of a run takes the next `world_size` global batches (a *window*) and gives one to
+//! each rank: the window's batches, largest token count first, go to the ranks with the smallest
+//! cumulative token count so far (ties: lower rank). That keeps every rank's token total within
+//! one batch's tokens of every other rank's over the whole epoch (see [`Balance`]).
+//!
+//! Leftovers: when fewer than `world_size` global batches remain at the end of an epoch, their
+//! samples are split (contiguously, never across batches, so never across modalities) into
+//! exactly `world_size` smaller batches, each rank getting one, so that all ranks take the same
+//! number of steps and every sample is seen exactly once. When fewer samples than ranks remain,
+//! each remaining sample is its own batch and the other ranks get an **empty batch** (no
+//! samples): the trainer must still take the step (zero loss, zero gradient contribution) so
+//! that collective operations stay in lock-step.
+//!
+//! Resuming: [`DataState`] records the position in the global order. Resuming with the same
+//! world size replays the same windows (and the same rank assignment); resuming with another
+//! world size starts new windows at the saved position, so the remaining global order is the
+//! same and no sample is repeated or skipped.
+
+use std::cmp::Reverse;
+use std::fmt;
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+
+use super::error::{DataError, DataResult};
+use super::index::{Modality, SampleRef, ShardIndex};
+use super::rng::{shuffle, SplitMix64};
+
+/// What the plan depends on besides the shards and the resume state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanConfig {
+    pub seed: u64,
+    pub world_size: usize,
+    /// Per-device batch size; `None` = the size the shards were built with. Other values must
+    /// divide it (row groups are split) or be a multiple of it (consecutive row groups of one
+    /// group are merged).
+    pub batch_size: Option<usize>,
+}
+
+/// Where a run is in the data: save it with each checkpoint (it is serde-serialisable), and
+/// pass it back to [`EpochPlan::new`] to resume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DataState {
+    pub epoch: u64,
+    /// Global batches of this epoch consumed by all ranks together.
+    pub position: u64,
+    /// Steps of this epoch taken.
+    pub step: u64,
+    /// Position and step where the windows of the current world size start.
+    pub anchor: u64,
+    pub anchor_step: u64,
+    /// The plan parameters that produced this state (0 world size = fresh state).
+    pub world_size: usize,
+    pub batch_size: usize,
+    pub seed: u64,
+}
+
+impl DataState {
+    /// The start of `epoch`.
+    pub fn new(epoch: u64) -> Self {
+        Self {
+            epoch,
+            ..Self::default()
+        }
+    }
+}
+
+/// A contiguous row range of one row group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowSlice {
+    /// Index into [`ShardIndex::row_groups`] (not the row group number inside the file).
+    pub row_group: usize,
+    /// Rows inside that row group.
+    pub rows: Range<usize>,
+}
+
+/// One rank's batch at one step, before reading.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedBatch {
+    pub epoch: u64,
+    pub step: u64,
+    pub rank: usize,
+    /// `None` only for an empty batch (see the module doc).
+    pub modality: Option<Modality>,
+    /// Consecutive row groups of one shard, in order; empty for an empty batch.
+    pub parts: Vec<RowSlice>,
+    pub samples: Vec<SampleRef>,
+    /// Exact tokens (sum of the samples' lengths).
+    pub tokens: u64,
+    /// The state after this step: save it with a checkpoint taken after this batch.
+    pub next_state: DataState,
+}
+
+impl PlannedBatch {
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    /// One `--dry-run` line.
+    pub fn to_json(&self, index: &ShardIndex) -> serde_json::Value {
+        serde_json::json!({
+            "step": self.step,
+            "rank": self.rank,
+            "samples": self.samples.iter().map(|s| serde_json::json!({
+                "source": index.source_name(s),
+                "index": s.index,
+            })).collect::<Vec<_>>(),
+            "modality": self.modality.map(Modality::as_str),
+            "tokens": self.tokens,
+        })
+    }
+}
+
+/// Per-device batch size actually used: `requested` if it divides or is a multiple of `built`.
+pub fn effective_batch_size(built: usize, requested: Option<usize>) -> DataResult<usize> {
+    match requested {
+        None => Ok(built),
+        Some(r) if r > 0 && (built.is_multiple_of(r) || r.is_multiple_of(built)) => Ok(r),
+        Some(r) => Err(DataError::BatchSize {
+            requested: r,
+            built,
+        }),
+    }
+}
+
+/// A global batch before it is given to a rank.
+#[derive(Debug, Clone)]
+struct Unit {
+    group: usize,
+    parts: Vec<RowSlice>,
+    samples: usize,
+    tokens: u64,
+}
+
+impl Unit {
+    fn new(index: &ShardIndex, group: usize, parts: Vec<RowSlice>) -> Self {
+        let mut samples = 0;
+        let mut tokens = 0;
+        for p in &parts {
+            let base = index.row_groups[p.row_group].samples.start;
+            samples += p.rows.len();
+            tokens += index.samples[base + p.rows.start..base + p.rows.end]
+                .iter()
+                .map(|s| u64::from(s.length))
+                .sum::<u64>();
+        }
+        Self {
+            group,
+            parts,
+            samples,
+            tokens,
+        }
+    }
+
+    /// The samples `range` (in row order across parts) as a unit of their own.
+    fn slice(&self, index: &ShardIndex, range: Range<usize>) -> Self {
+        let mut parts = Vec::new();
+        let mut offset = 0;
+        for p in &self.parts {
+            let (lo, hi) = (offset, offset + p.rows.len());
+            offset = hi;
+            let start = range.start.max(lo);
+            let end = range.end.min(hi);
+            if start < end {
+                parts.push(RowSlice {
+                    row_group: p.row_group,
+                    rows: p.rows.start + (start - lo)..p.rows.start + (end - lo),
+                });
+            }
+        }
+        Self::new(index, self.group, parts)
+    }
+}
+
+/// The epoch's global batches in order.
+fn global_units(index: &ShardIndex, seed: u64, epoch: u64, batch_size: usize) -> Vec<Unit> {
+    let built = index.built_batch_size();
+    let mut order: Vec<usize> = (0..index.groups.len()).collect();
+    shuffle(&mut order, &mut SplitMix64::for_epoch(seed, epoch));
+    let mut units = Vec::new();
+    for g in order {
+        let rgs = index.groups[g].row_groups.clone();
+        if batch_size <= built {
+            for rg in rgs {
+                let n = index.row_groups[rg].samples.len();
+                for start in (0..n).step_by(batch_size) {
+                    let rows = start..(start + batch_size).min(n);
+                    units.push(Unit::new(
+                        index,
+                        g,
+                        vec![RowSlice {
+                            row_group: rg,
+                            rows,
+                        }],
+                    ));
+                }
+            }
+        } else {
+            let per_unit = batch_size / built;
+            let rgs: Vec<usize> = rgs.collect();
+            for chunk in rgs.chunks(per_unit) {
+                let parts = chunk
+                    .iter()
+                    .map(|&rg| RowSlice {
+                        row_group: rg,
+                        rows: 0..index.row_groups[rg].samples.len(),
+                    })
+                    .collect();
+                units.push(Unit::new(index, g, parts));
+            }
+        }
+    }
+    units
+}
+
+/// Gives one item to each rank: largest tokens first to the rank with the smallest running total.
+fn assign(items: Vec<Option<Unit>>, cumulative: &mut [u64]) -> Vec<Option<Unit>> {
+    let tokens = |u: &Option<Unit>| u.as_ref().map_or(0, |u| u.tokens);
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by_key(|&i| (Reverse(tokens(&items[i])), i));
+    let mut ranks: Vec<usize> = (0..cumulative.len()).collect();
+    ranks.sort_by_key(|&r| (cumulative[r], r));
+    let mut items: Vec<Option<Option<Unit>>> = items.into_iter().map(Some).collect();
+    let mut out: Vec<Option<Unit>> = vec![None; cumulative.len()];
+    for (&item, &rank) in order.iter().zip(&ranks) {
+        let unit = items[item].take().flatten();
+        cumulative[rank] += tokens(&unit);
+        out[rank] = unit;
+    }
+    out
+}
+
+/// Splits the final `< world_size` batches into exactly `world_size` pieces (see module doc).
+fn split_leftovers(index: &ShardIndex, units: &[Unit], world_size: usize) -> Vec<Option<Unit>> {
+    let total: usize = units.iter().map(|u| u.samples).sum();
+    if total < world_size {
+        let mut pieces: Vec<Option<Unit>> = units
+            .iter()
+            .flat_map(|u| (0..u.samples).map(move |i| Some(u.slice(index, i..i + 1))))
+            .collect();
+        pieces.resize(world_size, None);
+        return pieces;
+    }
+    // Pieces per unit: start at one each, then repeatedly split the unit with the most samples
+    // per piece (ties: earlier unit) until there are `world_size` pieces.
+    let mut k = vec![1usize; units.len()];
+    for _ in units.len()..world_size {
+        let mut best: Option<usize> = None;
+        for (i, u) in units.iter().enumerate() {
+            if k[i] >= u.samples {
+                continue;
+            }
+            best = match best {
+                Some(b) if units[b].samples * k[i] >= u.samples * k[b] => Some(b),
+                _ => Some(i),
+            };
+        }
+        match best {
+            Some(b) => k[b] += 1,
+            None => break, // unreachable: total >= world_size
+        }
+    }
+    let mut pieces = Vec::with_capacity(world_size);
+    for (u, &k) in units.iter().zip(&k) {
+        let (base, extra) = (u.samples / k, u.samples % k);
+        let mut start = 0;
+        for j in 0..k {
+            let len = base + usize::from(j < extra);
+            pieces.push(Some(u.slice(index, start..start + len)));
+            start += len;
+        }
+    }
+    pieces
+}
+
+/// Token balance across ranks over the steps a plan delivers; log it at the start of an epoch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Balance {
+    pub rank_tokens: Vec<u64>,
+    pub rank_samples: Vec<u64>,
+    /// max / min of `rank_tokens` (1 when all are equal, infinite when some rank has none).
+    pub ratio: f64,
+    /// The bound the assignment guarantees from a plan's anchor: max − min ≤ this.
+    pub max_batch_tokens: u64,
+    /// Mean and worst max/min of the batches' tokens within one step (full steps only).
+    pub mean_step_ratio: f64,
+    pub worst_step_ratio: f64,
+    pub empty_batches: usize,
+}
+
+impl fmt::Display for Balance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let max = self.rank_tokens.iter().max().copied().unwrap_or(0);
+        let min = self.rank_tokens.iter().min().copied().unwrap_or(0);
+        write!(
+            f,
+            "rank tokens max/min = {:.4} ({max}/{min}, bound: spread <= {} = largest batch); \
+             per-step max/min mean {:.3}, worst {:.3}; {} empty batches",
+            self.ratio,
+            self.max_batch_tokens,
+            self.mean_step_ratio,
+            self.worst_step_ratio,
+            self.empty_batches
+        )
+    }
+}
+
+fn ratio(values: impl Iterator<Item = u64> + Clone) -> f64 {
+    let max = values.clone().max().unwrap_or(0);
+    let min = values.min().unwrap_or(0);
+    match (max, min) {
+        (0, _) => 1.0,
+        (_, 0) => f64::INFINITY,
+        _ => max as f64 / min as f64,
+    }
+}
+
+/// The rest of one epoch, for all ranks.
+#[derive(Debug, Clone)]
+pub struct EpochPlan {
+    pub epoch: u64,
+    pub world_size: usize,
+    pub batch_size: usize,
+    /// Global batches in the epoch (at `batch_size`).
+    pub total_batches: u64,
+    /// Remaining steps; `steps[i][rank]`.
+    steps: Vec<Vec<PlannedBatch>>,
+    /// Whether the last step holds split leftovers.
+    leftover_step: bool,
+}
+
+impl EpochPlan {
+    /// The plan from `state` (use [`DataState::new`] for the start of an epoch).
+    pub fn new(index: &ShardIndex, config: &PlanConfig, state: &DataState) -> DataResult<Self> {
+        let w = config.world_size;
+        if w == 0 {
+            return Err(DataError::Plan("world size must be at least 1".into()));
+        }
+        let batch_size = effective_batch_size(index.built_batch_size(), config.batch_size)?;
+        let mid_epoch = state.position > 0;
+        if mid_epoch && state.seed != config.seed {
+            return Err(DataError::Resume(format!(
+                "the saved state used seed {}, this run uses {}; the data order would change",
+                state.seed, config.seed
+            )));
+        }
+        if mid_epoch && state.batch_size != batch_size {
+            return Err(DataError::Resume(format!(
+                "the saved state used batch size {}, this run uses {batch_size}; finish the epoch \
+                 with the old batch size",
+                state.batch_size
+            )));
+        }
+        let units = global_units(index, config.seed, state.epoch, batch_size);
+        let n = units.len() as u64;
+        if state.position > n {
+            return Err(DataError::Resume(format!(
+                "position {} is past the end of epoch {} ({n} batches); were the shards rebuilt?",
+                state.position, state.epoch
+            )));
+        }
+        // Same world size mid-epoch: replay from the anchor so ranks get the same batches.
+        let (anchor, anchor_step) = if mid_epoch && state.world_size == w {
+            if state.anchor > state.position
+                || !(state.position - state.anchor).is_multiple_of(w as u64)
+            {
+                return Err(DataError::Resume(format!(
+                    "position {} is not on a step boundary of anchor {} with world size {w}",
+                    state.position, state.anchor
+                )));
+            }
+            (state.anchor, state.anchor_step)
+        } else {
+            (state.position, state.step)
+        };
+        let skip = ((state.position - anchor) / w as u64) as usize;
+
+        let mut cumulative = vec![0u64; w];
+        let mut raw_steps: Vec<Vec<Option<Unit>>> = Vec::new();
+        let rest = &units[anchor as usize..];
+        let full = rest.len() / w;
+        for window in rest[..full * w].chunks(w) {
+            raw_steps.push(assign(
+                window.iter().cloned().map(Some).collect(),
+                &mut cumulative,
+            ));
+        }
+        let leftover = &rest[full * w..];
+        let leftover_step = !leftover.is_empty();
+        if leftover_step {
+            raw_steps.push(assign(split_leftovers(index, leftover, w), &mut cumulative));
+        }
+
+        let num_steps = raw_steps.len();
+        let mut steps = Vec::with_capacity(num_steps.saturating_sub(skip));
+        for (k, step_units) in raw_steps.into_iter().enumerate().skip(skip) {
+            let last = k + 1 == num_steps;
+            let next_state = if last {
+                DataState {
+                    world_size: w,
+                    batch_size,
+                    seed: config.seed,
+                    ..DataState::new(state.epoch + 1)
+                }
+            } else {
+                DataState {
+                    epoch: state.epoch,
+                    position: anchor + ((k + 1) * w) as u64,
+                    step: anchor_step + k as u64 + 1,
+                    anchor,
+                    anchor_step,
+                    world_size: w,
+                    batch_size,
+                    seed: config.seed,
+                }
+            };
+            let step = anchor_step + k as u64;
+            let batches = step_units
+                .into_iter()
+                .enumerate()
+                .map(|(rank, unit)| planned(index, unit, state.epoch, step, rank, next_state))
+                .collect();
+            steps.push(batches);
+        }
+        Ok(Self {
+            epoch: state.epoch,
+            world_size: w,
+            batch_size,
+            total_batches: n,
+            steps,
+            leftover_step: leftover_step && num_steps > skip,
+        })
+    }
+
+    /// Remaining steps.
+    pub fn num_steps(&self) -> usize {
+        self.steps.len()
+    }
+
+    /// Remaining steps, each with one batch per rank (`steps()[i][rank]`).
+    pub fn steps(&self) -> &[Vec<PlannedBatch>] {
+        &self.steps
+    }
+
+    /// The remaining batches of `rank`, in order.
+    pub fn rank(&self, rank: usize) -> DataResult<Vec<PlannedBatch>> {
+        if rank >= self.world_size {
+            return Err(DataError::Plan(format!(
+                "rank {rank} is not below world size {}",
+                self.world_size
+            )));
+        }
+        Ok(self.steps.iter().map(|s| s[rank].clone()).collect())
+    }
+
+    pub fn balance(&self) -> Balance {
+        let w = self.world_size;
+        let mut rank_tokens = vec![0u64; w];
+        let mut rank_samples = vec![0u64; w];
+        let mut max_batch_tokens = 0;
+        let mut empty_batches = 0;
+        let (mut sum_ratio, mut worst, mut full_steps) = (0.0, 1.0f64, 0usize);
+        for (i, step) in self.steps.iter().enumerate() {
+            for (r, b) in step.iter().enumerate() {
+                rank_tokens[r] += b.tokens;
+                rank_samples[r] += b.samples.len() as u64;
+                max_batch_tokens = max_batch_tokens.max(b.tokens);
+                empty_batches += usize::from(b.is_empty());
+            }
+            if !(self.leftover_step && i + 1 == self.steps.len()) {
+                let r = ratio(step.iter().map(|b| b.tokens));
+                sum_ratio += r;
+                worst = worst.max(r);
+                full_steps += 1;
+            }
+        }
+        Balance {
+            ratio: ratio(rank_tokens.iter().copied()),
+            rank_tokens,
+            rank_samples,
+            max_batch_tokens,
+            mean_step_ratio: if full_steps == 0 {
+                1.0
+            } else {
+                sum_ratio / full_steps as f64
+            },
+            worst_step_ratio: worst,
+            empty_batches,
+        }
+    }
+}
+
+fn planned(
+    index: &ShardIndex,
+    unit: Option<Unit>,
+    epoch: u64,
+    step: u64,
+    rank: usize,
+    next_state: DataState,
+) -> PlannedBatch {
+    let Some(unit) = unit else {
+        return PlannedBatch {
+            epoch,
+            step,
+            rank,
+            modality: None,
+            parts: Vec::new(),
+            samples: Vec::new(),
+            tokens: 0,
+            next_state,
+        };
+    };
+    let samples = unit
+        .parts
+        .iter()
+        .flat_map(|p| {
+            let base = index.row_groups[p.row_group].samples.start;
+            index.samples[base + p.rows.start..base + p.rows.end]
+                .iter()
+                .copied()
+        })
+        .collect();
+    PlannedBatch {
+        epoch,
+        step,
+        rank,
+        modality: Some(index.groups[unit.group].modality),
+        parts: unit.parts,
+        samples,
+        tokens: unit.tokens,
+        next_state,
+    }
+}

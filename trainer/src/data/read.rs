@@ -1,0 +1,235 @@
+//! Reading one planned batch: one contiguous read of its row group(s), then Parquet decoding from
+//! memory, then checks that the rows are the ones the plan expects.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes};
+use llava_formats::constants::IMAGE_TOKEN_INDEX;
+use llava_formats::schema::{batch_to_rows, ShardRow};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::errors::ParquetError;
+use parquet::file::reader::{ChunkReader, Length};
+
+use super::error::{DataError, DataResult};
+use super::index::ShardIndex;
+use super::plan::PlannedBatch;
+
+/// A byte range of a file held in memory, served to the Parquet decoder at file offsets.
+struct RangeReader {
+    offset: u64,
+    data: Bytes,
+    file_len: u64,
+}
+
+impl Length for RangeReader {
+    fn len(&self) -> u64 {
+        self.file_len
+    }
+}
+
+impl RangeReader {
+    fn local(&self, start: u64, len: usize) -> parquet::errors::Result<usize> {
+        let end = start + len as u64;
+        if start < self.offset || end > self.offset + self.data.len() as u64 {
+            return Err(ParquetError::General(format!(
+                "read of {start}..{end} outside the row group bytes {}..{}",
+                self.offset,
+                self.offset + self.data.len() as u64
+            )));
+        }
+        Ok((start - self.offset) as usize)
+    }
+}
+
+impl ChunkReader for RangeReader {
+    type T = bytes::buf::Reader<Bytes>;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
+        let at = self.local(start, 0)?;
+        Ok(self.data.slice(at..).reader())
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
+        let at = self.local(start, length)?;
+        Ok(self.data.slice(at..at + length))
+    }
+}
+
+/// One worker's reader: keeps each shard file open for reuse.
+pub(crate) struct ShardReader {
+    index: Arc<ShardIndex>,
+    files: HashMap<usize, File>,
+}
+
+impl ShardReader {
+    pub fn new(index: Arc<ShardIndex>) -> Self {
+        Self {
+            index,
+            files: HashMap::new(),
+        }
+    }
+
+    /// The rows of `plan`, in plan order, and the bytes read.
+    pub fn read(&mut self, plan: &PlannedBatch) -> DataResult<(Vec<ShardRow>, u64)> {
+        let index = self.index.clone();
+        let Some(first) = plan.parts.first() else {
+            return Ok((Vec::new(), 0));
+        };
+        let shard_id = index.row_groups[first.row_group].shard;
+        let shard = &index.shards[shard_id];
+        let path = &shard.path;
+        let rg_numbers: Vec<usize> = plan
+            .parts
+            .iter()
+            .map(|p| index.row_groups[p.row_group].row_group)
+            .collect();
+        let first_rg = rg_numbers[0];
+        let corrupt = |row_group: usize, detail: String| DataError::Corrupt {
+            path: path.clone(),
+            row_group: Some(row_group),
+            detail,
+        };
+        if plan
+            .parts
+            .iter()
+            .any(|p| index.row_groups[p.row_group].shard != shard_id)
+        {
+            return Err(DataError::Plan("a batch spans two shards".into()));
+        }
+
+        // The row groups of a batch are consecutive, so their column chunks are one byte range.
+        let meta = shard.metadata.metadata();
+        let (mut lo, mut hi) = (u64::MAX, 0u64);
+        for &rg in &rg_numbers {
+            for c in meta.row_group(rg).columns() {
+                let start = c.dictionary_page_offset().unwrap_or(c.data_page_offset());
+                let len = c.compressed_size();
+                if start < 0 || len < 0 {
+                    return Err(corrupt(rg, "negative column chunk offset".into()));
+                }
+                lo = lo.min(start as u64);
+                hi = hi.max(start as u64 + len as u64);
+            }
+        }
+        let file = match self.files.entry(shard_id) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(File::open(path).map_err(|source| DataError::MissingShard {
+                    path: path.clone(),
+                    source,
+                })?)
+            }
+        };
+        let mut buf = vec![0u8; (hi - lo) as usize];
+        file.seek(SeekFrom::Start(lo))
+            .and_then(|_| file.read_exact(&mut buf))
+            .map_err(|e| corrupt(first_rg, format!("cannot read bytes {lo}..{hi}: {e}")))?;
+        let bytes_read = buf.len() as u64;
+        let chunk = RangeReader {
+            offset: lo,
+            data: Bytes::from(buf),
+            file_len: shard.info.bytes,
+        };
+
+        let total_rows: usize = rg_numbers
+            .iter()
+            .map(|&rg| meta.row_group(rg).num_rows() as usize)
+            .sum();
+        let reader =
+            ParquetRecordBatchReaderBuilder::new_with_metadata(chunk, shard.metadata.clone())
+                .with_row_groups(rg_numbers.clone())
+                .with_batch_size(total_rows.max(1))
+                .build()
+                .map_err(|source| DataError::Parquet {
+                    path: path.clone(),
+                    row_group: Some(first_rg),
+                    source,
+                })?;
+        let mut all = Vec::with_capacity(total_rows);
+        for batch in reader {
+            let batch = batch.map_err(|e| corrupt(first_rg, format!("cannot decode: {e}")))?;
+            let rows = batch_to_rows(&batch).map_err(|e| corrupt(first_rg, e.to_string()))?;
+            all.extend(rows.into_iter().map(Some));
+        }
+        if all.len() != total_rows {
+            return Err(corrupt(
+                first_rg,
+                format!("decoded {} rows, the footer says {total_rows}", all.len()),
+            ));
+        }
+
+        // Keep the planned rows of each row group, in order, and check them.
+        let mut out = Vec::with_capacity(plan.samples.len());
+        let mut offset = 0;
+        let mut expected = plan.samples.iter();
+        for (part, &rg) in plan.parts.iter().zip(&rg_numbers) {
+            let n = meta.row_group(rg).num_rows() as usize;
+            for i in part.rows.clone() {
+                let row = all
+                    .get_mut(offset + i)
+                    .and_then(Option::take)
+                    .ok_or_else(|| corrupt(rg, format!("row {i} is missing")))?;
+                let want = expected
+                    .next()
+                    .ok_or_else(|| DataError::Plan("more rows than planned samples".into()))?;
+                let want_source = index.source_name(want);
+                if row.source != want_source || row.index != want.index || row.length != want.length
+                {
+                    return Err(corrupt(
+                        rg,
+                        format!(
+                            "row {i} is {}#{} (length {}), the index expects {want_source}#{} \
+                             (length {}); was the shard rewritten after the run started?",
+                            row.source, row.index, row.length, want.index, want.length
+                        ),
+                    ));
+                }
+                check_row(&row, index.tile_size())
+                    .map_err(|d| corrupt(rg, format!("row {i}: {d}")))?;
+                out.push(row);
+            }
+            offset += n;
+        }
+        Ok((out, bytes_read))
+    }
+}
+
+/// What collation relies on.
+fn check_row(row: &ShardRow, tile_size: usize) -> Result<(), String> {
+    if row.input_ids.len() != row.labels.len() {
+        return Err(format!(
+            "{} input ids but {} labels",
+            row.input_ids.len(),
+            row.labels.len()
+        ));
+    }
+    let placeholders = row
+        .input_ids
+        .iter()
+        .filter(|&&t| t == IMAGE_TOKEN_INDEX)
+        .count();
+    if placeholders != row.images.len() {
+        return Err(format!(
+            "{placeholders} image placeholders but {} images",
+            row.images.len()
+        ));
+    }
+    let tiles: u64 = row.images.iter().map(|m| u64::from(m.num_tiles)).sum();
+    if tiles != row.tiles.len() as u64 {
+        return Err(format!(
+            "images declare {tiles} tiles, {} stored",
+            row.tiles.len()
+        ));
+    }
+    let tile_bytes = 3 * tile_size * tile_size;
+    if let Some(t) = row.tiles.iter().find(|t| t.len() != tile_bytes) {
+        return Err(format!(
+            "a raw tile has {} bytes, expected {tile_bytes}",
+            t.len()
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,358 @@
+//! Synthetic shards in the real format (schema v1, one row group per batch, manifest), for the
+//! loader's tests and `loader-bench`. Not a builder: lengths and pixels are made up, but the
+//! layout rules (one modality per shard, whole groups, groups sorted by length, consecutive
+//! batches) are the ones `llava-data build` follows.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use llava_formats::constants::{IGNORE_INDEX, IMAGE_TOKEN_INDEX, TOKENS_PER_TILE};
+use llava_formats::manifest::{
+    BuildSettings, Grouping, Manifest, ShardInfo, Totals, FORMAT_NAME, MANIFEST_FILE,
+};
+use llava_formats::schema::{rows_to_batch, shard_schema, ImageMeta, ShardRow, SCHEMA_VERSION};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use sha2::{Digest, Sha256};
+
+use super::error::{DataError, DataResult};
+use super::rng::{shuffle, SplitMix64};
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct SynthSpec {
+    pub image_samples: usize,
+    pub text_samples: usize,
+    pub batch_size: usize,
+    pub group_size: usize,
+    /// Groups per shard file.
+    pub groups_per_shard: usize,
+    /// Tiles per image: 1 (pad/square) or 3, 4, 5 (anyres). 0 = vary per sample.
+    pub tiles_per_image: u32,
+    pub tile_size: u32,
+    pub seed: u64,
+}
+
+impl Default for SynthSpec {
+    fn default() -> Self {
+        Self {
+            image_samples: 40,
+            text_samples: 25,
+            batch_size: 4,
+            group_size: 12,
+            groups_per_shard: 2,
+            tiles_per_image: 0,
+            tile_size: 336,
+            seed: 7,
+        }
+    }
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> DataError + '_ {
+    move |source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn parquet_err(path: &Path) -> impl Fn(parquet::errors::ParquetError) -> DataError + '_ {
+    move |source| DataError::Parquet {
+        path: path.to_path_buf(),
+        row_group: None,
+        source,
+    }
+}
+
+/// Writes one shard, one row group per batch, and returns its manifest entry.
+pub fn write_shard(
+    dir: &Path,
+    file: &str,
+    modality: &str,
+    batches: impl IntoIterator<Item = Vec<ShardRow>>,
+) -> DataResult<ShardInfo> {
+    let path = dir.join(file);
+    let schema = shard_schema("raw");
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .set_max_row_group_row_count(None)
+        .build();
+    let out = File::create(&path).map_err(io_err(&path))?;
+    let mut writer =
+        ArrowWriter::try_new(out, schema.clone(), Some(props)).map_err(parquet_err(&path))?;
+    let mut info = ShardInfo {
+        file: file.to_string(),
+        modality: modality.to_string(),
+        rows: 0,
+        bytes: 0,
+        sha256: String::new(),
+        min_length: u32::MAX,
+        max_length: 0,
+        row_groups: 0,
+        first_group: u32::MAX,
+        groups: 0,
+        tokens: 0,
+        supervised_tokens: 0,
+        tiles: 0,
+    };
+    let mut last_group = None;
+    for rows in batches {
+        for r in &rows {
+            info.rows += 1;
+            info.min_length = info.min_length.min(r.length);
+            info.max_length = info.max_length.max(r.length);
+            info.tokens += u64::from(r.length);
+            info.supervised_tokens +=
+                r.labels.iter().filter(|&&l| l != IGNORE_INDEX).count() as u64;
+            info.tiles += r.tiles.len() as u64;
+            info.first_group = info.first_group.min(r.group);
+            if last_group != Some(r.group) {
+                info.groups += 1;
+                last_group = Some(r.group);
+            }
+        }
+        writer
+            .write(&rows_to_batch(&rows, &schema))
+            .map_err(parquet_err(&path))?;
+        writer.flush().map_err(parquet_err(&path))?;
+        info.row_groups += 1;
+    }
+    writer.close().map_err(parquet_err(&path))?;
+    let mut bytes = Vec::new();
+    File::open(&path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(io_err(&path))?;
+    info.bytes = bytes.len() as u64;
+    info.sha256 = hex::encode(Sha256::digest(&bytes));
+    if info.rows == 0 {
+        info.min_length = 0;
+        info.first_group = 0;
+    }
+    Ok(info)
+}
+
+/// A manifest for `shards` (sources and most totals left empty: the loader does not use them).
+pub fn manifest(
+    shards: Vec<ShardInfo>,
+    batch_size: usize,
+    group_size: usize,
+    tile_size: u32,
+) -> Manifest {
+    let totals = Totals {
+        samples: shards.iter().map(|s| s.rows).sum(),
+        tokens: shards.iter().map(|s| s.tokens).sum(),
+        tiles: shards.iter().map(|s| s.tiles).sum(),
+        bytes: shards.iter().map(|s| s.bytes).sum(),
+        ..Totals::default()
+    };
+    Manifest {
+        format: FORMAT_NAME.to_string(),
+        schema_version: SCHEMA_VERSION,
+        created_by: "llava-trainer synthetic".to_string(),
+        config_sha256: String::new(),
+        tokenizer_sha256: String::new(),
+        settings: BuildSettings {
+            model_max_length: 8192,
+            image_grid_pinpoints: vec![
+                [336, 672],
+                [672, 336],
+                [672, 672],
+                [1008, 336],
+                [336, 1008],
+            ],
+            mm_patch_merge_type: "spatial_unpad".to_string(),
+            tile_size,
+            tile_encoding: "raw".to_string(),
+            seed: 0,
+        },
+        grouping: Grouping {
+            method: "length_pools".to_string(),
+            batch_size,
+            group_size,
+            length_pool_groups: 1,
+            groups: shards.iter().map(|s| u64::from(s.groups)).sum(),
+            batches: shards.iter().map(|s| s.row_groups).sum(),
+        },
+        sources: Vec::new(),
+        shards,
+        totals,
+    }
+}
+
+pub fn write_manifest(dir: &Path, manifest: &Manifest) -> DataResult<()> {
+    let path = dir.join(MANIFEST_FILE);
+    let text = serde_json::to_string_pretty(manifest).map_err(|source| DataError::Manifest {
+        path: path.clone(),
+        source,
+    })?;
+    std::fs::write(&path, text).map_err(io_err(&path))
+}
+
+/// A deterministic tile with some structure (gradients) and noise, so zstd sees image-like data.
+pub fn synth_tile(seed: u64, tile_size: u32) -> Vec<u8> {
+    let s = tile_size as usize;
+    let mut rng = SplitMix64::new(seed);
+    let mut out = vec![0u8; 3 * s * s];
+    let mut noise = 0u64;
+    for (i, v) in out.iter_mut().enumerate() {
+        if i % 8 == 0 {
+            noise = rng.next_u64();
+        }
+        let (c, y, x) = (i / (s * s), (i / s) % s, i % s);
+        let base = (x + 2 * y + 50 * c) as u64 + seed;
+        *v = (base as u8) ^ ((noise >> ((i % 8) * 8)) as u8 & 0x0f);
+    }
+    out
+}
+
+/// Sample `n` of a modality, with a made-up but consistent length.
+fn synth_sample(image: bool, n: usize, spec: &SynthSpec, rng: &mut SplitMix64) -> ShardRow {
+    let text_len = 8 + rng.below(300) as usize;
+    let mut input_ids: Vec<i32> = (0..text_len).map(|_| rng.below(128_000) as i32).collect();
+    input_ids[0] = 128_000;
+    // Genuine token 0 ("!") must survive collation: the mask comes from lengths.
+    if text_len > 4 {
+        input_ids[3] = 0;
+    }
+    let mut images = Vec::new();
+    let mut tiles = Vec::new();
+    if image {
+        input_ids[1] = IMAGE_TOKEN_INDEX;
+        let num_tiles = match spec.tiles_per_image {
+            0 => [1, 3, 4, 5][n % 4],
+            t => t,
+        };
+        let (cols, rows) = match num_tiles {
+            3 => (1, 2),
+            4 => (3, 1),
+            5 => (2, 2),
+            _ => (1, 1),
+        };
+        let image_tokens = if num_tiles == 1 {
+            TOKENS_PER_TILE + 1
+        } else {
+            TOKENS_PER_TILE + 24 * rows * (24 * cols + 1)
+        };
+        images.push(ImageMeta {
+            path: format!("synth/{n}.jpg"),
+            width: 640 + n as u32 % 97,
+            height: 480 + n as u32 % 53,
+            processing: if num_tiles == 1 { "pad" } else { "anyres" }.to_string(),
+            best_width: if num_tiles == 1 { 0 } else { 336 * cols },
+            best_height: if num_tiles == 1 { 0 } else { 336 * rows },
+            grid_cols: cols,
+            grid_rows: rows,
+            num_tiles,
+            image_tokens,
+        });
+        for t in 0..num_tiles {
+            tiles.push(synth_tile(
+                spec.seed ^ ((n as u64) << 8) ^ u64::from(t),
+                spec.tile_size,
+            ));
+        }
+    }
+    let labels = input_ids
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| {
+            if i < text_len / 2 || t == IMAGE_TOKEN_INDEX {
+                IGNORE_INDEX
+            } else {
+                t
+            }
+        })
+        .collect();
+    let num_image_tokens: u32 = images.iter().map(|m| m.image_tokens).sum();
+    let source = if image { "synth_image" } else { "synth_text" };
+    ShardRow {
+        id: format!("{source}-{n}"),
+        source: source.to_string(),
+        json_file: format!("{source}.json"),
+        index: n as u64,
+        length: (text_len - images.len()) as u32 + num_image_tokens,
+        input_ids,
+        labels,
+        num_image_tokens,
+        modality: if image { "image" } else { "text" }.to_string(),
+        truncated: false,
+        group: 0,
+        batch: 0,
+        images,
+        tiles,
+    }
+}
+
+/// Writes synthetic shards and `manifest.json` into `dir`; returns the manifest. Rows are made
+/// one batch at a time, so large benchmark sets do not need to fit in memory.
+pub fn write_synthetic(dir: &Path, spec: &SynthSpec) -> DataResult<Manifest> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let mut rng = SplitMix64::new(spec.seed);
+    let mut shards = Vec::new();
+    let mut next_group = 0u32;
+    for (modality, count) in [("image", spec.image_samples), ("text", spec.text_samples)] {
+        // Lengths first (cheap), then shuffle, cut into groups, sort each group by length.
+        let seeds: Vec<u64> = {
+            let mut r = SplitMix64::new(spec.seed ^ 0xabcdef ^ count as u64);
+            (0..count).map(|_| r.next_u64()).collect()
+        };
+        let lengths: Vec<u32> = (0..count)
+            .map(|n| {
+                // Tile size 1: the same row (lengths only) without full-size pixels.
+                let cheap = SynthSpec {
+                    tile_size: 1,
+                    ..spec.clone()
+                };
+                synth_sample(
+                    modality == "image",
+                    n,
+                    &cheap,
+                    &mut SplitMix64::new(seeds[n]),
+                )
+                .length
+            })
+            .collect();
+        let mut order: Vec<usize> = (0..count).collect();
+        shuffle(&mut order, &mut rng);
+        let groups: Vec<Vec<usize>> = order
+            .chunks(spec.group_size.max(1))
+            .map(|g| {
+                let mut g = g.to_vec();
+                g.sort_by_key(|&n| (std::cmp::Reverse(lengths[n]), n));
+                g
+            })
+            .collect();
+        for (s, shard_groups) in groups.chunks(spec.groups_per_shard.max(1)).enumerate() {
+            let file = format!("{modality}-{s:05}.parquet");
+            let mut batches = Vec::new();
+            for g in shard_groups {
+                let group = next_group;
+                next_group += 1;
+                for (b, chunk) in g.chunks(spec.batch_size.max(1)).enumerate() {
+                    batches.push((group, b as u32, chunk.to_vec()));
+                }
+            }
+            let rows = batches.into_iter().map(|(group, b, chunk)| {
+                chunk
+                    .iter()
+                    .map(|&n| {
+                        let mut row = synth_sample(
+                            modality == "image",
+                            n,
+                            spec,
+                            &mut SplitMix64::new(seeds[n]),
+                        );
+                        row.group = group;
+                        row.batch = b;
+                        row
+                    })
+                    .collect::<Vec<_>>()
+            });
+            shards.push(write_shard(dir, &file, modality, rows)?);
+        }
+    }
+    let manifest = manifest(shards, spec.batch_size, spec.group_size, spec.tile_size);
+    write_manifest(dir, &manifest)?;
+    Ok(manifest)
+}

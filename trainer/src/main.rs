@@ -1,0 +1,35 @@
+//! `llava-trainer`: a thin dispatcher; one module per subcommand under `cli/`.
+
+mod cli;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "llava-trainer",
+    version,
+    about = "Train LLaVA-NeXT on llava-data shards"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Measure the data loader (or print a rank's plan with --dry-run).
+    LoaderBench(cli::loader_bench::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::LoaderBench(args) => cli::loader_bench::run(args),
+    }
+}
