@@ -104,7 +104,11 @@ pub fn run(args: ConvertArgs) -> Result<()> {
             if let (Some(dir), Ok(sample)) = (&args.dump_tiles, &result) {
                 dump_tiles(dir, sample)?;
             }
-            writeln!(out, "{}", sample_json(entry, &result))?;
+            match writeln!(out, "{}", sample_json(entry, &result)) {
+                // `convert ... | head` is normal use: stop quietly when the reader is gone.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+                other => other?,
+            }
         }
     }
     Ok(())
