@@ -23,6 +23,8 @@ enum Command {
     /// Show what each record of one JSON/JSONL file becomes: token ids, labels, tiles (one JSON
     /// line per record).
     Convert(cli::convert::ConvertArgs),
+    /// Measure build throughput on a generated mixture (decode, convert and build in one run).
+    Bench(cli::bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +39,6 @@ fn main() -> anyhow::Result<()> {
         Command::Build(args) => cli::build::run_build(args),
         Command::Merge(args) => cli::build::run_merge(args),
         Command::Convert(args) => cli::convert::run(args),
+        Command::Bench(args) => cli::bench::run(args),
     }
 }
