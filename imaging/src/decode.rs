@@ -84,7 +84,7 @@ pub enum Format {
 }
 
 impl Format {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Format::Jpeg => "JPEG",
             Format::Png => "PNG",

@@ -46,7 +46,7 @@ pub fn probe_size(bytes: &[u8]) -> Result<(u32, u32), ImageError> {
         magic: bytes[..bytes.len().min(8)].to_vec(),
     })?;
     let corrupt = |reason: String| ImageError::Corrupt {
-        format: format_name(format),
+        format: format.name(),
         reason,
     };
     let size = match format {
@@ -67,23 +67,12 @@ pub fn probe_size(bytes: &[u8]) -> Result<(u32, u32), ImageError> {
     };
     if size.0 == 0 || size.1 == 0 {
         return Err(ImageError::ZeroSize {
-            format: format_name(format),
+            format: format.name(),
             width: size.0,
             height: size.1,
         });
     }
     Ok(size)
-}
-
-fn format_name(format: Format) -> &'static str {
-    match format {
-        Format::Jpeg => "JPEG",
-        Format::Png => "PNG",
-        Format::Gif => "GIF",
-        Format::Bmp => "BMP",
-        Format::WebP => "WebP",
-        Format::Tiff => "TIFF",
-    }
 }
 
 /// Width and height from the first SOFn marker segment.
