@@ -6,7 +6,7 @@ use llava_formats::constants::IGNORE_INDEX;
 use llava_formats::schema::ShardRow;
 
 use super::index::Modality;
-use super::normalize::normalize_into;
+use llava_formats::normalize::normalize_into;
 use super::plan::{DataState, PlannedBatch};
 
 /// Id written into padding positions. Any value works: padding is defined by `lengths` /

@@ -3,7 +3,7 @@
 //! - [`index`]: the manifest plus each row group's samples and exact lengths (no tiles read).
 //! - [`plan`]: the per-epoch, per-rank plan, token-balanced and resumable ([`DataState`]).
 //! - [`loader`]: N worker threads reading whole row groups, delivering [`Batch`]es in plan order.
-//! - [`collate`] / [`normalize`]: padding, masks, labels and CLIP normalisation.
+//! - [`collate`]: padding, masks, labels and CLIP normalisation (`llava_formats::normalize`).
 //! - [`synthetic`]: shards in the real format for tests and `loader-bench`.
 //!
 //! Depends on `llava-formats` only (never on the pipeline or imaging crates).
@@ -12,7 +12,6 @@ pub mod collate;
 pub mod error;
 pub mod index;
 pub mod loader;
-pub mod normalize;
 pub mod plan;
 mod read;
 pub mod rng;

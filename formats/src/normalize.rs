@@ -1,11 +1,12 @@
-//! uint8 CHW tiles → CLIP-normalised float32, bit-exact with the reference (spec §3.6):
+//! uint8 CHW tiles → CLIP-normalised float32 (shared by the pipeline's checks and the trainer's
+//! loader), bit-exact with the reference (spec §3.6):
 //! `x = f32(f64(u8) * f64(1/255))`, then `(x - mean_f32[c]) / std_f32[c]` in f32. Only 256
 //! values per channel exist, so a lookup table computed once with exactly that arithmetic is
 //! both exact and fast.
 
 use std::sync::OnceLock;
 
-use llava_formats::constants::{CLIP_MEAN, CLIP_STD};
+use crate::constants::{CLIP_MEAN, CLIP_STD};
 
 /// The normalised value of every u8, per channel.
 pub fn lut() -> &'static [[f32; 256]; 3] {
