@@ -49,6 +49,16 @@ pub enum Error {
 
     #[error("invalid batch: {0}")]
     Batch(String),
+
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+
+    /// Shards, model and run configuration do not fit together.
+    #[error("{0}")]
+    Mismatch(String),
+
+    #[error("checkpoint {path}: {msg}")]
+    Checkpoint { path: PathBuf, msg: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

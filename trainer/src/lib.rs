@@ -4,13 +4,18 @@
 //! kernels are inference-only and are replaced by the primitive-op forms in [`ops`].
 
 pub mod bench;
+pub mod checkpoint;
 pub mod clip;
 pub mod data;
 pub mod error;
+pub mod init;
 pub mod llama;
 pub mod llava_next;
 pub mod ops;
+pub mod optim;
 pub mod projector;
+pub mod schedule;
+pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result};

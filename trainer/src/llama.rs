@@ -436,6 +436,12 @@ impl LlamaForCausalLM {
     /// `embeds`: `[B, L, H]`; `lengths`: real tokens per row (right padding); positions 0..L-1.
     /// Returns logits `[B, L, V]` in f32.
     pub fn forward_embeds(&self, embeds: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        let x = self.forward_hidden(embeds, lengths)?;
+        self.lm_head.forward(&x)?.to_dtype(DType::F32)
+    }
+
+    /// Final hidden states `[B, L, H]` (after the last norm, before `lm_head`).
+    pub fn forward_hidden(&self, embeds: &Tensor, lengths: &[usize]) -> Result<Tensor> {
         let (b, l, _) = embeds.dims3()?;
         if lengths.len() != b {
             candle_core::bail!("{} lengths for a batch of {b}", lengths.len())
@@ -447,7 +453,11 @@ impl LlamaForCausalLM {
         for layer in &self.layers {
             x = layer.forward(&x, &rope, &bias)?;
         }
-        let x = self.norm.forward(&x)?;
-        self.lm_head.forward(&x)?.to_dtype(DType::F32)
+        self.norm.forward(&x)
+    }
+
+    /// `lm_head` on `[N, H]` hidden states: `[N, V]` logits in f32.
+    pub fn lm_head_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden)?.to_dtype(DType::F32)
     }
 }

@@ -703,6 +703,76 @@ impl LlavaNext {
     }
 }
 
+/// Training loss of a batch and the number of supervised targets it averages over.
+#[derive(Debug, Clone)]
+pub struct TrainLoss {
+    /// Scalar f32: mean cross entropy over the supervised positions (0 when there are none).
+    pub loss: Tensor,
+    pub targets: usize,
+    /// Rows' lengths after image expansion and truncation.
+    pub lengths: Vec<usize>,
+}
+
+impl LlavaNext {
+    /// The loss of [`LlavaNext::forward`] without materialising `[B, L', V]` logits: `lm_head`
+    /// runs only at positions whose next token is supervised (with a 128k vocabulary the full
+    /// logits dwarf everything else in memory and time). Same value, same gradients.
+    pub fn forward_loss(&self, batch: &Batch) -> Result<TrainLoss> {
+        let packed = self.batch_image_features(batch)?;
+        let emb = self.embed_inputs(batch, &packed)?;
+        let labels = emb
+            .labels
+            .as_ref()
+            .ok_or_else(|| Error::Batch("a training batch needs labels".into()))?
+            .to_vec2::<i64>()?;
+        let hidden = self
+            .language_model
+            .forward_hidden(&emb.embeds, &emb.lengths)?;
+        let (b, l, h) = hidden.dims3()?;
+        let vocab = self.cfg.text_config.vocab_size as i64;
+        let (mut pos, mut tgt) = (Vec::new(), Vec::new());
+        for (bi, row) in labels.iter().enumerate() {
+            for t in 0..l.saturating_sub(1) {
+                let y = row[t + 1];
+                if y == IGNORE_INDEX as i64 {
+                    continue;
+                }
+                if !(0..vocab).contains(&y) {
+                    return Err(Error::Batch(format!(
+                        "row {bi}: label {y} outside the vocabulary of {vocab}"
+                    )));
+                }
+                pos.push((bi * l + t) as u32);
+                tgt.push(y as u32);
+            }
+        }
+        let n = pos.len();
+        let dev = hidden.device();
+        if n == 0 {
+            // Keeps the graph connected so backward still works; every gradient is zero.
+            let loss = (hidden.to_dtype(DType::F32)?.sum_all()? * 0.0)?;
+            return Ok(TrainLoss {
+                loss,
+                targets: 0,
+                lengths: emb.lengths,
+            });
+        }
+        let x = hidden
+            .reshape((b * l, h))?
+            .index_select(&Tensor::from_vec(pos, n, dev)?, 0)?;
+        let logits = self.language_model.lm_head_logits(&x)?;
+        let lse = ops::logsumexp_last_dim(&logits)?.squeeze(1)?;
+        let tgt = Tensor::from_vec(tgt, (n, 1), dev)?;
+        let picked = logits.gather(&tgt, 1)?.squeeze(1)?;
+        let loss = ((lse - picked)?.sum_all()? / n as f64)?;
+        Ok(TrainLoss {
+            loss,
+            targets: n,
+            lengths: emb.lengths,
+        })
+    }
+}
+
 /// A fresh device-side helper: the CPU, or CUDA device 0 with the `cuda` feature.
 pub fn default_device() -> Result<Device> {
     #[cfg(feature = "cuda")]

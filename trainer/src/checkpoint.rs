@@ -1,0 +1,290 @@
+//! Checkpoints: `checkpoint-<step>/` with the model in HF's `LlavaNextForConditionalGeneration`
+//! legacy layout (spec §8.2–8.4: `model.safetensors`, `config.json`, `preprocessor_config.json`,
+//! `processor_config.json`) plus the trainer state for an exact resume
+//! (`trainer_state.json` + `trainer_state.safetensors`: optimizer moments and f32 master weights).
+//!
+//! A checkpoint is written into `checkpoint-<step>.tmp` and renamed, so a kill while saving
+//! leaves either no checkpoint or a complete one.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+use candle_nn::VarMap;
+use llava_formats::constants::{CLIP_MEAN_F64, CLIP_STD_F64};
+use serde::{Deserialize, Serialize};
+
+use crate::data::DataState;
+use crate::llava_next::{LlavaNextConfig, PROJECTOR_PREFIX};
+use crate::{weights, Error, Result};
+
+pub const STATE_JSON: &str = "trainer_state.json";
+pub const STATE_TENSORS: &str = "trainer_state.safetensors";
+pub const PROJECTOR_FILE: &str = "mm_projector.safetensors";
+/// Tokenizer files copied from the model directory when it has them.
+const TOKENIZER_FILES: [&str; 4] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+];
+
+fn ck_err(path: &Path, msg: impl Into<String>) -> Error {
+    Error::Checkpoint {
+        path: path.into(),
+        msg: msg.into(),
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.into(),
+        source,
+    }
+}
+
+/// Pinpoints for HF (`(h, w)` semantics) from LLaVA-NeXT's `(w, h)` list: each pair swapped, in
+/// the same order, so HF's first-wins tie-break picks the grids LLaVA-NeXT picked (§8.4).
+pub fn hf_pinpoints(llava_wh: &[[u32; 2]]) -> Vec<[u32; 2]> {
+    llava_wh.iter().map(|[w, h]| [*h, *w]).collect()
+}
+
+/// `config.json` of HF `LlavaNextForConditionalGeneration`. `cfg.image_grid_pinpoints` is
+/// already in HF's (h, w) order.
+pub fn hf_config(cfg: &LlavaNextConfig, dtype: DType) -> Result<serde_json::Value> {
+    let mut v = serde_json::to_value(cfg).map_err(|e| Error::Config(e.to_string()))?;
+    let dtype = if dtype == DType::BF16 {
+        "bfloat16"
+    } else {
+        "float32"
+    };
+    let o = v
+        .as_object_mut()
+        .ok_or_else(|| Error::Config("config is not an object".into()))?;
+    o.insert(
+        "architectures".into(),
+        serde_json::json!(["LlavaNextForConditionalGeneration"]),
+    );
+    o.insert("model_type".into(), "llava_next".into());
+    o.insert("torch_dtype".into(), dtype.into());
+    o.insert("image_seq_length".into(), cfg.tokens_per_tile().into());
+    o.insert("tie_word_embeddings".into(), false.into());
+    o.insert("use_image_newline_parameter".into(), true.into());
+    if let Some(t) = o.get_mut("text_config").and_then(|t| t.as_object_mut()) {
+        t.insert("model_type".into(), "llama".into());
+        t.insert(
+            "architectures".into(),
+            serde_json::json!(["LlamaForCausalLM"]),
+        );
+        t.insert("torch_dtype".into(), dtype.into());
+    }
+    if let Some(t) = o.get_mut("vision_config").and_then(|t| t.as_object_mut()) {
+        t.insert("model_type".into(), "clip_vision_model".into());
+        t.insert("projection_dim".into(), 768.into());
+    }
+    Ok(v)
+}
+
+/// `preprocessor_config.json` (HF `LlavaNextImageProcessor`) for the model's tile size.
+pub fn preprocessor_config(cfg: &LlavaNextConfig) -> serde_json::Value {
+    let s = cfg.vision_config.image_size;
+    serde_json::json!({
+        "image_processor_type": "LlavaNextImageProcessor",
+        "processor_class": "LlavaNextProcessor",
+        "do_resize": true,
+        "size": {"shortest_edge": s},
+        "do_center_crop": true,
+        "crop_size": {"height": s, "width": s},
+        "resample": 3,
+        "do_rescale": true,
+        "rescale_factor": 1.0 / 255.0,
+        "do_normalize": true,
+        "image_mean": CLIP_MEAN_F64,
+        "image_std": CLIP_STD_F64,
+        "do_pad": true,
+        "do_convert_rgb": true,
+        "image_grid_pinpoints": cfg.image_grid_pinpoints,
+    })
+}
+
+/// `processor_config.json` (HF `LlavaNextProcessor`).
+pub fn processor_config(cfg: &LlavaNextConfig) -> serde_json::Value {
+    serde_json::json!({
+        "processor_class": "LlavaNextProcessor",
+        "image_token": "<image>",
+        "num_additional_image_tokens": 1,
+        "patch_size": cfg.vision_config.patch_size,
+        "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
+    })
+}
+
+fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| Error::Config(e.to_string()))?;
+    std::fs::write(path, text + "\n").map_err(io(path))
+}
+
+/// Writes an HF-loadable model directory (weights, config, processor files; tokenizer files
+/// copied from `tokenizer_dir` when present).
+pub fn save_hf_model(
+    dir: &Path,
+    cfg: &LlavaNextConfig,
+    varmap: &VarMap,
+    tokenizer_dir: Option<&Path>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let dtype = varmap.all_vars().first().map_or(DType::F32, |v| v.dtype());
+    weights::save(varmap, &dir.join("model.safetensors"))?;
+    write_json(&dir.join("config.json"), &hf_config(cfg, dtype)?)?;
+    write_json(
+        &dir.join("preprocessor_config.json"),
+        &preprocessor_config(cfg),
+    )?;
+    write_json(&dir.join("processor_config.json"), &processor_config(cfg))?;
+    if let Some(src) = tokenizer_dir {
+        for f in TOKENIZER_FILES {
+            let p = src.join(f);
+            if p.is_file() {
+                std::fs::copy(&p, dir.join(f)).map_err(io(&p))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The projector under the reference's names (`model.mm_projector.{0,2}.{weight,bias}`), what
+/// stage 2 loads with `--projector` (and the original code with `--pretrain_mm_mlp_adapter`).
+pub fn save_projector(varmap: &VarMap, path: &Path) -> Result<()> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| Error::Config("VarMap lock poisoned".into()))?;
+    let mut out = HashMap::new();
+    for (name, var) in data.iter() {
+        let Some(rest) = name.strip_prefix(&format!("{PROJECTOR_PREFIX}.")) else {
+            continue;
+        };
+        let key = rest
+            .replacen("linear_1.", "model.mm_projector.0.", 1)
+            .replacen("linear_2.", "model.mm_projector.2.", 1);
+        out.insert(key, var.as_tensor().clone());
+    }
+    candle_core::safetensors::save(&out, path).map_err(|source| Error::Read {
+        path: path.into(),
+        source,
+    })
+}
+
+/// Everything but the tensors that a resume needs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// Optimizer steps taken.
+    pub global_step: u64,
+    pub total_steps: u64,
+    /// Data position after the last micro-batch of `global_step`.
+    pub data_state: DataState,
+    /// Epochs done, fractional (for logs).
+    pub epoch: f64,
+    /// The run's seed: the only randomness after initialisation is the data order, a pure
+    /// function of (seed, epoch, data_state); nothing else draws random numbers while training.
+    pub seed: u64,
+    pub lr: f64,
+    pub last_loss: f64,
+    /// `manifest.tokenizer_sha256` and `config_sha256` of the shards trained on.
+    pub shards_tokenizer_sha256: String,
+    pub shards_config_sha256: String,
+    /// The run configuration (what a resume compares with).
+    pub config: serde_json::Value,
+    /// Trainable parameters, sorted (the optimizer state's order).
+    pub trainable: Vec<String>,
+}
+
+/// A saved checkpoint's trainer state and the tensors of the optimizer.
+pub fn load_state(dir: &Path) -> Result<(TrainerState, HashMap<String, Tensor>)> {
+    let p = dir.join(STATE_JSON);
+    let text = std::fs::read_to_string(&p).map_err(io(&p))?;
+    let state: TrainerState =
+        serde_json::from_str(&text).map_err(|source| Error::Json { path: p, source })?;
+    let t = dir.join(STATE_TENSORS);
+    let tensors = candle_core::safetensors::load(&t, &candle_core::Device::Cpu)
+        .map_err(|source| Error::Read { path: t, source })?;
+    Ok((state, tensors))
+}
+
+/// Writes `out/checkpoint-<step>/` atomically and returns its path.
+#[allow(clippy::too_many_arguments)]
+pub fn save_checkpoint(
+    out: &Path,
+    cfg: &LlavaNextConfig,
+    varmap: &VarMap,
+    state: &TrainerState,
+    optimizer: HashMap<String, Tensor>,
+    tokenizer_dir: Option<&Path>,
+    with_projector: bool,
+) -> Result<PathBuf> {
+    let name = format!("checkpoint-{}", state.global_step);
+    let final_dir = out.join(&name);
+    let tmp = out.join(format!("{name}.tmp"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    save_hf_model(&tmp, cfg, varmap, tokenizer_dir)?;
+    if with_projector {
+        save_projector(varmap, &tmp.join(PROJECTOR_FILE))?;
+    }
+    let st = tmp.join(STATE_TENSORS);
+    candle_core::safetensors::save(&optimizer, &st).map_err(|source| Error::Read {
+        path: st.clone(),
+        source,
+    })?;
+    // The JSON last: its presence marks a complete checkpoint.
+    write_json(&tmp.join(STATE_JSON), state)?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
+    Ok(final_dir)
+}
+
+/// Complete checkpoints in `out`, by step (ascending).
+pub fn list_checkpoints(out: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(rd) = std::fs::read_dir(out) else {
+        return Vec::new();
+    };
+    let mut v: Vec<(u64, PathBuf)> = rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step = name.strip_prefix("checkpoint-")?.parse::<u64>().ok()?;
+            let p = e.path();
+            p.join(STATE_JSON).is_file().then_some((step, p))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Deletes the oldest checkpoints beyond `keep`.
+pub fn apply_keep_limit(out: &Path, keep: usize) -> Result<Vec<PathBuf>> {
+    let all = list_checkpoints(out);
+    let mut removed = Vec::new();
+    if all.len() > keep {
+        for (_, p) in &all[..all.len() - keep] {
+            std::fs::remove_dir_all(p).map_err(io(p))?;
+            removed.push(p.clone());
+        }
+    }
+    Ok(removed)
+}
+
+/// Refuses a checkpoint directory that lacks the state files.
+pub fn check_is_checkpoint(dir: &Path) -> Result<()> {
+    for f in [STATE_JSON, STATE_TENSORS, "model.safetensors"] {
+        if !dir.join(f).is_file() {
+            return Err(ck_err(
+                dir,
+                format!("no {f}: not a complete trainer checkpoint"),
+            ));
+        }
+    }
+    Ok(())
+}

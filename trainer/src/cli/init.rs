@@ -1,0 +1,66 @@
+//! `llava-trainer init`: a randomly initialised model from a small JSON spec, or one assembled
+//! from separate Llama-3 and CLIP checkpoints (+ projector), written in the HF layout.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use llava_trainer::checkpoint;
+use llava_trainer::init::{self, InitSpec, ModelSource};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// model.json: {"vision_config": {...}, "text_config": {...}, "image_grid_pinpoints":
+    /// [[w, h], ...], "seed": N}; omitted fields are llama3-llava-next-8b's.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Llama-3 checkpoint directory (instead of --config; with --vision).
+    #[arg(long)]
+    llm: Option<PathBuf>,
+    /// CLIP vision checkpoint directory.
+    #[arg(long)]
+    vision: Option<PathBuf>,
+    /// Projector weights to include (otherwise a fresh one).
+    #[arg(long)]
+    projector: Option<PathBuf>,
+    #[arg(long)]
+    output: PathBuf,
+    /// Seed of freshly initialised tensors when assembling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let (cfg, varmap, tok) = match (&args.config, &args.llm, &args.vision) {
+        (Some(c), None, None) => {
+            let text =
+                std::fs::read_to_string(c).with_context(|| format!("reading {}", c.display()))?;
+            let spec: InitSpec =
+                serde_json::from_str(&text).with_context(|| format!("parsing {}", c.display()))?;
+            let (cfg, varmap) = init::random_model(&spec)?;
+            if let Some(p) = &args.projector {
+                init::load_projector(&cfg, &varmap, p)?;
+            }
+            (cfg, varmap, None)
+        }
+        (None, Some(_), Some(_)) => {
+            let src = ModelSource {
+                model: None,
+                llm: args.llm.clone(),
+                vision: args.vision.clone(),
+                projector: args.projector.clone(),
+            };
+            let (cfg, varmap) = init::load_source(&src, args.seed, DType::F32, &Device::Cpu)?;
+            (cfg, varmap, args.llm.clone())
+        }
+        _ => bail!("give --config model.json, or --llm DIR --vision DIR [--projector FILE]"),
+    };
+    checkpoint::save_hf_model(&args.output, &cfg, &varmap, tok.as_deref())?;
+    let n: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
+    println!(
+        "wrote {} ({n} parameters, vocabulary {})",
+        args.output.display(),
+        cfg.text_config.vocab_size
+    );
+    Ok(())
+}

@@ -1,0 +1,170 @@
+//! `llava-trainer run`: train on llava-data shards (`--config train.toml`, every key a flag).
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use llava_trainer::train::{self, RunOptions, TrainConfig};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// train.toml; flags override its keys.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    shards: Option<PathBuf>,
+    /// HF LlavaNext model directory.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Separate Llama-3 directory (with --vision, instead of --model).
+    #[arg(long)]
+    llm: Option<PathBuf>,
+    /// Separate CLIP vision directory.
+    #[arg(long)]
+    vision: Option<PathBuf>,
+    /// Pretrained projector (stage 2): mm_projector.safetensors / .bin.
+    #[arg(long)]
+    projector: Option<PathBuf>,
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// e.g. mm_mlp_adapter (pretraining) or mm_vision_tower,mm_mlp_adapter,mm_language_model.
+    #[arg(long)]
+    tunable_parts: Option<String>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    vision_tower_lr: Option<f64>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    #[arg(long)]
+    warmup_ratio: Option<f64>,
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long)]
+    epochs: Option<u64>,
+    #[arg(long)]
+    max_steps: Option<u64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    bf16: bool,
+    #[arg(long)]
+    save_every: Option<u64>,
+    #[arg(long)]
+    save_total_limit: Option<usize>,
+    #[arg(long)]
+    log_every: Option<u64>,
+    /// Loader threads.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// flat (pretraining) or spatial_unpad (fine-tuning); must match the shards.
+    #[arg(long)]
+    merge_type: Option<String>,
+    /// Tokenizer the shards must have been built with (checked against the manifest).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Resume from this checkpoint (default: the latest in --output).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    #[arg(long)]
+    no_resume: bool,
+}
+
+fn merged(args: Args) -> Result<TrainConfig> {
+    let mut v: toml::Table = match &args.config {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
+        }
+        None => toml::Table::new(),
+    };
+    let path = |p: PathBuf| toml::Value::String(p.display().to_string());
+    let mut set = |k: &str, x: Option<toml::Value>| {
+        if let Some(x) = x {
+            v.insert(k.into(), x);
+        }
+    };
+    set("shards", args.shards.map(path));
+    set("model", args.model.map(path));
+    set("llm", args.llm.map(path));
+    set("vision", args.vision.map(path));
+    set("projector", args.projector.map(path));
+    set("output", args.output.map(path));
+    set("tunable_parts", args.tunable_parts.map(toml::Value::String));
+    set("lr", args.lr.map(toml::Value::Float));
+    set(
+        "vision_tower_lr",
+        args.vision_tower_lr.map(toml::Value::Float),
+    );
+    set("weight_decay", args.weight_decay.map(toml::Value::Float));
+    set("warmup_ratio", args.warmup_ratio.map(toml::Value::Float));
+    set("max_grad_norm", args.max_grad_norm.map(toml::Value::Float));
+    let int = |x: u64| toml::Value::Integer(x as i64);
+    set("batch_size", args.batch_size.map(|x| int(x as u64)));
+    set("grad_accum", args.grad_accum.map(|x| int(x as u64)));
+    set("epochs", args.epochs.map(int));
+    set("max_steps", args.max_steps.map(int));
+    set("seed", args.seed.map(int));
+    set("bf16", args.bf16.then_some(toml::Value::Boolean(true)));
+    set("save_every", args.save_every.map(int));
+    set(
+        "save_total_limit",
+        args.save_total_limit.map(|x| int(x as u64)),
+    );
+    set("log_every", args.log_every.map(int));
+    set("workers", args.workers.map(|x| int(x as u64)));
+    set("merge_type", args.merge_type.map(toml::Value::String));
+    set("tokenizer", args.tokenizer.map(path));
+    set("resume", args.resume.map(path));
+    set(
+        "no_resume",
+        args.no_resume.then_some(toml::Value::Boolean(true)),
+    );
+    let cfg: TrainConfig = toml::Value::Table(v).try_into().context(
+        "invalid training configuration (shards, model or llm+vision, and output are required)",
+    )?;
+    Ok(cfg)
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let cfg = merged(args)?;
+    // First Ctrl-C: finish the step, checkpoint, exit 0. A second one exits at once.
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register_conditional_shutdown(
+        signal_hook::consts::SIGINT,
+        130,
+        stop.clone(),
+    )
+    .context("installing the Ctrl-C handler")?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())
+        .context("installing the Ctrl-C handler")?;
+    let summary = train::run(
+        &cfg,
+        RunOptions {
+            stop: Some(stop),
+            progress: true,
+            device: Some(llava_trainer::llava_next::default_device()?),
+            ..RunOptions::default()
+        },
+    )?;
+    if let Some(p) = &summary.last_checkpoint {
+        println!(
+            "{} at step {}/{}; checkpoint {}",
+            if summary.interrupted {
+                "stopped"
+            } else {
+                "done"
+            },
+            summary.steps_done,
+            summary.total_steps,
+            p.display()
+        );
+    }
+    Ok(())
+}
