@@ -5,4 +5,5 @@ pub mod config;
 pub mod constants;
 pub mod manifest;
 pub mod normalize;
+pub mod rng;
 pub mod schema;

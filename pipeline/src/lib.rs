@@ -4,7 +4,6 @@ pub mod build;
 pub mod convert;
 pub mod record;
 pub mod reject;
-pub mod rng;
 pub mod template;
 pub mod text;
 pub mod tokenizer;

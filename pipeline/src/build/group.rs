@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::pass1::SampleMeta;
 use super::BuildContext;
-use crate::rng::SplitMix64;
+use llava_formats::rng::{shuffle, SplitMix64};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Group {
@@ -54,7 +54,7 @@ pub fn plan(ctx: &BuildContext, samples: &[SampleMeta]) -> Plan {
         } else {
             "group:text"
         };
-        SplitMix64::new(c.seed, purpose).shuffle(&mut order);
+        shuffle(&mut order, &mut SplitMix64::for_purpose(c.seed, purpose));
         for pool in order.chunks_mut(c.group_size * c.length_pool_groups) {
             pool.sort_by_key(|&i| (std::cmp::Reverse(samples[i as usize].length), i));
             for group in pool.chunks(c.group_size) {

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::{io_err, BuildContext, BuildError, BuildOptions, WORK_DIR};
 use crate::convert::{prepare, Prepared};
 use crate::record::{entry_id, for_each_entry, parse_record, RawEntry};
-use crate::rng::SplitMix64;
+use llava_formats::rng::{shuffle, SplitMix64};
 
 /// What the plan needs of one sample (kept in memory for every sample: keep it small).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,7 +211,10 @@ pub fn select(sampling: Sampling, len: usize, seed: u64, source: &str) -> Select
         Sampling::End(c) => Selection::Range(len - c.resolve(len)..len),
         Sampling::Random(c) => {
             let mut all: Vec<usize> = (0..len).collect();
-            SplitMix64::new(seed, &format!("sampling:{source}")).shuffle(&mut all);
+            shuffle(
+                &mut all,
+                &mut SplitMix64::for_purpose(seed, &format!("sampling:{source}")),
+            );
             all.truncate(c.resolve(len));
             all.sort_unstable();
             Selection::Set(all)
