@@ -6,8 +6,8 @@ use llava_formats::constants::IGNORE_INDEX;
 use llava_formats::schema::ShardRow;
 
 use super::index::Modality;
-use llava_formats::normalize::normalize_into;
 use super::plan::{DataState, PlannedBatch};
+use llava_formats::normalize::normalize_into;
 
 /// Id written into padding positions. Any value works: padding is defined by `lengths` /
 /// `attention_mask`, never by comparing ids with this (token 0 is a real token, `"!"`).
