@@ -2,6 +2,7 @@
 
 pub mod build;
 pub mod convert;
+pub mod inspect;
 pub mod record;
 pub mod reject;
 pub mod template;

@@ -23,6 +23,9 @@ enum Command {
     /// Show what each record of one JSON/JSONL file becomes: token ids, labels, tiles (one JSON
     /// line per record).
     Convert(cli::convert::ConvertArgs),
+    /// See and verify a build: summary (counts, lengths, grids, rejects, padding), one sample as
+    /// the model sees it, its tiles as a picture, a length plot, or a check of every shard.
+    Inspect(cli::inspect::InspectArgs),
     /// Measure build throughput on a generated mixture (decode, convert and build in one run).
     Bench(cli::bench::BenchArgs),
 }
@@ -39,6 +42,7 @@ fn main() -> anyhow::Result<()> {
         Command::Build(args) => cli::build::run_build(args),
         Command::Merge(args) => cli::build::run_merge(args),
         Command::Convert(args) => cli::convert::run(args),
+        Command::Inspect(args) => cli::inspect::run(args),
         Command::Bench(args) => cli::bench::run(args),
     }
 }

@@ -3,3 +3,4 @@
 pub mod bench;
 pub mod build;
 pub mod convert;
+pub mod inspect;

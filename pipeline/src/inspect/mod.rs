@@ -1,0 +1,110 @@
+//! `llava-data inspect`: see and verify what a build wrote.
+//!
+//! - [`summary`]: per source and modality counts, length percentiles, grid shapes, rejects, read
+//!   through polars from the small columns only (never `tiles`).
+//! - [`padding`]: padding efficiency of the build's grouping vs random batching.
+//! - [`sample`]: one sample decoded back to text with its trained spans, and its tiles as a PNG.
+//! - [`verify`]: every shard against the manifest.
+//! - [`plot`]: the length distribution per modality as a PNG.
+
+pub mod font;
+pub mod padding;
+pub mod plot;
+pub mod sample;
+pub mod summary;
+pub mod verify;
+
+use std::path::{Path, PathBuf};
+
+use llava_formats::manifest::{Manifest, RejectEntry, MANIFEST_FILE, REJECTS_FILE};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum InspectError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a build manifest: {reason}")]
+    Manifest { path: PathBuf, reason: String },
+    #[error("{path}: line {line}: {reason}")]
+    Rejects {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    #[error("reading shards with polars: {0}")]
+    Polars(String),
+    #[error("{path}: {reason}")]
+    Parquet { path: PathBuf, reason: String },
+    #[error("no sample matches {0:?} (give its id, or source:index as in rejects.jsonl)")]
+    NoSample(String),
+    #[error("{0}")]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    #[error("{0}")]
+    Image(String),
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl From<polars::prelude::PolarsError> for InspectError {
+    fn from(e: polars::prelude::PolarsError) -> Self {
+        InspectError::Polars(e.to_string())
+    }
+}
+
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> InspectError + '_ {
+    move |source| InspectError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A build output folder: `manifest.json`, `rejects.jsonl`, `shards/`.
+pub struct BuildDir {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl BuildDir {
+    pub fn open(dir: &Path) -> Result<Self, InspectError> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+        let manifest: Manifest =
+            serde_json::from_str(&text).map_err(|e| InspectError::Manifest {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(BuildDir {
+            dir: dir.to_path_buf(),
+            manifest,
+        })
+    }
+
+    /// Path of a shard listed in the manifest (`file` is relative to the build folder).
+    pub fn shard_path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    /// The entries of `rejects.jsonl` (none when the file does not exist).
+    pub fn rejects(&self) -> Result<Vec<RejectEntry>, InspectError> {
+        let path = self.dir.join(REJECTS_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| {
+                serde_json::from_str(l).map_err(|e| InspectError::Rejects {
+                    path: path.clone(),
+                    line: i + 1,
+                    reason: e.to_string(),
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,158 @@
+//! Padding efficiency: real tokens / padded tokens, for the build's grouping and for random
+//! batching of the same samples.
+//!
+//! - **Grouped** (what a trainer reading the shards gets): per modality, the rows of each group in
+//!   shard and row-group order, cut into batches of `batch_size` consecutive rows (with the build's
+//!   batch size these are exactly its row groups); a group's last batch may be short.
+//! - **Random**: the same rows of one modality shuffled with a seeded [`SplitMix64`] (purpose
+//!   `inspect:random:<modality>` of the build seed), cut into batches of `batch_size`.
+//!
+//! A batch pads every row to its longest: `padded = rows × max length`. A *step* is `world_size`
+//! consecutive batches, one per rank; ranks wait for the slowest, so the step-level figure counts
+//! `batches in the step × the largest padded batch of the step`.
+
+use serde::{Deserialize, Serialize};
+
+use llava_formats::rng::{shuffle, SplitMix64};
+
+/// Padding of one way of batching.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Padding {
+    pub batches: u64,
+    pub steps: u64,
+    /// Sum of exact lengths.
+    pub real_tokens: u64,
+    /// Sum over batches of rows × the batch's max length.
+    pub padded_tokens: u64,
+    /// `real_tokens / padded_tokens` (1.0 = no padding).
+    pub efficiency: f64,
+    /// Sum over steps of (batches in the step) × (largest padded batch of the step).
+    pub step_padded_tokens: u64,
+    /// `real_tokens / step_padded_tokens`: also counts ranks waiting for the slowest one.
+    pub step_efficiency: f64,
+}
+
+impl Padding {
+    /// Padding of `batches` (lengths of each batch's rows, in order) with `world_size` batches a
+    /// step.
+    pub fn of(batches: &[Vec<u32>], world_size: usize) -> Padding {
+        let padded_of =
+            |b: &Vec<u32>| b.len() as u64 * u64::from(b.iter().copied().max().unwrap_or(0));
+        let real: u64 = batches.iter().flatten().map(|&l| u64::from(l)).sum();
+        let padded: u64 = batches.iter().map(padded_of).sum();
+        let w = world_size.max(1);
+        let step_padded: u64 = batches
+            .chunks(w)
+            .map(|step| step.len() as u64 * step.iter().map(padded_of).max().unwrap_or(0))
+            .sum();
+        Padding {
+            batches: batches.len() as u64,
+            steps: batches.len().div_ceil(w) as u64,
+            real_tokens: real,
+            padded_tokens: padded,
+            efficiency: ratio(real, padded),
+            step_padded_tokens: step_padded,
+            step_efficiency: ratio(real, step_padded),
+        }
+    }
+
+    /// Sum of two paddings (e.g. the modalities of one build); ratios recomputed.
+    pub fn add(&self, other: &Padding) -> Padding {
+        let real = self.real_tokens + other.real_tokens;
+        let padded = self.padded_tokens + other.padded_tokens;
+        let step_padded = self.step_padded_tokens + other.step_padded_tokens;
+        Padding {
+            batches: self.batches + other.batches,
+            steps: self.steps + other.steps,
+            real_tokens: real,
+            padded_tokens: padded,
+            efficiency: ratio(real, padded),
+            step_padded_tokens: step_padded,
+            step_efficiency: ratio(real, step_padded),
+        }
+    }
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        1.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+/// Batches of the build's grouping: `rows` = (group id, length) in shard and row-group order;
+/// each run of one group is cut into batches of `batch_size`.
+pub fn grouped_batches(rows: &[(u32, u32)], batch_size: usize) -> Vec<Vec<u32>> {
+    let b = batch_size.max(1);
+    let mut batches = Vec::new();
+    let mut start = 0;
+    while start < rows.len() {
+        let group = rows[start].0;
+        let mut end = start;
+        while end < rows.len() && rows[end].0 == group {
+            end += 1;
+        }
+        batches.extend(
+            rows[start..end]
+                .chunks(b)
+                .map(|c| c.iter().map(|&(_, l)| l).collect()),
+        );
+        start = end;
+    }
+    batches
+}
+
+/// Batches of a seeded random order of `lengths` (one modality).
+pub fn random_batches(
+    lengths: &[u32],
+    batch_size: usize,
+    seed: u64,
+    modality: &str,
+) -> Vec<Vec<u32>> {
+    let mut order = lengths.to_vec();
+    shuffle(
+        &mut order,
+        &mut SplitMix64::for_purpose(seed, &format!("inspect:random:{modality}")),
+    );
+    order
+        .chunks(batch_size.max(1))
+        .map(<[u32]>::to_vec)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn padding_of_known_batches() {
+        // Two batches: [10, 6] pads to 20, [4] pads to 4: 20 real / 24 padded.
+        let p = Padding::of(&[vec![10, 6], vec![4]], 1);
+        assert_eq!((p.real_tokens, p.padded_tokens, p.steps), (20, 24, 2));
+        assert!((p.efficiency - 20.0 / 24.0).abs() < 1e-12);
+        // Two ranks: one step whose slowest batch is 20 padded tokens: 2 × 20.
+        let p = Padding::of(&[vec![10, 6], vec![4]], 2);
+        assert_eq!((p.step_padded_tokens, p.steps), (40, 1));
+    }
+
+    #[test]
+    fn grouped_batches_never_cross_groups() {
+        let rows = [(0, 9), (0, 8), (0, 7), (1, 3), (1, 2)];
+        assert_eq!(
+            grouped_batches(&rows, 2),
+            vec![vec![9, 8], vec![7], vec![3, 2]]
+        );
+    }
+
+    #[test]
+    fn random_batches_keep_every_length_and_are_seeded() {
+        let lengths: Vec<u32> = (1..=10).collect();
+        let a = random_batches(&lengths, 3, 7, "image");
+        assert_eq!(a, random_batches(&lengths, 3, 7, "image"));
+        let mut all: Vec<u32> = a.concat();
+        all.sort();
+        assert_eq!(all, lengths);
+        assert_eq!(a.len(), 4);
+    }
+}

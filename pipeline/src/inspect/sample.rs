@@ -1,0 +1,369 @@
+//! One sample as the model sees it: its tokens decoded back to text with the trained spans
+//! marked and its images as placeholders, and its tiles as one picture.
+
+use std::fs::File;
+use std::path::Path;
+
+use image::{Rgb, RgbImage};
+use llava_formats::constants::{IGNORE_INDEX, IMAGE_TOKEN_INDEX, TILE_SIZE};
+use llava_formats::schema::{batch_to_rows, col as c, ImageMeta, ShardRow};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ProjectionMask;
+
+use super::{io_err, BuildDir, InspectError};
+use crate::tokenizer::TextTokenizer;
+
+/// Pixels between the base tile and the grid (and between the pictures of two images).
+pub const GAP: u32 = 8;
+
+/// A sample found in the shards.
+#[derive(Debug, Clone)]
+pub struct Found {
+    /// The shard file (as in the manifest).
+    pub shard: String,
+    pub row_group: usize,
+    pub row: ShardRow,
+}
+
+fn parquet_err(path: &Path) -> impl Fn(parquet::errors::ParquetError) -> InspectError + '_ {
+    move |e| InspectError::Parquet {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+/// Finds a sample by id, or by `source:index` (the record's position in its JSON file). Reads
+/// the `id`, `source` and `index` columns of every shard until found, then the one row group
+/// holding it (`tiles` only when `with_tiles`).
+pub fn find(build: &BuildDir, key: &str, with_tiles: bool) -> Result<Found, InspectError> {
+    let by_index: Option<(&str, u64)> = key
+        .rsplit_once(':')
+        .and_then(|(s, i)| i.parse().ok().map(|i| (s, i)));
+    for shard in &build.manifest.shards {
+        let path = build.shard_path(&shard.file);
+        let file = File::open(&path).map_err(io_err(&path))?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(parquet_err(&path))?;
+        let schema = builder.schema().clone();
+        let roots = |names: &[&str]| -> Result<Vec<usize>, InspectError> {
+            names
+                .iter()
+                .map(|n| {
+                    schema.index_of(n).map_err(|_| InspectError::Parquet {
+                        path: path.clone(),
+                        reason: format!("no column {n:?}"),
+                    })
+                })
+                .collect()
+        };
+        let rg_rows: Vec<usize> = builder
+            .metadata()
+            .row_groups()
+            .iter()
+            .map(|rg| rg.num_rows() as usize)
+            .collect();
+        let mask = ProjectionMask::roots(
+            builder.parquet_schema(),
+            roots(&[c::ID, c::SOURCE, c::INDEX])?,
+        );
+        let reader = builder
+            .with_projection(mask)
+            .build()
+            .map_err(parquet_err(&path))?;
+        let mut position = None;
+        let mut offset = 0usize;
+        'batches: for batch in reader {
+            let batch = batch.map_err(|e| InspectError::Parquet {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            let ids = string_column(&batch, c::ID, &path)?;
+            let sources = string_column(&batch, c::SOURCE, &path)?;
+            let index = batch
+                .column_by_name(c::INDEX)
+                .and_then(|a| a.as_any().downcast_ref::<arrow_array::UInt64Array>())
+                .ok_or_else(|| InspectError::Parquet {
+                    path: path.clone(),
+                    reason: "column \"index\" is missing or not uint64".into(),
+                })?;
+            for i in 0..batch.num_rows() {
+                let hit = ids.value(i) == key
+                    || by_index.is_some_and(|(s, n)| sources.value(i) == s && index.value(i) == n);
+                if hit {
+                    position = Some(offset + i);
+                    break 'batches;
+                }
+            }
+            offset += batch.num_rows();
+        }
+        let Some(position) = position else { continue };
+        // Row group holding `position`, and the row's place in it.
+        let (mut row_group, mut first) = (0, 0);
+        while row_group < rg_rows.len() && first + rg_rows[row_group] <= position {
+            first += rg_rows[row_group];
+            row_group += 1;
+        }
+        let file = File::open(&path).map_err(io_err(&path))?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(parquet_err(&path))?;
+        let all: Vec<usize> = (0..builder.schema().fields().len())
+            .filter(|&i| with_tiles || builder.schema().field(i).name() != c::TILES)
+            .collect();
+        let mask = ProjectionMask::roots(builder.parquet_schema(), all);
+        let reader = builder
+            .with_projection(mask)
+            .with_row_groups(vec![row_group])
+            .build()
+            .map_err(parquet_err(&path))?;
+        let mut rows = Vec::new();
+        for batch in reader {
+            let batch = batch.map_err(|e| InspectError::Parquet {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            rows.extend(batch_to_rows(&batch).map_err(|e| InspectError::Parquet {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?);
+        }
+        let row = rows
+            .into_iter()
+            .nth(position - first)
+            .ok_or_else(|| InspectError::Parquet {
+                path: path.clone(),
+                reason: format!("row group {row_group} is shorter than its metadata says"),
+            })?;
+        return Ok(Found {
+            shard: shard.file.clone(),
+            row_group,
+            row,
+        });
+    }
+    Err(InspectError::NoSample(key.to_string()))
+}
+
+fn string_column<'a>(
+    batch: &'a arrow_array::RecordBatch,
+    name: &str,
+    path: &Path,
+) -> Result<&'a arrow_array::StringArray, InspectError> {
+    batch
+        .column_by_name(name)
+        .and_then(|a| a.as_any().downcast_ref::<arrow_array::StringArray>())
+        .ok_or_else(|| InspectError::Parquet {
+            path: path.to_path_buf(),
+            reason: format!("column {name:?} is missing or not utf8"),
+        })
+}
+
+/// How an image placeholder is shown in the text.
+pub fn placeholder(img: &ImageMeta) -> String {
+    let tiles = if img.num_tiles == 1 { "tile" } else { "tiles" };
+    if img.processing == "anyres" {
+        format!(
+            "<image: {} tokens, {}x{} grid, {} {tiles}>",
+            img.image_tokens, img.grid_cols, img.grid_rows, img.num_tiles
+        )
+    } else {
+        format!(
+            "<image: {} tokens, {}, {} {tiles}>",
+            img.image_tokens, img.processing, img.num_tiles
+        )
+    }
+}
+
+/// How trained spans are marked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Marking {
+    /// Bold green (ANSI), for a terminal.
+    Color,
+    /// `[[...]]`.
+    Brackets,
+}
+
+const TRAINED_ON: &str = "\x1b[1;32m";
+const TRAINED_OFF: &str = "\x1b[0m";
+
+/// The sample's header (where it comes from, its images) and its text, trained spans marked.
+pub fn render(
+    found: &Found,
+    tokenizer: &TextTokenizer,
+    marking: Marking,
+) -> Result<String, InspectError> {
+    let r = &found.row;
+    let mut out = format!(
+        "id {:?}  source {}  {}#{}\nshard {}  row group {}  group {}  batch {}\nmodality {}  length {} ({} text + {} image tokens)  supervised {}{}\n",
+        r.id,
+        r.source,
+        r.json_file,
+        r.index,
+        found.shard,
+        found.row_group,
+        r.group,
+        r.batch,
+        r.modality,
+        r.length,
+        r.input_ids.iter().filter(|&&t| t != IMAGE_TOKEN_INDEX).count(),
+        r.num_image_tokens,
+        r.labels.iter().filter(|&&l| l != IGNORE_INDEX).count(),
+        if r.truncated { "  TRUNCATED" } else { "" },
+    );
+    for (k, img) in r.images.iter().enumerate() {
+        out.push_str(&format!(
+            "image {k}: {} ({}x{}, {}{})  {}\n",
+            img.path,
+            img.width,
+            img.height,
+            img.processing,
+            if img.best_width > 0 {
+                format!(", best resolution {}x{}", img.best_width, img.best_height)
+            } else {
+                String::new()
+            },
+            placeholder(img)
+        ));
+    }
+    let legend = match marking {
+        Marking::Color => format!("{TRAINED_ON}trained{TRAINED_OFF}"),
+        Marking::Brackets => "[[trained]]".to_string(),
+    };
+    out.push_str(&format!("--- text ({legend}) ---\n"));
+    out.push_str(&render_text(r, tokenizer, marking)?);
+    out.push('\n');
+    Ok(out)
+}
+
+/// The decoded text alone.
+pub fn render_text(
+    r: &ShardRow,
+    tokenizer: &TextTokenizer,
+    marking: Marking,
+) -> Result<String, InspectError> {
+    #[derive(PartialEq, Clone, Copy)]
+    enum Kind {
+        Context,
+        Trained,
+        Image,
+    }
+    let kind = |i: usize| {
+        if r.input_ids[i] == IMAGE_TOKEN_INDEX {
+            Kind::Image
+        } else if r.labels.get(i).is_some_and(|&l| l != IGNORE_INDEX) {
+            Kind::Trained
+        } else {
+            Kind::Context
+        }
+    };
+    let mut out = String::new();
+    let mut images = r.images.iter();
+    let mut i = 0;
+    while i < r.input_ids.len() {
+        let k = kind(i);
+        if k == Kind::Image {
+            match images.next() {
+                Some(img) => out.push_str(&placeholder(img)),
+                None => out.push_str("<image: no metadata>"),
+            }
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < r.input_ids.len() && kind(i) == k {
+            i += 1;
+        }
+        let ids: Vec<u32> = r.input_ids[start..i].iter().map(|&t| t as u32).collect();
+        let text = tokenizer.decode(&ids)?;
+        match (k, marking) {
+            (Kind::Trained, Marking::Color) => {
+                out.push_str(TRAINED_ON);
+                out.push_str(&text);
+                out.push_str(TRAINED_OFF);
+            }
+            (Kind::Trained, Marking::Brackets) => {
+                out.push_str("[[");
+                out.push_str(&text);
+                out.push_str("]]");
+            }
+            _ => out.push_str(&text),
+        }
+    }
+    Ok(out)
+}
+
+/// Size (w, h) of the picture of one image: base tile, gap, grid of cols × rows tiles.
+pub fn picture_size(img: &ImageMeta) -> (u32, u32) {
+    let t = TILE_SIZE;
+    if img.num_tiles > 1 {
+        (t + GAP + img.grid_cols * t, t.max(img.grid_rows * t))
+    } else {
+        (t, t)
+    }
+}
+
+/// One tile's bytes → an RGB picture.
+fn decode_tile(bytes: &[u8], tile_encoding: &str) -> Result<RgbImage, InspectError> {
+    let t = TILE_SIZE as usize;
+    if tile_encoding == "jpeg" {
+        let img = turbojpeg::decompress(bytes, turbojpeg::PixelFormat::RGB)
+            .map_err(|e| InspectError::Image(format!("decoding a JPEG tile: {e}")))?;
+        let mut packed = Vec::with_capacity(img.width * img.height * 3);
+        for y in 0..img.height {
+            packed.extend_from_slice(&img.pixels[y * img.pitch..y * img.pitch + img.width * 3]);
+        }
+        return RgbImage::from_raw(img.width as u32, img.height as u32, packed)
+            .ok_or_else(|| InspectError::Image("JPEG tile of an odd size".into()));
+    }
+    if bytes.len() != 3 * t * t {
+        return Err(InspectError::Image(format!(
+            "raw tile has {} bytes, expected 3x{t}x{t} = {}",
+            bytes.len(),
+            3 * t * t
+        )));
+    }
+    let plane = t * t;
+    Ok(RgbImage::from_fn(t as u32, t as u32, |x, y| {
+        let p = y as usize * t + x as usize;
+        Rgb([bytes[p], bytes[plane + p], bytes[2 * plane + p]])
+    }))
+}
+
+/// The picture of a sample's tiles: per image, the base tile on the left and the grid (rows ×
+/// cols, row-major) on the right, `GAP` px apart; images one under the other. White background.
+pub fn tiles_picture(row: &ShardRow, tile_encoding: &str) -> Result<RgbImage, InspectError> {
+    if row.images.is_empty() {
+        return Err(InspectError::Usage(format!(
+            "sample {:?} has no image",
+            row.id
+        )));
+    }
+    let expected: u32 = row.images.iter().map(|i| i.num_tiles).sum();
+    if row.tiles.len() != expected as usize {
+        return Err(InspectError::Image(format!(
+            "sample {:?} has {} tiles, its images say {expected}",
+            row.id,
+            row.tiles.len()
+        )));
+    }
+    let sizes: Vec<(u32, u32)> = row.images.iter().map(picture_size).collect();
+    let width = sizes.iter().map(|s| s.0).max().unwrap_or(0);
+    let height = sizes.iter().map(|s| s.1).sum::<u32>() + GAP * (sizes.len() as u32 - 1);
+    let mut canvas = RgbImage::from_pixel(width, height, Rgb([255, 255, 255]));
+    let t = TILE_SIZE;
+    let (mut tile, mut top) = (0usize, 0u32);
+    for (img, size) in row.images.iter().zip(&sizes) {
+        let base = decode_tile(&row.tiles[tile], tile_encoding)?;
+        image::imageops::replace(&mut canvas, &base, 0, i64::from(top));
+        for k in 1..img.num_tiles {
+            let g = k - 1;
+            let (gx, gy) = (g % img.grid_cols.max(1), g / img.grid_cols.max(1));
+            let piece = decode_tile(&row.tiles[tile + k as usize], tile_encoding)?;
+            image::imageops::replace(
+                &mut canvas,
+                &piece,
+                i64::from(t + GAP + gx * t),
+                i64::from(top + gy * t),
+            );
+        }
+        tile += img.num_tiles as usize;
+        top += size.1 + GAP;
+    }
+    Ok(canvas)
+}

@@ -1,0 +1,386 @@
+//! `inspect --verify`: every shard against the manifest. Lists every problem found (file + what),
+//! never stops at the first.
+//!
+//! Per shard: present; size and SHA-256; readable as Parquet; schema version in the key-value
+//! metadata; row count and row groups; per row: modality = the shard's, group id within the
+//! shard's range, `length` = non-image ids + the images' tokens, `num_image_tokens` = the images'
+//! tokens, one `-200` id per image, `labels` as long as `input_ids`; per shard: tokens, supervised
+//! tokens, tiles and min/max length as in the manifest. Then the totals.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::Read;
+use std::panic::AssertUnwindSafe;
+
+use llava_formats::constants::{IGNORE_INDEX, IMAGE_TOKEN_INDEX};
+use llava_formats::manifest::ShardInfo;
+use llava_formats::schema::{batch_to_rows, check_version, col as c};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ProjectionMask;
+use sha2::{Digest, Sha256};
+
+use super::BuildDir;
+
+/// Row-level problems of one kind listed per shard before "and N more".
+const ROWS_LISTED: usize = 3;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The shard (as in the manifest), or `manifest.json` / `shards/` for build-wide problems.
+    pub file: String,
+    pub what: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.file, self.what)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct VerifyReport {
+    pub shards: usize,
+    /// Rows read and checked.
+    pub rows: u64,
+    pub problems: Vec<Problem>,
+    /// Not wrong, worth knowing (e.g. files in `shards/` that the manifest does not list).
+    pub warnings: Vec<Problem>,
+}
+
+impl VerifyReport {
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Counts row-level problems of one kind, keeping the first few messages.
+#[derive(Default)]
+struct RowIssues {
+    listed: Vec<String>,
+    count: usize,
+}
+
+impl RowIssues {
+    fn add(&mut self, msg: impl FnOnce() -> String) {
+        self.count += 1;
+        if self.listed.len() < ROWS_LISTED {
+            self.listed.push(msg());
+        }
+    }
+
+    fn flush(self, file: &str, problems: &mut Vec<Problem>) {
+        let more = self.count - self.listed.len();
+        let n = self.listed.len();
+        for (i, what) in self.listed.into_iter().enumerate() {
+            let what = if i + 1 == n && more > 0 {
+                format!("{what} (and {more} more rows)")
+            } else {
+                what
+            };
+            problems.push(Problem {
+                file: file.to_string(),
+                what,
+            });
+        }
+    }
+}
+
+fn sha256_of(path: &std::path::Path) -> std::io::Result<(u64, String)> {
+    let mut file = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    Ok((size, hex::encode(hasher.finalize())))
+}
+
+/// Checks one shard; returns the rows read.
+fn verify_shard(build: &BuildDir, shard: &ShardInfo, problems: &mut Vec<Problem>) -> u64 {
+    let path = build.shard_path(&shard.file);
+    let mut problem = |what: String| {
+        problems.push(Problem {
+            file: shard.file.clone(),
+            what,
+        })
+    };
+    if !path.is_file() {
+        problem("missing".into());
+        return 0;
+    }
+    match sha256_of(&path) {
+        Ok((size, sha)) => {
+            if size != shard.bytes {
+                problem(format!(
+                    "size {size} bytes, the manifest says {} (truncated or rewritten)",
+                    shard.bytes
+                ));
+            }
+            if sha != shard.sha256 {
+                problem(format!(
+                    "sha256 {sha} differs from the manifest's {}",
+                    shard.sha256
+                ));
+            }
+        }
+        Err(e) => {
+            problem(format!("cannot read: {e}"));
+            return 0;
+        }
+    }
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) => {
+            problem(format!("cannot open: {e}"));
+            return 0;
+        }
+    };
+    let builder = match ParquetRecordBatchReaderBuilder::try_new(file) {
+        Ok(b) => b,
+        Err(e) => {
+            problem(format!("not readable as Parquet: {e}"));
+            return 0;
+        }
+    };
+    let meta = builder.metadata().file_metadata();
+    // The writer's key-value metadata (schema version) travels in the embedded Arrow schema; a
+    // plain Parquet key-value entry is accepted too.
+    let mut kv: std::collections::HashMap<String, String> = meta
+        .key_value_metadata()
+        .map(|kv| {
+            kv.iter()
+                .filter_map(|e| e.value.clone().map(|v| (e.key.clone(), v)))
+                .collect()
+        })
+        .unwrap_or_default();
+    kv.extend(
+        builder
+            .schema()
+            .metadata()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone())),
+    );
+    if let Err(e) = check_version(&kv) {
+        problem(format!("schema version: {e}"));
+    }
+    let file_rows = meta.num_rows() as u64;
+    if file_rows != shard.rows {
+        problem(format!(
+            "{file_rows} rows in the file, the manifest says {}",
+            shard.rows
+        ));
+    }
+    let row_groups = builder.metadata().num_row_groups() as u64;
+    if row_groups != shard.row_groups {
+        problem(format!(
+            "{row_groups} row groups in the file, the manifest says {}",
+            shard.row_groups
+        ));
+    }
+    let schema = builder.schema().clone();
+    let columns: Vec<usize> = (0..schema.fields().len())
+        .filter(|&i| schema.field(i).name() != c::TILES)
+        .collect();
+    let mask = ProjectionMask::roots(builder.parquet_schema(), columns);
+    let reader = match builder.with_projection(mask).build() {
+        Ok(r) => r,
+        Err(e) => {
+            problem(format!("not readable as Parquet: {e}"));
+            return 0;
+        }
+    };
+
+    let groups = shard.first_group..shard.first_group + shard.groups;
+    let mut issues: [RowIssues; 6] = Default::default();
+    let (mut rows, mut tokens, mut supervised, mut tiles) = (0u64, 0u64, 0u64, 0u64);
+    let (mut min_len, mut max_len) = (u32::MAX, 0u32);
+    for batch in reader {
+        let batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                problem(format!("unreadable rows after row {rows}: {e}"));
+                break;
+            }
+        };
+        let shard_rows = match batch_to_rows(&batch) {
+            Ok(r) => r,
+            Err(e) => {
+                problem(format!("columns: {e}"));
+                break;
+            }
+        };
+        for r in shard_rows {
+            let at = || format!("row {rows} (id {:?})", r.id);
+            if r.modality != shard.modality {
+                issues[0].add(|| {
+                    format!(
+                        "{}: modality {:?} in a {} shard",
+                        at(),
+                        r.modality,
+                        shard.modality
+                    )
+                });
+            }
+            if !groups.contains(&r.group) {
+                issues[1].add(|| {
+                    format!(
+                        "{}: group {} outside the shard's groups {}..{}",
+                        at(),
+                        r.group,
+                        groups.start,
+                        groups.end
+                    )
+                });
+            }
+            let image_tokens: u64 = r.images.iter().map(|i| u64::from(i.image_tokens)).sum();
+            let placeholders = r
+                .input_ids
+                .iter()
+                .filter(|&&t| t == IMAGE_TOKEN_INDEX)
+                .count();
+            let expected = (r.input_ids.len() - placeholders) as u64 + image_tokens;
+            if u64::from(r.length) != expected {
+                issues[2].add(|| {
+                    format!(
+                        "{}: length {} but ids + image tokens give {expected}",
+                        at(),
+                        r.length
+                    )
+                });
+            }
+            if u64::from(r.num_image_tokens) != image_tokens || placeholders != r.images.len() {
+                issues[3].add(|| {
+                    format!(
+                        "{}: {} image placeholders and {} image tokens for {} images with {image_tokens} tokens",
+                        at(),
+                        placeholders,
+                        r.num_image_tokens,
+                        r.images.len()
+                    )
+                });
+            }
+            if r.labels.len() != r.input_ids.len() {
+                issues[4].add(|| {
+                    format!(
+                        "{}: {} labels for {} input ids",
+                        at(),
+                        r.labels.len(),
+                        r.input_ids.len()
+                    )
+                });
+            }
+            if r.images.iter().any(|i| i.num_tiles == 0) {
+                issues[5].add(|| format!("{}: an image with no tile", at()));
+            }
+            rows += 1;
+            tokens += u64::from(r.length);
+            supervised += r.labels.iter().filter(|&&l| l != IGNORE_INDEX).count() as u64;
+            tiles += r.images.iter().map(|i| u64::from(i.num_tiles)).sum::<u64>();
+            min_len = min_len.min(r.length);
+            max_len = max_len.max(r.length);
+        }
+    }
+    for i in issues {
+        i.flush(&shard.file, problems);
+    }
+    let mut problem = |what: String| {
+        problems.push(Problem {
+            file: shard.file.clone(),
+            what,
+        })
+    };
+    if rows == file_rows {
+        let sums = [
+            ("tokens", tokens, shard.tokens),
+            ("supervised tokens", supervised, shard.supervised_tokens),
+            ("tiles", tiles, shard.tiles),
+        ];
+        for (what, found, listed) in sums {
+            if found != listed {
+                problem(format!("{found} {what}, the manifest says {listed}"));
+            }
+        }
+        if rows > 0 && (min_len, max_len) != (shard.min_length, shard.max_length) {
+            problem(format!(
+                "lengths {min_len}..={max_len}, the manifest says {}..={}",
+                shard.min_length, shard.max_length
+            ));
+        }
+    } else if rows < file_rows {
+        problem(format!("only {rows} of {file_rows} rows readable"));
+    }
+    rows
+}
+
+/// Verifies every shard of a build against its manifest.
+pub fn verify(build: &BuildDir) -> VerifyReport {
+    let m = &build.manifest;
+    let mut report = VerifyReport {
+        shards: m.shards.len(),
+        ..Default::default()
+    };
+    for shard in &m.shards {
+        // A decoder that panics on corrupt bytes is one more problem, not the end of the check.
+        let mut found = Vec::new();
+        let rows =
+            std::panic::catch_unwind(AssertUnwindSafe(|| verify_shard(build, shard, &mut found)));
+        match rows {
+            Ok(n) => report.rows += n,
+            Err(_) => found.push(Problem {
+                file: shard.file.clone(),
+                what: "the Parquet reader failed on corrupt data".into(),
+            }),
+        }
+        report.problems.extend(found);
+    }
+    let listed_rows: u64 = m.shards.iter().map(|s| s.rows).sum();
+    if listed_rows != m.totals.samples {
+        report.problems.push(Problem {
+            file: "manifest.json".into(),
+            what: format!(
+                "shards list {listed_rows} rows, totals say {} samples",
+                m.totals.samples
+            ),
+        });
+    }
+    let written: u64 = m.sources.iter().map(|s| s.written).sum();
+    if written != m.totals.samples {
+        report.problems.push(Problem {
+            file: "manifest.json".into(),
+            what: format!(
+                "sources wrote {written} samples, totals say {}",
+                m.totals.samples
+            ),
+        });
+    }
+    // Files in shards/ that the manifest does not list.
+    let listed: BTreeSet<String> = m.shards.iter().map(|s| s.file.clone()).collect();
+    let dir = build.dir.join(crate::build::SHARDS_DIR);
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        let mut extra: Vec<String> = entries
+            .filter_map(Result::ok)
+            .map(|e| {
+                format!(
+                    "{}/{}",
+                    crate::build::SHARDS_DIR,
+                    e.file_name().to_string_lossy()
+                )
+            })
+            .filter(|f| !listed.contains(f))
+            .collect();
+        extra.sort();
+        for f in extra {
+            report.warnings.push(Problem {
+                file: f,
+                what: "not in the manifest (ignored by trainers)".into(),
+            });
+        }
+    }
+    report
+}
