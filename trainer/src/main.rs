@@ -20,7 +20,7 @@ enum Command {
     /// Measure the data loader (or print a rank's plan with --dry-run).
     LoaderBench(cli::loader_bench::Args),
     /// Train on llava-data shards (--config train.toml; every key is also a flag).
-    Run(cli::run::Args),
+    Run(Box<cli::run::Args>),
     /// Write a random (tiny) or assembled model in the HF LlavaNext layout.
     Init(cli::init::Args),
 }
@@ -35,7 +35,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::LoaderBench(args) => cli::loader_bench::run(args),
-        Command::Run(args) => cli::run::run(args),
+        Command::Run(args) => cli::run::run(*args),
         Command::Init(args) => cli::init::run(args),
     }
 }

@@ -680,7 +680,7 @@ pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
             data_wait_s: wait.as_secs_f64(),
             step_s: dt,
         };
-        if step % cfg.log_every == 0 || step == total_steps {
+        if step.is_multiple_of(cfg.log_every) || step == total_steps {
             let line =
                 format!(
                 "step {step}/{total_steps} loss {:.4} lr {:.3e} grad_norm {:.3} tokens/s {:.0} \
@@ -710,7 +710,7 @@ pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
             summary.interrupted = true;
             return Ok(summary);
         }
-        let periodic = cfg.save_every.is_some_and(|n| n > 0 && step % n == 0);
+        let periodic = cfg.save_every.is_some_and(|n| n > 0 && step.is_multiple_of(n));
         if periodic || control == Control::Stop || step == total_steps {
             summary.last_checkpoint = Some(save(&optim, step, data_state, lr, loss_v)?);
             last_saved = step;
