@@ -1,0 +1,229 @@
+//! `llava-data build` → `llava-trainer init` → `llava-trainer run` on CPU (issue 7's "done
+//! when"): the loss falls, a killed run resumes to bit-identical weights, Ctrl-C checkpoints,
+//! the checkpoint has exactly HF's keys, and the two stages chain through the projector file.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use llava_data::build::{build, BuildOptions, Partition};
+use llava_e2e::*;
+use llava_trainer::checkpoint;
+use llava_trainer::init::{self, InitSpec};
+use llava_trainer::train::{self, Control, RunOptions, TrainConfig};
+
+/// Pretraining-style shards: captions (plain) and instructions (llava_llama_3), square images
+/// (577 tokens each), flat merge; short rows keep CPU steps fast.
+fn build_shards(dir: &Path) -> PathBuf {
+    let f = fixtures();
+    let text = format!(
+        r#"output = "out"
+tokenizer = "{tok}"
+seed = 7
+batch_size = 2
+group_size = 2
+length_pool_groups = 1
+mm_patch_merge_type = "flat"
+
+[[sources]]
+name = "blip"
+json = "{f}/data/blip_laion_cc_sbu_558k.json"
+image_folder = "{f}/images/llava/llava_pretrain/images"
+template = "plain"
+image_aspect_ratio = "square"
+
+[[sources]]
+name = "instruct"
+json = "{f}/data/llava_instruct_150k.json"
+image_folder = "{f}/images/coco/train2017"
+template = "llava_llama_3"
+image_aspect_ratio = "square"
+"#,
+        tok = tokenizer_path().display(),
+        f = f.display()
+    );
+    let config = dir.join("datasets.toml");
+    std::fs::write(&config, text).unwrap();
+    let opts = BuildOptions {
+        output: None,
+        partition: Partition::WHOLE,
+        progress: false,
+    };
+    build(&config, &opts).expect("build");
+    dir.join("out")
+}
+
+/// Tiny model with the fixture's layer counts (so the key set is the fixture's) and the shards'
+/// geometry: 336-pixel tiles, patch 14, Llama-3's grown vocabulary.
+fn tiny_model(dir: &Path) -> PathBuf {
+    let spec: InitSpec = serde_json::from_value(serde_json::json!({
+        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                          "num_attention_heads": 2, "image_size": 336, "patch_size": 14},
+        "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128320,
+                        "max_position_embeddings": 8192},
+        "seed": 1
+    }))
+    .unwrap();
+    let (cfg, varmap) = init::random_model(&spec).expect("init");
+    let out = dir.join("tiny-model");
+    checkpoint::save_hf_model(&out, &cfg, &varmap, None).expect("save");
+    out
+}
+
+fn config(shards: &Path, model: &Path, output: &Path) -> TrainConfig {
+    let mut c = TrainConfig::new(shards.into(), model.into(), output.into());
+    c.lr = 1e-3;
+    c.warmup_ratio = 0.1;
+    c.max_steps = Some(8);
+    c.save_every = Some(3);
+    c.save_total_limit = Some(2);
+    c.workers = 2;
+    c.merge_type = Some(llava_trainer::llava_next::MergeType::Flat);
+    c
+}
+
+fn stop_at(step: u64, how: Control) -> RunOptions {
+    RunOptions {
+        after_step: Some(Box::new(
+            move |s| if s == step { how } else { Control::Continue },
+        )),
+        ..RunOptions::default()
+    }
+}
+
+fn tensor_names(path: &Path) -> BTreeMap<String, Vec<usize>> {
+    candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k, t.dims().to_vec()))
+        .collect()
+}
+
+#[test]
+fn train_resume_and_checkpoint_layout() {
+    let dir = scratch("train");
+    let shards = build_shards(&dir);
+    let model = tiny_model(&dir);
+
+    // Refuses shards built for another merge.
+    let mut bad = config(&shards, &model, &dir.join("bad"));
+    bad.merge_type = Some(llava_trainer::llava_next::MergeType::SpatialUnpad);
+    let err = train::run(&bad, RunOptions::default()).expect_err("merge mismatch");
+    assert!(err.to_string().contains("mm_patch_merge_type"), "{err}");
+
+    // Uninterrupted run.
+    let a = dir.join("a");
+    let t = std::time::Instant::now();
+    let sa = train::run(&config(&shards, &model, &a), RunOptions::default()).expect("run a");
+    let secs = t.elapsed().as_secs_f64();
+    let losses: Vec<f64> = sa.history.iter().map(|h| h.loss).collect();
+    println!(
+        "losses {losses:?}; {:.2}s per step incl. checkpoints",
+        secs / 8.0
+    );
+    assert_eq!(sa.steps_done, 8);
+    let first = (losses[0] + losses[1]) / 2.0;
+    let last = (losses[6] + losses[7]) / 2.0;
+    assert!(last < first - 0.1, "loss falls: {first} → {last}");
+    assert_eq!(sa.history[0].lr, 0.0, "lr 0 at the first step");
+    // Keep limit 2: checkpoint-3 deleted.
+    let kept: Vec<u64> = checkpoint::list_checkpoints(&a)
+        .iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(kept, vec![6, 8]);
+    let log = std::fs::read_to_string(a.join("log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 8);
+
+    // Ctrl-C at step 2, a kill after step 4 (last checkpoint 3), then resume to the end.
+    let b = dir.join("b");
+    let cb = config(&shards, &model, &b);
+    let s1 = train::run(&cb, stop_at(2, Control::Stop)).expect("run b1");
+    assert!(s1.interrupted);
+    assert!(b.join("checkpoint-2/trainer_state.json").is_file());
+    let s2 = train::run(&cb, stop_at(4, Control::Abort)).expect("run b2");
+    assert_eq!(
+        s2.resumed_from.as_deref(),
+        Some(b.join("checkpoint-2").as_path())
+    );
+    assert!(s2.interrupted && s2.steps_done == 4);
+    let s3 = train::run(&cb, RunOptions::default()).expect("run b3");
+    assert_eq!(
+        s3.resumed_from.as_deref(),
+        Some(b.join("checkpoint-3").as_path())
+    );
+    assert_eq!(s3.steps_done, 8);
+    for f in ["model.safetensors", "trainer_state.safetensors"] {
+        let x = std::fs::read(a.join("checkpoint-8").join(f)).unwrap();
+        let y = std::fs::read(b.join("checkpoint-8").join(f)).unwrap();
+        assert!(
+            x == y,
+            "{f}: resumed run differs from the uninterrupted one"
+        );
+    }
+    let resumed: Vec<f64> = s3.history.iter().map(|h| h.loss).collect();
+    assert_eq!(
+        resumed,
+        losses[3..].to_vec(),
+        "same losses after the resume"
+    );
+
+    // Exactly HF's keys (the fixture's llava-hf hub names: same layer counts) and shapes.
+    let ck = a.join("checkpoint-8");
+    let names = tensor_names(&ck.join("model.safetensors"));
+    let mapping: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("tiny-llava-next-a/key_mapping.json")).unwrap(),
+    )
+    .unwrap();
+    let hub: BTreeSet<String> = mapping
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["llava_hf_hub_key"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names.keys().cloned().collect::<BTreeSet<_>>(), hub);
+    let cfg = llava_trainer::LlavaNextConfig::from_file(ck.join("config.json")).expect("config");
+    for (n, s) in init::all_params(&cfg) {
+        assert_eq!(names[&n], s, "{n}");
+    }
+    assert_eq!(
+        names["language_model.model.embed_tokens.weight"],
+        vec![128320, 64]
+    );
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("config.json")).unwrap()).unwrap();
+    assert_eq!(c["architectures"][0], "LlavaNextForConditionalGeneration");
+    assert_eq!(c["model_type"], "llava_next");
+    assert_eq!(c["image_token_index"], 128256);
+    assert_eq!(c["vision_feature_layer"], -2);
+    assert_eq!(
+        c["image_grid_pinpoints"],
+        serde_json::json!([[672, 336], [336, 672], [672, 672], [336, 1008], [1008, 336]]),
+        "pinpoints swapped to HF's (h, w)"
+    );
+    for f in ["preprocessor_config.json", "processor_config.json"] {
+        assert!(ck.join(f).is_file(), "{f}");
+    }
+
+    // Stage 1 (projector only) writes the projector under the reference's names; stage 2 loads it.
+    let p1 = dir.join("stage1");
+    let mut c1 = config(&shards, &model, &p1);
+    c1.tunable_parts = "mm_mlp_adapter".into();
+    c1.max_steps = Some(2);
+    train::run(&c1, RunOptions::default()).expect("stage 1");
+    let proj = p1.join(checkpoint::PROJECTOR_FILE);
+    let keys: Vec<String> = tensor_names(&proj).into_keys().collect();
+    assert_eq!(
+        keys,
+        [
+            "model.mm_projector.0.bias",
+            "model.mm_projector.0.weight",
+            "model.mm_projector.2.bias",
+            "model.mm_projector.2.weight"
+        ]
+    );
+    let mut c2 = config(&shards, &model, &dir.join("stage2"));
+    c2.source.projector = Some(proj);
+    c2.max_steps = Some(1);
+    train::run(&c2, RunOptions::default()).expect("stage 2 with the stage-1 projector");
+}
