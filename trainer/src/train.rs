@@ -710,7 +710,9 @@ pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
             summary.interrupted = true;
             return Ok(summary);
         }
-        let periodic = cfg.save_every.is_some_and(|n| n > 0 && step.is_multiple_of(n));
+        let periodic = cfg
+            .save_every
+            .is_some_and(|n| n > 0 && step.is_multiple_of(n));
         if periodic || control == Control::Stop || step == total_steps {
             summary.last_checkpoint = Some(save(&optim, step, data_state, lr, loss_v)?);
             last_saved = step;

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use llava_formats::constants::IGNORE_INDEX;
-use llava_formats::schema::{batch_to_rows, ShardRow};
 use llava_formats::normalize::lut;
+use llava_formats::schema::{batch_to_rows, ShardRow};
 use llava_trainer::data::synthetic::{write_synthetic, SynthSpec};
 use llava_trainer::data::{
     DataError, DataState, EpochPlan, IndexOptions, Loader, LoaderConfig, PixelFormat, Pixels,
