@@ -75,12 +75,33 @@ pub struct Args {
     no_resume: bool,
 }
 
+/// Keys that hold paths: in a train.toml they are relative to the file (as in datasets.toml);
+/// as flags, to the current directory.
+const PATH_KEYS: [&str; 8] = [
+    "shards",
+    "model",
+    "llm",
+    "vision",
+    "projector",
+    "output",
+    "tokenizer",
+    "resume",
+];
+
 fn merged(args: Args) -> Result<TrainConfig> {
     let mut v: toml::Table = match &args.config {
         Some(p) => {
             let text =
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
+            let mut table: toml::Table =
+                toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+            let base = p.parent().unwrap_or(std::path::Path::new("."));
+            for key in PATH_KEYS {
+                if let Some(toml::Value::String(s)) = table.get_mut(key) {
+                    *s = base.join(&*s).display().to_string();
+                }
+            }
+            table
         }
         None => toml::Table::new(),
     };
