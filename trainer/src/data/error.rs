@@ -58,7 +58,7 @@ pub enum DataError {
         detail: String,
     },
 
-    #[error("tile encoding {0:?} is not supported by this loader (only \"raw\"); rebuild the shards with tile_encoding = \"raw\"")]
+    #[error("tile encoding {0:?} is not supported by this loader (only \"raw\" and \"jpeg\")")]
     UnsupportedTileEncoding(String),
 
     #[error("per-device batch size {requested} is not supported for shards built with batch size {built}: use a divisor or a multiple of {built}, or rebuild the shards")]

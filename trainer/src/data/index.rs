@@ -150,7 +150,7 @@ impl ShardIndex {
                 manifest.schema_version
             )));
         }
-        if manifest.settings.tile_encoding != "raw" {
+        if !["raw", "jpeg"].contains(&manifest.settings.tile_encoding.as_str()) {
             return Err(DataError::UnsupportedTileEncoding(
                 manifest.settings.tile_encoding.clone(),
             ));

@@ -187,6 +187,11 @@ impl ShardReader {
                         ),
                     ));
                 }
+                let mut row = row;
+                if index.manifest.settings.tile_encoding == "jpeg" {
+                    decode_jpeg_tiles(&mut row, index.tile_size())
+                        .map_err(|d| corrupt(rg, format!("row {i}: {d}")))?;
+                }
                 check_row(&row, index.tile_size())
                     .map_err(|d| corrupt(rg, format!("row {i}: {d}")))?;
                 out.push(row);
@@ -195,6 +200,34 @@ impl ShardReader {
         }
         Ok((out, bytes_read))
     }
+}
+
+/// `jpeg` shards store one baseline JPEG (HWC RGB) per tile: decode each into the raw CHW layout.
+/// Lossy by design (the build's `raw` default is exact); decoding is libjpeg-turbo's, as in the build.
+fn decode_jpeg_tiles(row: &mut ShardRow, tile_size: usize) -> Result<(), String> {
+    for tile in &mut row.tiles {
+        let image = turbojpeg::decompress(tile, turbojpeg::PixelFormat::RGB)
+            .map_err(|e| format!("a jpeg tile does not decode: {e}"))?;
+        if image.width != tile_size || image.height != tile_size {
+            return Err(format!(
+                "a jpeg tile is {}x{}, expected {tile_size}x{tile_size}",
+                image.width, image.height
+            ));
+        }
+        let plane = tile_size * tile_size;
+        let mut chw = vec![0u8; 3 * plane];
+        for y in 0..tile_size {
+            let line = &image.pixels[y * image.pitch..y * image.pitch + 3 * tile_size];
+            for (x, px) in line.chunks_exact(3).enumerate() {
+                let i = y * tile_size + x;
+                chw[i] = px[0];
+                chw[plane + i] = px[1];
+                chw[2 * plane + i] = px[2];
+            }
+        }
+        *tile = chw;
+    }
+    Ok(())
 }
 
 /// What collation relies on.
