@@ -4,7 +4,7 @@
 
 use crate::decode::RgbImage;
 use crate::geometry::{clip_resize_size, resize_and_pad_size, select_best_resolution, TILE};
-use crate::resample::resize_bicubic;
+use crate::resample::{apply_planar_multi, PlanarScratch, ResizePlan};
 
 /// `int(mean * 255)` of the CLIP processor: the `pad` background (spec §3.9).
 pub const PAD_BACKGROUND: [u8; 3] = [122, 116, 104];
@@ -96,11 +96,11 @@ pub fn make_tiles(img: &RgbImage, mode: &AspectMode) -> Result<Tiles, TileError>
         AspectMode::Anyres(pinpoints) => anyres(img, pinpoints),
         AspectMode::Square => {
             check_channel_trap("square", img, img.height)?;
-            Ok(single(clip_process(img)))
+            Ok(single_from(img))
         }
         AspectMode::Pad => {
             check_channel_trap("pad", img, img.width.max(img.height))?;
-            Ok(single(clip_process(&expand2square(img, PAD_BACKGROUND))))
+            Ok(single_from(&expand2square(img, PAD_BACKGROUND)))
         }
     }
 }
@@ -112,30 +112,6 @@ fn check_channel_trap(mode: &'static str, img: &RgbImage, side: u32) -> Result<(
         1 => Err(TileError::ChannelInferenceError { mode, w, h, side }),
         3 => Err(TileError::ChannelInferenceScramble { mode, w, h }),
         _ => Ok(()),
-    }
-}
-
-fn single(tile_hwc: RgbImage) -> Tiles {
-    let mut data = Vec::with_capacity(TILE_BYTES);
-    push_planar(&mut data, &tile_hwc, 0, 0);
-    Tiles {
-        num_tiles: 1,
-        best_resolution: None,
-        grid_cols: 1,
-        grid_rows: 1,
-        data,
-    }
-}
-
-/// Append the 336x336 crop at `(left, top)` of `img` in channel-planar order.
-fn push_planar(out: &mut Vec<u8>, img: &RgbImage, left: usize, top: usize) {
-    let t = TILE as usize;
-    let stride = img.width as usize * 3;
-    for c in 0..3 {
-        for y in top..top + t {
-            let row = &img.data[y * stride + left * 3..y * stride + (left + t) * 3];
-            out.extend(row.chunks_exact(3).map(|p| p[c]));
-        }
     }
 }
 
@@ -166,21 +142,30 @@ fn paste(dst: &mut RgbImage, src: &RgbImage, x: u32, y: u32) {
     }
 }
 
-/// CLIP processor resize + centre crop, returning the 336x336 HWC crop.
-fn clip_process(img: &RgbImage) -> RgbImage {
+/// CLIP processor resize + centre crop of `img`, written channel-planar into `dst`
+/// (`TILE_BYTES` long).
+fn clip_process_into(img: &RgbImage, dst: &mut [u8]) {
     let (nw, nh) = clip_resize_size(img.size(), TILE);
-    let resized = resize_bicubic(img, nw, nh);
+    let plan = ResizePlan::new(img.width, img.height, nw, nh);
     let t = TILE as usize;
     let left = (nw as usize - t) / 2;
     let top = (nh as usize - t) / 2;
-    let stride = nw as usize * 3;
-    let mut data = Vec::with_capacity(t * t * 3);
-    for y in top..top + t {
-        data.extend_from_slice(&resized.data[y * stride + left * 3..y * stride + (left + t) * 3]);
-    }
-    RgbImage {
-        width: TILE,
-        height: TILE,
+    plan.apply_planar(img, &mut PlanarScratch::default(), |ch, y, row| {
+        if (top..top + t).contains(&y) {
+            let o = (ch * t + y - top) * t;
+            dst[o..o + t].copy_from_slice(&row[left..left + t]);
+        }
+    });
+}
+
+fn single_from(img: &RgbImage) -> Tiles {
+    let mut data = vec![0u8; TILE_BYTES];
+    clip_process_into(img, &mut data);
+    Tiles {
+        num_tiles: 1,
+        best_resolution: None,
+        grid_cols: 1,
+        grid_rows: 1,
         data,
     }
 }
@@ -192,21 +177,37 @@ fn anyres(img: &RgbImage, pinpoints: &[(u32, u32)]) -> Result<Tiles, TileError> 
     }
     let (cols, rows) = (best.0 / TILE, best.1 / TILE);
     let n = 1 + (cols * rows) as usize;
-    let mut data = Vec::with_capacity(n * TILE_BYTES);
+    // Zero-initialised: the black padding of the resize-and-pad canvas is already there.
+    let mut data = vec![0u8; n * TILE_BYTES];
+    let t = TILE as usize;
+    let plane = t * t;
+    let mut scratch = PlanarScratch::default();
 
-    // Tile 0: aspect-ignoring squash of the whole image.
-    let base = resize_bicubic(img, TILE, TILE);
-    push_planar(&mut data, &base, 0, 0);
-
+    // Tile 0: aspect-ignoring squash of the whole image. Tiles 1..: resize, then paste at
+    // (px, py) on the black canvas, written straight into the tiles.
+    let base = ResizePlan::new(img.width, img.height, TILE, TILE);
     let ((nw, nh), (px, py)) = resize_and_pad_size(img.size(), best);
-    let resized = resize_bicubic(img, nw, nh);
-    let mut canvas = RgbImage::filled(best.0, best.1, [0, 0, 0]);
-    paste(&mut canvas, &resized, px, py);
-    for r in 0..rows {
-        for c in 0..cols {
-            push_planar(&mut data, &canvas, (c * TILE) as usize, (r * TILE) as usize);
+    let (px, py) = (px as usize, py as usize);
+    let grid = ResizePlan::new(img.width, img.height, nw, nh);
+    apply_planar_multi(&[&base, &grid], img, &mut scratch, |p, ch, y, row| {
+        if p == 0 {
+            let o = ch * plane + y * t;
+            data[o..o + t].copy_from_slice(row);
+            return;
         }
-    }
+        let cy = py + y;
+        let (tr, yl) = (cy / t, cy % t);
+        let mut x = px;
+        let end = px + row.len();
+        while x < end {
+            let tc = x / t;
+            let x1 = end.min((tc + 1) * t);
+            let tile = 1 + tr * cols as usize + tc;
+            let o = tile * TILE_BYTES + ch * plane + yl * t + (x - tc * t);
+            data[o..o + (x1 - x)].copy_from_slice(&row[x - px..x1 - px]);
+            x = x1;
+        }
+    });
     Ok(Tiles {
         num_tiles: n,
         best_resolution: Some(best),
@@ -214,6 +215,104 @@ fn anyres(img: &RgbImage, pinpoints: &[(u32, u32)]) -> Result<Tiles, TileError> 
         grid_rows: rows,
         data,
     })
+}
+
+/// The straightforward interleaved path (resize to HWC images, paste on a canvas, crop and
+/// de-interleave): the reference the planar path is checked against byte for byte.
+#[cfg(test)]
+pub(crate) mod reference {
+    use super::*;
+    use crate::resample::resize_bicubic;
+
+    pub fn make_tiles(img: &RgbImage, mode: &AspectMode) -> Result<Tiles, TileError> {
+        if img.width == 0 || img.height == 0 {
+            return Err(TileError::ZeroSize(img.width, img.height));
+        }
+        match mode {
+            AspectMode::Anyres(pinpoints) => anyres(img, pinpoints),
+            AspectMode::Square => {
+                check_channel_trap("square", img, img.height)?;
+                Ok(single(clip_process(img)))
+            }
+            AspectMode::Pad => {
+                check_channel_trap("pad", img, img.width.max(img.height))?;
+                Ok(single(clip_process(&expand2square(img, PAD_BACKGROUND))))
+            }
+        }
+    }
+
+    fn single(tile_hwc: RgbImage) -> Tiles {
+        let mut data = Vec::with_capacity(TILE_BYTES);
+        push_planar(&mut data, &tile_hwc, 0, 0);
+        Tiles {
+            num_tiles: 1,
+            best_resolution: None,
+            grid_cols: 1,
+            grid_rows: 1,
+            data,
+        }
+    }
+
+    /// Append the 336x336 crop at `(left, top)` of `img` in channel-planar order.
+    fn push_planar(out: &mut Vec<u8>, img: &RgbImage, left: usize, top: usize) {
+        let t = TILE as usize;
+        let stride = img.width as usize * 3;
+        for c in 0..3 {
+            for y in top..top + t {
+                let row = &img.data[y * stride + left * 3..y * stride + (left + t) * 3];
+                out.extend(row.chunks_exact(3).map(|p| p[c]));
+            }
+        }
+    }
+
+    /// CLIP processor resize + centre crop, returning the 336x336 HWC crop.
+    fn clip_process(img: &RgbImage) -> RgbImage {
+        let (nw, nh) = clip_resize_size(img.size(), TILE);
+        let resized = resize_bicubic(img, nw, nh);
+        let t = TILE as usize;
+        let left = (nw as usize - t) / 2;
+        let top = (nh as usize - t) / 2;
+        let stride = nw as usize * 3;
+        let mut data = Vec::with_capacity(t * t * 3);
+        for y in top..top + t {
+            data.extend_from_slice(
+                &resized.data[y * stride + left * 3..y * stride + (left + t) * 3],
+            );
+        }
+        RgbImage {
+            width: TILE,
+            height: TILE,
+            data,
+        }
+    }
+
+    fn anyres(img: &RgbImage, pinpoints: &[(u32, u32)]) -> Result<Tiles, TileError> {
+        let best = select_best_resolution(img.size(), pinpoints).ok_or(TileError::NoPinpoints)?;
+        if best.0 % TILE != 0 || best.1 % TILE != 0 {
+            return Err(TileError::PinpointNotTileMultiple(best.0, best.1));
+        }
+        let (cols, rows) = (best.0 / TILE, best.1 / TILE);
+        let n = 1 + (cols * rows) as usize;
+        let mut data = Vec::with_capacity(n * TILE_BYTES);
+        let base = resize_bicubic(img, TILE, TILE);
+        push_planar(&mut data, &base, 0, 0);
+        let ((nw, nh), (px, py)) = resize_and_pad_size(img.size(), best);
+        let resized = resize_bicubic(img, nw, nh);
+        let mut canvas = RgbImage::filled(best.0, best.1, [0, 0, 0]);
+        paste(&mut canvas, &resized, px, py);
+        for r in 0..rows {
+            for c in 0..cols {
+                push_planar(&mut data, &canvas, (c * TILE) as usize, (r * TILE) as usize);
+            }
+        }
+        Ok(Tiles {
+            num_tiles: n,
+            best_resolution: Some(best),
+            grid_cols: cols,
+            grid_rows: rows,
+            data,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -284,5 +383,79 @@ mod tests {
         assert_eq!(&tile1[..3], &[0, 0, 0]);
         let i = (42 * 336) * 3;
         assert_eq!(&tile1[i..i + 3], &[9, 99, 199]);
+    }
+
+    /// Deterministic pseudo-random image (xorshift), with some flat runs so clipping and
+    /// uniform regions are exercised too.
+    fn noise(w: u32, h: u32, seed: u64) -> RgbImage {
+        let mut x = seed | 1;
+        let data = (0..w as usize * h as usize * 3)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if (i / 97) % 5 == 0 {
+                    if (i / 97) % 2 == 0 {
+                        255
+                    } else {
+                        0
+                    }
+                } else {
+                    (x >> 24) as u8
+                }
+            })
+            .collect();
+        RgbImage {
+            width: w,
+            height: h,
+            data,
+        }
+    }
+
+    #[test]
+    fn planar_matches_reference_on_edge_sizes() {
+        let anyres = AspectMode::Anyres(RECIPE_PINPOINTS.to_vec());
+        for &(w, h) in &[
+            (1, 1),
+            (1, 700),
+            (700, 1),
+            (336, 336),
+            (672, 672),
+            (672, 336),
+            (2, 5),
+            (335, 337),
+            (4000, 37),
+            (37, 3000),
+            (1280, 1024),
+        ] {
+            let img = noise(w, h, u64::from(w * 31 + h));
+            for mode in [anyres.clone(), AspectMode::Square, AspectMode::Pad] {
+                assert_eq!(
+                    make_tiles(&img, &mode),
+                    reference::make_tiles(&img, &mode),
+                    "{w}x{h} {mode:?}"
+                );
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        #[test]
+        fn planar_matches_reference(
+            w in 1u32..1200,
+            h in 1u32..1200,
+            seed in proptest::prelude::any::<u64>(),
+            pins in proptest::collection::vec((1u32..5, 1u32..5), 1..4),
+            mode_ix in 0usize..3,
+        ) {
+            let img = noise(w, h, seed);
+            let mode = match mode_ix {
+                0 => AspectMode::Anyres(pins.iter().map(|&(c, r)| (c * TILE, r * TILE)).collect()),
+                1 => AspectMode::Square,
+                _ => AspectMode::Pad,
+            };
+            proptest::prop_assert_eq!(make_tiles(&img, &mode), reference::make_tiles(&img, &mode));
+        }
     }
 }
