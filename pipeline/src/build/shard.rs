@@ -136,7 +136,7 @@ fn write_shard(
         path: tmp_path.clone(),
         reason: e.to_string(),
     };
-    let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(writer_properties(ctx)?))
+    let writer = ArrowWriter::try_new(file, schema.clone(), Some(writer_properties(ctx)?))
         .map_err(parquet_err)?;
 
     let mut stats = Stats::new(ctx.config.sources.len());
@@ -149,53 +149,71 @@ fn write_shard(
             batch_id += 1;
         }
     }
-    // Render a window of whole batches in parallel (enough samples to keep every thread busy),
-    // then write its batches in order: the output does not depend on the thread count.
-    let window_samples = (rayon::current_num_threads() * 2).max(ctx.config.batch_size);
-    let mut start = 0;
-    while start < batches.len() {
-        let mut end = start;
-        let mut n = 0;
-        while end < batches.len() && (n < window_samples || end == start) {
-            n += batches[end].2.len();
-            end += 1;
-        }
-        let work: Vec<(u32, u32, u32)> = batches[start..end]
-            .iter()
-            .flat_map(|&(g, b, ords)| ords.iter().map(move |&o| (g, b, o)))
-            .collect();
-        let rendered: Vec<Result<ShardRow, Box<RejectEntry>>> = work
-            .par_iter()
-            .map(|&(group, batch, ordinal)| {
-                let meta = &pass1.samples[ordinal as usize];
-                render_row(ctx, meta, spill, &pass1.spill_path, group, batch)
-            })
-            .collect();
-        let mut results = rendered.into_iter();
-        for &(_, _, ords) in &batches[start..end] {
-            let mut rows = Vec::with_capacity(ords.len());
-            for result in results.by_ref().take(ords.len()) {
-                match result {
-                    Ok(row) => rows.push(row),
-                    Err(reject) => stats.rejects.push(*reject),
+    // Encoding and zstd run on their own thread, overlapping the rendering of the next window;
+    // batches reach it in order through a small bounded channel (memory stays bounded).
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<ShardRow>>(2);
+    let file = std::thread::scope(|scope| -> Result<File, BuildError> {
+        let writer_schema = schema.clone();
+        let handle = scope.spawn(move || -> parquet::errors::Result<File> {
+            let mut writer = writer;
+            for rows in rx {
+                writer.write(&rows_to_batch(&rows, &writer_schema))?;
+                writer.flush()?;
+            }
+            writer.into_inner()
+        });
+        // Render a window of whole batches in parallel (enough samples to keep every thread
+        // busy), then send its batches in order: the output does not depend on the thread count.
+        let window_samples = (rayon::current_num_threads() * 2).max(ctx.config.batch_size);
+        let mut start = 0;
+        'windows: while start < batches.len() {
+            let mut end = start;
+            let mut n = 0;
+            while end < batches.len() && (n < window_samples || end == start) {
+                n += batches[end].2.len();
+                end += 1;
+            }
+            let work: Vec<(u32, u32, u32)> = batches[start..end]
+                .iter()
+                .flat_map(|&(g, b, ords)| ords.iter().map(move |&o| (g, b, o)))
+                .collect();
+            let rendered: Vec<Result<ShardRow, Box<RejectEntry>>> = work
+                .par_iter()
+                .map(|&(group, batch, ordinal)| {
+                    let meta = &pass1.samples[ordinal as usize];
+                    render_row(ctx, meta, spill, &pass1.spill_path, group, batch)
+                })
+                .collect();
+            let mut results = rendered.into_iter();
+            for &(_, _, ords) in &batches[start..end] {
+                let mut rows = Vec::with_capacity(ords.len());
+                for result in results.by_ref().take(ords.len()) {
+                    match result {
+                        Ok(row) => rows.push(row),
+                        Err(reject) => stats.rejects.push(*reject),
+                    }
+                }
+                bar.inc(ords.len() as u64);
+                if rows.is_empty() {
+                    continue;
+                }
+                for (row, ordinal) in rows.iter().zip(ords) {
+                    stats.add(row, pass1.samples[*ordinal as usize].source as usize);
+                }
+                stats.row_groups += 1;
+                // A closed channel means the writer failed: its error is reported below.
+                if tx.send(rows).is_err() {
+                    break 'windows;
                 }
             }
-            bar.inc(ords.len() as u64);
-            if rows.is_empty() {
-                continue;
-            }
-            for (row, ordinal) in rows.iter().zip(ords) {
-                stats.add(row, pass1.samples[*ordinal as usize].source as usize);
-            }
-            writer
-                .write(&rows_to_batch(&rows, &schema))
-                .map_err(parquet_err)?;
-            writer.flush().map_err(parquet_err)?;
-            stats.row_groups += 1;
+            start = end;
         }
-        start = end;
-    }
-    let file = writer.into_inner().map_err(parquet_err)?;
+        drop(tx);
+        handle
+            .join()
+            .map_err(|_| BuildError::Plan(format!("the writer of {} panicked", shard.file)))?
+            .map_err(parquet_err)
+    })?;
     file.sync_all().map_err(io_err(&tmp_path))?;
     drop(file);
     let bytes = std::fs::read(&tmp_path).map_err(io_err(&tmp_path))?;
