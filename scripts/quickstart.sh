@@ -6,10 +6,11 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 ./scripts/setup.sh
 cargo build -p llava-data
-./target/debug/llava-data build datasets.toml
+bin=${CARGO_TARGET_DIR:-target}/debug
+"$bin/llava-data" build datasets.toml
 echo
 echo "First record of the instruction data as the model will see it (llava-data convert):"
-./target/debug/llava-data convert --data fixtures/data/llava_instruct_150k.json \
+"$bin/llava-data" convert --data fixtures/data/llava_instruct_150k.json \
   --image-folder fixtures/images/coco/train2017 --tokenizer .cache/tokenizer/tokenizer.json \
   --template llava_llama_3 | head -n 1 | python3 -c '
 import json, sys

@@ -8,7 +8,7 @@ cd "$root"
 ./scripts/setup.sh
 profile=${PROFILE:-release}
 cargo build --profile "$profile" -p llava-data -p llava-trainer
-bin=target/$([[ $profile == dev ]] && echo debug || echo "$profile")
+bin=${CARGO_TARGET_DIR:-target}/$([[ $profile == dev ]] && echo debug || echo "$profile")
 "$bin/llava-data" build datasets-pretrain.toml
 "$bin/llava-data" build datasets.toml
 [[ -f out/tiny-model/model.safetensors ]] ||
