@@ -11,10 +11,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
+use crate::attention::AttentionKind;
 use crate::checkpoint::{self, TrainerState};
 use crate::data::{
     self, DataState, EpochPlan, IndexOptions, Loader, LoaderConfig, PixelFormat, Pixels,
@@ -22,8 +23,10 @@ use crate::data::{
 };
 use crate::init::{self, ModelSource};
 use crate::llava_next::{LlavaNext, LlavaNextConfig, MergeType};
+use crate::memory::{self, MemoryPlan, PlanInput};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::CosineSchedule;
+use crate::step::{self, GradAccumulator, StepOptions};
 use crate::{Batch, Error, ImageMeta, Result};
 
 /// `train.toml`; every key is also a `llava-trainer run` flag.
@@ -63,6 +66,16 @@ pub struct TrainConfig {
     /// bf16 parameters and activations, f32 master weights and moments.
     #[serde(default)]
     pub bf16: bool,
+    /// Recompute each layer in the backward instead of keeping every activation (memory
+    /// O(layers · s · h) instead of O(layers · s · h · 34)); same gradients.
+    #[serde(default = "defaults::yes")]
+    pub gradient_checkpointing: bool,
+    /// Decoder attention: `blockwise` (default, memory O(s · block)), `blockwise:N` or `dense`.
+    #[serde(default = "defaults::attention")]
+    pub attention: String,
+    /// Rows of `lm_head` logits per loss chunk (memory rows × vocab × 4 bytes).
+    #[serde(default = "defaults::loss_chunk")]
+    pub loss_chunk: usize,
     /// Checkpoint every N optimizer steps (and always at the end and on Ctrl-C).
     #[serde(default)]
     pub save_every: Option<u64>,
@@ -85,6 +98,9 @@ pub struct TrainConfig {
     /// Start from scratch even when `output` has checkpoints.
     #[serde(default)]
     pub no_resume: bool,
+    /// Train even when the memory plan says the run does not fit the device.
+    #[serde(default)]
+    pub skip_memory_check: bool,
 }
 
 mod defaults {
@@ -111,6 +127,15 @@ mod defaults {
     }
     pub fn workers() -> usize {
         4
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn attention() -> String {
+        "blockwise".into()
+    }
+    pub fn loss_chunk() -> usize {
+        crate::llava_next::DEFAULT_LOSS_CHUNK
     }
 }
 
@@ -306,24 +331,36 @@ pub fn to_model_batch(b: &data::Batch, cfg: &LlavaNextConfig, dev: &Device) -> R
         let t = match &b.pixels {
             Pixels::F32(v) => Tensor::from_slice(v, (b.num_tiles, 3, s, s), dev)?,
             Pixels::U8(v) => {
-                // Same normalisation as the loader's f32 path, done on the device.
-                let x = Tensor::from_slice(v, (b.num_tiles, 3, s, s), dev)?.to_dtype(DType::F32)?;
-                let mean = Tensor::new(&llava_formats::constants::CLIP_MEAN, dev)?
-                    .reshape((1, 3, 1, 1))?;
-                let std =
-                    Tensor::new(&llava_formats::constants::CLIP_STD, dev)?.reshape((1, 3, 1, 1))?;
-                (x / 255.0)?.broadcast_sub(&mean)?.broadcast_div(&std)?
+                let x = Tensor::from_slice(v, (b.num_tiles, 3, s, s), dev)?;
+                normalize_on_device(&x)?
             }
         };
         Some(t)
     };
+    // Ids and labels stay on the host: the step reads them to plan gathers and loss positions.
     Ok(Batch {
-        input_ids: Tensor::from_vec(ids, (rows, l), dev)?,
-        labels: Some(Tensor::from_vec(labels, (rows, l), dev)?),
+        input_ids: Tensor::from_vec(ids, (rows, l), &Device::Cpu)?,
+        labels: Some(Tensor::from_vec(labels, (rows, l), &Device::Cpu)?),
         lengths: b.lengths.clone(),
         pixel_values,
         images,
     })
+}
+
+/// uint8 `[T, 3, S, S]` tiles → CLIP-normalised f32 on their device, bit-identical to the
+/// loader's f32 path: a gather from the same 3 × 256 table (`llava_formats::normalize`), so the
+/// host→device copy is a quarter of the f32 bytes.
+pub fn normalize_on_device(tiles: &Tensor) -> Result<Tensor> {
+    let dev = tiles.device();
+    let lut: Vec<f32> = llava_formats::normalize::lut()
+        .iter()
+        .flat_map(|c| c.iter().copied())
+        .collect();
+    let lut = Tensor::from_vec(lut, 3 * 256, dev)?;
+    let offsets = Tensor::new(&[0u32, 256, 512], dev)?.reshape((1, 3, 1, 1))?;
+    let idx = tiles.to_dtype(DType::U32)?.broadcast_add(&offsets)?;
+    let shape = idx.dims().to_vec();
+    Ok(lut.index_select(&idx.flatten_all()?, 0)?.reshape(shape)?)
 }
 
 /// What to do after a step (test hook and Ctrl-C).
@@ -433,6 +470,70 @@ impl Stream {
     }
 }
 
+/// The model config of a source, without reading any weights.
+pub fn source_config(src: &ModelSource) -> Result<LlavaNextConfig> {
+    match (&src.model, &src.llm, &src.vision) {
+        (Some(m), _, _) => LlavaNextConfig::from_file(m.join("config.json")),
+        (None, Some(l), Some(v)) => LlavaNextConfig::from_llama_and_clip_files(
+            &l.join("config.json"),
+            &v.join("config.json"),
+            Some(128320),
+        ),
+        _ => Err(Error::Config(
+            "give a model directory, or both an LLM and a vision tower directory".into(),
+        )),
+    }
+}
+
+/// The per-device memory plan of a run over `index` (longest sample as the row length, five
+/// tiles per sample when the shards hold images), and what to change when it does not fit
+/// `capacity` bytes.
+pub fn memory_plan(
+    cfg: &TrainConfig,
+    model_cfg: &LlavaNextConfig,
+    index: &ShardIndex,
+    world_size: usize,
+    capacity: Option<u64>,
+) -> Result<(MemoryPlan, Option<String>)> {
+    let parts = TunableParts::parse(&cfg.tunable_parts)?;
+    let trainable = |n: &str| parts.is_trainable(n);
+    let attention: AttentionKind = cfg
+        .attention
+        .parse()
+        .map_err(|e| Error::Config(format!("attention: {e}")))?;
+    let batch_size = cfg
+        .batch_size
+        .unwrap_or(index.manifest.grouping.batch_size)
+        .max(1);
+    let seq_len = index
+        .samples
+        .iter()
+        .map(|s| s.length as usize)
+        .max()
+        .unwrap_or(0);
+    let tiles = if index.manifest.totals.images > 0 {
+        5 * batch_size
+    } else {
+        0
+    };
+    let input = PlanInput {
+        model: model_cfg,
+        trainable: &trainable,
+        batch_size,
+        seq_len,
+        tiles,
+        bf16: cfg.bf16,
+        recompute: cfg.gradient_checkpointing,
+        attention,
+        loss_chunk: cfg.loss_chunk,
+        world_size,
+        zero_stage: 0,
+    };
+    let plan = MemoryPlan::estimate(&input);
+    let advice = capacity.and_then(|c| plan.advice(&input, c));
+    Ok((plan, advice))
+}
+
 /// Micro-batches per epoch with a fresh plan.
 fn batches_per_epoch(index: &ShardIndex, plan: &PlanConfig) -> Result<usize> {
     Ok(EpochPlan::new(index, plan, &DataState::new(0))?.num_steps())
@@ -450,6 +551,32 @@ pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
         ));
     }
     let index = ShardIndex::open(&cfg.shards, &IndexOptions::default())?;
+    // Refuse a run that cannot fit before reading gigabytes of weights.
+    let (plan, advice) = memory_plan(
+        cfg,
+        &source_config(&cfg.source)?,
+        &index,
+        1,
+        memory::device_capacity(&dev),
+    )?;
+    tracing::info!(
+        "memory plan per device: {:.2} GiB (weights {:.2}, gradients {:.2}, optimizer {:.2}, \
+         activations {:.2})",
+        gib(plan.total),
+        gib(plan.weights),
+        gib(plan.gradients),
+        gib(plan.optimizer),
+        gib(plan.activations)
+    );
+    if let Some(advice) = advice {
+        if cfg.skip_memory_check {
+            tracing::warn!("{advice} (skip_memory_check is set: trying anyway)");
+        } else {
+            return Err(Error::Config(format!(
+                "{advice} (skip_memory_check = true to try anyway)"
+            )));
+        }
+    }
     let (mut model_cfg, varmap) = init::load_source(&cfg.source, cfg.seed, dtype, &dev)?;
     if let Some(m) = cfg.merge_type {
         model_cfg.mm_patch_merge_type = m;
@@ -526,9 +653,18 @@ pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
         resumed_state = Some((state, tensors));
     }
 
-    let (model, trainable) = init::build_model(&model_cfg, &varmap, &|n| parts.is_trainable(n))?;
+    let (mut model, trainable) =
+        init::build_model(&model_cfg, &varmap, &|n| parts.is_trainable(n))?;
+    let attention: AttentionKind = cfg
+        .attention
+        .parse()
+        .map_err(|e| Error::Config(format!("attention: {e}")))?;
+    model.set_attention(attention, AttentionKind::Dense);
+    model.set_loss_chunk(cfg.loss_chunk);
+    let step_opts = StepOptions {
+        recompute: cfg.gradient_checkpointing,
+    };
     let names: Vec<String> = trainable.iter().map(|(n, _)| n.clone()).collect();
-    let vars: HashMap<String, Var> = trainable.iter().cloned().collect();
     let mut optim = AdamW::new(
         AdamWConfig {
             lr: cfg.lr,
@@ -571,7 +707,8 @@ pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
         loader_cfg: LoaderConfig {
             workers: cfg.workers,
             prefetch: cfg.workers.max(2),
-            pixels: PixelFormat::F32,
+            // Tiles cross to the device as bytes and are normalised there.
+            pixels: PixelFormat::U8,
         },
         state: data_state,
         loader: None,
@@ -630,11 +767,19 @@ pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
     };
     let mut last_saved = step;
     let (mut lr, mut loss_v) = (0.0, f64::NAN);
+    let mut acc = GradAccumulator::new(
+        optim
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.var.clone()))
+            .collect(),
+    );
     while step < total_steps {
         let t0 = Instant::now();
         let (group, wait) = stream.next_group()?;
-        let mut grads: HashMap<String, Tensor> = HashMap::new();
-        let (mut loss_sum, mut tokens, mut samples) = (0f64, 0u64, 0usize);
+        // Everything below stays on the device until the logging read.
+        let mut loss_sum: Option<Tensor> = None;
+        let (mut tokens, mut samples) = (0u64, 0usize);
         for b in &group {
             tokens += b.tokens;
             samples += b.batch_size();
@@ -642,31 +787,31 @@ pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
                 continue;
             }
             let batch = to_model_batch(b, &model_cfg, &dev)?;
-            let out = model.forward_loss(&batch)?;
-            loss_sum += f64::from(out.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
-            let scaled = if cfg.grad_accum > 1 {
-                (&out.loss / cfg.grad_accum as f64)?
-            } else {
-                out.loss
-            };
-            let store = scaled.backward()?;
-            for (name, var) in &vars {
-                if let Some(g) = store.get(var.as_tensor()) {
-                    let g = g.to_dtype(DType::F32)?;
-                    let acc = match grads.remove(name) {
-                        Some(a) => (a + g)?,
-                        None => g,
-                    };
-                    grads.insert(name.clone(), acc);
-                }
-            }
+            let out = step::micro_batch(&model, &batch, &mut acc, cfg.grad_accum, step_opts)?;
+            loss_sum = Some(match loss_sum {
+                Some(s) => (s + out.loss)?,
+                None => out.loss,
+            });
         }
-        loss_v = loss_sum / group.len() as f64;
+        let grads = acc.take();
         let mult = schedule.multiplier(step);
         lr = cfg.lr * mult;
         let stats = optim.step(&grads, mult)?;
+        drop(grads);
         step += 1;
         data_state = stream.state;
+        let logging = step.is_multiple_of(cfg.log_every) || step == total_steps;
+        // The one device read of a step, and only when it is logged.
+        let (loss_read, norm_read) = if logging {
+            let l = match &loss_sum {
+                Some(t) => f64::from(t.to_scalar::<f32>()?) / group.len() as f64,
+                None => 0.0,
+            };
+            (l, stats.grad_norm_value()?)
+        } else {
+            (f64::NAN, f64::NAN)
+        };
+        loss_v = loss_read;
         let dt = t0.elapsed().as_secs_f64();
         let per_epoch_f = (per_epoch * cfg.grad_accum).max(1) as f64;
         let entry = StepLog {
@@ -674,13 +819,13 @@ pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
             epoch: data_state.epoch as f64 + data_state.position as f64 / per_epoch_f,
             loss: loss_v,
             lr,
-            grad_norm: stats.grad_norm,
+            grad_norm: norm_read,
             tokens_per_s: tokens as f64 / dt,
             samples_per_s: samples as f64 / dt,
             data_wait_s: wait.as_secs_f64(),
             step_s: dt,
         };
-        if step.is_multiple_of(cfg.log_every) || step == total_steps {
+        if logging {
             let line =
                 format!(
                 "step {step}/{total_steps} loss {:.4} lr {:.3e} grad_norm {:.3} tokens/s {:.0} \
@@ -732,6 +877,10 @@ pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
         checkpoint::save_projector(&varmap, &cfg.output.join(checkpoint::PROJECTOR_FILE))?;
     }
     Ok(summary)
+}
+
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
 }
 
 fn append_log(path: &Path, entry: &StepLog) -> Result<()> {
