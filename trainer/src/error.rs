@@ -50,6 +50,10 @@ pub enum Error {
     #[error("invalid batch: {0}")]
     Batch(String),
 
+    /// A collective failed: another rank failed, did not arrive in time, or the group broke.
+    #[error("distributed: {0}")]
+    Distributed(String),
+
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
 

@@ -141,6 +141,17 @@ impl AdamW {
     /// is multiplied by `min(1, max / (norm + 1e-6))`, computed on the device.
     pub fn step(&mut self, grads: &HashMap<String, Tensor>, lr_scale: f64) -> Result<StepStats> {
         let norm = Self::grad_norm(grads)?;
+        self.step_with_norm(grads, lr_scale, norm)
+    }
+
+    /// [`AdamW::step`] with the global gradient norm given (data parallelism computes it over
+    /// all ranks' gradients, of which `grads` may be a shard).
+    pub fn step_with_norm(
+        &mut self,
+        grads: &HashMap<String, Tensor>,
+        lr_scale: f64,
+        norm: Option<Tensor>,
+    ) -> Result<StepStats> {
         let coef = match (self.config.max_grad_norm, &norm) {
             (Some(max), Some(norm)) => {
                 let max = Tensor::new(max as f32, norm.device())?;

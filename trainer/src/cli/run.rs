@@ -89,6 +89,13 @@ pub struct Args {
     /// cpu, cuda (device LOCAL_RANK or 0), cuda:N, or auto (CUDA when built with it).
     #[arg(long, default_value = "auto")]
     device: String,
+    /// ZeRO stage: 0 (all-reduce gradients), 1 (shard the optimizer state), 2 (and gradients).
+    #[arg(long)]
+    zero_stage: Option<u8>,
+    /// Data-parallel ranks on this machine. On the CPU they run as threads of this process
+    /// (in-process collectives; for debugging and tests).
+    #[arg(long, default_value_t = 1)]
+    nproc_per_node: usize,
 }
 
 /// Keys that hold paths: in a train.toml they are relative to the file (as in datasets.toml);
@@ -175,6 +182,7 @@ pub(crate) fn merged(args: Args) -> Result<TrainConfig> {
             .then_some(toml::Value::Boolean(false)),
     );
     set("attention", args.attention.map(toml::Value::String));
+    set("zero_stage", args.zero_stage.map(|x| int(u64::from(x))));
     set("loss_chunk", args.loss_chunk.map(|x| int(x as u64)));
     set(
         "skip_memory_check",
@@ -188,6 +196,21 @@ pub(crate) fn merged(args: Args) -> Result<TrainConfig> {
 
 pub fn run(args: Args) -> Result<()> {
     let device = super::device::parse(&args.device)?;
+    let nproc = args.nproc_per_node.max(1);
+    let launched = llava_trainer::dist::launch_world_size();
+    if launched > 1 {
+        anyhow::bail!(
+            "launched as one of {launched} processes (torchrun/Slurm environment): multi-process \
+             training needs the NCCL backend, which is not built yet; on one machine use \
+             `--nproc-per-node N` (CPU threads)"
+        );
+    }
+    if nproc > 1 && !device.is_cpu() {
+        anyhow::bail!(
+            "--nproc-per-node {nproc} on {device:?}: several GPUs need the NCCL backend, which is \
+             not built yet; use --device cpu for CPU threads"
+        );
+    }
     let cfg = merged(args)?;
     // First Ctrl-C: finish the step, checkpoint, exit 0. A second one exits at once.
     let stop = Arc::new(AtomicBool::new(false));
@@ -199,15 +222,17 @@ pub fn run(args: Args) -> Result<()> {
     .context("installing the Ctrl-C handler")?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())
         .context("installing the Ctrl-C handler")?;
-    let summary = train::run(
-        &cfg,
-        RunOptions {
-            stop: Some(stop),
-            progress: true,
-            device: Some(device),
-            ..RunOptions::default()
-        },
-    )?;
+    let opts = RunOptions {
+        stop: Some(stop),
+        progress: true,
+        device: Some(device),
+        ..RunOptions::default()
+    };
+    let summary = if nproc > 1 {
+        train::run_threads(&cfg, nproc, opts)?
+    } else {
+        train::run(&cfg, opts)?
+    };
     if let Some(p) = &summary.last_checkpoint {
         println!(
             "{} at step {}/{}; checkpoint {}",

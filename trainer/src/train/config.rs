@@ -76,6 +76,10 @@ pub struct TrainConfig {
     /// Start from scratch even when `output` has checkpoints.
     #[serde(default)]
     pub no_resume: bool,
+    /// Data parallelism: 0 all-reduces gradients and every rank steps everything; 1 shards the
+    /// optimizer state (f32 master weights and moments) over the ranks; 2 also the gradients.
+    #[serde(default)]
+    pub zero_stage: u8,
     /// Train even when the memory plan says the run does not fit the device.
     #[serde(default)]
     pub skip_memory_check: bool,
@@ -125,6 +129,20 @@ impl TrainConfig {
     }
 
     /// Keys that change the trajectory: a resume must match them.
+    /// With `world_size` ranks: the micro-batches per optimizer step (world × grad_accum)
+    /// replace grad_accum, so a run resumes on another world size with the same global batch.
+    pub(crate) fn trajectory_keys_at(&self, world_size: usize) -> serde_json::Value {
+        let mut v = self.trajectory_keys();
+        if let Some(m) = v.as_object_mut() {
+            m.remove("grad_accum");
+            m.insert(
+                "micro_batches_per_step".into(),
+                (self.grad_accum * world_size.max(1)).into(),
+            );
+        }
+        v
+    }
+
     pub(crate) fn trajectory_keys(&self) -> serde_json::Value {
         serde_json::json!({
             "tunable_parts": self.tunable_parts, "lr": self.lr,

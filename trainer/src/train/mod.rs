@@ -27,6 +27,9 @@ use serde::{Deserialize, Serialize};
 use crate::attention::AttentionKind;
 use crate::checkpoint::{self, TrainerState};
 use crate::data::{DataState, IndexOptions, LoaderConfig, PixelFormat, PlanConfig, ShardIndex};
+use crate::dist::threads::ThreadGroup;
+use crate::dist::zero::{self, Sharding};
+use crate::dist::{Collective, Single};
 use crate::init;
 use crate::llava_next::{LlavaNext, LlavaNextConfig};
 use crate::memory;
@@ -53,7 +56,7 @@ pub struct RunOptions {
     /// Set by the first Ctrl-C: finish the step, checkpoint, return.
     pub stop: Option<Arc<AtomicBool>>,
     /// Called after every optimizer step with its number (1-based).
-    pub after_step: Option<Box<dyn FnMut(u64) -> Control>>,
+    pub after_step: Option<Box<dyn FnMut(u64) -> Control + Send>>,
     /// indicatif progress bar (only on a terminal).
     pub progress: bool,
     pub device: Option<Device>,
@@ -84,9 +87,84 @@ pub struct Summary {
     pub resumed_from: Option<PathBuf>,
 }
 
-/// Trains as `cfg` says; resumes from the latest checkpoint in `output` unless told otherwise.
+/// Trains as `cfg` says on one device; resumes from the latest checkpoint in `output` unless
+/// told otherwise.
 pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
+    run_rank(cfg, opts, Arc::new(Single))
+}
+
+/// Data-parallel training with `world` ranks as threads of this process (the in-process
+/// backend: CPU runs and tests). Rank 0 gets `opts` (logging, hooks, checkpoints); the others
+/// share its stop flag and device. If a rank fails, the others stop with an error naming it.
+pub fn run_threads(cfg: &TrainConfig, world: usize, opts: RunOptions) -> Result<Summary> {
+    let group = ThreadGroup::new(world.max(1), COLLECTIVE_TIMEOUT);
+    let stop = opts.stop.clone();
+    let device = opts.device.clone();
+    let mut opts = Some(opts);
+    let results: Vec<Result<Summary>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = group
+            .into_iter()
+            .map(|comm| {
+                let rank_opts = if comm.rank() == 0 {
+                    opts.take().unwrap_or_default()
+                } else {
+                    RunOptions {
+                        stop: stop.clone(),
+                        device: device.clone(),
+                        ..RunOptions::default()
+                    }
+                };
+                scope.spawn(move || {
+                    let comm = Arc::new(comm);
+                    let out = run_rank(cfg, rank_opts, comm.clone());
+                    if let Err(e) = &out {
+                        comm.abort(&e.to_string());
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::Distributed("a rank panicked".into())))
+            })
+            .collect()
+    });
+    // Report the failing rank's own error rather than the others' "rank r failed".
+    let mut first_err = None;
+    let mut summary = None;
+    for (rank, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(s) if rank == 0 => summary = Some(s),
+            Ok(_) => {}
+            Err(Error::Distributed(m)) => {
+                first_err.get_or_insert(Error::Distributed(format!("rank {rank}: {m}")));
+            }
+            Err(e) => {
+                if !matches!(first_err, Some(ref x) if !matches!(x, Error::Distributed(_))) {
+                    first_err = Some(Error::Distributed(format!("rank {rank} failed: {e}")));
+                }
+            }
+        }
+    }
+    match (first_err, summary) {
+        (Some(e), _) => Err(e),
+        (None, Some(s)) => Ok(s),
+        (None, None) => Err(Error::Distributed("rank 0 returned nothing".into())),
+    }
+}
+
+/// How long a collective waits for the slowest rank before naming the missing ones. A step of
+/// the 8B model takes seconds; checkpoints a few minutes.
+const COLLECTIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1800);
+
+/// One rank's training loop (world size and rank from `comm`).
+pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) -> Result<Summary> {
     let mut opts = opts;
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let lead = rank == 0;
     let dev = opts.device.clone().unwrap_or(Device::Cpu);
     let dtype = if cfg.bf16 { DType::BF16 } else { DType::F32 };
     let parts = TunableParts::parse(&cfg.tunable_parts)?;
@@ -101,7 +179,7 @@ pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
         cfg,
         &source_config(&cfg.source)?,
         &index,
-        1,
+        world,
         memory::device_capacity(&dev),
     )?;
     tracing::info!(
@@ -133,7 +211,7 @@ pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
 
     let plan_cfg = PlanConfig {
         seed: cfg.seed,
-        world_size: 1,
+        world_size: world,
         batch_size: cfg.batch_size,
     };
     let per_epoch = batches_per_epoch(&index, &plan_cfg)? / cfg.grad_accum;
@@ -158,14 +236,14 @@ pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
     if let Some(dir) = &resume {
         checkpoint::check_is_checkpoint(dir)?;
         let (state, tensors) = checkpoint::load_state(dir)?;
-        if state.config != cfg.trajectory_keys() {
+        if state.config != cfg.trajectory_keys_at(world) {
             return Err(Error::Checkpoint {
                 path: dir.clone(),
                 msg: format!(
                     "written with other settings: {} (this run: {}); use --no-resume or \
                      another --output",
                     state.config,
-                    cfg.trajectory_keys()
+                    cfg.trajectory_keys_at(world)
                 ),
             });
         }
@@ -210,6 +288,19 @@ pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
         recompute: cfg.gradient_checkpointing,
     };
     let names: Vec<String> = trainable.iter().map(|(n, _)| n.clone()).collect();
+    let sharding = Sharding::new(
+        &trainable
+            .iter()
+            .map(|(n, v)| (n.clone(), v.dims().to_vec()))
+            .collect::<Vec<_>>(),
+        world,
+        cfg.zero_stage,
+    )?;
+    let all_vars = trainable.clone();
+    let owned: Vec<(String, candle_core::Var)> = trainable
+        .into_iter()
+        .filter(|(n, _)| sharding.steps(rank, n))
+        .collect();
     let mut optim = AdamW::new(
         AdamWConfig {
             lr: cfg.lr,
@@ -218,7 +309,7 @@ pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
             max_grad_norm: Some(cfg.max_grad_norm),
             ..AdamWConfig::default()
         },
-        trainable,
+        owned,
     )?;
     let mut data_state = DataState::new(0);
     let mut step = 0u64;
@@ -229,6 +320,14 @@ pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
                 msg: "other trainable parameters".into(),
             });
         }
+        // The checkpoint holds the whole state: keep this rank's shard.
+        let tensors = tensors
+            .into_iter()
+            .filter(|(k, _)| {
+                k.split_once('.')
+                    .is_some_and(|(_, n)| sharding.steps(rank, n))
+            })
+            .collect();
         optim.load_state(tensors, state.global_step)?;
         data_state = state.data_state;
         step = state.global_step;
@@ -244,7 +343,9 @@ pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
         source,
     })?;
     let log_path = cfg.output.join("log.jsonl");
-    truncate_log(&log_path, step)?;
+    if lead {
+        truncate_log(&log_path, step)?;
+    }
     let tokenizer_dir = cfg.source.model.clone().or_else(|| cfg.source.llm.clone());
     let mut stream = Stream {
         index: index.clone(),
@@ -259,12 +360,15 @@ pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
         loader: None,
         left: 0,
         accum: cfg.grad_accum,
+        rank,
     };
-    let bar = (opts.progress && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
-        let b = indicatif::ProgressBar::new(total_steps);
-        b.set_position(step);
-        b
-    });
+    let bar = (lead && opts.progress && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(
+        || {
+            let b = indicatif::ProgressBar::new(total_steps);
+            b.set_position(step);
+            b
+        },
+    );
     let n_params: usize = optim.params.iter().map(|p| p.var.elem_count()).sum();
     tracing::info!(
         "training {} tensors ({n_params} parameters) for {total_steps} steps ({per_epoch} per \
@@ -272,7 +376,20 @@ pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
         names.len(),
         schedule.warmup_steps
     );
+    let with_master = cfg.bf16;
+    // Every rank takes part (the optimizer state is gathered); rank 0 writes.
     let save = |optim: &AdamW, step: u64, data_state: DataState, lr: f64, loss: f64| {
+        let state_tensors = zero::gather_state(
+            optim.state_tensors(),
+            &all_vars,
+            &sharding,
+            comm.as_ref(),
+            with_master,
+        )?;
+        if !lead {
+            comm.barrier()?;
+            return Ok::<PathBuf, Error>(cfg.output.clone());
+        }
         let state = TrainerState {
             global_step: step,
             total_steps,
@@ -283,7 +400,7 @@ pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
             last_loss: loss,
             shards_tokenizer_sha256: index.manifest.tokenizer_sha256.clone(),
             shards_config_sha256: index.manifest.config_sha256.clone(),
-            config: cfg.trajectory_keys(),
+            config: cfg.trajectory_keys_at(world),
             trainable: names.clone(),
         };
         let dir = checkpoint::save_checkpoint(
@@ -291,7 +408,7 @@ pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
             &model_cfg,
             &varmap,
             &state,
-            optim.state_tensors(),
+            state_tensors,
             tokenizer_dir.as_deref(),
             parts.projector_only(),
         )?;
@@ -299,6 +416,7 @@ pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
             checkpoint::apply_keep_limit(&cfg.output, keep.max(1))?;
         }
         tracing::info!("saved {}", dir.display());
+        comm.barrier()?;
         Ok::<PathBuf, Error>(dir)
     };
 
@@ -312,13 +430,7 @@ pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
     };
     let mut last_saved = step;
     let (mut lr, mut loss_v) = (0.0, f64::NAN);
-    let mut acc = GradAccumulator::new(
-        optim
-            .params
-            .iter()
-            .map(|p| (p.name.clone(), p.var.clone()))
-            .collect(),
-    );
+    let mut acc = GradAccumulator::new(all_vars.clone());
     while step < total_steps {
         let t0 = Instant::now();
         let (group, wait) = stream.next_group()?;
@@ -338,20 +450,33 @@ pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
                 None => out.loss,
             });
         }
-        let grads = acc.take();
+        let (grads, norm) = zero::reduce_gradients(acc.take(), &sharding, comm.as_ref(), &dev)?;
         let mult = schedule.multiplier(step);
         lr = cfg.lr * mult;
-        let stats = optim.step(&grads, mult)?;
+        let stats = optim.step_with_norm(&grads, mult, norm)?;
         drop(grads);
+        zero::share_parameters(&all_vars, &sharding, comm.as_ref())?;
         step += 1;
         data_state = stream.state;
         let logging = step.is_multiple_of(cfg.log_every) || step == total_steps;
         // The one device read of a step, and only when it is logged.
         let (loss_read, norm_read) = if logging {
-            let l = match &loss_sum {
-                Some(t) => f64::from(t.to_scalar::<f32>()?) / group.len() as f64,
-                None => 0.0,
-            };
+            // Mean over every rank's micro-batches; tokens and samples summed over the ranks.
+            let local = Tensor::stack(
+                &[
+                    match &loss_sum {
+                        Some(t) => t.to_dtype(DType::F32)?,
+                        None => Tensor::new(0f32, &dev)?,
+                    },
+                    Tensor::new(tokens as f32, &dev)?,
+                    Tensor::new(samples as f32, &dev)?,
+                ],
+                0,
+            )?;
+            let all = comm.all_reduce_sum(&local)?.to_vec1::<f32>()?;
+            tokens = all[1] as u64;
+            samples = all[2] as usize;
+            let l = f64::from(all[0]) / (group.len() * world) as f64;
             (l, stats.grad_norm_value()?)
         } else {
             (f64::NAN, f64::NAN)
@@ -370,7 +495,7 @@ pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
             data_wait_s: wait.as_secs_f64(),
             step_s: dt,
         };
-        if logging {
+        if logging && lead {
             let line =
                 format!(
                 "step {step}/{total_steps} loss {:.4} lr {:.3e} grad_norm {:.3} tokens/s {:.0} \
@@ -396,6 +521,15 @@ pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
         if opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
             control = Control::Stop;
         }
+        // Rank 0 decides for everyone, so that all ranks stop at the same step.
+        if world > 1 {
+            let code = Tensor::new(control as u32 as f32, &dev)?;
+            control = match comm.broadcast(&code, 0)?.to_scalar::<f32>()? as u32 {
+                1 => Control::Stop,
+                2 => Control::Abort,
+                _ => Control::Continue,
+            };
+        }
         if control == Control::Abort {
             summary.interrupted = true;
             return Ok(summary);
@@ -418,7 +552,7 @@ pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    if parts.projector_only() && !summary.interrupted {
+    if lead && parts.projector_only() && !summary.interrupted {
         checkpoint::save_projector(&varmap, &cfg.output.join(checkpoint::PROJECTOR_FILE))?;
     }
     Ok(summary)

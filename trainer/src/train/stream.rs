@@ -15,12 +15,14 @@ pub(crate) struct Stream {
     pub(crate) loader: Option<Loader>,
     pub(crate) left: usize,
     pub(crate) accum: usize,
+    /// This process's rank: its share of every window of the plan.
+    pub(crate) rank: usize,
 }
 
 impl Stream {
     fn open_epoch(&mut self) -> Result<()> {
         let plan = EpochPlan::new(&self.index, &self.plan, &self.state)?;
-        let batches = plan.rank(0)?;
+        let batches = plan.rank(self.rank)?;
         self.left = batches.len();
         self.loader = Some(Loader::new(self.index.clone(), batches, &self.loader_cfg)?);
         Ok(())

@@ -1,0 +1,72 @@
+//! Data parallelism: collective operations behind one interface, and which rank owns which
+//! parameter's optimizer state (ZeRO).
+//!
+//! Backends: [`threads::ThreadGroup`] runs every rank as a thread of one process and sums in
+//! rank order (deterministic; CPU runs and the tests). NCCL (through cudarc, on candle's CUDA
+//! stream) is the multi-GPU backend and is not written yet.
+
+pub mod threads;
+pub mod zero;
+
+use candle_core::Tensor;
+
+use crate::Result;
+
+/// The collectives the trainer uses. Every rank calls the same operations in the same order
+/// (the training loop guarantees it); a failed rank makes the others' calls return an error
+/// naming it instead of hanging.
+pub trait Collective: Send + Sync {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// Sum over ranks, on every rank.
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
+    /// Sum over ranks, delivered to `root` (the others get None): ZeRO-2's gradient reduction
+    /// with whole-tensor shards (NCCL `reduce`; a reduce-scatter over a flat buffer is the
+    /// same data movement).
+    fn reduce_sum(&self, t: &Tensor, root: usize) -> Result<Option<Tensor>>;
+    /// `root`'s tensor on every rank (`t` is ignored elsewhere but gives the shape).
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor>;
+    /// Every rank's tensor, in rank order.
+    fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>>;
+    fn barrier(&self) -> Result<()>;
+    /// Tells the other ranks that this one failed (their pending and next calls error).
+    fn abort(&self, reason: &str);
+}
+
+/// `WORLD_SIZE` (torchrun) or `SLURM_NTASKS` (srun) of this process's launch; 1 when neither is
+/// set.
+pub fn launch_world_size() -> usize {
+    ["WORLD_SIZE", "SLURM_NTASKS"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok().and_then(|v| v.parse().ok()))
+        .unwrap_or(1)
+}
+
+/// A world of one: every collective is the identity.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Single;
+
+impl Collective for Single {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.clone())
+    }
+    fn reduce_sum(&self, t: &Tensor, _root: usize) -> Result<Option<Tensor>> {
+        Ok(Some(t.clone()))
+    }
+    fn broadcast(&self, t: &Tensor, _root: usize) -> Result<Tensor> {
+        Ok(t.clone())
+    }
+    fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>> {
+        Ok(vec![t.clone()])
+    }
+    fn barrier(&self) -> Result<()> {
+        Ok(())
+    }
+    fn abort(&self, _reason: &str) {}
+}
