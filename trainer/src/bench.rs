@@ -82,6 +82,8 @@ pub struct BenchSpec {
     /// Run AdamW after the backward (allocates the optimizer state).
     pub optimizer: bool,
     pub steps: usize,
+    /// Untimed steps first (kernels, allocator pools, optimizer state).
+    pub warmup: usize,
     pub peak_tflops: Option<f64>,
     pub seed: u64,
 }
@@ -267,8 +269,9 @@ pub fn run_bench(spec: &BenchSpec, dev: &Device) -> Result<BenchReport> {
         // The step's one read also waits for the device to finish.
         Ok(f64::from(out.loss.to_scalar::<f32>()?))
     };
-    // Warm-up (kernels, allocator pools, optimizer state), not timed.
-    one_step(&mut acc)?;
+    for _ in 0..spec.warmup {
+        one_step(&mut acc)?;
+    }
     let probe = MemoryProbe::start(dev)?;
     let t0 = Instant::now();
     let mut loss = f64::NAN;

@@ -53,9 +53,12 @@ pub struct Args {
     /// Skip the AdamW step (and its optimizer state).
     #[arg(long)]
     no_optimizer: bool,
-    /// Timed steps after one warm-up step.
+    /// Timed steps.
     #[arg(long, default_value_t = 1)]
     steps: usize,
+    /// Untimed steps first (0 measures the first step's memory, allocation included).
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -88,6 +91,7 @@ pub fn run(args: Args) -> Result<()> {
         tunable_parts: args.tunable_parts,
         optimizer: !args.no_optimizer,
         steps: args.steps,
+        warmup: args.warmup,
         peak_tflops: args.peak_tflops,
         seed: args.seed,
     };

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use llava_trainer::train::{self, RunOptions, TrainConfig};
 
 #[derive(clap::Args, Debug)]
+#[group(skip)]
 pub struct Args {
     /// train.toml; flags override its keys.
     #[arg(long)]
