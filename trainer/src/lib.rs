@@ -15,6 +15,7 @@ pub mod ops;
 pub mod optim;
 pub mod projector;
 pub mod schedule;
+pub mod torch_pickle;
 pub mod train;
 pub mod weights;
 
