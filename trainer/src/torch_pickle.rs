@@ -97,7 +97,10 @@ impl TorchFile {
                 .and_then(|mut r| Ok(r.read_to_string(&mut s)?))
                 .map_err(|e| err(path, format!("{bo}: {e}")))?;
             if s.trim() != "little" {
-                return Err(err(path, format!("byteorder `{}` is not supported", s.trim())));
+                return Err(err(
+                    path,
+                    format!("byteorder `{}` is not supported", s.trim()),
+                ));
             }
         }
         let obj = {
@@ -357,7 +360,11 @@ mod tests {
             ("param", DType::F32, &[2], &[7.0, 8.0]),
         ];
         for (name, dtype, dims, v) in cases {
-            assert_eq!(values(&f, name), (*dtype, dims.to_vec(), v.to_vec()), "{name}");
+            assert_eq!(
+                values(&f, name),
+                (*dtype, dims.to_vec(), v.to_vec()),
+                "{name}"
+            );
         }
         assert_eq!(f.shapes().count(), cases.len(), "no extra entries");
         assert!(f.skipped().is_empty(), "{:?}", f.skipped());
@@ -373,14 +380,23 @@ mod tests {
 
     #[test]
     fn refuses_pickled_code_and_legacy_files() {
-        let e = TorchFile::open(&fixture("evil.bin")).expect_err("evil").to_string();
+        let e = TorchFile::open(&fixture("evil.bin"))
+            .expect_err("evil")
+            .to_string();
         assert!(e.contains("evil.bin") && e.contains("posix.system"), "{e}");
-        let e = TorchFile::open(&fixture("legacy.bin")).expect_err("legacy").to_string();
+        let e = TorchFile::open(&fixture("legacy.bin"))
+            .expect_err("legacy")
+            .to_string();
         assert!(e.contains("legacy.bin") && e.contains("torch < 1.6"), "{e}");
-        let e = TorchFile::open(&fixture("make_fixtures.py")).expect_err("py").to_string();
+        let e = TorchFile::open(&fixture("make_fixtures.py"))
+            .expect_err("py")
+            .to_string();
         assert!(e.contains("make_fixtures.py"), "{e}");
         let f = TorchFile::open(&fixture("state_dict.bin")).expect("open");
-        let e = f.load("nope", &Device::Cpu).expect_err("missing").to_string();
+        let e = f
+            .load("nope", &Device::Cpu)
+            .expect_err("missing")
+            .to_string();
         assert!(e.contains("state_dict.bin") && e.contains("`nope`"), "{e}");
     }
 }

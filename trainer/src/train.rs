@@ -110,7 +110,7 @@ mod defaults {
         42
     }
     pub fn workers() -> usize {
-        4
+        16
     }
 }
 

@@ -112,7 +112,10 @@ pub fn resolve_files(path: &Path) -> Result<Vec<PathBuf>> {
         }
         return Ok(vec![path.into()]);
     }
-    for index in ["model.safetensors.index.json", "pytorch_model.bin.index.json"] {
+    for index in [
+        "model.safetensors.index.json",
+        "pytorch_model.bin.index.json",
+    ] {
         let single = path.join(index.trim_end_matches(".index.json"));
         let index = path.join(index);
         if index.exists() {
