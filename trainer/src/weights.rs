@@ -87,8 +87,8 @@ pub fn canonical_name(key: &str) -> Option<String> {
 }
 
 /// Expands a path into tensor files. A file is taken as is (an index JSON expands to its shards).
-/// A directory, in the order HF's `from_pretrained` prefers: `model.safetensors.index.json`,
-/// `model.safetensors`, `pytorch_model.bin.index.json`, `pytorch_model.bin`, else every
+/// A directory, in the order HF's `from_pretrained` prefers: `model.safetensors`,
+/// `model.safetensors.index.json`, `pytorch_model.bin`, `pytorch_model.bin.index.json`, else every
 /// `*.safetensors`, else every `pytorch_model*.bin` (never other `*.bin`: HF output folders
 /// hold a pickled `training_args.bin`).
 pub fn resolve_files(path: &Path) -> Result<Vec<PathBuf>> {
@@ -118,11 +118,11 @@ pub fn resolve_files(path: &Path) -> Result<Vec<PathBuf>> {
     ] {
         let single = path.join(index.trim_end_matches(".index.json"));
         let index = path.join(index);
-        if index.exists() {
-            return index_files(&index);
-        }
         if single.exists() {
             return Ok(vec![single]);
+        }
+        if index.exists() {
+            return index_files(&index);
         }
     }
     let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
@@ -444,7 +444,36 @@ pub fn save(varmap: &VarMap, path: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::canonical_name;
+    use super::{canonical_name, resolve_files};
+
+    #[test]
+    fn directories_resolve_as_from_pretrained_does() {
+        let d = tempfile::tempdir().unwrap();
+        let p = |n: &str| d.path().join(n);
+        std::fs::write(p("training_args.bin"), b"x").unwrap();
+        let e = resolve_files(d.path()).unwrap_err().to_string();
+        assert!(e.contains("pytorch_model.bin[.index.json]"), "{e}");
+        std::fs::write(p("pytorch_model.bin"), b"x").unwrap();
+        assert_eq!(resolve_files(d.path()).unwrap(), [p("pytorch_model.bin")]);
+        std::fs::remove_file(p("pytorch_model.bin")).unwrap();
+        std::fs::write(
+            p("pytorch_model.bin.index.json"),
+            r#"{"weight_map": {"a": "pytorch_model-00001-of-00002.bin",
+                               "b": "pytorch_model-00002-of-00002.bin"}}"#,
+        )
+        .unwrap();
+        let e = resolve_files(d.path()).unwrap_err().to_string();
+        assert!(e.contains("pytorch_model-00001-of-00002.bin"), "{e}");
+        for n in [
+            "pytorch_model-00001-of-00002.bin",
+            "pytorch_model-00002-of-00002.bin",
+        ] {
+            std::fs::write(p(n), b"x").unwrap();
+        }
+        assert_eq!(resolve_files(d.path()).unwrap().len(), 2);
+        std::fs::write(p("model.safetensors"), b"x").unwrap();
+        assert_eq!(resolve_files(d.path()).unwrap(), [p("model.safetensors")]);
+    }
 
     #[test]
     fn canonical_names_of_every_layout() {
