@@ -88,6 +88,7 @@ fn recipe_configs_hold_the_model_cards_values() {
     assert_eq!((f.grad_accum, f.epochs, f.max_steps), (1, 1, None));
     assert_eq!((f.seed, f.bf16, f.workers), (42, true, 16));
     assert_eq!((f.save_every, f.save_total_limit), (Some(3000), Some(1)));
+    assert!(f.gradient_checkpointing);
     assert_eq!(f.source.model, Some(dir.join("base-model")));
     // --pretrain_mm_mlp_adapter: stage 1's projector file.
     assert_eq!(

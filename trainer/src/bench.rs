@@ -1,8 +1,20 @@
-//! Forward + backward timing of one batch (used by the criterion bench and, later, the CLI).
+//! `llava-trainer bench`: synthetic training steps of a named model shape (random weights, no
+//! files), with throughput, model FLOPs, MFU and peak memory; plus the forward/backward timing
+//! used by the criterion bench.
 
 use std::time::{Duration, Instant};
 
-use crate::{Batch, LlavaNext, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use serde::Serialize;
+
+use crate::attention::AttentionKind;
+use crate::llava_next::{LlavaNextConfig, MergeType};
+use crate::memory::{MemoryPlan, PlanInput};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::step::{self, GradAccumulator, StepOptions};
+use crate::train::TunableParts;
+use crate::{init, Batch, Error, ImageMeta, LlavaNext, Result};
 
 /// Mean wall time of the phases of one training step (no optimizer).
 #[derive(Debug, Clone, Copy)]
@@ -47,4 +59,440 @@ pub fn time_forward_backward(
         backward: bwd / n,
         iters,
     })
+}
+
+/// The shape and settings of a synthetic step.
+#[derive(Debug, Clone)]
+pub struct BenchSpec {
+    pub model: LlavaNextConfig,
+    /// Name printed in the report.
+    pub model_name: String,
+    pub batch: usize,
+    /// Tokens per row, image tokens included.
+    pub seq: usize,
+    /// Images per row (each a 672×672 picture on a 2×2 grid: 5 tiles).
+    pub images: usize,
+    /// Fraction of the text tokens that carry loss.
+    pub supervised: f64,
+    pub bf16: bool,
+    pub recompute: bool,
+    pub attention: AttentionKind,
+    pub loss_chunk: usize,
+    pub tunable_parts: String,
+    /// Run AdamW after the backward (allocates the optimizer state).
+    pub optimizer: bool,
+    pub steps: usize,
+    pub peak_tflops: Option<f64>,
+    pub seed: u64,
+}
+
+/// Bytes of memory, measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryReport {
+    /// "cpu: peak RSS (VmHWM)" or "cuda: driver-reported use, sampled every 2 ms".
+    pub method: String,
+    /// Peak over the timed steps.
+    pub peak: u64,
+    /// Before the first step: weights (and optimizer state if created up front).
+    pub baseline: u64,
+    pub weights: u64,
+    pub gradients: u64,
+    pub optimizer: u64,
+    /// `peak - weights - gradients - optimizer` (everything else the step held at its peak).
+    pub activations: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub device: String,
+    pub layers: usize,
+    pub vision_layers_run: usize,
+    pub batch: usize,
+    pub seq: usize,
+    pub images_per_row: usize,
+    pub tiles: usize,
+    pub bf16: bool,
+    pub gradient_checkpointing: bool,
+    pub attention: String,
+    pub optimizer: bool,
+    pub trainable_parameters: u64,
+    pub steps: usize,
+    pub step_s: f64,
+    pub tokens_per_s: f64,
+    pub supervised_tokens: usize,
+    /// Which formula `model_flops_per_step` uses.
+    pub flops_formula: String,
+    pub model_flops_per_token: f64,
+    pub model_flops_per_step: f64,
+    pub achieved_tflops: f64,
+    pub peak_tflops: Option<f64>,
+    pub mfu: Option<f64>,
+    pub loss: f64,
+    pub memory: MemoryReport,
+    pub plan: MemoryPlan,
+}
+
+/// Random weights for every parameter, drawn on the device (N(0, 0.02), norms 1, biases 0).
+fn random_varmap(cfg: &LlavaNextConfig, dtype: DType, dev: &Device) -> Result<VarMap> {
+    let varmap = VarMap::new();
+    {
+        let mut data = varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::Config("VarMap lock poisoned".into()))?;
+        for (name, shape) in init::all_params(cfg) {
+            let t = if shape.len() == 1 && name.ends_with(".bias") {
+                Tensor::zeros(shape.as_slice(), dtype, dev)?
+            } else if shape.len() == 1 && name.ends_with(".weight") {
+                Tensor::ones(shape.as_slice(), dtype, dev)?
+            } else {
+                Tensor::randn(0f32, 0.02, shape.as_slice(), dev)?.to_dtype(dtype)?
+            };
+            data.insert(name, Var::from_tensor(&t)?);
+        }
+    }
+    Ok(varmap)
+}
+
+/// Image geometry of the synthetic rows: 672×672 on the 2×2 grid (5 tiles, every position kept
+/// by unpad), scaled to the config's tile size.
+fn bench_image(cfg: &LlavaNextConfig) -> ImageMeta {
+    let s = 2 * cfg.vision_config.image_size;
+    ImageMeta {
+        orig_size: (s, s),
+        grid: (2, 2),
+        num_tiles: 5,
+    }
+}
+
+/// The synthetic micro-batch: per row `images` placeholders, then text; the last
+/// `supervised` fraction of each row's text carries labels.
+fn synthetic_batch(spec: &BenchSpec, dev: &Device) -> Result<(Batch, usize)> {
+    let cfg = &spec.model;
+    let meta = bench_image(cfg);
+    let per_image = cfg.image_token_count(&meta)?;
+    let image_tokens = per_image * spec.images;
+    if image_tokens >= spec.seq {
+        return Err(Error::Config(format!(
+            "{} images take {image_tokens} tokens, more than --seq {}",
+            spec.images, spec.seq
+        )));
+    }
+    let text = spec.seq - image_tokens;
+    let width = text + spec.images;
+    let vocab = cfg.text_config.vocab_size.min(128_000) as u64;
+    let mut rng = crate::data::rng::SplitMix64::new(spec.seed);
+    let (mut ids, mut labels) = (Vec::new(), Vec::new());
+    let supervised_from = spec.images + ((1.0 - spec.supervised) * text as f64) as usize;
+    let mut supervised = 0;
+    for _ in 0..spec.batch {
+        for p in 0..width {
+            if p < spec.images {
+                ids.push(cfg.image_token_index);
+                labels.push(-100i64);
+            } else {
+                let id = (rng.next_u64() % vocab) as i64;
+                ids.push(id);
+                if p >= supervised_from {
+                    labels.push(id);
+                    supervised += 1;
+                } else {
+                    labels.push(-100);
+                }
+            }
+        }
+    }
+    let tiles = spec.batch * spec.images * meta.num_tiles;
+    let s = cfg.vision_config.image_size;
+    let pixel_values = if tiles > 0 {
+        let px = Tensor::randn(0f32, 1.0, (tiles, 3, s, s), dev)?;
+        Some(px)
+    } else {
+        None
+    };
+    let batch = Batch {
+        input_ids: Tensor::from_vec(ids, (spec.batch, width), &Device::Cpu)?,
+        labels: Some(Tensor::from_vec(labels, (spec.batch, width), &Device::Cpu)?),
+        lengths: vec![width; spec.batch],
+        pixel_values,
+        images: vec![meta; spec.batch * spec.images],
+    };
+    Ok((batch, supervised))
+}
+
+/// Runs the bench on `dev`.
+pub fn run_bench(spec: &BenchSpec, dev: &Device) -> Result<BenchReport> {
+    let cfg = &spec.model;
+    cfg.validate()?;
+    let dtype = if spec.bf16 { DType::BF16 } else { DType::F32 };
+    let parts = TunableParts::parse(&spec.tunable_parts)?;
+    let trainable = |n: &str| parts.is_trainable(n);
+    let varmap = random_varmap(cfg, dtype, dev)?;
+    let (mut model, vars) = init::build_model(cfg, &varmap, &trainable)?;
+    model.set_attention(spec.attention, AttentionKind::Dense);
+    model.set_loss_chunk(spec.loss_chunk);
+    let (batch, supervised) = synthetic_batch(spec, dev)?;
+    let tiles = batch.images.iter().map(|m| m.num_tiles).sum::<usize>();
+    let plan = MemoryPlan::estimate(&PlanInput {
+        model: cfg,
+        trainable: &trainable,
+        batch_size: spec.batch,
+        seq_len: spec.seq,
+        tiles,
+        bf16: spec.bf16,
+        recompute: spec.recompute,
+        attention: spec.attention,
+        loss_chunk: spec.loss_chunk,
+        world_size: 1,
+        zero_stage: 0,
+    });
+    let trainable_params: u64 = vars.iter().map(|(_, v)| v.elem_count() as u64).sum();
+    let mut optim = if spec.optimizer {
+        Some(AdamW::new(AdamWConfig::default(), vars.clone())?)
+    } else {
+        None
+    };
+    let mut acc = GradAccumulator::new(vars.clone());
+    let opts = StepOptions {
+        recompute: spec.recompute,
+    };
+    let mut one_step = |acc: &mut GradAccumulator| -> Result<f64> {
+        let out = step::micro_batch(&model, &batch, acc, 1, opts)?;
+        let grads = acc.take();
+        if let Some(o) = optim.as_mut() {
+            o.step(&grads, 1.0)?;
+        }
+        drop(grads);
+        // The step's one read also waits for the device to finish.
+        Ok(f64::from(out.loss.to_scalar::<f32>()?))
+    };
+    // Warm-up (kernels, allocator pools, optimizer state), not timed.
+    one_step(&mut acc)?;
+    let probe = MemoryProbe::start(dev)?;
+    let t0 = Instant::now();
+    let mut loss = f64::NAN;
+    for _ in 0..spec.steps.max(1) {
+        loss = one_step(&mut acc)?;
+    }
+    let step_s = t0.elapsed().as_secs_f64() / spec.steps.max(1) as f64;
+    let (peak, baseline, method) = probe.finish()?;
+
+    let e: u64 = if spec.bf16 { 2 } else { 4 };
+    let weights: u64 = init::all_params(cfg)
+        .iter()
+        .map(|(_, s)| s.iter().map(|&d| d as u64).product::<u64>() * e)
+        .sum();
+    let gradients = trainable_params * 4;
+    let optimizer = if spec.optimizer {
+        trainable_params * if spec.bf16 { 12 } else { 8 }
+    } else {
+        0
+    };
+    let memory = MemoryReport {
+        method,
+        peak,
+        baseline,
+        weights,
+        gradients,
+        optimizer,
+        activations: peak.saturating_sub(weights + gradients + optimizer),
+    };
+
+    let (per_token, per_step, formula) = model_flops(spec, cfg, tiles, &trainable);
+    let tokens = (spec.batch * spec.seq) as f64;
+    let achieved = per_step / step_s / 1e12;
+    Ok(BenchReport {
+        model: spec.model_name.clone(),
+        device: format!("{dev:?}"),
+        layers: cfg.text_config.num_hidden_layers,
+        vision_layers_run: if tiles > 0 { model.vision_layers() } else { 0 },
+        batch: spec.batch,
+        seq: spec.seq,
+        images_per_row: spec.images,
+        tiles,
+        bf16: spec.bf16,
+        gradient_checkpointing: spec.recompute,
+        attention: spec.attention.to_string(),
+        optimizer: spec.optimizer,
+        trainable_parameters: trainable_params,
+        steps: spec.steps.max(1),
+        step_s,
+        tokens_per_s: tokens / step_s,
+        supervised_tokens: supervised,
+        flops_formula: formula,
+        model_flops_per_token: per_token,
+        model_flops_per_step: per_step,
+        achieved_tflops: achieved,
+        peak_tflops: spec.peak_tflops,
+        mfu: spec.peak_tflops.map(|p| achieved / p),
+        loss,
+        memory,
+        plan,
+    })
+}
+
+/// Model FLOPs of one step (not counting recomputation): per token `6·N + 12·l·h·s` with N the
+/// Llama parameters without the embedding table (lm_head included) — torchtitan's and PaLM's
+/// formula — and per tile `k·N_v·P + (k/6)·12·l_v·h_v·P²` for the vision layers that run (k = 6
+/// when the vision tower trains, 2 when it only runs forward; P = positions per tile).
+fn model_flops(
+    spec: &BenchSpec,
+    cfg: &LlavaNextConfig,
+    tiles: usize,
+    trainable: &dyn Fn(&str) -> bool,
+) -> (f64, f64, String) {
+    let t = &cfg.text_config;
+    let params = init::all_params(cfg);
+    let count = |pred: &dyn Fn(&str) -> bool| -> f64 {
+        params
+            .iter()
+            .filter(|(n, _)| pred(n))
+            .map(|(_, s)| s.iter().product::<usize>() as f64)
+            .sum()
+    };
+    let n_llm = count(&|n| n.starts_with("language_model.") && !n.contains("embed_tokens"));
+    let l = t.num_hidden_layers as f64;
+    let per_token = 6.0 * n_llm + 12.0 * l * t.hidden_size as f64 * spec.seq as f64;
+    let vision_layers = cfg
+        .vision_config
+        .layers_for_feature_layer(cfg.vision_feature_layer)
+        .unwrap_or(0);
+    let n_v = count(&|n| {
+        n.starts_with("vision_tower.")
+            && n.split(".layers.")
+                .nth(1)
+                .and_then(|r| r.split('.').next())
+                .and_then(|k| k.parse::<usize>().ok())
+                .is_some_and(|k| k < vision_layers)
+    });
+    let k = if params
+        .iter()
+        .any(|(n, _)| n.starts_with("vision_tower.") && trainable(n))
+    {
+        6.0
+    } else {
+        2.0
+    };
+    let p = cfg.vision_config.num_positions() as f64;
+    let per_tile = k * n_v * p
+        + k / 6.0 * 12.0 * vision_layers as f64 * cfg.vision_config.hidden_size as f64 * p * p;
+    let per_step = per_token * (spec.batch * spec.seq) as f64 + per_tile * tiles as f64;
+    let formula = "per token 6·N_llm + 12·layers·hidden·seq (N_llm: Llama without the embedding \
+                   table, lm_head included); per tile k·N_vision·577 + (k/6)·12·layers_v·1024·577² \
+                   (k = 6 if the vision tower trains, else 2); recomputation not counted"
+        .to_string();
+    (per_token, per_step, formula)
+}
+
+/// Peak memory over a span: RSS high-water mark on the CPU, sampled driver use on CUDA.
+struct MemoryProbe {
+    baseline: u64,
+    #[allow(dead_code)]
+    sampler: Option<(
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+        std::thread::JoinHandle<u64>,
+    )>,
+    cpu: bool,
+}
+
+fn proc_status_kib(key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+impl MemoryProbe {
+    fn start(dev: &Device) -> Result<Self> {
+        match dev {
+            Device::Cpu => {
+                // Reset the high-water mark so the peak is this span's (Linux ≥ 4.0).
+                let _ = std::fs::write("/proc/self/clear_refs", "5");
+                Ok(Self {
+                    baseline: proc_status_kib("VmRSS:").unwrap_or(0) * 1024,
+                    sampler: None,
+                    cpu: true,
+                })
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(cuda) => {
+                use candle_core::cuda::cudarc::driver::result::mem_get_info;
+                use std::sync::atomic::{AtomicBool, Ordering};
+                let used = || mem_get_info().map(|(free, total)| (total - free) as u64);
+                let baseline = used().map_err(|e| Error::Config(format!("cuda memory: {e}")))?;
+                let stop = std::sync::Arc::new(AtomicBool::new(false));
+                let flag = stop.clone();
+                let stream = cuda.cuda_stream();
+                let handle = std::thread::spawn(move || {
+                    let _ = stream.context().bind_to_thread();
+                    let mut peak = 0u64;
+                    while !flag.load(Ordering::Relaxed) {
+                        if let Ok((free, total)) = mem_get_info() {
+                            peak = peak.max((total - free) as u64);
+                        }
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    peak
+                });
+                Ok(Self {
+                    baseline,
+                    sampler: Some((stop, handle)),
+                    cpu: false,
+                })
+            }
+            _ => Err(Error::Config("bench: unsupported device".into())),
+        }
+    }
+
+    /// `(peak, baseline, method)`.
+    fn finish(self) -> Result<(u64, u64, String)> {
+        if self.cpu {
+            let peak = proc_status_kib("VmHWM:").unwrap_or(0) * 1024;
+            return Ok((peak, self.baseline, "cpu: peak RSS (VmHWM)".into()));
+        }
+        let peak = match self.sampler {
+            Some((stop, handle)) => {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                handle.join().unwrap_or(0)
+            }
+            None => 0,
+        };
+        Ok((
+            peak,
+            self.baseline,
+            "cuda: device memory in use (driver view, sampled every 2 ms)".into(),
+        ))
+    }
+}
+
+/// `llava-next-8b` (the real 8B config), `tiny` (trainer/configs/tiny-model.json's shape) or a
+/// path to an HF LlavaNext `config.json`; `layers` cuts the decoder depth, `vision_layers` the
+/// encoder's.
+pub fn named_config(
+    name: &str,
+    layers: Option<usize>,
+    vision_layers: Option<usize>,
+) -> Result<LlavaNextConfig> {
+    let mut cfg = match name {
+        "llava-next-8b" | "llama3-llava-next-8b" => LlavaNextConfig::llama3_llava_next_8b(),
+        "tiny" => tiny_config()?,
+        path => LlavaNextConfig::from_file(path)?,
+    };
+    if let Some(l) = layers {
+        cfg.text_config.num_hidden_layers = l;
+    }
+    if let Some(v) = vision_layers {
+        // Keep the selected layer one below the top, as LLaVA's -2.
+        cfg.vision_config.num_hidden_layers = v + 1;
+    }
+    cfg.mm_patch_merge_type = MergeType::SpatialUnpad;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The shape of `trainer/configs/tiny-model.json` (compiled in: the bench needs no files).
+fn tiny_config() -> Result<LlavaNextConfig> {
+    let spec: init::InitSpec = serde_json::from_str(include_str!("../configs/tiny-model.json"))
+        .map_err(|e| Error::Config(format!("tiny-model.json: {e}")))?;
+    spec.config()
 }

@@ -8,6 +8,7 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use crate::attention::{self, AttentionKind, AttentionMask};
 use crate::ops::{self, LayerNorm, Linear};
 
 /// Activation of the CLIP MLP.
@@ -249,8 +250,9 @@ impl ClipAttention {
     }
 }
 
-impl Module for ClipAttention {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+impl ClipAttention {
+    /// Bidirectional attention over each tile's positions.
+    pub fn forward(&self, xs: &Tensor, kind: AttentionKind) -> Result<Tensor> {
         let (n, l, h) = xs.dims3()?;
         let heads = |t: Tensor| -> Result<Tensor> {
             t.reshape((n, l, self.num_heads, self.head_dim))?
@@ -261,9 +263,10 @@ impl Module for ClipAttention {
         let k = heads(self.k_proj.forward(xs)?)?;
         let v = heads(self.v_proj.forward(xs)?)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?;
-        let att = ops::softmax_last_dim(&att)?;
-        let out = att.matmul(&v)?.transpose(1, 2)?.reshape((n, l, h))?;
+        let mask = AttentionMask::bidirectional(n, l, xs.device())?;
+        let out = attention::attend(&q, &k, &v, &mask, scale, kind)?
+            .transpose(1, 2)?
+            .reshape((n, l, h))?;
         self.out_proj.forward(&out)
     }
 }
@@ -317,9 +320,12 @@ impl ClipEncoderLayer {
     }
 }
 
-impl Module for ClipEncoderLayer {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let x = (xs + self.self_attn.forward(&self.layer_norm1.forward(xs)?)?)?;
+impl ClipEncoderLayer {
+    pub fn forward(&self, xs: &Tensor, kind: AttentionKind) -> Result<Tensor> {
+        let x = (xs
+            + self
+                .self_attn
+                .forward(&self.layer_norm1.forward(xs)?, kind)?)?;
         &x + self.mlp.forward(&self.layer_norm2.forward(&x)?)?
     }
 }
@@ -333,6 +339,7 @@ pub struct ClipVisionModel {
     /// Held so the weight is part of the model (and saved); LLaVA never applies it.
     #[allow(dead_code)]
     post_layernorm: LayerNorm,
+    attention: AttentionKind,
 }
 
 impl ClipVisionModel {
@@ -351,6 +358,8 @@ impl ClipVisionModel {
             pre_layrnorm,
             layers,
             post_layernorm,
+            // 577-token tiles: the dense score matrix is small and its backward is one matmul.
+            attention: AttentionKind::Dense,
         })
     }
 
@@ -370,9 +379,25 @@ impl ClipVisionModel {
         }
         let mut x = self.embed(pixels)?;
         for layer in &self.layers[..num_layers] {
-            x = layer.forward(&x)?;
+            x = layer.forward(&x, self.attention)?;
         }
         Ok(x)
+    }
+
+    /// Encoder layer `k` (0-based) on `[N, 1 + g², C]` hidden states.
+    pub fn forward_layer(&self, k: usize, x: &Tensor) -> Result<Tensor> {
+        match self.layers.get(k) {
+            Some(layer) => layer.forward(x, self.attention),
+            None => candle_core::bail!("vision encoder layer {k} of {}", self.layers.len()),
+        }
+    }
+
+    pub fn attention(&self) -> AttentionKind {
+        self.attention
+    }
+
+    pub fn set_attention(&mut self, kind: AttentionKind) {
+        self.attention = kind;
     }
 }
 

@@ -3,6 +3,7 @@
 //! Everything in the forward pass has a backward pass: candle-nn's fused softmax / norm / rope
 //! kernels are inference-only and are replaced by the primitive-op forms in [`ops`].
 
+pub mod attention;
 pub mod bench;
 pub mod checkpoint;
 pub mod clip;
@@ -11,10 +12,13 @@ pub mod error;
 pub mod init;
 pub mod llama;
 pub mod llava_next;
+pub mod memory;
 pub mod ops;
 pub mod optim;
+pub mod parity;
 pub mod projector;
 pub mod schedule;
+pub mod step;
 pub mod torch_pickle;
 pub mod train;
 pub mod weights;

@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use crate::attention::{self, AttentionKind, AttentionMask};
 use crate::ops::{self, Linear, RmsNorm};
 
 /// RoPE parameters: HF 4.x `rope_scaling` or HF 5.x `rope_parameters` (which also holds the theta).
@@ -208,7 +209,8 @@ impl LlamaConfig {
     }
 }
 
-/// Rotary tables `cos`, `sin`: `[L, head_dim]` (halves duplicated, HF `rotate_half` layout).
+/// Rotary tables `cos`, `sin`: `[L, head_dim]` (halves duplicated, HF `rotate_half` layout),
+/// or `[B, 1, L, head_dim]` when packed samples restart their positions inside a row.
 #[derive(Debug, Clone)]
 pub struct Rope {
     cos: Tensor,
@@ -216,19 +218,46 @@ pub struct Rope {
 }
 
 impl Rope {
+    /// Positions `0..seq_len` in every row.
     pub fn new(cfg: &LlamaConfig, seq_len: usize, dtype: DType, dev: &Device) -> Result<Self> {
+        let (cos, sin) = Self::tables(cfg, seq_len, dev)?;
+        Ok(Self {
+            cos: cos.to_dtype(dtype)?,
+            sin: sin.to_dtype(dtype)?,
+        })
+    }
+
+    /// The positions of `mask` (restarting at 0 for every packed sample).
+    pub fn for_mask(cfg: &LlamaConfig, mask: &AttentionMask, dtype: DType) -> Result<Self> {
+        let (b, l, dev) = (mask.batch(), mask.seq_len(), mask.device());
+        if mask.positions_are_plain() {
+            return Self::new(cfg, l, dtype, dev);
+        }
+        let (cos, sin) = Self::tables(cfg, l, dev)?;
+        let pos = Tensor::from_vec(mask.positions(), b * l, dev)?;
+        let d = cos.dim(1)?;
+        let pick = |t: &Tensor| -> Result<Tensor> {
+            t.index_select(&pos, 0)?
+                .reshape((b, 1, l, d))?
+                .to_dtype(dtype)
+        };
+        Ok(Self {
+            cos: pick(&cos)?,
+            sin: pick(&sin)?,
+        })
+    }
+
+    /// f32 `cos`, `sin` of positions `0..n`: `[n, head_dim]`.
+    fn tables(cfg: &LlamaConfig, n: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
         let inv = cfg.inv_freq();
         let half = inv.len();
         let inv = Tensor::from_vec(inv, (1, half), dev)?;
-        let pos = Tensor::arange(0u32, seq_len as u32, dev)?
+        let pos = Tensor::arange(0u32, n as u32, dev)?
             .to_dtype(DType::F32)?
-            .reshape((seq_len, 1))?;
+            .reshape((n, 1))?;
         let freqs = pos.broadcast_mul(&inv)?;
         let emb = Tensor::cat(&[&freqs, &freqs], 1)?;
-        Ok(Self {
-            cos: emb.cos()?.to_dtype(dtype)?,
-            sin: emb.sin()?.to_dtype(dtype)?,
-        })
+        Ok((emb.cos()?, emb.sin()?))
     }
 
     /// `x`: `[B, heads, L, d]`.
@@ -241,21 +270,40 @@ impl Rope {
     }
 }
 
-/// Additive attention bias `[B, 1, L, L]` (f32): key j visible to query i iff j <= i and
-/// j < len[b]. Built on the device (no L² host buffer); a finite minimum (as HF) keeps fully
-/// masked padding rows finite.
-pub fn attention_bias(lengths: &[usize], seq_len: usize, dev: &Device) -> Result<Tensor> {
-    let b = lengths.len();
-    let pos = Tensor::arange(0u32, seq_len as u32, dev)?;
-    let i = pos.reshape((1, seq_len, 1))?;
-    let j = pos.reshape((1, 1, seq_len))?;
-    let lens: Vec<u32> = lengths.iter().map(|&l| l.min(seq_len) as u32).collect();
-    let lens = Tensor::from_vec(lens, (b, 1, 1), dev)?;
-    let causal = j.broadcast_le(&i)?.to_dtype(DType::F32)?;
-    let valid = j.broadcast_lt(&lens)?.to_dtype(DType::F32)?;
-    let allowed = causal.broadcast_mul(&valid)?;
-    // allowed 1 → 0, allowed 0 → f32::MIN.
-    ((allowed - 1.0)? * f64::from(-f32::MIN))?.unsqueeze(1)
+/// What every decoder layer of one forward shares: positions, mask and attention algorithm.
+#[derive(Debug, Clone)]
+pub struct LayerContext {
+    pub rope: Rope,
+    pub mask: AttentionMask,
+    pub attention: AttentionKind,
+}
+
+impl LayerContext {
+    /// Causal attention over right-padded rows, positions from 0.
+    pub fn causal(
+        cfg: &LlamaConfig,
+        lengths: &[usize],
+        seq_len: usize,
+        dtype: DType,
+        dev: &Device,
+        attention: AttentionKind,
+    ) -> Result<Self> {
+        let mask = AttentionMask::causal(lengths, seq_len, dev)?;
+        Self::new(cfg, mask, dtype, attention)
+    }
+
+    pub fn new(
+        cfg: &LlamaConfig,
+        mask: AttentionMask,
+        dtype: DType,
+        attention: AttentionKind,
+    ) -> Result<Self> {
+        Ok(Self {
+            rope: Rope::for_mask(cfg, &mask, dtype)?,
+            mask,
+            attention,
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -284,42 +332,17 @@ impl LlamaAttention {
         })
     }
 
-    /// `bias`: `[B, 1, L, L]` f32 from [`attention_bias`].
-    pub fn forward(&self, xs: &Tensor, rope: &Rope, bias: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, xs: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
         let (b, l, _) = xs.dims3()?;
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let rep = nh / nkv;
-        let q = self
-            .q_proj
-            .forward(xs)?
-            .reshape((b, l, nh, d))?
-            .transpose(1, 2)?;
-        let k = self
-            .k_proj
-            .forward(xs)?
-            .reshape((b, l, nkv, d))?
-            .transpose(1, 2)?;
-        let v = self
-            .v_proj
-            .forward(xs)?
-            .reshape((b, l, nkv, d))?
-            .transpose(1, 2)?;
-        let q = rope.apply(&q.contiguous()?)?;
-        let k = rope.apply(&k.contiguous()?)?;
-        // GQA without materialising repeated K/V: query head h uses kv head h / rep (HF
-        // `repeat_kv`), so group the `rep` query heads of each kv head along the row axis.
-        let q = q.reshape((b, nkv, rep * l, d))?;
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+            t.reshape((b, l, n, d))?.transpose(1, 2)?.contiguous()
+        };
+        let q = ctx.rope.apply(&heads(self.q_proj.forward(xs)?, nh)?)?;
+        let k = ctx.rope.apply(&heads(self.k_proj.forward(xs)?, nkv)?)?;
+        let v = heads(self.v_proj.forward(xs)?, nkv)?;
         let scale = 1.0 / (d as f64).sqrt();
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?
-            .to_dtype(DType::F32)?
-            .reshape((b, nkv, rep, l, l))?
-            .broadcast_add(&bias.unsqueeze(1)?)?;
-        let probs = ops::softmax_last_dim(&scores)?
-            .to_dtype(xs.dtype())?
-            .reshape((b, nkv, rep * l, l))?;
-        let out = probs
-            .matmul(&v.contiguous()?)?
-            .reshape((b, nh, l, d))?
+        let out = attention::attend(&q, &k, &v, &ctx.mask, scale, ctx.attention)?
             .transpose(1, 2)?
             .reshape((b, l, nh * d))?;
         self.o_proj.forward(&out)
@@ -370,11 +393,11 @@ impl LlamaDecoderLayer {
         })
     }
 
-    pub fn forward(&self, xs: &Tensor, rope: &Rope, bias: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, xs: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
         let x = (xs
             + self
                 .self_attn
-                .forward(&self.input_layernorm.forward(xs)?, rope, bias)?)?;
+                .forward(&self.input_layernorm.forward(xs)?, ctx)?)?;
         &x + self
             .mlp
             .forward(&self.post_attention_layernorm.forward(&x)?)?
@@ -389,6 +412,7 @@ pub struct LlamaForCausalLM {
     norm: RmsNorm,
     lm_head: Linear,
     cfg: LlamaConfig,
+    attention: AttentionKind,
 }
 
 impl LlamaForCausalLM {
@@ -421,6 +445,7 @@ impl LlamaForCausalLM {
             norm,
             lm_head,
             cfg: cfg.clone(),
+            attention: AttentionKind::default(),
         })
     }
 
@@ -446,18 +471,55 @@ impl LlamaForCausalLM {
         if lengths.len() != b {
             candle_core::bail!("{} lengths for a batch of {b}", lengths.len())
         }
-        let dev = embeds.device();
-        let rope = Rope::new(&self.cfg, l, embeds.dtype(), dev)?;
-        let bias = attention_bias(lengths, l, dev)?;
+        let ctx = LayerContext::causal(
+            &self.cfg,
+            lengths,
+            l,
+            embeds.dtype(),
+            embeds.device(),
+            self.attention,
+        )?;
+        self.forward_hidden_ctx(embeds, &ctx)
+    }
+
+    /// Final hidden states for any mask (packed rows included).
+    pub fn forward_hidden_ctx(&self, embeds: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
         let mut x = embeds.clone();
         for layer in &self.layers {
-            x = layer.forward(&x, &rope, &bias)?;
+            x = layer.forward(&x, ctx)?;
         }
         self.norm.forward(&x)
+    }
+
+    /// Decoder layers (the segments of the recomputed backward).
+    pub fn layers(&self) -> &[LlamaDecoderLayer] {
+        &self.layers
+    }
+
+    /// The final RMSNorm.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        self.norm.forward(x)
     }
 
     /// `lm_head` on `[N, H]` hidden states: `[N, V]` logits in f32.
     pub fn lm_head_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         self.lm_head.forward(hidden)?.to_dtype(DType::F32)
+    }
+
+    /// Attention algorithm of the decoder layers.
+    pub fn attention(&self) -> AttentionKind {
+        self.attention
+    }
+
+    pub fn set_attention(&mut self, kind: AttentionKind) {
+        self.attention = kind;
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.embeddings().device()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.embeddings().dtype()
     }
 }

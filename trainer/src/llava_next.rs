@@ -12,8 +12,9 @@ use candle_nn::{Init, VarBuilder};
 use llava_formats::constants::{IGNORE_INDEX, IMAGE_TOKEN_INDEX};
 use serde::{Deserialize, Serialize};
 
+use crate::attention::AttentionKind;
 use crate::clip::{self, ClipVisionConfig, ClipVisionModel};
-use crate::llama::{LlamaConfig, LlamaForCausalLM};
+use crate::llama::{LayerContext, LlamaConfig, LlamaForCausalLM};
 use crate::ops;
 use crate::projector::{MultiModalProjector, ProjectorConfig};
 use crate::{Error, Result};
@@ -313,6 +314,9 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
     })
 }
 
+/// Rows of `lm_head` logits per loss chunk: 1024 × 128320 × 4 B = 525 MB.
+pub const DEFAULT_LOSS_CHUNK: usize = 1024;
+
 pub const VISION_PREFIX: &str = "vision_tower.vision_model";
 pub const PROJECTOR_PREFIX: &str = "multi_modal_projector";
 pub const IMAGE_NEWLINE: &str = "image_newline";
@@ -410,6 +414,8 @@ pub struct LlavaNext {
     language_model: LlamaForCausalLM,
     cfg: LlavaNextConfig,
     vision_layers: usize,
+    /// Rows of logits per loss chunk.
+    loss_chunk: usize,
 }
 
 impl LlavaNext {
@@ -439,6 +445,7 @@ impl LlavaNext {
             language_model,
             cfg: cfg.clone(),
             vision_layers,
+            loss_chunk: DEFAULT_LOSS_CHUNK,
         })
     }
 
@@ -539,6 +546,25 @@ impl LlavaNext {
 
     /// Embeds the text and puts each image's packed features at its placeholder(s).
     pub fn embed_inputs(&self, batch: &Batch, packed: &[Tensor]) -> Result<Embedded> {
+        let prep = self.prepare(batch)?;
+        let embeds = self.embed_prepared(&prep, packed)?;
+        let dev = embeds.device().clone();
+        let labels = match &prep.labels {
+            Some(v) => Some(Tensor::from_slice(v, (prep.batch, prep.width), &dev)?),
+            None => None,
+        };
+        Ok(Embedded {
+            embeds,
+            lengths: prep.lengths,
+            labels,
+        })
+    }
+
+    /// The host-side plan of a batch: image token counts from the config, the gather table of
+    /// the input embeddings, lengths after expansion and truncation, and the supervised
+    /// positions. Reads `input_ids` / `labels` as host data: keep them on the CPU (the training
+    /// step does) so that nothing waits for the device.
+    pub fn prepare(&self, batch: &Batch) -> Result<Prepared> {
         let ids = batch.input_ids.to_dtype(DType::I64)?.to_vec2::<i64>()?;
         let b = ids.len();
         let l = ids.first().map_or(0, Vec::len);
@@ -559,10 +585,11 @@ impl LlavaNext {
             None => None,
         };
         let vocab = self.cfg.text_config.vocab_size as i64;
-        let counts: Vec<usize> = packed
+        let counts: Vec<usize> = batch
+            .images
             .iter()
-            .map(|p| p.dim(0))
-            .collect::<candle_core::Result<_>>()?;
+            .map(|m| self.cfg.image_token_count(m))
+            .collect::<Result<_>>()?;
         let img_total: usize = counts.iter().sum();
         let mut img_offset = Vec::with_capacity(counts.len());
         let mut acc = 0;
@@ -626,44 +653,87 @@ impl LlavaNext {
             rows_idx.push(idx);
             rows_lab.push(lab);
         }
-        if n_placeholders != packed.len() {
+        if n_placeholders != counts.len() {
             return Err(Error::Batch(format!(
                 "image features and image tokens do not match: {} images, {n_placeholders} \
                  placeholders (a pre-expanded run counts as one)",
-                packed.len()
+                counts.len()
             )));
         }
         let width = rows_idx.iter().map(Vec::len).max().unwrap_or(0);
         let lengths: Vec<usize> = rows_idx.iter().map(Vec::len).collect();
-        let mut flat_idx = Vec::with_capacity(b * width);
+        let mut gather = Vec::with_capacity(b * width);
         let mut flat_lab = Vec::with_capacity(b * width);
         for (idx, lab) in rows_idx.iter().zip(&rows_lab) {
-            flat_idx.extend_from_slice(idx);
-            flat_idx.extend(std::iter::repeat_n(zero_row, width - idx.len()));
+            gather.extend_from_slice(idx);
+            gather.extend(std::iter::repeat_n(zero_row, width - idx.len()));
             flat_lab.extend_from_slice(lab);
             flat_lab.extend(std::iter::repeat_n(IGNORE_INDEX as i64, width - lab.len()));
         }
-        let dev = batch.input_ids.device();
-        let ids_t = Tensor::from_vec(safe_ids, text_rows, dev)?;
+        // Position t predicts label t + 1 of the same row.
+        let (mut loss_positions, mut loss_targets) = (Vec::new(), Vec::new());
+        if labels.is_some() {
+            for bi in 0..b {
+                let row = &flat_lab[bi * width..(bi + 1) * width];
+                for t in 0..width.saturating_sub(1) {
+                    let y = row[t + 1];
+                    if y == IGNORE_INDEX as i64 {
+                        continue;
+                    }
+                    if !(0..vocab).contains(&y) {
+                        return Err(Error::Batch(format!(
+                            "row {bi}: label {y} outside the vocabulary of {vocab}"
+                        )));
+                    }
+                    loss_positions.push((bi * width + t) as u32);
+                    loss_targets.push(y as u32);
+                }
+            }
+        }
+        Ok(Prepared {
+            batch: b,
+            width,
+            text_ids: safe_ids,
+            gather,
+            image_counts: counts,
+            lengths,
+            labels: labels.map(|_| flat_lab),
+            loss_positions,
+            loss_targets,
+        })
+    }
+
+    /// Input embeddings `[B, L', H]` of a prepared batch with the images' packed features.
+    pub fn embed_prepared(&self, prep: &Prepared, packed: &[Tensor]) -> Result<Tensor> {
+        if packed.len() != prep.image_counts.len() {
+            return Err(Error::Batch(format!(
+                "{} packed images for {} in the batch",
+                packed.len(),
+                prep.image_counts.len()
+            )));
+        }
+        for (k, (p, &n)) in packed.iter().zip(&prep.image_counts).enumerate() {
+            if p.dim(0)? != n {
+                return Err(Error::Batch(format!(
+                    "image {k}: {} feature tokens, the config gives {n}",
+                    p.dim(0)?
+                )));
+            }
+        }
+        let dev = self.language_model.device().clone();
+        let ids_t = Tensor::from_slice(&prep.text_ids, prep.text_ids.len(), &dev)?;
         let text = self.language_model.embed(&ids_t)?;
         let hdim = self.cfg.text_config.hidden_size;
         let mut parts = vec![text];
         for p in packed {
             parts.push(p.to_dtype(parts[0].dtype())?);
         }
-        parts.push(Tensor::zeros((1, hdim), parts[0].dtype(), dev)?);
+        parts.push(Tensor::zeros((1, hdim), parts[0].dtype(), &dev)?);
         let table = Tensor::cat(&parts, 0)?;
-        let gather = Tensor::from_vec(flat_idx, b * width, dev)?;
-        let embeds = table.index_select(&gather, 0)?.reshape((b, width, hdim))?;
-        let labels = match labels {
-            Some(_) => Some(Tensor::from_vec(flat_lab, (b, width), dev)?),
-            None => None,
-        };
-        Ok(Embedded {
-            embeds,
-            lengths,
-            labels,
-        })
+        let gather = Tensor::from_slice(&prep.gather, prep.gather.len(), &dev)?;
+        Ok(table
+            .index_select(&gather, 0)?
+            .reshape((prep.batch, prep.width, hdim))?)
     }
 
     /// Packed image features of the batch (empty without images).
@@ -715,62 +785,173 @@ pub struct TrainLoss {
 
 impl LlavaNext {
     /// The loss of [`LlavaNext::forward`] without materialising `[B, L', V]` logits: `lm_head`
-    /// runs only at positions whose next token is supervised (with a 128k vocabulary the full
-    /// logits dwarf everything else in memory and time). Same value, same gradients.
+    /// runs only at positions whose next token is supervised, in chunks (with a 128k vocabulary
+    /// the full logits dwarf everything else in memory and time). Same value, same gradients.
     pub fn forward_loss(&self, batch: &Batch) -> Result<TrainLoss> {
-        let packed = self.batch_image_features(batch)?;
-        let emb = self.embed_inputs(batch, &packed)?;
-        let labels = emb
-            .labels
-            .as_ref()
-            .ok_or_else(|| Error::Batch("a training batch needs labels".into()))?
-            .to_vec2::<i64>()?;
-        let hidden = self
-            .language_model
-            .forward_hidden(&emb.embeds, &emb.lengths)?;
-        let (b, l, h) = hidden.dims3()?;
-        let vocab = self.cfg.text_config.vocab_size as i64;
-        let (mut pos, mut tgt) = (Vec::new(), Vec::new());
-        for (bi, row) in labels.iter().enumerate() {
-            for t in 0..l.saturating_sub(1) {
-                let y = row[t + 1];
-                if y == IGNORE_INDEX as i64 {
-                    continue;
+        let prep = self.prepare(batch)?;
+        if prep.labels.is_none() {
+            return Err(Error::Batch("a training batch needs labels".into()));
+        }
+        let x = match &batch.pixel_values {
+            Some(px) if !batch.images.is_empty() => {
+                let mut x = self.vision_embed(px)?;
+                for k in 0..self.vision_layers {
+                    x = self.vision_layer(k, &x)?;
                 }
-                if !(0..vocab).contains(&y) {
-                    return Err(Error::Batch(format!(
-                        "row {bi}: label {y} outside the vocabulary of {vocab}"
-                    )));
-                }
-                pos.push((bi * l + t) as u32);
-                tgt.push(y as u32);
+                Some(x)
             }
+            _ => None,
+        };
+        let mut h = self.merge(x.as_ref(), batch, &prep)?;
+        let ctx = self.text_context(&prep)?;
+        for k in 0..self.cfg.text_config.num_hidden_layers {
+            h = self.text_layer(k, &h, &ctx)?;
         }
-        let n = pos.len();
-        let dev = hidden.device();
-        if n == 0 {
-            // Keeps the graph connected so backward still works; every gradient is zero.
-            let loss = (hidden.to_dtype(DType::F32)?.sum_all()? * 0.0)?;
-            return Ok(TrainLoss {
-                loss,
-                targets: 0,
-                lengths: emb.lengths,
-            });
-        }
-        let x = hidden
-            .reshape((b * l, h))?
-            .index_select(&Tensor::from_vec(pos, n, dev)?, 0)?;
-        let logits = self.language_model.lm_head_logits(&x)?;
-        let lse = ops::logsumexp_last_dim(&logits)?.squeeze(1)?;
-        let tgt = Tensor::from_vec(tgt, (n, 1), dev)?;
-        let picked = logits.gather(&tgt, 1)?.squeeze(1)?;
-        let loss = ((lse - picked)?.sum_all()? / n as f64)?;
+        let nll = self.head_nll(&h, &prep)?;
+        let n = prep.loss_positions.len();
         Ok(TrainLoss {
-            loss,
+            loss: (nll / n.max(1) as f64)?,
             targets: n,
-            lengths: emb.lengths,
+            lengths: prep.lengths,
         })
     }
+
+    // The segments of the recomputed backward (crate::step): each takes the previous one's output.
+
+    /// Vision segment 0: patch + position embeddings and `pre_layrnorm` of every tile.
+    pub fn vision_embed(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        Ok(self.vision_tower.embed(pixel_values)?)
+    }
+
+    /// Vision encoder layer `k`; layers `0..vision_layers()` are used.
+    pub fn vision_layer(&self, k: usize, x: &Tensor) -> Result<Tensor> {
+        Ok(self.vision_tower.forward_layer(k, x)?)
+    }
+
+    /// Encoder layers that run (those after the selected feature layer never do).
+    pub fn vision_layers(&self) -> usize {
+        self.vision_layers
+    }
+
+    /// Projector, anyres merge and placement at the placeholders: the input embeddings
+    /// `[B, L', H]` from the selected vision layer (None for a text-only batch).
+    pub fn merge(&self, vision: Option<&Tensor>, batch: &Batch, prep: &Prepared) -> Result<Tensor> {
+        let packed = match vision {
+            Some(hidden) => {
+                let feats = if self.cfg.vision_feature_select_strategy == "full" {
+                    hidden.clone()
+                } else {
+                    clip::drop_cls(hidden)?
+                };
+                let feats = self.multi_modal_projector.forward(&feats)?;
+                self.pack_image_features(&feats, &batch.images)?
+            }
+            None if batch.images.is_empty() => Vec::new(),
+            None => return Err(Error::Batch("images listed but no pixel_values".into())),
+        };
+        self.embed_prepared(prep, &packed)
+    }
+
+    /// Positions, mask and attention kind shared by the decoder layers.
+    pub fn text_context(&self, prep: &Prepared) -> Result<LayerContext> {
+        let lm = &self.language_model;
+        Ok(LayerContext::causal(
+            &self.cfg.text_config,
+            &prep.lengths,
+            prep.width,
+            lm.dtype(),
+            lm.device(),
+            lm.attention(),
+        )?)
+    }
+
+    /// Decoder layer `k`.
+    pub fn text_layer(&self, k: usize, x: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
+        match self.language_model.layers().get(k) {
+            Some(layer) => Ok(layer.forward(x, ctx)?),
+            None => Err(Error::Config(format!("no decoder layer {k}"))),
+        }
+    }
+
+    /// Final norm, `lm_head` at the supervised positions and the summed cross entropy (f32
+    /// scalar; divide by the number of targets for the mean). With no target: 0, still
+    /// connected to the graph so that backward works.
+    pub fn head_nll(&self, x: &Tensor, prep: &Prepared) -> Result<Tensor> {
+        let xn = self.language_model.final_norm(x)?;
+        let n = prep.loss_positions.len();
+        if n == 0 {
+            return Ok((xn.to_dtype(DType::F32)?.sum_all()? * 0.0)?);
+        }
+        let sel = self.supervised_hidden(&xn, prep)?;
+        let mut total: Option<Tensor> = None;
+        for (start, len) in self.loss_chunks(n) {
+            let nll = self.chunk_nll(&sel.narrow(0, start, len)?, prep, start)?;
+            total = Some(match total {
+                Some(t) => (t + nll)?,
+                None => nll,
+            });
+        }
+        total.ok_or_else(|| Error::Batch("no loss chunk".into()))
+    }
+
+    /// Normalised hidden states at the supervised positions: `[n, H]`.
+    pub fn supervised_hidden(&self, xn: &Tensor, prep: &Prepared) -> Result<Tensor> {
+        let (b, l, h) = xn.dims3()?;
+        let pos = Tensor::from_slice(&prep.loss_positions, prep.loss_positions.len(), xn.device())?;
+        Ok(xn.reshape((b * l, h))?.index_select(&pos, 0)?)
+    }
+
+    /// Summed cross entropy of `rows` (supervised hidden states `start..start + len`).
+    pub fn chunk_nll(&self, rows: &Tensor, prep: &Prepared, start: usize) -> Result<Tensor> {
+        let len = rows.dim(0)?;
+        let logits = self.language_model.lm_head_logits(rows)?;
+        let lse = ops::logsumexp_last_dim(&logits)?.squeeze(1)?;
+        let tgt = Tensor::from_slice(
+            &prep.loss_targets[start..start + len],
+            (len, 1),
+            rows.device(),
+        )?;
+        let picked = logits.gather(&tgt, 1)?.squeeze(1)?;
+        Ok((lse - picked)?.sum_all()?)
+    }
+
+    /// `(start, len)` of each loss chunk over `n` supervised rows.
+    pub fn loss_chunks(&self, n: usize) -> Vec<(usize, usize)> {
+        let c = self.loss_chunk.max(1);
+        (0..n).step_by(c).map(|s| (s, c.min(n - s))).collect()
+    }
+
+    /// Rows of `lm_head` logits computed at once by the loss (memory: rows × vocab × 4 bytes).
+    pub fn set_loss_chunk(&mut self, rows: usize) {
+        self.loss_chunk = rows.max(1);
+    }
+
+    /// Attention of the decoder layers and of the vision tower.
+    pub fn set_attention(&mut self, text: AttentionKind, vision: AttentionKind) {
+        self.language_model.set_attention(text);
+        self.vision_tower.set_attention(vision);
+    }
+}
+
+/// The host-side plan of one batch (see [`LlavaNext::prepare`]).
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub batch: usize,
+    /// Row width after image expansion (`L'`).
+    pub width: usize,
+    /// `B * L` text ids (placeholders and padding as 0), embedded before the gather.
+    pub text_ids: Vec<u32>,
+    /// `B * L'` rows of `[text embeds | image tokens | zero row]` forming the input embeddings.
+    pub gather: Vec<u32>,
+    /// Feature tokens of each image (from the config and the image's geometry).
+    pub image_counts: Vec<usize>,
+    /// Real tokens per row after expansion and truncation.
+    pub lengths: Vec<usize>,
+    /// `B * L'` labels after expansion (-100 for image tokens and padding); None without labels.
+    pub labels: Option<Vec<i64>>,
+    /// Flat `b * L' + t` positions whose next token is supervised, and those tokens.
+    pub loss_positions: Vec<u32>,
+    pub loss_targets: Vec<u32>,
 }
 
 /// A fresh device-side helper: the CPU, or CUDA device 0 with the `cuda` feature.

@@ -23,6 +23,12 @@ enum Command {
     Run(Box<cli::run::Args>),
     /// Write a random (tiny) or assembled model in the HF LlavaNext layout.
     Init(cli::init::Args),
+    /// Synthetic training steps of a model shape: tokens/s, MFU, peak memory (JSON).
+    Bench(Box<cli::bench::Args>),
+    /// The per-device memory a run would need (takes run's flags).
+    Plan(Box<cli::plan::Args>),
+    /// The model on a device against a fixture's HF goldens (JSON).
+    Parity(cli::parity::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +43,8 @@ fn main() -> anyhow::Result<()> {
         Command::LoaderBench(args) => cli::loader_bench::run(args),
         Command::Run(args) => cli::run::run(*args),
         Command::Init(args) => cli::init::run(args),
+        Command::Bench(args) => cli::bench::run(*args),
+        Command::Plan(args) => cli::plan::run(*args),
+        Command::Parity(args) => cli::parity::run(args),
     }
 }

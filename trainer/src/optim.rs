@@ -64,12 +64,18 @@ pub struct ParamState {
     pub v: Tensor,
 }
 
-/// What one step did.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// What one step did; stays on the device until someone reads it (once per logging step).
+#[derive(Debug, Clone)]
 pub struct StepStats {
-    /// Global L2 norm of the gradients before clipping.
-    pub grad_norm: f64,
-    pub clipped: bool,
+    /// Scalar f32: global L2 norm of the gradients before clipping (0 without gradients).
+    pub grad_norm: Tensor,
+}
+
+impl StepStats {
+    /// The norm on the host (one device synchronisation).
+    pub fn grad_norm_value(&self) -> Result<f64> {
+        Ok(f64::from(self.grad_norm.to_scalar::<f32>()?))
+    }
 }
 
 #[derive(Debug)]
@@ -115,28 +121,33 @@ impl AdamW {
         })
     }
 
-    /// Global L2 norm of `grads` (f32 per tensor, combined in f64).
-    pub fn grad_norm(grads: &HashMap<String, Tensor>) -> Result<f64> {
+    /// Global L2 norm of `grads` as torch's `clip_grad_norm_` computes it: the norm of the
+    /// per-tensor norms, in f32, on the device (no host read). None without gradients.
+    pub fn grad_norm(grads: &HashMap<String, Tensor>) -> Result<Option<Tensor>> {
         let mut names: Vec<&String> = grads.keys().collect();
         names.sort();
-        let mut total = 0f64;
-        for n in names {
-            let s = grads[n].sqr()?.sum_all()?.to_dtype(DType::F64)?;
-            total += s.to_scalar::<f64>()?;
+        let norms = names
+            .iter()
+            .map(|n| grads[*n].to_dtype(DType::F32)?.sqr()?.sum_all()?.sqrt())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        if norms.is_empty() {
+            return Ok(None);
         }
-        Ok(total.sqrt())
+        Ok(Some(Tensor::stack(&norms, 0)?.sqr()?.sum_all()?.sqrt()?))
     }
 
     /// One step with `grads` (f32, by parameter name; absent = zero) and the lr multiplier of
-    /// the schedule. Clips first when configured (torch `clip_grad_norm_`: coefficient
-    /// `max / (norm + 1e-6)`, applied when below 1).
+    /// the schedule. Clips first when configured, as torch's `clip_grad_norm_`: every gradient
+    /// is multiplied by `min(1, max / (norm + 1e-6))`, computed on the device.
     pub fn step(&mut self, grads: &HashMap<String, Tensor>, lr_scale: f64) -> Result<StepStats> {
-        let grad_norm = Self::grad_norm(grads)?;
-        let coef = match self.config.max_grad_norm {
-            Some(max) => (max / (grad_norm + 1e-6)).min(1.0),
-            None => 1.0,
+        let norm = Self::grad_norm(grads)?;
+        let coef = match (self.config.max_grad_norm, &norm) {
+            (Some(max), Some(norm)) => {
+                let max = Tensor::new(max as f32, norm.device())?;
+                Some(max.div(&(norm + 1e-6)?)?.minimum(1f64)?)
+            }
+            _ => None,
         };
-        let clipped = coef < 1.0;
         self.step += 1;
         let t = self.step as f64;
         let c = &self.config;
@@ -147,10 +158,10 @@ impl AdamW {
                 Some(m) => m.clone(),
                 None => p.var.as_tensor().detach(),
             };
-            let g = match grads.get(&p.name) {
-                Some(g) if clipped => (g * coef)?,
-                Some(g) => g.clone(),
-                None => w.zeros_like()?,
+            let g = match (grads.get(&p.name), &coef) {
+                (Some(g), Some(coef)) => g.broadcast_mul(coef)?,
+                (Some(g), None) => g.clone(),
+                (None, _) => w.zeros_like()?,
             };
             let lr = p.lr * lr_scale;
             let w = if p.decay && c.weight_decay != 0.0 {
@@ -171,7 +182,11 @@ impl AdamW {
                 None => p.var.set(&w)?,
             }
         }
-        Ok(StepStats { grad_norm, clipped })
+        let grad_norm = match norm {
+            Some(n) => n,
+            None => Tensor::new(0f32, &candle_core::Device::Cpu)?,
+        };
+        Ok(StepStats { grad_norm })
     }
 
     /// Optimizer tensors for a checkpoint: `m.<name>`, `v.<name>` and `master.<name>`.

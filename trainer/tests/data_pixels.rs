@@ -185,3 +185,22 @@ fn collated_tiles_match_golden_float32_pixels() {
     }
     assert_eq!(checked, 2 * goldens.len());
 }
+
+/// Tiles cross to the device as bytes and are normalised there: bit-identical to the loader's
+/// f32 path (every byte value in every channel).
+#[test]
+fn device_normalisation_equals_loader_f32() {
+    let plane = 256;
+    let tiles: Vec<u8> = (0..3 * plane).map(|i| (i % 256) as u8).collect();
+    let mut want = vec![0f32; tiles.len()];
+    llava_formats::normalize::normalize_into(&tiles, plane, &mut want);
+    let t = candle_core::Tensor::from_vec(tiles, (1, 3, 16, 16), &candle_core::Device::Cpu)
+        .expect("tiles");
+    let got = llava_trainer::train::normalize_on_device(&t)
+        .expect("normalise")
+        .flatten_all()
+        .and_then(|x| x.to_vec1::<f32>())
+        .expect("values");
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&got), bits(&want));
+}

@@ -1,5 +1,9 @@
 //! Subcommands of the `llava-trainer` binary.
 
+pub mod bench;
+pub mod device;
 pub mod init;
 pub mod loader_bench;
+pub mod parity;
+pub mod plan;
 pub mod run;

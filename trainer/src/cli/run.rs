@@ -73,6 +73,22 @@ pub struct Args {
     resume: Option<PathBuf>,
     #[arg(long)]
     no_resume: bool,
+    /// Keep every activation for the backward instead of recomputing each layer (faster for
+    /// small models; the default recomputes).
+    #[arg(long)]
+    no_gradient_checkpointing: bool,
+    /// Decoder attention: blockwise (default), blockwise:N (block size) or dense.
+    #[arg(long)]
+    attention: Option<String>,
+    /// Rows of lm_head logits per loss chunk (default 1024).
+    #[arg(long)]
+    loss_chunk: Option<usize>,
+    /// Train even when the memory plan says the run does not fit the device.
+    #[arg(long)]
+    skip_memory_check: bool,
+    /// cpu, cuda (device LOCAL_RANK or 0), cuda:N, or auto (CUDA when built with it).
+    #[arg(long, default_value = "auto")]
+    device: String,
 }
 
 /// Keys that hold paths: in a train.toml they are relative to the file (as in datasets.toml);
@@ -88,7 +104,13 @@ const PATH_KEYS: [&str; 8] = [
     "resume",
 ];
 
-fn merged(args: Args) -> Result<TrainConfig> {
+impl Args {
+    pub(crate) fn device_spec(&self) -> String {
+        self.device.clone()
+    }
+}
+
+pub(crate) fn merged(args: Args) -> Result<TrainConfig> {
     let mut v: toml::Table = match &args.config {
         Some(p) => {
             let text =
@@ -147,6 +169,17 @@ fn merged(args: Args) -> Result<TrainConfig> {
         "no_resume",
         args.no_resume.then_some(toml::Value::Boolean(true)),
     );
+    set(
+        "gradient_checkpointing",
+        args.no_gradient_checkpointing
+            .then_some(toml::Value::Boolean(false)),
+    );
+    set("attention", args.attention.map(toml::Value::String));
+    set("loss_chunk", args.loss_chunk.map(|x| int(x as u64)));
+    set(
+        "skip_memory_check",
+        args.skip_memory_check.then_some(toml::Value::Boolean(true)),
+    );
     let cfg: TrainConfig = toml::Value::Table(v).try_into().context(
         "invalid training configuration (shards, model or llm+vision, and output are required)",
     )?;
@@ -154,6 +187,7 @@ fn merged(args: Args) -> Result<TrainConfig> {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    let device = super::device::parse(&args.device)?;
     let cfg = merged(args)?;
     // First Ctrl-C: finish the step, checkpoint, exit 0. A second one exits at once.
     let stop = Arc::new(AtomicBool::new(false));
@@ -170,7 +204,7 @@ pub fn run(args: Args) -> Result<()> {
         RunOptions {
             stop: Some(stop),
             progress: true,
-            device: Some(llava_trainer::llava_next::default_device()?),
+            device: Some(device),
             ..RunOptions::default()
         },
     )?;

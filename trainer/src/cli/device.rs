@@ -1,0 +1,34 @@
+//! `--device cpu|cuda|cuda:N`, shared by the subcommands that compute.
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+
+/// `cpu`, `cuda` (device `LOCAL_RANK`, else 0) or `cuda:N`; `auto` is CUDA when this binary was
+/// built with the `cuda` feature, else the CPU.
+pub fn parse(spec: &str) -> Result<Device> {
+    let local_rank = || -> usize {
+        std::env::var("LOCAL_RANK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "auto" if !cfg!(feature = "cuda") => Ok(Device::Cpu),
+        "auto" | "cuda" => cuda(local_rank()),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => cuda(n),
+            _ => bail!("--device {other:?}: expected cpu, cuda, cuda:N or auto"),
+        },
+    }
+}
+
+fn cuda(ordinal: usize) -> Result<Device> {
+    if !cfg!(feature = "cuda") {
+        bail!(
+            "this llava-trainer was built without CUDA: rebuild with `--features cuda` \
+             (scripts/build-cuda.sh) or use --device cpu"
+        );
+    }
+    Device::new_cuda(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))
+}

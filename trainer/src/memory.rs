@@ -1,0 +1,276 @@
+//! Per-device memory plan of a training run, from the model config and the run's shape alone.
+//!
+//! Parameters, gradients and optimizer state are exact byte counts; activations are an estimate
+//! from the tensors one decoder / encoder layer keeps for its backward (listed in
+//! [`layer_bytes_per_token`]), checked against measured peaks by `llava-trainer bench`.
+
+use serde::Serialize;
+
+use crate::attention::AttentionKind;
+use crate::llava_next::LlavaNextConfig;
+
+/// What the plan depends on.
+#[derive(Clone)]
+pub struct PlanInput<'a> {
+    pub model: &'a LlavaNextConfig,
+    /// Trainable parameter names predicate.
+    pub trainable: &'a dyn Fn(&str) -> bool,
+    pub batch_size: usize,
+    /// Tokens per row (text + image tokens), e.g. `model_max_length`.
+    pub seq_len: usize,
+    /// Tiles in one micro-batch (0 for text only).
+    pub tiles: usize,
+    pub bf16: bool,
+    pub recompute: bool,
+    pub attention: AttentionKind,
+    pub loss_chunk: usize,
+    /// Data-parallel ranks sharing the optimizer state (ZeRO-1) and gradients (ZeRO-2).
+    pub world_size: usize,
+    pub zero_stage: u8,
+}
+
+/// Bytes per device.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct MemoryPlan {
+    pub parameters: u64,
+    pub trainable_parameters: u64,
+    /// Model weights as held on the device (bf16 or f32).
+    pub weights: u64,
+    /// f32 gradient accumulators (sharded by ZeRO-2).
+    pub gradients: u64,
+    /// AdamW moments, plus f32 master weights under bf16 (sharded by ZeRO-1/2).
+    pub optimizer: u64,
+    /// Estimated peak of activations, the recomputed segment's working set and the loss chunk.
+    pub activations: u64,
+    pub total: u64,
+}
+
+/// Bytes one decoder layer keeps per token for its backward (`e` = activation bytes):
+/// two f32 norm inputs and their outputs, q/k/v and their rotations, attention output,
+/// o_proj output and residual, gate / up / silu / product of the MLP and its output.
+pub fn layer_bytes_per_token(cfg: &LlavaNextConfig, e: u64) -> u64 {
+    let t = &cfg.text_config;
+    let h = t.hidden_size as u64;
+    let q = (t.num_attention_heads * t.head_dim()) as u64;
+    let kv = (t.num_key_value_heads * t.head_dim()) as u64;
+    let i = t.intermediate_size as u64;
+    2 * 4 * h + e * (2 * h + 2 * (q + 2 * kv) + 2 * q + 2 * h + 4 * i + h)
+}
+
+/// Bytes one CLIP layer keeps per position (same list with an fc1/fc2 MLP and quick-GELU).
+fn vision_layer_bytes_per_position(cfg: &LlavaNextConfig, e: u64) -> u64 {
+    let v = &cfg.vision_config;
+    let h = v.hidden_size as u64;
+    let i = v.intermediate_size as u64;
+    2 * 4 * h + e * (2 * h + 4 * h + 2 * h + 3 * i + h)
+}
+
+impl MemoryPlan {
+    pub fn estimate(p: &PlanInput) -> Self {
+        let cfg = p.model;
+        let e: u64 = if p.bf16 { 2 } else { 4 };
+        let (mut params, mut trainable) = (0u64, 0u64);
+        for (name, shape) in crate::init::all_params(cfg) {
+            let n: u64 = shape.iter().map(|&d| d as u64).product();
+            params += n;
+            if (p.trainable)(&name) {
+                trainable += n;
+            }
+        }
+        let world = p.world_size.max(1) as u64;
+        let weights = params * e;
+        let grad_share = if p.zero_stage >= 2 { world } else { 1 };
+        let opt_share = if p.zero_stage >= 1 { world } else { 1 };
+        let gradients = trainable * 4 / grad_share;
+        let master = if p.bf16 { 4 } else { 0 };
+        let optimizer = trainable * (8 + master) / opt_share;
+
+        let t = &cfg.text_config;
+        let (b, s) = (p.batch_size as u64, p.seq_len as u64);
+        let tokens = b * s;
+        let h = t.hidden_size as u64;
+        let layers = t.num_hidden_layers as u64;
+        let per_layer = layer_bytes_per_token(cfg, e) * tokens;
+        let heads = t.num_attention_heads as u64;
+        // f32 scores, probabilities and their gradient at once.
+        let scores = match p.attention {
+            AttentionKind::Dense => 3 * 4 * b * heads * s * s,
+            AttentionKind::Blockwise { block } => {
+                let blk = (block as u64).min(s);
+                3 * 4 * b * heads * blk * blk
+            }
+        };
+        let vision_positions = p.tiles as u64 * cfg.vision_config.num_positions() as u64;
+        let vision_layers = cfg
+            .vision_config
+            .layers_for_feature_layer(cfg.vision_feature_layer)
+            .unwrap_or(0) as u64;
+        let vision_layer = vision_layer_bytes_per_position(cfg, e) * vision_positions;
+        let vision_scores = 3
+            * 4
+            * p.tiles as u64
+            * cfg.vision_config.num_attention_heads as u64
+            * (cfg.vision_config.num_positions() as u64).pow(2);
+        let vision_boundary = vision_positions * cfg.vision_config.hidden_size as u64 * e;
+        let chunk = p.loss_chunk.max(1) as u64;
+        // logits, their exp and their gradient, f32.
+        let head = 3 * 4 * chunk.min(tokens) * t.vocab_size as u64;
+        // One layer's parameter gradients in flight (bf16/f32 from autograd + f32 copy).
+        let layer_params: u64 = crate::init::all_params(cfg)
+            .iter()
+            .filter(|(n, _)| n.contains(".layers.0."))
+            .map(|(_, s)| s.iter().map(|&d| d as u64).product::<u64>())
+            .sum();
+        let grad_transient = layer_params * (e + 4);
+        let activations = if p.recompute {
+            // Stored segment inputs + the largest segment working set.
+            let stored = layers * tokens * h * e + vision_layers * vision_boundary;
+            let working = (per_layer + scores)
+                .max(vision_layer + vision_scores)
+                .max(head);
+            stored + working + grad_transient
+        } else {
+            layers * (per_layer + scores)
+                + vision_layers * (vision_layer + vision_scores)
+                + head
+                + grad_transient
+        };
+        let total = weights + gradients + optimizer + activations;
+        Self {
+            parameters: params,
+            trainable_parameters: trainable,
+            weights,
+            gradients,
+            optimizer,
+            activations,
+            total,
+        }
+    }
+
+    /// `None` when the plan fits `capacity` bytes, else what to change.
+    pub fn advice(&self, p: &PlanInput, capacity: u64) -> Option<String> {
+        if self.total <= capacity {
+            return None;
+        }
+        let gib = |x: u64| x as f64 / (1u64 << 30) as f64;
+        let mut tips = Vec::new();
+        if !p.recompute {
+            tips.push("turn gradient_checkpointing on".to_string());
+        }
+        if matches!(p.attention, AttentionKind::Dense) {
+            tips.push("use blockwise attention".to_string());
+        }
+        if p.batch_size > 1 {
+            tips.push(format!(
+                "lower batch_size (now {}) and raise grad_accum",
+                p.batch_size
+            ));
+        }
+        if p.zero_stage < 2 {
+            tips.push(format!(
+                "shard the optimizer over more GPUs (ZeRO stage {} → 2; {:.1} GiB of optimizer \
+                 state and {:.1} GiB of gradients per GPU now)",
+                p.zero_stage,
+                gib(self.optimizer),
+                gib(self.gradients)
+            ));
+        }
+        if !p.bf16 {
+            tips.push("train in bf16".to_string());
+        }
+        Some(format!(
+            "the run needs about {:.1} GiB per device (weights {:.1}, gradients {:.1}, optimizer \
+             {:.1}, activations {:.1}) and the device has {:.1} GiB: {}",
+            gib(self.total),
+            gib(self.weights),
+            gib(self.gradients),
+            gib(self.optimizer),
+            gib(self.activations),
+            gib(capacity),
+            tips.join("; ")
+        ))
+    }
+}
+
+/// Memory of a device in bytes: the CUDA device's total, or the machine's RAM for the CPU.
+pub fn device_capacity(dev: &candle_core::Device) -> Option<u64> {
+    match dev {
+        candle_core::Device::Cpu => {
+            let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+            let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        }
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(_) => candle_core::cuda::cudarc::driver::result::mem_get_info()
+            .ok()
+            .map(|(_, total)| total as u64),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(recompute: bool, attention: AttentionKind, world: usize, zero: u8) -> MemoryPlan {
+        let cfg = LlavaNextConfig::llama3_llava_next_8b();
+        MemoryPlan::estimate(&PlanInput {
+            model: &cfg,
+            trainable: &|_| true,
+            batch_size: 1,
+            seq_len: 8192,
+            tiles: 5,
+            bf16: true,
+            recompute,
+            attention,
+            loss_chunk: 1024,
+            world_size: world,
+            zero_stage: zero,
+        })
+    }
+
+    #[test]
+    fn eight_b_states_match_the_design_arithmetic() {
+        // DESIGN.md §8: 8.36B parameters; mixed precision keeps bf16 weights (2 bytes), f32
+        // gradient accumulators (4) and f32 master + moments (12).
+        let p = plan(true, AttentionKind::default(), 1, 0);
+        assert_eq!(p.parameters, 8_355_276_800);
+        let states = p.weights + p.gradients + p.optimizer;
+        assert_eq!(states, p.parameters * 18);
+        // ZeRO-2 on 8 ranks: weights whole, gradients and optimizer in eighths.
+        let z2 = plan(true, AttentionKind::default(), 8, 2);
+        assert_eq!(z2.optimizer, p.optimizer / 8);
+        assert_eq!(z2.gradients, p.gradients / 8);
+    }
+
+    #[test]
+    fn recompute_and_blockwise_shrink_activations() {
+        let dense = plan(false, AttentionKind::Dense, 1, 0);
+        let ckpt = plan(true, AttentionKind::Dense, 1, 0);
+        let flash = plan(true, AttentionKind::default(), 1, 0);
+        assert!(ckpt.activations < dense.activations / 10);
+        assert!(flash.activations < ckpt.activations / 2);
+        // Fully recomputed bf16 8k activations are a few GB, not the ~400 GB of a dense graph.
+        assert!(flash.activations < 8 << 30, "{}", flash.activations);
+        let cfg = LlavaNextConfig::llama3_llava_next_8b();
+        let trainable = |_: &str| true;
+        let input = PlanInput {
+            model: &cfg,
+            trainable: &trainable,
+            batch_size: 4,
+            seq_len: 8192,
+            tiles: 20,
+            bf16: true,
+            recompute: false,
+            attention: AttentionKind::Dense,
+            loss_chunk: 1024,
+            world_size: 1,
+            zero_stage: 0,
+        };
+        let p = MemoryPlan::estimate(&input);
+        let advice = p.advice(&input, 80 << 30).expect("does not fit 80 GiB");
+        assert!(advice.contains("gradient_checkpointing"), "{advice}");
+        assert!(advice.contains("ZeRO"), "{advice}");
+    }
+}

@@ -1,0 +1,189 @@
+//! `train.toml`: the run's settings, and the tunable parts they name.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+use crate::init::ModelSource;
+use crate::llava_next::MergeType;
+use crate::{Error, Result};
+
+/// `train.toml`; every key is also a `llava-trainer run` flag.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Folder with manifest.json and shards/.
+    pub shards: PathBuf,
+    #[serde(flatten)]
+    pub source: ModelSource,
+    pub output: PathBuf,
+    /// Comma-separated `mm_vision_tower`, `mm_mlp_adapter`, `mm_language_model` (spec §7.2).
+    #[serde(default = "defaults::tunable_parts")]
+    pub tunable_parts: String,
+    #[serde(default = "defaults::lr")]
+    pub lr: f64,
+    #[serde(default)]
+    pub vision_tower_lr: Option<f64>,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "defaults::warmup_ratio")]
+    pub warmup_ratio: f64,
+    #[serde(default = "defaults::max_grad_norm")]
+    pub max_grad_norm: f64,
+    /// Per-device batch size (default: the shards'; divisors and multiples of it work).
+    #[serde(default)]
+    pub batch_size: Option<usize>,
+    #[serde(default = "defaults::one")]
+    pub grad_accum: usize,
+    #[serde(default = "defaults::one_u64")]
+    pub epochs: u64,
+    /// Overrides `epochs`.
+    #[serde(default)]
+    pub max_steps: Option<u64>,
+    #[serde(default = "defaults::seed")]
+    pub seed: u64,
+    /// bf16 parameters and activations, f32 master weights and moments.
+    #[serde(default)]
+    pub bf16: bool,
+    /// Recompute each layer in the backward instead of keeping every activation (memory
+    /// O(layers · s · h) instead of O(layers · s · h · 34)); same gradients.
+    #[serde(default = "defaults::yes")]
+    pub gradient_checkpointing: bool,
+    /// Decoder attention: `blockwise` (default, memory O(s · block)), `blockwise:N` or `dense`.
+    #[serde(default = "defaults::attention")]
+    pub attention: String,
+    /// Rows of `lm_head` logits per loss chunk (memory rows × vocab × 4 bytes).
+    #[serde(default = "defaults::loss_chunk")]
+    pub loss_chunk: usize,
+    /// Checkpoint every N optimizer steps (and always at the end and on Ctrl-C).
+    #[serde(default)]
+    pub save_every: Option<u64>,
+    /// Keep at most this many checkpoints (oldest deleted).
+    #[serde(default)]
+    pub save_total_limit: Option<usize>,
+    #[serde(default = "defaults::one_u64")]
+    pub log_every: u64,
+    #[serde(default = "defaults::workers")]
+    pub workers: usize,
+    /// The model's merge (default: the model config's); must equal the shards'.
+    #[serde(default)]
+    pub merge_type: Option<MergeType>,
+    /// The tokenizer the shards must have been built with (sha256 compared with the manifest).
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    /// Resume from this checkpoint (default: the latest in `output`, if any).
+    #[serde(default)]
+    pub resume: Option<PathBuf>,
+    /// Start from scratch even when `output` has checkpoints.
+    #[serde(default)]
+    pub no_resume: bool,
+    /// Train even when the memory plan says the run does not fit the device.
+    #[serde(default)]
+    pub skip_memory_check: bool,
+}
+
+mod defaults {
+    pub fn tunable_parts() -> String {
+        "mm_vision_tower,mm_mlp_adapter,mm_language_model".into()
+    }
+    pub fn lr() -> f64 {
+        1e-5
+    }
+    pub fn warmup_ratio() -> f64 {
+        0.03
+    }
+    pub fn max_grad_norm() -> f64 {
+        1.0
+    }
+    pub fn one() -> usize {
+        1
+    }
+    pub fn one_u64() -> u64 {
+        1
+    }
+    pub fn seed() -> u64 {
+        42
+    }
+    pub fn workers() -> usize {
+        16
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn attention() -> String {
+        "blockwise".into()
+    }
+    pub fn loss_chunk() -> usize {
+        crate::llava_next::DEFAULT_LOSS_CHUNK
+    }
+}
+
+impl TrainConfig {
+    /// A config with defaults for everything but the paths.
+    pub fn new(shards: PathBuf, model: PathBuf, output: PathBuf) -> Self {
+        let v = serde_json::json!({"shards": shards, "model": model, "output": output});
+        serde_json::from_value(v).unwrap_or_else(|_| unreachable!("every other key has a default"))
+    }
+
+    /// Keys that change the trajectory: a resume must match them.
+    pub(crate) fn trajectory_keys(&self) -> serde_json::Value {
+        serde_json::json!({
+            "tunable_parts": self.tunable_parts, "lr": self.lr,
+            "vision_tower_lr": self.vision_tower_lr, "weight_decay": self.weight_decay,
+            "warmup_ratio": self.warmup_ratio, "max_grad_norm": self.max_grad_norm,
+            "batch_size": self.batch_size, "grad_accum": self.grad_accum, "epochs": self.epochs,
+            "max_steps": self.max_steps, "seed": self.seed, "bf16": self.bf16,
+        })
+    }
+}
+
+/// Parsed `tunable_parts`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TunableParts {
+    pub vision_tower: bool,
+    pub mlp_adapter: bool,
+    pub language_model: bool,
+}
+
+impl TunableParts {
+    pub fn parse(s: &str) -> Result<Self> {
+        let mut p = Self {
+            vision_tower: false,
+            mlp_adapter: false,
+            language_model: false,
+        };
+        for part in s.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+            match part {
+                "mm_vision_tower" => p.vision_tower = true,
+                "mm_mlp_adapter" => p.mlp_adapter = true,
+                "mm_language_model" => p.language_model = true,
+                other => {
+                    return Err(Error::Config(format!(
+                        "unknown tunable part {other:?} (mm_vision_tower, mm_mlp_adapter, \
+                         mm_language_model)"
+                    )))
+                }
+            }
+        }
+        if !(p.vision_tower || p.mlp_adapter || p.language_model) {
+            return Err(Error::Config("tunable_parts is empty".into()));
+        }
+        Ok(p)
+    }
+
+    /// Spec §7.2 by canonical name: the language model part is everything that is neither
+    /// vision tower nor projector, so `image_newline` belongs to it.
+    pub fn is_trainable(&self, name: &str) -> bool {
+        if name.contains("vision_tower") {
+            self.vision_tower
+        } else if name.starts_with("multi_modal_projector") {
+            self.mlp_adapter
+        } else {
+            self.language_model
+        }
+    }
+
+    /// Projector-only runs also write `mm_projector.safetensors` (pretraining, §7.5).
+    pub fn projector_only(&self) -> bool {
+        self.mlp_adapter && !self.vision_tower && !self.language_model
+    }
+}

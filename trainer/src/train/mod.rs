@@ -1,0 +1,437 @@
+//! The training loop: shards → loader → model → AdamW, with checkpoints and exact resume.
+//!
+//! One optimizer step = `grad_accum` micro-batches of one epoch; their gradients are averaged
+//! (the mean of per-micro-batch means, spec §5.4). An epoch's last `n % grad_accum`
+//! micro-batches are dropped. Single process (world size 1); multi-GPU is not done.
+
+mod compat;
+mod config;
+mod log;
+mod stream;
+
+pub use compat::{
+    check_compatible, memory_plan, normalize_on_device, source_config, to_model_batch,
+};
+pub use config::{TrainConfig, TunableParts};
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+
+use crate::attention::AttentionKind;
+use crate::checkpoint::{self, TrainerState};
+use crate::data::{DataState, IndexOptions, LoaderConfig, PixelFormat, PlanConfig, ShardIndex};
+use crate::init;
+use crate::llava_next::{LlavaNext, LlavaNextConfig};
+use crate::memory;
+use crate::optim::{AdamW, AdamWConfig};
+use crate::schedule::CosineSchedule;
+use crate::step::{self, GradAccumulator, StepOptions};
+use crate::{Error, Result};
+use log::{append_log, gib, truncate_log};
+use stream::{batches_per_epoch, Stream};
+
+/// What to do after a step (test hook and Ctrl-C).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    /// Write a checkpoint and stop (Ctrl-C).
+    Stop,
+    /// Stop at once without a checkpoint (a kill).
+    Abort,
+}
+
+/// Run-time options that are not part of the configuration.
+#[derive(Default)]
+pub struct RunOptions {
+    /// Set by the first Ctrl-C: finish the step, checkpoint, return.
+    pub stop: Option<Arc<AtomicBool>>,
+    /// Called after every optimizer step with its number (1-based).
+    pub after_step: Option<Box<dyn FnMut(u64) -> Control>>,
+    /// indicatif progress bar (only on a terminal).
+    pub progress: bool,
+    pub device: Option<Device>,
+}
+
+/// One logged step.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StepLog {
+    pub step: u64,
+    pub epoch: f64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens_per_s: f64,
+    pub samples_per_s: f64,
+    pub data_wait_s: f64,
+    pub step_s: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub steps_done: u64,
+    pub total_steps: u64,
+    /// Every step of this process (not only logged ones).
+    pub history: Vec<StepLog>,
+    pub last_checkpoint: Option<PathBuf>,
+    pub interrupted: bool,
+    pub resumed_from: Option<PathBuf>,
+}
+
+/// Trains as `cfg` says; resumes from the latest checkpoint in `output` unless told otherwise.
+pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
+    let mut opts = opts;
+    let dev = opts.device.clone().unwrap_or(Device::Cpu);
+    let dtype = if cfg.bf16 { DType::BF16 } else { DType::F32 };
+    let parts = TunableParts::parse(&cfg.tunable_parts)?;
+    if cfg.grad_accum == 0 || cfg.log_every == 0 || cfg.workers == 0 {
+        return Err(Error::Config(
+            "grad_accum, log_every and workers must be at least 1".into(),
+        ));
+    }
+    let index = ShardIndex::open(&cfg.shards, &IndexOptions::default())?;
+    // Refuse a run that cannot fit before reading gigabytes of weights.
+    let (plan, advice) = memory_plan(
+        cfg,
+        &source_config(&cfg.source)?,
+        &index,
+        1,
+        memory::device_capacity(&dev),
+    )?;
+    tracing::info!(
+        "memory plan per device: {:.2} GiB (weights {:.2}, gradients {:.2}, optimizer {:.2}, \
+         activations {:.2})",
+        gib(plan.total),
+        gib(plan.weights),
+        gib(plan.gradients),
+        gib(plan.optimizer),
+        gib(plan.activations)
+    );
+    if let Some(advice) = advice {
+        if cfg.skip_memory_check {
+            tracing::warn!("{advice} (skip_memory_check is set: trying anyway)");
+        } else {
+            return Err(Error::Config(format!(
+                "{advice} (skip_memory_check = true to try anyway)"
+            )));
+        }
+    }
+    let (mut model_cfg, varmap) = init::load_source(&cfg.source, cfg.seed, dtype, &dev)?;
+    if let Some(m) = cfg.merge_type {
+        model_cfg.mm_patch_merge_type = m;
+    }
+    if model_cfg.tokenizer_model_max_length.is_none() {
+        model_cfg.tokenizer_model_max_length = Some(index.manifest.settings.model_max_length);
+    }
+    check_compatible(&index, &model_cfg, cfg.tokenizer.as_deref())?;
+
+    let plan_cfg = PlanConfig {
+        seed: cfg.seed,
+        world_size: 1,
+        batch_size: cfg.batch_size,
+    };
+    let per_epoch = batches_per_epoch(&index, &plan_cfg)? / cfg.grad_accum;
+    let total_steps = cfg.max_steps.unwrap_or(cfg.epochs * per_epoch as u64);
+    if total_steps == 0 {
+        return Err(Error::Config(format!(
+            "nothing to train: {per_epoch} optimizer steps per epoch, {} epochs",
+            cfg.epochs
+        )));
+    }
+    let schedule = CosineSchedule::new(total_steps, cfg.warmup_ratio);
+
+    // Resume: the checkpoint's weights replace the loaded ones, then the optimizer state.
+    let resume = match (&cfg.resume, cfg.no_resume) {
+        (Some(p), _) => Some(p.clone()),
+        (None, false) => checkpoint::list_checkpoints(&cfg.output)
+            .pop()
+            .map(|(_, p)| p),
+        (None, true) => None,
+    };
+    let mut resumed_state: Option<(TrainerState, HashMap<String, Tensor>)> = None;
+    if let Some(dir) = &resume {
+        checkpoint::check_is_checkpoint(dir)?;
+        let (state, tensors) = checkpoint::load_state(dir)?;
+        if state.config != cfg.trajectory_keys() {
+            return Err(Error::Checkpoint {
+                path: dir.clone(),
+                msg: format!(
+                    "written with other settings: {} (this run: {}); use --no-resume or \
+                     another --output",
+                    state.config,
+                    cfg.trajectory_keys()
+                ),
+            });
+        }
+        if state.shards_tokenizer_sha256 != index.manifest.tokenizer_sha256
+            || state.shards_config_sha256 != index.manifest.config_sha256
+        {
+            return Err(Error::Checkpoint {
+                path: dir.clone(),
+                msg: "trained on other shards (manifest checksums differ)".into(),
+            });
+        }
+        let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &dev).map_err(
+            |source| Error::Read {
+                path: dir.join("model.safetensors"),
+                source,
+            },
+        )?;
+        let data = varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::Config("VarMap lock poisoned".into()))?;
+        for (name, var) in data.iter() {
+            let t = weights.get(name).ok_or_else(|| Error::MissingTensor {
+                name: name.clone(),
+                searched: dir.join("model.safetensors").display().to_string(),
+            })?;
+            var.set(&t.to_dtype(var.dtype())?)?;
+        }
+        drop(data);
+        resumed_state = Some((state, tensors));
+    }
+
+    let (mut model, trainable) =
+        init::build_model(&model_cfg, &varmap, &|n| parts.is_trainable(n))?;
+    let attention: AttentionKind = cfg
+        .attention
+        .parse()
+        .map_err(|e| Error::Config(format!("attention: {e}")))?;
+    model.set_attention(attention, AttentionKind::Dense);
+    model.set_loss_chunk(cfg.loss_chunk);
+    let step_opts = StepOptions {
+        recompute: cfg.gradient_checkpointing,
+    };
+    let names: Vec<String> = trainable.iter().map(|(n, _)| n.clone()).collect();
+    let mut optim = AdamW::new(
+        AdamWConfig {
+            lr: cfg.lr,
+            vision_tower_lr: cfg.vision_tower_lr,
+            weight_decay: cfg.weight_decay,
+            max_grad_norm: Some(cfg.max_grad_norm),
+            ..AdamWConfig::default()
+        },
+        trainable,
+    )?;
+    let mut data_state = DataState::new(0);
+    let mut step = 0u64;
+    if let Some((state, tensors)) = resumed_state {
+        if state.trainable != names {
+            return Err(Error::Checkpoint {
+                path: resume.clone().unwrap_or_default(),
+                msg: "other trainable parameters".into(),
+            });
+        }
+        optim.load_state(tensors, state.global_step)?;
+        data_state = state.data_state;
+        step = state.global_step;
+        tracing::info!(
+            "resuming from {} at step {step}",
+            resume
+                .as_ref()
+                .map_or(String::new(), |p| p.display().to_string())
+        );
+    }
+    std::fs::create_dir_all(&cfg.output).map_err(|source| Error::Io {
+        path: cfg.output.clone(),
+        source,
+    })?;
+    let log_path = cfg.output.join("log.jsonl");
+    truncate_log(&log_path, step)?;
+    let tokenizer_dir = cfg.source.model.clone().or_else(|| cfg.source.llm.clone());
+    let mut stream = Stream {
+        index: index.clone(),
+        plan: plan_cfg,
+        loader_cfg: LoaderConfig {
+            workers: cfg.workers,
+            prefetch: cfg.workers.max(2),
+            // Tiles cross to the device as bytes and are normalised there.
+            pixels: PixelFormat::U8,
+        },
+        state: data_state,
+        loader: None,
+        left: 0,
+        accum: cfg.grad_accum,
+    };
+    let bar = (opts.progress && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+        let b = indicatif::ProgressBar::new(total_steps);
+        b.set_position(step);
+        b
+    });
+    let n_params: usize = optim.params.iter().map(|p| p.var.elem_count()).sum();
+    tracing::info!(
+        "training {} tensors ({n_params} parameters) for {total_steps} steps ({per_epoch} per \
+         epoch), warmup {}",
+        names.len(),
+        schedule.warmup_steps
+    );
+    let save = |optim: &AdamW, step: u64, data_state: DataState, lr: f64, loss: f64| {
+        let state = TrainerState {
+            global_step: step,
+            total_steps,
+            data_state,
+            epoch: data_state.epoch as f64,
+            seed: cfg.seed,
+            lr,
+            last_loss: loss,
+            shards_tokenizer_sha256: index.manifest.tokenizer_sha256.clone(),
+            shards_config_sha256: index.manifest.config_sha256.clone(),
+            config: cfg.trajectory_keys(),
+            trainable: names.clone(),
+        };
+        let dir = checkpoint::save_checkpoint(
+            &cfg.output,
+            &model_cfg,
+            &varmap,
+            &state,
+            optim.state_tensors(),
+            tokenizer_dir.as_deref(),
+            parts.projector_only(),
+        )?;
+        if let Some(keep) = cfg.save_total_limit {
+            checkpoint::apply_keep_limit(&cfg.output, keep.max(1))?;
+        }
+        tracing::info!("saved {}", dir.display());
+        Ok::<PathBuf, Error>(dir)
+    };
+
+    let mut summary = Summary {
+        steps_done: step,
+        total_steps,
+        history: Vec::new(),
+        last_checkpoint: None,
+        interrupted: false,
+        resumed_from: resume.clone(),
+    };
+    let mut last_saved = step;
+    let (mut lr, mut loss_v) = (0.0, f64::NAN);
+    let mut acc = GradAccumulator::new(
+        optim
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.var.clone()))
+            .collect(),
+    );
+    while step < total_steps {
+        let t0 = Instant::now();
+        let (group, wait) = stream.next_group()?;
+        // Everything below stays on the device until the logging read.
+        let mut loss_sum: Option<Tensor> = None;
+        let (mut tokens, mut samples) = (0u64, 0usize);
+        for b in &group {
+            tokens += b.tokens;
+            samples += b.batch_size();
+            if b.is_empty() {
+                continue;
+            }
+            let batch = to_model_batch(b, &model_cfg, &dev)?;
+            let out = step::micro_batch(&model, &batch, &mut acc, cfg.grad_accum, step_opts)?;
+            loss_sum = Some(match loss_sum {
+                Some(s) => (s + out.loss)?,
+                None => out.loss,
+            });
+        }
+        let grads = acc.take();
+        let mult = schedule.multiplier(step);
+        lr = cfg.lr * mult;
+        let stats = optim.step(&grads, mult)?;
+        drop(grads);
+        step += 1;
+        data_state = stream.state;
+        let logging = step.is_multiple_of(cfg.log_every) || step == total_steps;
+        // The one device read of a step, and only when it is logged.
+        let (loss_read, norm_read) = if logging {
+            let l = match &loss_sum {
+                Some(t) => f64::from(t.to_scalar::<f32>()?) / group.len() as f64,
+                None => 0.0,
+            };
+            (l, stats.grad_norm_value()?)
+        } else {
+            (f64::NAN, f64::NAN)
+        };
+        loss_v = loss_read;
+        let dt = t0.elapsed().as_secs_f64();
+        let per_epoch_f = (per_epoch * cfg.grad_accum).max(1) as f64;
+        let entry = StepLog {
+            step,
+            epoch: data_state.epoch as f64 + data_state.position as f64 / per_epoch_f,
+            loss: loss_v,
+            lr,
+            grad_norm: norm_read,
+            tokens_per_s: tokens as f64 / dt,
+            samples_per_s: samples as f64 / dt,
+            data_wait_s: wait.as_secs_f64(),
+            step_s: dt,
+        };
+        if logging {
+            let line =
+                format!(
+                "step {step}/{total_steps} loss {:.4} lr {:.3e} grad_norm {:.3} tokens/s {:.0} \
+                 samples/s {:.2} data_wait {:.3}s",
+                entry.loss, entry.lr, entry.grad_norm, entry.tokens_per_s, entry.samples_per_s,
+                entry.data_wait_s
+            );
+            match &bar {
+                Some(b) => b.println(&line),
+                None => println!("{line}"),
+            }
+            append_log(&log_path, &entry)?;
+        }
+        if let Some(b) = &bar {
+            b.set_position(step);
+        }
+        summary.history.push(entry);
+        summary.steps_done = step;
+        let mut control = match opts.after_step.as_mut() {
+            Some(f) => f(step),
+            None => Control::Continue,
+        };
+        if opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
+            control = Control::Stop;
+        }
+        if control == Control::Abort {
+            summary.interrupted = true;
+            return Ok(summary);
+        }
+        let periodic = cfg
+            .save_every
+            .is_some_and(|n| n > 0 && step.is_multiple_of(n));
+        if periodic || control == Control::Stop || step == total_steps {
+            summary.last_checkpoint = Some(save(&optim, step, data_state, lr, loss_v)?);
+            last_saved = step;
+        }
+        if control == Control::Stop {
+            summary.interrupted = true;
+            break;
+        }
+    }
+    if last_saved != step {
+        summary.last_checkpoint = Some(save(&optim, step, data_state, lr, loss_v)?);
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if parts.projector_only() && !summary.interrupted {
+        checkpoint::save_projector(&varmap, &cfg.output.join(checkpoint::PROJECTOR_FILE))?;
+    }
+    Ok(summary)
+}
+
+/// The model and variables of a run's start (for tests and tools).
+pub fn load_for_training(
+    cfg: &TrainConfig,
+    dev: &Device,
+) -> Result<(LlavaNextConfig, VarMap, LlavaNext)> {
+    let dtype = if cfg.bf16 { DType::BF16 } else { DType::F32 };
+    let parts = TunableParts::parse(&cfg.tunable_parts)?;
+    let (c, vm) = init::load_source(&cfg.source, cfg.seed, dtype, dev)?;
+    let (m, _) = init::build_model(&c, &vm, &|n| parts.is_trainable(n))?;
+    Ok((c, vm, m))
+}
