@@ -142,3 +142,111 @@ pub fn output_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
     }
     files
 }
+
+/// Writes `tensors` as `torch.save(OrderedDict(tensors))` does: a zip of `archive/data.pkl`
+/// (pickle protocol 2, `torch._utils._rebuild_tensor_v2` over persistent-id storages) and one
+/// raw little-endian storage per tensor in `archive/data/<i>`. CI has no torch; this writer's
+/// output was checked to load with `torch.load` (torch 2.15.0) when it was written, and the
+/// reader is checked against files torch itself made (fixtures/torch/).
+pub fn write_torch_zip(path: &Path, tensors: &[(String, candle_core::Tensor)]) {
+    use candle_core::DType;
+    use std::io::Write;
+    fn unicode(p: &mut Vec<u8>, s: &str) {
+        p.push(b'X');
+        p.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        p.extend_from_slice(s.as_bytes());
+    }
+    fn int(p: &mut Vec<u8>, v: usize) {
+        p.push(b'J');
+        p.extend_from_slice(&(i32::try_from(v).expect("fits BININT")).to_le_bytes());
+    }
+    fn global(p: &mut Vec<u8>, module: &str, name: &str) {
+        p.push(b'c');
+        p.extend_from_slice(format!("{module}\n{name}\n").as_bytes());
+    }
+    let mut pkl = vec![0x80, 2];
+    global(&mut pkl, "collections", "OrderedDict");
+    pkl.extend_from_slice(b")R(");
+    let mut storages = Vec::new();
+    for (i, (name, t)) in tensors.iter().enumerate() {
+        let t = t.flatten_all().expect("flatten");
+        let (class, bytes): (&str, Vec<u8>) = match t.dtype() {
+            DType::F32 => (
+                "FloatStorage",
+                t.to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+            ),
+            DType::BF16 => (
+                "BFloat16Storage",
+                t.to_vec1::<half::bf16>()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+            ),
+            DType::F16 => (
+                "HalfStorage",
+                t.to_vec1::<half::f16>()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+            ),
+            DType::I64 => (
+                "LongStorage",
+                t.to_vec1::<i64>()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+            ),
+            d => panic!("write_torch_zip: {d:?} not supported"),
+        };
+        let dims = tensors[i].1.dims();
+        unicode(&mut pkl, name);
+        global(&mut pkl, "torch._utils", "_rebuild_tensor_v2");
+        pkl.extend_from_slice(b"((");
+        unicode(&mut pkl, "storage");
+        global(&mut pkl, "torch", class);
+        unicode(&mut pkl, &i.to_string());
+        unicode(&mut pkl, "cpu");
+        int(&mut pkl, t.elem_count());
+        pkl.extend_from_slice(b"tQ");
+        int(&mut pkl, 0);
+        // Contiguous strides, row-major.
+        let mut strides = vec![1usize; dims.len()];
+        for d in (0..dims.len().saturating_sub(1)).rev() {
+            strides[d] = strides[d + 1] * dims[d + 1];
+        }
+        for v in [dims.to_vec(), strides] {
+            pkl.push(b'(');
+            for x in v {
+                int(&mut pkl, x);
+            }
+            pkl.push(b't');
+        }
+        pkl.push(0x89); // requires_grad False
+        global(&mut pkl, "collections", "OrderedDict");
+        pkl.extend_from_slice(b")RtR"); // backward hooks; close the args; rebuild
+        storages.push(bytes);
+    }
+    pkl.extend_from_slice(b"u.");
+    let stored =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let mut z = zip::ZipWriter::new(File::create(path).expect("create .bin"));
+    let mut put = |name: &str, data: &[u8]| {
+        z.start_file(format!("archive/{name}"), stored)
+            .expect("zip entry");
+        z.write_all(data).expect("zip write");
+    };
+    put("data.pkl", &pkl);
+    put("byteorder", b"little");
+    for (i, s) in storages.iter().enumerate() {
+        put(&format!("data/{i}"), s);
+    }
+    put("version", b"3\n");
+    z.finish().expect("zip finish");
+}

@@ -208,12 +208,9 @@ pub fn load_source(
 /// Overwrites the projector in `varmap` with the one in `path` (all four tensors required).
 pub fn load_projector(cfg: &LlavaNextConfig, varmap: &VarMap, path: &Path) -> Result<()> {
     let dev = Device::Cpu;
-    let tensors = if path.extension().is_some_and(|e| e == "bin" || e == "pt") {
-        candle_core::pickle::read_all(path)
-            .map_err(|source| Error::Read {
-                path: path.into(),
-                source,
-            })?
+    let tensors = if crate::torch_pickle::is_torch_file(path) {
+        crate::torch_pickle::TorchFile::open(path)?
+            .load_all(&dev)?
             .into_iter()
             .collect::<HashMap<_, _>>()
     } else {

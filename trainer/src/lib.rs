@@ -20,6 +20,7 @@ pub mod parity;
 pub mod projector;
 pub mod schedule;
 pub mod step;
+pub mod torch_pickle;
 pub mod train;
 pub mod weights;
 

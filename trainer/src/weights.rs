@@ -11,6 +11,10 @@
 //! - separate checkpoints: Llama (`model.*`, `lm_head.weight`), CLIP (`vision_model.*`; a full
 //!   CLIPModel's text tower is ignored), projector (`model.mm_projector.*`, safetensors or a
 //!   PyTorch `mm_projector.bin`).
+//!
+//! File formats: safetensors (single, or sharded with `model.safetensors.index.json`) and PyTorch
+//! `torch.save` zips (`pytorch_model.bin`, sharded with `pytorch_model.bin.index.json`), the
+//! latter read lazily by [`crate::torch_pickle`] without Python.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -22,6 +26,7 @@ use candle_nn::{VarBuilder, VarMap};
 use crate::llava_next::{
     LlavaNext, LlavaNextConfig, IMAGE_NEWLINE, LANGUAGE_PREFIX, PROJECTOR_PREFIX, VISION_PREFIX,
 };
+use crate::torch_pickle::{is_torch_file, TorchFile};
 use crate::{Error, Result};
 
 /// Maps a checkpoint key of any supported layout to the canonical (HF legacy) name.
@@ -81,8 +86,11 @@ pub fn canonical_name(key: &str) -> Option<String> {
     None
 }
 
-/// Expands a path into tensor files: a file as is; a directory via
-/// `model.safetensors.index.json`, else `model.safetensors`, else all its `*.safetensors`.
+/// Expands a path into tensor files. A file is taken as is (an index JSON expands to its shards).
+/// A directory, in the order HF's `from_pretrained` prefers: `model.safetensors`,
+/// `model.safetensors.index.json`, `pytorch_model.bin`, `pytorch_model.bin.index.json`, else every
+/// `*.safetensors`, else every `pytorch_model*.bin` (never other `*.bin`: HF output folders
+/// hold a pickled `training_args.bin`).
 pub fn resolve_files(path: &Path) -> Result<Vec<PathBuf>> {
     let io = |source| Error::Io {
         path: path.into(),
@@ -95,32 +103,63 @@ pub fn resolve_files(path: &Path) -> Result<Vec<PathBuf>> {
                 "no such file",
             )));
         }
-        if path.file_name().and_then(|n| n.to_str()) == Some("model.safetensors.index.json") {
+        if path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.ends_with(".index.json"))
+        {
             return index_files(path);
         }
         return Ok(vec![path.into()]);
     }
-    let index = path.join("model.safetensors.index.json");
-    if index.exists() {
-        return index_files(&index);
+    for index in [
+        "model.safetensors.index.json",
+        "pytorch_model.bin.index.json",
+    ] {
+        let single = path.join(index.trim_end_matches(".index.json"));
+        let index = path.join(index);
+        if single.exists() {
+            return Ok(vec![single]);
+        }
+        if index.exists() {
+            return index_files(&index);
+        }
     }
-    let single = path.join("model.safetensors");
-    if single.exists() {
-        return Ok(vec![single]);
-    }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
         .map_err(io)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
         .collect();
-    files.sort();
-    if files.is_empty() {
+    entries.sort();
+    let name = |p: &Path| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    let st: Vec<PathBuf> = entries
+        .iter()
+        .filter(|p| name(p).ends_with(".safetensors"))
+        .cloned()
+        .collect();
+    if !st.is_empty() {
+        return Ok(st);
+    }
+    let bins: Vec<PathBuf> = entries
+        .iter()
+        .filter(|p| {
+            let n = name(p);
+            n.starts_with("pytorch_model") && n.ends_with(".bin")
+        })
+        .cloned()
+        .collect();
+    if bins.is_empty() {
         return Err(io(std::io::Error::new(
             std::io::ErrorKind::NotFound,
-            "no *.safetensors in directory",
+            "no weights in directory (looked for model.safetensors[.index.json], \
+             pytorch_model.bin[.index.json], *.safetensors, pytorch_model*.bin)",
         )));
     }
-    Ok(files)
+    Ok(bins)
 }
 
 fn index_files(index: &Path) -> Result<Vec<PathBuf>> {
@@ -140,6 +179,17 @@ fn index_files(index: &Path) -> Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = idx.weight_map.values().map(|f| dir.join(f)).collect();
     files.sort();
     files.dedup();
+    for f in &files {
+        if !f.is_file() {
+            return Err(Error::Io {
+                path: f.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("shard listed in {} is missing", index.display()),
+                ),
+            });
+        }
+    }
     Ok(files)
 }
 
@@ -181,7 +231,7 @@ pub struct LoadReport {
 
 enum Source {
     Safetensors(MmapedSafetensors),
-    Pickle(HashMap<String, Tensor>),
+    Pickle(TorchFile),
 }
 
 struct Found {
@@ -195,10 +245,8 @@ fn open(path: &Path) -> Result<Source> {
         path: path.into(),
         source,
     };
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-    if matches!(ext, "bin" | "pt" | "pth") {
-        let all = candle_core::pickle::read_all(path).map_err(read)?;
-        return Ok(Source::Pickle(all.into_iter().collect()));
+    if is_torch_file(path) {
+        return Ok(Source::Pickle(TorchFile::open(path)?));
     }
     // SAFETY: the file is mapped read-only; the checkpoints are not modified while training reads them.
     let st = unsafe { MmapedSafetensors::new(path) }.map_err(read)?;
@@ -228,8 +276,9 @@ pub fn load_varmap(
                 .map(|(k, v)| (k, v.shape().to_vec()))
                 .collect(),
             Source::Pickle(m) => m
-                .iter()
-                .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+                .shapes()
+                .map(|(k, s)| (k.to_string(), s))
+                .chain(m.skipped().keys().map(|k| (k.clone(), vec![])))
                 .collect(),
         };
         for (key, shape) in keys {
@@ -286,6 +335,12 @@ pub fn load_varmap(
             && f.shape.len() == 2
             && f.shape[1] == shape[1]
             && f.shape[0] < shape[0];
+        if let Source::Pickle(m) = &sources[f.file] {
+            if m.skipped().contains_key(&f.key) {
+                // Not a readable tensor: this fails with the file, the tensor and the reason.
+                m.load(&f.key, &opts.device)?;
+            }
+        }
         if f.shape != *shape && !grow {
             return Err(mismatch());
         }
@@ -297,10 +352,8 @@ pub fn load_varmap(
                         source,
                     })?
             }
-            Source::Pickle(m) => m
-                .get(&f.key)
-                .ok_or_else(mismatch)?
-                .to_device(&opts.device)?,
+            // Errors name the file, the tensor and why (e.g. an unsupported storage type).
+            Source::Pickle(m) => m.load(&f.key, &opts.device)?,
         };
         let t = if grow {
             // New rows = mean of the existing ones (spec §8.3), computed in f32.
@@ -391,7 +444,36 @@ pub fn save(varmap: &VarMap, path: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::canonical_name;
+    use super::{canonical_name, resolve_files};
+
+    #[test]
+    fn directories_resolve_as_from_pretrained_does() {
+        let d = tempfile::tempdir().unwrap();
+        let p = |n: &str| d.path().join(n);
+        std::fs::write(p("training_args.bin"), b"x").unwrap();
+        let e = resolve_files(d.path()).unwrap_err().to_string();
+        assert!(e.contains("pytorch_model.bin[.index.json]"), "{e}");
+        std::fs::write(p("pytorch_model.bin"), b"x").unwrap();
+        assert_eq!(resolve_files(d.path()).unwrap(), [p("pytorch_model.bin")]);
+        std::fs::remove_file(p("pytorch_model.bin")).unwrap();
+        std::fs::write(
+            p("pytorch_model.bin.index.json"),
+            r#"{"weight_map": {"a": "pytorch_model-00001-of-00002.bin",
+                               "b": "pytorch_model-00002-of-00002.bin"}}"#,
+        )
+        .unwrap();
+        let e = resolve_files(d.path()).unwrap_err().to_string();
+        assert!(e.contains("pytorch_model-00001-of-00002.bin"), "{e}");
+        for n in [
+            "pytorch_model-00001-of-00002.bin",
+            "pytorch_model-00002-of-00002.bin",
+        ] {
+            std::fs::write(p(n), b"x").unwrap();
+        }
+        assert_eq!(resolve_files(d.path()).unwrap().len(), 2);
+        std::fs::write(p("model.safetensors"), b"x").unwrap();
+        assert_eq!(resolve_files(d.path()).unwrap(), [p("model.safetensors")]);
+    }
 
     #[test]
     fn canonical_names_of_every_layout() {

@@ -60,7 +60,7 @@ pub struct Args {
     save_total_limit: Option<usize>,
     #[arg(long)]
     log_every: Option<u64>,
-    /// Loader threads.
+    /// Loader threads (default 16, the recipe's `dataloader_num_workers`).
     #[arg(long)]
     workers: Option<usize>,
     /// flat (pretraining) or spatial_unpad (fine-tuning); must match the shards.

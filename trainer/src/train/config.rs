@@ -108,7 +108,7 @@ mod defaults {
         42
     }
     pub fn workers() -> usize {
-        4
+        16
     }
     pub fn yes() -> bool {
         true
