@@ -213,18 +213,26 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     let cfg = merged(args)?;
-    // First Ctrl-C: finish the step, checkpoint, exit 0. A second one exits at once.
+    // SIGINT (Ctrl-C) and SIGTERM (what Slurm and Kubernetes send before killing a preempted
+    // job): finish the step, checkpoint, exit 130 / 143 so a wrapper knows training did not
+    // finish. A second signal exits at once. SIGUSR1 (Slurm's `--signal=USR1@120`): checkpoint at
+    // the next step boundary and go on.
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
     let stop = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register_conditional_shutdown(
-        signal_hook::consts::SIGINT,
-        130,
-        stop.clone(),
-    )
-    .context("installing the Ctrl-C handler")?;
-    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())
-        .context("installing the Ctrl-C handler")?;
+    let exit_code = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for (sig, code) in [(SIGINT, 130), (SIGTERM, 143)] {
+        signal_hook::flag::register_conditional_shutdown(sig, code, stop.clone())
+            .context("installing the signal handlers")?;
+        signal_hook::flag::register_usize(sig, exit_code.clone(), code as usize)
+            .context("installing the signal handlers")?;
+        signal_hook::flag::register(sig, stop.clone()).context("installing the signal handlers")?;
+    }
+    let save_now = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(SIGUSR1, save_now.clone())
+        .context("installing the SIGUSR1 handler")?;
     let opts = RunOptions {
         stop: Some(stop),
+        save_now: Some(save_now),
         progress: true,
         device: Some(device),
         ..RunOptions::default()
@@ -246,6 +254,10 @@ pub fn run(args: Args) -> Result<()> {
             summary.total_steps,
             p.display()
         );
+    }
+    let code = exit_code.load(std::sync::atomic::Ordering::SeqCst);
+    if summary.interrupted && code != 0 {
+        std::process::exit(code as i32);
     }
     Ok(())
 }

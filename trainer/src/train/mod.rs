@@ -48,13 +48,17 @@ pub enum Control {
     Stop,
     /// Stop at once without a checkpoint (a kill).
     Abort,
+    /// Write a checkpoint and go on (SIGUSR1).
+    Save,
 }
 
 /// Run-time options that are not part of the configuration.
 #[derive(Default)]
 pub struct RunOptions {
-    /// Set by the first Ctrl-C: finish the step, checkpoint, return.
+    /// Set by the first Ctrl-C / SIGTERM: finish the step, checkpoint, return.
     pub stop: Option<Arc<AtomicBool>>,
+    /// Set by SIGUSR1: checkpoint after the current step and go on (cleared when done).
+    pub save_now: Option<Arc<AtomicBool>>,
     /// Called after every optimizer step with its number (1-based).
     pub after_step: Option<Box<dyn FnMut(u64) -> Control + Send>>,
     /// indicatif progress bar (only on a terminal).
@@ -518,6 +522,14 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
             Some(f) => f(step),
             None => Control::Continue,
         };
+        if control == Control::Continue
+            && opts
+                .save_now
+                .as_ref()
+                .is_some_and(|s| s.swap(false, Ordering::SeqCst))
+        {
+            control = Control::Save;
+        }
         if opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
             control = Control::Stop;
         }
@@ -527,6 +539,7 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
             control = match comm.broadcast(&code, 0)?.to_scalar::<f32>()? as u32 {
                 1 => Control::Stop,
                 2 => Control::Abort,
+                3 => Control::Save,
                 _ => Control::Continue,
             };
         }
@@ -537,7 +550,7 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
         let periodic = cfg
             .save_every
             .is_some_and(|n| n > 0 && step.is_multiple_of(n));
-        if periodic || control == Control::Stop || step == total_steps {
+        if periodic || matches!(control, Control::Stop | Control::Save) || step == total_steps {
             summary.last_checkpoint = Some(save(&optim, step, data_state, lr, loss_v)?);
             last_saved = step;
         }
