@@ -7,8 +7,8 @@ use std::path::Path;
 
 use llava_formats::constants::{IGNORE_INDEX, IMAGE_TOKEN_INDEX, TOKENS_PER_TILE};
 use llava_imaging::{
-    anyres_grid, anyres_image_tokens, decode_rgb_file, make_tiles, probe_size_file,
-    single_tile_tokens, AspectMode, MergeType, Tiles, TILE,
+    anyres_grid, anyres_image_tokens, decode_rgb_file_with, make_tiles, probe_size_file_with,
+    single_tile_tokens, AspectMode, DecodeLimits, MergeType, Tiles, TILE,
 };
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +25,8 @@ pub struct ConvertConfig {
     pub aspect: AspectMode,
     pub merge: MergeType,
     pub model_max_length: usize,
+    /// Pixel and file-size limits, checked from the header in `prepare` and again in `render`.
+    pub limits: DecodeLimits,
 }
 
 /// A sample with everything but its pixels.
@@ -124,7 +126,7 @@ pub fn prepare(
             } else {
                 &config.aspect
             };
-            plan_image(image_folder, path, mode, config.merge)
+            plan_image(image_folder, path, mode, config)
         })
         .collect::<Result<Vec<_>, _>>()?;
 
@@ -174,7 +176,8 @@ pub fn render(
                 path: full.display().to_string(),
                 reason,
             };
-            let image = decode_rgb_file(&full).map_err(|e| reject(e.to_string()))?;
+            let image = decode_rgb_file_with(&full, &config.limits)
+                .map_err(|e| Reject::image(&full, &e))?;
             if (image.width, image.height) != planned.image_size {
                 return Err(reject(format!(
                     "decoded size {}x{} differs from the header's {}x{}",
@@ -210,14 +213,13 @@ fn plan_image(
     folder: &Path,
     path: &str,
     mode: &AspectMode,
-    merge: MergeType,
+    config: &ConvertConfig,
 ) -> Result<PlannedImage, Reject> {
+    let merge = config.merge;
     // `os.path.join` semantics: an absolute path in the record replaces the folder.
     let full = folder.join(path);
-    let image_size = probe_size_file(&full).map_err(|e| Reject::Image {
-        path: full.display().to_string(),
-        reason: e.to_string(),
-    })?;
+    let image_size =
+        probe_size_file_with(&full, &config.limits).map_err(|e| Reject::image(&full, &e))?;
     let (processing, num_tiles, image_tokens) = match mode {
         AspectMode::Anyres(pinpoints) => {
             let (cols, rows) = anyres_grid(image_size, pinpoints, TILE);

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use llava_formats::config::{ConfigError, DatasetsConfig, Pinpoints};
-use llava_imaging::{parse_pinpoints, AspectMode, MergeType};
+use llava_imaging::{parse_pinpoints, AspectMode, DecodeLimits, MergeType};
 use sha2::{Digest, Sha256};
 
 use super::BuildError;
@@ -93,6 +93,10 @@ impl BuildContext {
                 aspect,
                 merge,
                 model_max_length: config.model_max_length,
+                limits: DecodeLimits {
+                    max_pixels: config.max_image_pixels,
+                    max_file_bytes: config.max_image_file_mb << 20,
+                },
             });
         }
         let output = output
