@@ -4,6 +4,7 @@
 //! - [`render`]: decodes and tiles the images of a prepared sample (the expensive part).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use llava_formats::constants::{IGNORE_INDEX, IMAGE_TOKEN_INDEX, TOKENS_PER_TILE};
 use llava_imaging::{
@@ -12,6 +13,7 @@ use llava_imaging::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::budget::PixelBudget;
 use crate::record::Record;
 use crate::reject::Reject;
 use crate::template::{tokenize, Template};
@@ -27,6 +29,15 @@ pub struct ConvertConfig {
     pub model_max_length: usize,
     /// Pixel and file-size limits, checked from the header in `prepare` and again in `render`.
     pub limits: DecodeLimits,
+    /// Shared by every source of a run: bounds the pixels decoded at once.
+    pub budget: Arc<PixelBudget>,
+}
+
+impl ConvertConfig {
+    /// The decoded-pixel budget for `limits`: two of the largest allowed images at once.
+    pub fn budget_for(limits: &DecodeLimits) -> Arc<PixelBudget> {
+        Arc::new(PixelBudget::new(limits.max_pixels.saturating_mul(2)))
+    }
 }
 
 /// A sample with everything but its pixels.
@@ -176,6 +187,9 @@ pub fn render(
                 path: full.display().to_string(),
                 reason,
             };
+            // Held until the tiles are made: the decoded image is the big allocation.
+            let (w, h) = planned.image_size;
+            let _lease = config.budget.acquire(u64::from(w) * u64::from(h));
             let image = decode_rgb_file_with(&full, &config.limits)
                 .map_err(|e| Reject::image(&full, &e))?;
             if (image.width, image.height) != planned.image_size {

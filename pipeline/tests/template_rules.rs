@@ -247,6 +247,7 @@ fn convert_config(max_len: usize) -> ConvertConfig {
         merge: MergeType::SpatialUnpad,
         model_max_length: max_len,
         limits: Default::default(),
+        budget: ConvertConfig::budget_for(&Default::default()),
     }
 }
 

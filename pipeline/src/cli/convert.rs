@@ -84,15 +84,17 @@ pub fn run(args: ConvertArgs) -> Result<()> {
         .template
         .parse()
         .map_err(|e: String| anyhow::anyhow!("--template: {e}"))?;
+    let limits = llava_imaging::DecodeLimits {
+        max_pixels: args.max_image_pixels,
+        max_file_bytes: args.max_image_file_mb.saturating_mul(1 << 20),
+    };
     let config = ConvertConfig {
         template,
         aspect: parse_aspect(&args.aspect, &args.pinpoints)?,
         merge: parse_merge(&args.merge)?,
         model_max_length: args.max_len,
-        limits: llava_imaging::DecodeLimits {
-            max_pixels: args.max_image_pixels,
-            max_file_bytes: args.max_image_file_mb.saturating_mul(1 << 20),
-        },
+        budget: ConvertConfig::budget_for(&limits),
+        limits,
     };
     let tokenizer = TextTokenizer::from_file(&args.tokenizer)?;
     let entries = read_entries(&args.data)?;
