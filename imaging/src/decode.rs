@@ -16,8 +16,8 @@ use turbojpeg::raw;
 
 use crate::limits::{DecodeLimits, PILLOW_WARN_PIXELS};
 use crate::truncation::{
-    bmp_shortfall, gif_shortfall, jpeg_shortfall, png_shortfall, png_with_iend, tiff_shortfall,
-    webp_shortfall, Shortfall,
+    bmp_padded, bmp_shortfall, gif_shortfall, jpeg_shortfall, png_repaired, png_shortfall,
+    tiff_shortfall, webp_shortfall, Shortfall,
 };
 
 /// A decoded image: `data` is row-major, interleaved RGB (`height * width * 3` bytes).
@@ -206,7 +206,10 @@ pub fn decode_rgb_with(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, 
         Format::Jpeg => decode_jpeg(bytes, limits)?,
         Format::Png => decode_png(bytes, limits)?,
         Format::Gif => decode_with_image(bytes, format, limits, GreyDepth::Scale)?,
-        Format::Bmp => decode_with_image(bytes, format, limits, GreyDepth::Scale)?,
+        Format::Bmp => match bmp_padded(bytes) {
+            Some(padded) => decode_with_image(&padded, format, limits, GreyDepth::Scale)?,
+            None => decode_with_image(bytes, format, limits, GreyDepth::Scale)?,
+        },
         Format::WebP => decode_with_image(bytes, format, limits, GreyDepth::Scale)?,
         // Pillow opens 16-bit grey TIFF as I;16 too.
         Format::Tiff => decode_with_image(bytes, format, limits, GreyDepth::Clip)?,
@@ -420,12 +423,15 @@ fn decode_png(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, ImageErro
     } else {
         GreyDepth::Scale
     };
-    if png_shortfall(bytes).is_none() {
-        if let Some(fixed) = png_with_iend(bytes) {
-            return decode_with_image(&fixed, Format::Png, limits, depth);
-        }
+    let Some(fixed) = png_repaired(bytes) else {
+        return decode_with_image(bytes, Format::Png, limits, depth);
+    };
+    // A cut file: accepted only if every row still decodes, as in Pillow.
+    match decode_with_image(&fixed, Format::Png, limits, depth) {
+        Ok(img) => Ok(img),
+        Err(e @ (ImageError::TooLarge { .. } | ImageError::FileTooLarge { .. })) => Err(e),
+        Err(e) => Err(truncated(Format::Png, bytes, e.to_string())),
     }
-    decode_with_image(bytes, Format::Png, limits, depth)
 }
 
 fn image_error(format: Format, bytes: &[u8], e: image::ImageError) -> ImageError {

@@ -167,12 +167,15 @@ pub fn png_shortfall(b: &[u8]) -> Option<Shortfall> {
     }
 }
 
-/// A PNG whose image data is complete but whose trailing chunks (IEND) are cut, as Pillow
-/// accepts it: the complete chunks plus a proper IEND, for decoders that insist on one.
-pub fn png_with_iend(b: &[u8]) -> Option<Vec<u8>> {
+/// A cut PNG made well-formed again, for decoders that insist on whole chunks: the complete
+/// chunks, the data a cut IDAT still has (in a chunk with its own length and CRC), and an IEND.
+/// Pillow reads a PNG as long as the decoder gets every row, whatever follows (the zlib checksum,
+/// CRCs, IEND); decoding this copy tells whether it does. `None` when the file is whole.
+pub fn png_repaired(b: &[u8]) -> Option<Vec<u8>> {
     const IEND: [u8; 12] = [0, 0, 0, 0, b'I', b'E', b'N', b'D', 0xAE, 0x42, 0x60, 0x82];
     let n = b.len();
-    let mut i = 8;
+    let mut i = 8.min(n);
+    let mut tail = Vec::new();
     while i + 8 <= n {
         let len = u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]) as usize;
         let end = i.saturating_add(12).saturating_add(len);
@@ -180,13 +183,37 @@ pub fn png_with_iend(b: &[u8]) -> Option<Vec<u8>> {
             return None;
         }
         if end > n {
+            if &b[i + 4..i + 8] == b"IDAT" {
+                let data = &b[i + 8..n.min(i + 8 + len)];
+                tail.extend_from_slice(&(data.len() as u32).to_be_bytes());
+                tail.extend_from_slice(b"IDAT");
+                tail.extend_from_slice(data);
+                tail.extend_from_slice(&crc32(&[&b"IDAT"[..], data].concat()).to_be_bytes());
+            }
             break;
         }
         i = end;
     }
     let mut fixed = b[..i.min(n)].to_vec();
+    fixed.extend_from_slice(&tail);
     fixed.extend_from_slice(&IEND);
     Some(fixed)
+}
+
+/// PNG's CRC-32 (ISO 3309).
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in bytes {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
 }
 
 /// WebP: the RIFF header declares the file size; libwebp's demuxer refuses anything shorter.
@@ -273,37 +300,49 @@ pub fn gif_shortfall(b: &[u8]) -> Option<Shortfall> {
     }
 }
 
-/// BMP (uncompressed): the pixel array starts at the header's offset and holds `|height|` rows
-/// padded to 4 bytes.
-pub fn bmp_shortfall(b: &[u8]) -> Option<Shortfall> {
-    let n = b.len();
-    if n < 30 {
-        return short(n, 30 - n, "in the file header".into());
+/// Layout of an uncompressed (or bit-field) BMP's pixel array: `(offset, stride, rows,
+/// last_row_bytes)`; `None` for compressed or unparseable headers.
+fn bmp_layout(b: &[u8]) -> Option<(u64, u64, u64, u64)> {
+    if b.len() < 34 {
+        return None;
     }
     let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-    let offset = u32_at(10) as usize;
-    let header = u32_at(14);
-    let (width, height, bpp, compression) = if header == 12 {
+    let offset = u64::from(u32_at(10));
+    let (width, height, bpp, compression) = if u32_at(14) == 12 {
         // OS/2 BITMAPCOREHEADER: 16-bit sizes, no compression.
-        let w = u16::from_le_bytes([b[18], b[19]]) as i64;
-        let h = u16::from_le_bytes([b[20], b[21]]) as i64;
+        let w = i64::from(u16::from_le_bytes([b[18], b[19]]));
+        let h = i64::from(u16::from_le_bytes([b[20], b[21]]));
         (w, h, u16::from_le_bytes([b[24], b[25]]), 0)
     } else {
-        if n < 34 {
-            return short(n, 34 - n, "in the info header".into());
-        }
         let w = i64::from(u32_at(18) as i32);
         let h = i64::from(u32_at(22) as i32);
         (w, h, u16::from_le_bytes([b[28], b[29]]), u32_at(30))
     };
     // Only uncompressed and bit-field layouts have a fixed size.
-    if !(compression == 0 || compression == 3 || compression == 6) || width <= 0 {
+    if !(compression == 0 || compression == 3 || compression == 6) || width <= 0 || bpp == 0 {
         return None;
     }
-    let stride = ((width as u64 * u64::from(bpp)).div_ceil(32)) * 4;
-    let rows = height.unsigned_abs();
-    let want = (offset as u64).saturating_add(stride.saturating_mul(rows));
-    if want <= n as u64 || stride == 0 {
+    let bits = width as u64 * u64::from(bpp);
+    Some((
+        offset,
+        bits.div_ceil(32) * 4,
+        height.unsigned_abs(),
+        bits.div_ceil(8),
+    ))
+}
+
+/// BMP (uncompressed): the pixel array starts at the header's offset and holds `|height|` rows
+/// padded to 4 bytes; Pillow reads the last row without its padding.
+pub fn bmp_shortfall(b: &[u8]) -> Option<Shortfall> {
+    let n = b.len();
+    if n < 34 {
+        return short(n, 34 - n, "in the file header".into());
+    }
+    let (offset, stride, rows, last_row) = bmp_layout(b)?;
+    let want = offset
+        .saturating_add(stride.saturating_mul(rows.saturating_sub(1)))
+        .saturating_add(last_row);
+    if want <= n as u64 {
         return None;
     }
     let missing = want - n as u64;
@@ -315,6 +354,20 @@ pub fn bmp_shortfall(b: &[u8]) -> Option<Shortfall> {
             "inside the pixel array ({rows} rows of {stride} bytes from byte {offset})"
         ),
     })
+}
+
+/// A BMP whose last row lacks only its padding, padded again (Pillow reads it; `image` wants
+/// the whole row). `None` when nothing is missing.
+pub fn bmp_padded(b: &[u8]) -> Option<Vec<u8>> {
+    let (offset, stride, rows, _) = bmp_layout(b)?;
+    let full = offset.saturating_add(stride.saturating_mul(rows));
+    let n = b.len() as u64;
+    if n >= full || bmp_shortfall(b).is_some() || full - n >= 4 {
+        return None;
+    }
+    let mut padded = b.to_vec();
+    padded.resize(full as usize, 0);
+    Some(padded)
 }
 
 /// TIFF: the strips or tiles of the first image must lie inside the file.
