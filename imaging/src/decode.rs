@@ -206,10 +206,14 @@ pub fn decode_rgb_with(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, 
         Format::Jpeg => decode_jpeg(bytes, limits)?,
         Format::Png => decode_png(bytes, limits)?,
         Format::Gif => decode_with_image(bytes, format, limits, GreyDepth::Scale)?,
-        Format::Bmp => match bmp_padded(bytes) {
-            Some(padded) => decode_with_image(&padded, format, limits, GreyDepth::Scale)?,
-            None => decode_with_image(bytes, format, limits, GreyDepth::Scale)?,
-        },
+        Format::Bmp => {
+            let padded = bmp_padded(bytes);
+            let bytes = padded.as_deref().unwrap_or(bytes);
+            match crate::bmp::decode_bmp16(bytes, limits) {
+                Some(result) => result?,
+                None => decode_with_image(bytes, format, limits, GreyDepth::Scale)?,
+            }
+        }
         Format::WebP => decode_with_image(bytes, format, limits, GreyDepth::Scale)?,
         // Pillow opens 16-bit grey TIFF as I;16 too.
         Format::Tiff => decode_with_image(bytes, format, limits, GreyDepth::Clip)?,

@@ -4,6 +4,7 @@
 //! `geometry` (anyres sizes and token counts), `tiles` (uint8 `(T, 3, 336, 336)` tiles),
 //! `normalize` (the CLIP processor's float32 values).
 
+mod bmp;
 pub mod decode;
 pub mod geometry;
 pub mod limits;
