@@ -468,6 +468,23 @@ pub(crate) fn image_format(format: Format) -> ImageFormat {
     }
 }
 
+/// An `image` reader for `bytes`, after the checks `image` itself lacks.
+pub(crate) fn image_reader(
+    format: Format,
+    bytes: &[u8],
+) -> Result<image::ImageReader<Cursor<&[u8]>>, ImageError> {
+    if format == Format::Tiff {
+        crate::tiff_guard::check_first_ifd(bytes).map_err(|reason| ImageError::Corrupt {
+            format: format.name(),
+            reason,
+        })?;
+    }
+    Ok(image::ImageReader::with_format(
+        Cursor::new(bytes),
+        image_format(format),
+    ))
+}
+
 /// `image`'s limits for one decode: no size cap of its own (ours is checked from the header),
 /// but no allocation beyond what the largest allowed image needs.
 pub(crate) fn image_limits(limits: &DecodeLimits) -> image::Limits {
@@ -488,7 +505,7 @@ fn decode_with_image(
             reason: s.to_string(),
         });
     }
-    let mut reader = image::ImageReader::with_format(Cursor::new(bytes), image_format(format));
+    let mut reader = image_reader(format, bytes)?;
     reader.limits(image_limits(limits));
     let decoder = reader
         .into_decoder()

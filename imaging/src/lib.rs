@@ -11,6 +11,7 @@ pub mod limits;
 pub mod normalize;
 pub mod probe;
 pub mod resample;
+mod tiff_guard;
 pub mod tiles;
 pub mod truncation;
 

@@ -1,13 +1,13 @@
 //! Image size from the file header, without decoding pixels: lets a build compute every sample's
 //! exact token count (which depends only on the size) before the expensive decode.
 
-use std::io::{BufReader, Cursor, Read};
+use std::io::{BufReader, Read};
 use std::path::Path;
 
 use image::ImageDecoder;
 
 use crate::decode::{
-    check_file_bytes, check_pixels, image_format, image_limits, jpeg_header, sniff_format, Format,
+    check_file_bytes, check_pixels, image_limits, image_reader, jpeg_header, sniff_format, Format,
     ImageError,
 };
 use crate::limits::DecodeLimits;
@@ -64,8 +64,7 @@ pub fn probe_size_with(bytes: &[u8], limits: &DecodeLimits) -> Result<(u32, u32)
             (w, h)
         }
         _ => {
-            let mut reader =
-                image::ImageReader::with_format(Cursor::new(bytes), image_format(format));
+            let mut reader = image_reader(format, bytes)?;
             reader.limits(image_limits(limits));
             let decoder = reader.into_decoder().map_err(|e| ImageError::Corrupt {
                 format: format.name(),
