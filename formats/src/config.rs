@@ -57,6 +57,13 @@ pub struct DatasetsConfig {
     pub jpeg_quality: u8,
     #[serde(default = "default_zstd_level")]
     pub zstd_level: i32,
+    /// Images with more pixels are rejected from their header (`image_too_large`) before any
+    /// decoding; the default is where Pillow raises `DecompressionBombError`.
+    #[serde(default = "default_max_image_pixels")]
+    pub max_image_pixels: u64,
+    /// Image files larger than this many MiB are rejected before they are read.
+    #[serde(default = "default_max_image_file_mb")]
+    pub max_image_file_mb: u64,
     pub sources: Vec<SourceConfig>,
 }
 
@@ -229,6 +236,14 @@ fn default_jpeg_quality() -> u8 {
 fn default_zstd_level() -> i32 {
     3
 }
+/// Pillow's `2 * Image.MAX_IMAGE_PIXELS` (`2 * (1024 * 1024 * 1024 // 4 // 3)`).
+pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 178_956_970;
+fn default_max_image_pixels() -> u64 {
+    DEFAULT_MAX_IMAGE_PIXELS
+}
+fn default_max_image_file_mb() -> u64 {
+    256
+}
 fn default_aspect() -> String {
     "anyres".into()
 }
@@ -289,6 +304,15 @@ impl DatasetsConfig {
         positive("group_size", self.group_size)?;
         positive("length_pool_groups", self.length_pool_groups)?;
         positive("shard_target_mb", self.shard_target_mb as usize)?;
+        if self.max_image_pixels == 0 {
+            return Err(("max_image_pixels".into(), "must be at least 1".into()));
+        }
+        if self.max_image_file_mb == 0 || self.max_image_file_mb > 1 << 20 {
+            return Err((
+                "max_image_file_mb".into(),
+                "must be in 1..=1048576 (MiB)".into(),
+            ));
+        }
         if !self.group_size.is_multiple_of(self.batch_size) {
             return Err((
                 "group_size".into(),
@@ -404,6 +428,8 @@ sampling = "first:3"
         let c = load_str(GOOD).unwrap();
         assert!(c.output.ends_with("out") && c.output.is_absolute());
         assert_eq!(c.model_max_length, 8192);
+        assert_eq!(c.max_image_pixels, 178_956_970);
+        assert_eq!(c.max_image_file_mb, 256);
         assert_eq!(c.sources[0].sampling, Sampling::First(Count::Records(3)));
     }
 
@@ -419,6 +445,8 @@ sampling = "first:3"
         );
         let e = load_str(&GOOD.replace("sampling", "smapling")).unwrap_err();
         assert!(e.message.contains("smapling"), "{e}");
+        let e = load_str(&format!("max_image_pixels = 0\n{GOOD}")).unwrap_err();
+        assert_eq!(e.key, "max_image_pixels", "{e}");
         let e = load_str(&format!("group_size = 6\nbatch_size = 4\n{GOOD}")).unwrap_err();
         assert_eq!(e.key, "group_size", "{e}");
     }

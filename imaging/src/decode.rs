@@ -1,5 +1,7 @@
-//! Decoding to 8-bit RGB exactly like Pillow 10.3 `Image.open(path).convert("RGB")` with
-//! `ImageFile.LOAD_TRUNCATED_IMAGES = True` (spec §1.4, §3.10).
+//! Decoding to 8-bit RGB exactly like Pillow 10.3 `Image.open(path).convert("RGB")` (spec §1.4,
+//! §3.10). A file whose data ends early is refused in every format ([`ImageError::Truncated`]),
+//! as Pillow does without `LOAD_TRUNCATED_IMAGES`; images above the pixel limit are refused from
+//! their header before any pixel buffer exists, as Pillow's `DecompressionBombError`.
 //!
 //! JPEG goes through libjpeg-turbo (the library Pillow links), everything else through the
 //! `image` crate, followed by Pillow's mode conversion rules: alpha is dropped (not
@@ -9,8 +11,14 @@
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
-use image::{DynamicImage, ImageFormat};
+use image::{DynamicImage, ImageDecoder, ImageFormat};
 use turbojpeg::raw;
+
+use crate::limits::{DecodeLimits, PILLOW_WARN_PIXELS};
+use crate::truncation::{
+    bmp_padded, bmp_shortfall, gif_shortfall, jpeg_shortfall, png_repaired, png_shortfall,
+    tiff_shortfall, webp_shortfall, Shortfall,
+};
 
 /// A decoded image: `data` is row-major, interleaved RGB (`height * width * 3` bytes).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,17 +67,66 @@ pub enum ImageError {
         format: &'static str,
         reason: String,
     },
-    #[error("truncated {format} data: no pixel rows could be decoded ({reason})")]
+    #[error("truncated {format} file: {reason}")]
     Truncated {
         format: &'static str,
         reason: String,
     },
+    #[error("{format} image is {width}x{height} = {} pixels, above max_image_pixels {limit} (Pillow refuses more than {} pixels with DecompressionBombError)", u64::from(*width) * u64::from(*height), 2 * PILLOW_WARN_PIXELS)]
+    TooLarge {
+        format: &'static str,
+        width: u32,
+        height: u32,
+        limit: u64,
+    },
+    #[error("image file is {bytes} bytes, above the limit of {limit} bytes (max_image_file_mb)")]
+    FileTooLarge { bytes: u64, limit: u64 },
     #[error("{format} image has zero size ({width}x{height})")]
     ZeroSize {
         format: &'static str,
         width: u32,
         height: u32,
     },
+}
+
+impl ImageError {
+    /// The reject kind a pipeline reports for this error.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ImageError::Truncated { .. } => "truncated_image",
+            ImageError::TooLarge { .. } | ImageError::FileTooLarge { .. } => "image_too_large",
+            _ => "image",
+        }
+    }
+}
+
+/// Refuses `width x height` above the pixel limit (before anything is allocated for it).
+pub(crate) fn check_pixels(
+    format: Format,
+    width: u32,
+    height: u32,
+    limits: &DecodeLimits,
+) -> Result<(), ImageError> {
+    if u64::from(width) * u64::from(height) > limits.max_pixels {
+        return Err(ImageError::TooLarge {
+            format: format.name(),
+            width,
+            height,
+            limit: limits.max_pixels,
+        });
+    }
+    Ok(())
+}
+
+/// Refuses files above the file-size limit.
+pub(crate) fn check_file_bytes(bytes: u64, limits: &DecodeLimits) -> Result<(), ImageError> {
+    if bytes > limits.max_file_bytes {
+        return Err(ImageError::FileTooLarge {
+            bytes,
+            limit: limits.max_file_bytes,
+        });
+    }
+    Ok(())
 }
 
 /// Container formats recognised from magic bytes (never from the file extension).
@@ -115,31 +172,51 @@ pub fn sniff_format(bytes: &[u8]) -> Option<Format> {
     }
 }
 
-/// Read and decode a file (see [`decode_rgb`]).
+/// Read and decode a file (see [`decode_rgb`]) with the default limits.
 pub fn decode_rgb_file(path: &Path) -> Result<RgbImage, ImageError> {
-    let bytes = std::fs::read(path).map_err(|source| ImageError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    decode_rgb(&bytes)
+    decode_rgb_file_with(path, &DecodeLimits::default())
 }
 
-/// Decode encoded image bytes to RGB the way Pillow's `convert("RGB")` does.
+/// Read and decode a file; its size is checked before it is read.
+pub fn decode_rgb_file_with(path: &Path, limits: &DecodeLimits) -> Result<RgbImage, ImageError> {
+    let io = |source| ImageError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    check_file_bytes(std::fs::metadata(path).map_err(io)?.len(), limits)?;
+    let bytes = std::fs::read(path).map_err(io)?;
+    decode_rgb_with(&bytes, limits)
+}
+
+/// Decode encoded image bytes to RGB the way Pillow's `convert("RGB")` does (default limits).
 pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, ImageError> {
+    decode_rgb_with(bytes, &DecodeLimits::default())
+}
+
+/// Decode encoded image bytes to RGB the way Pillow's `convert("RGB")` does, within `limits`.
+pub fn decode_rgb_with(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty);
     }
+    check_file_bytes(bytes.len() as u64, limits)?;
     let format = sniff_format(bytes).ok_or_else(|| ImageError::UnknownFormat {
         magic: bytes[..bytes.len().min(8)].to_vec(),
     })?;
     let img = match format {
-        Format::Jpeg => decode_jpeg(bytes)?,
-        Format::Png => decode_png(bytes)?,
-        Format::Gif => decode_with_image(bytes, format, ImageFormat::Gif, GreyDepth::Scale)?,
-        Format::Bmp => decode_with_image(bytes, format, ImageFormat::Bmp, GreyDepth::Scale)?,
-        Format::WebP => decode_with_image(bytes, format, ImageFormat::WebP, GreyDepth::Scale)?,
+        Format::Jpeg => decode_jpeg(bytes, limits)?,
+        Format::Png => decode_png(bytes, limits)?,
+        Format::Gif => decode_with_image(bytes, format, limits, GreyDepth::Scale)?,
+        Format::Bmp => {
+            let padded = bmp_padded(bytes);
+            let bytes = padded.as_deref().unwrap_or(bytes);
+            match crate::bmp::decode_bmp16(bytes, limits) {
+                Some(result) => result?,
+                None => decode_with_image(bytes, format, limits, GreyDepth::Scale)?,
+            }
+        }
+        Format::WebP => decode_with_image(bytes, format, limits, GreyDepth::Scale)?,
         // Pillow opens 16-bit grey TIFF as I;16 too.
-        Format::Tiff => decode_with_image(bytes, format, ImageFormat::Tiff, GreyDepth::Clip)?,
+        Format::Tiff => decode_with_image(bytes, format, limits, GreyDepth::Clip)?,
     };
     if img.width == 0 || img.height == 0 {
         return Err(ImageError::ZeroSize {
@@ -149,6 +226,25 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, ImageError> {
         });
     }
     Ok(img)
+}
+
+/// Where the file stops short, from its container structure.
+fn shortfall(format: Format, bytes: &[u8]) -> Option<Shortfall> {
+    match format {
+        Format::Jpeg => jpeg_shortfall(bytes),
+        Format::Png => png_shortfall(bytes),
+        Format::Gif => gif_shortfall(bytes),
+        Format::Bmp => bmp_shortfall(bytes),
+        Format::WebP => webp_shortfall(bytes),
+        Format::Tiff => tiff_shortfall(bytes),
+    }
+}
+
+fn truncated(format: Format, bytes: &[u8], fallback: String) -> ImageError {
+    ImageError::Truncated {
+        format: format.name(),
+        reason: shortfall(format, bytes).map_or(fallback, |s| s.to_string()),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -203,8 +299,17 @@ fn jpeg_corrupt(reason: String) -> ImageError {
     }
 }
 
-fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage, ImageError> {
+/// libjpeg's warning when it had to invent an end of file (JWRN_JPEG_EOF).
+const LIBJPEG_EOF_WARNING: &str = "Premature end of JPEG file";
+
+/// A JPEG's `(width, height, colorspace)` as libjpeg reads its headers: exactly as lenient as
+/// the decoder (stray bytes between markers are skipped with a warning, as Pillow does).
+pub(crate) fn jpeg_header(bytes: &[u8]) -> Result<(u32, u32, CInt), ImageError> {
     let tj = TjHandle::new()?;
+    jpeg_header_with(&tj, bytes)
+}
+
+fn jpeg_header_with(tj: &TjHandle, bytes: &[u8]) -> Result<(u32, u32, CInt), ImageError> {
     // SAFETY: pointer/length describe `bytes`, which outlives the call.
     let rc = unsafe { raw::tj3DecompressHeader(tj.0, bytes.as_ptr(), bytes.len() as raw::size_t) };
     let width = tj.get(raw::TJPARAM_TJPARAM_JPEGWIDTH);
@@ -215,15 +320,24 @@ fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage, ImageError> {
             r if r.is_empty() || rc == 0 => format!("no frame header (size {width}x{height})"),
             r => r,
         };
-        // Without a start-of-scan marker the file ended inside the headers.
-        let has_sos = bytes.windows(2).any(|w| w == [0xFF, 0xDA]);
-        return Err(if has_sos {
-            jpeg_corrupt(reason)
+        return Err(if jpeg_shortfall(bytes).is_some() {
+            truncated(Format::Jpeg, bytes, reason)
         } else {
-            ImageError::Truncated {
-                format: "JPEG",
-                reason,
-            }
+            jpeg_corrupt(reason)
+        });
+    }
+    Ok((width as u32, height as u32, colorspace))
+}
+
+fn decode_jpeg(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, ImageError> {
+    let tj = TjHandle::new()?;
+    let (width, height, colorspace) = jpeg_header_with(&tj, bytes)?;
+    check_pixels(Format::Jpeg, width, height, limits)?;
+    // libjpeg pads a cut file with grey rows; Pillow refuses it.
+    if let Some(s) = jpeg_shortfall(bytes) {
+        return Err(ImageError::Truncated {
+            format: "JPEG",
+            reason: s.to_string(),
         });
     }
     let (w, h) = (width as usize, height as usize);
@@ -251,10 +365,19 @@ fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage, ImageError> {
             pf as CInt,
         )
     };
-    // Warnings (e.g. "premature end of data segment") leave a usable image, like Pillow with
-    // LOAD_TRUNCATED_IMAGES; only hard errors fail.
-    if rc != 0 && !tj.is_warning() {
-        return Err(jpeg_corrupt(tj.error_string()));
+    if rc != 0 {
+        let message = tj.error_string();
+        if message.starts_with(LIBJPEG_EOF_WARNING) {
+            return Err(ImageError::Truncated {
+                format: "JPEG",
+                reason: format!("libjpeg: {message}"),
+            });
+        }
+        // Other warnings (extraneous bytes, corrupt entropy data) leave the image Pillow
+        // also decodes, since Pillow ignores libjpeg warnings; only hard errors fail.
+        if !tj.is_warning() {
+            return Err(jpeg_corrupt(message));
+        }
     }
     let data = if cmyk { cmyk_to_rgb(&buf) } else { buf };
     Ok(RgbImage {
@@ -294,7 +417,7 @@ enum GreyDepth {
     Scale,
 }
 
-fn decode_png(bytes: &[u8]) -> Result<RgbImage, ImageError> {
+fn decode_png(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, ImageError> {
     // IHDR is always the first chunk: bit depth at byte 24, colour type at byte 25.
     let grey16 = bytes.len() > 25 && bytes[24] == 16 && (bytes[25] == 0 || bytes[25] == 4);
     // Pillow: colour type 0 (grey) at 16 bits is I;16 (clip); grey+alpha at 16 bits is
@@ -304,10 +427,18 @@ fn decode_png(bytes: &[u8]) -> Result<RgbImage, ImageError> {
     } else {
         GreyDepth::Scale
     };
-    decode_with_image(bytes, Format::Png, ImageFormat::Png, depth)
+    let Some(fixed) = png_repaired(bytes) else {
+        return decode_with_image(bytes, Format::Png, limits, depth);
+    };
+    // A cut file: accepted only if every row still decodes, as in Pillow.
+    match decode_with_image(&fixed, Format::Png, limits, depth) {
+        Ok(img) => Ok(img),
+        Err(e @ (ImageError::TooLarge { .. } | ImageError::FileTooLarge { .. })) => Err(e),
+        Err(e) => Err(truncated(Format::Png, bytes, e.to_string())),
+    }
 }
 
-fn image_error(format: Format, e: image::ImageError) -> ImageError {
+fn image_error(format: Format, bytes: &[u8], e: image::ImageError) -> ImageError {
     let reason = e.to_string();
     let truncated = match &e {
         image::ImageError::IoError(io) => io.kind() == std::io::ErrorKind::UnexpectedEof,
@@ -317,10 +448,7 @@ fn image_error(format: Format, e: image::ImageError) -> ImageError {
         }
     };
     if truncated {
-        ImageError::Truncated {
-            format: format.name(),
-            reason,
-        }
+        self::truncated(format, bytes, reason)
     } else {
         ImageError::Corrupt {
             format: format.name(),
@@ -329,15 +457,62 @@ fn image_error(format: Format, e: image::ImageError) -> ImageError {
     }
 }
 
+pub(crate) fn image_format(format: Format) -> ImageFormat {
+    match format {
+        Format::Jpeg => ImageFormat::Jpeg,
+        Format::Png => ImageFormat::Png,
+        Format::Gif => ImageFormat::Gif,
+        Format::Bmp => ImageFormat::Bmp,
+        Format::WebP => ImageFormat::WebP,
+        Format::Tiff => ImageFormat::Tiff,
+    }
+}
+
+/// An `image` reader for `bytes`, after the checks `image` itself lacks.
+pub(crate) fn image_reader(
+    format: Format,
+    bytes: &[u8],
+) -> Result<image::ImageReader<Cursor<&[u8]>>, ImageError> {
+    if format == Format::Tiff {
+        crate::tiff_guard::check_first_ifd(bytes).map_err(|reason| ImageError::Corrupt {
+            format: format.name(),
+            reason,
+        })?;
+    }
+    Ok(image::ImageReader::with_format(
+        Cursor::new(bytes),
+        image_format(format),
+    ))
+}
+
+/// `image`'s limits for one decode: no size cap of its own (ours is checked from the header),
+/// but no allocation beyond what the largest allowed image needs.
+pub(crate) fn image_limits(limits: &DecodeLimits) -> image::Limits {
+    let mut l = image::Limits::no_limits();
+    l.max_alloc = Some(limits.max_alloc_bytes());
+    l
+}
+
 fn decode_with_image(
     bytes: &[u8],
     format: Format,
-    image_format: ImageFormat,
+    limits: &DecodeLimits,
     grey16: GreyDepth,
 ) -> Result<RgbImage, ImageError> {
-    let mut reader = image::ImageReader::with_format(Cursor::new(bytes), image_format);
-    reader.no_limits();
-    let dynimg = reader.decode().map_err(|e| image_error(format, e))?;
+    if let Some(s) = shortfall(format, bytes) {
+        return Err(ImageError::Truncated {
+            format: format.name(),
+            reason: s.to_string(),
+        });
+    }
+    let mut reader = image_reader(format, bytes)?;
+    reader.limits(image_limits(limits));
+    let decoder = reader
+        .into_decoder()
+        .map_err(|e| image_error(format, bytes, e))?;
+    let (width, height) = decoder.dimensions();
+    check_pixels(format, width, height, limits)?;
+    let dynimg = DynamicImage::from_decoder(decoder).map_err(|e| image_error(format, bytes, e))?;
     Ok(dynamic_to_rgb(dynimg, grey16))
 }
 

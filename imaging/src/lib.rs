@@ -4,20 +4,27 @@
 //! `geometry` (anyres sizes and token counts), `tiles` (uint8 `(T, 3, 336, 336)` tiles),
 //! `normalize` (the CLIP processor's float32 values).
 
+mod bmp;
 pub mod decode;
 pub mod geometry;
+pub mod limits;
 pub mod normalize;
 pub mod probe;
 pub mod resample;
+mod tiff_guard;
 pub mod tiles;
+pub mod truncation;
 
-pub use decode::{decode_rgb, decode_rgb_file, ImageError, RgbImage};
+pub use decode::{
+    decode_rgb, decode_rgb_file, decode_rgb_file_with, decode_rgb_with, ImageError, RgbImage,
+};
 pub use geometry::{
     anyres_grid, anyres_image_tokens, parse_pinpoints, resize_and_pad_size, select_best_resolution,
     single_tile_tokens, unpad_feature_hw, MergeType, PinpointsError, RECIPE_PINPOINTS, TILE,
 };
+pub use limits::{DecodeLimits, PILLOW_MAX_IMAGE_PIXELS};
 pub use normalize::normalize_tiles;
-pub use probe::{probe_size, probe_size_file};
+pub use probe::{probe_size, probe_size_file, probe_size_file_with, probe_size_with};
 pub use resample::resize_bicubic;
 pub use tiles::{make_tiles, AspectMode, TileError, Tiles};
 

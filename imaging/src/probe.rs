@@ -1,67 +1,75 @@
 //! Image size from the file header, without decoding pixels: lets a build compute every sample's
 //! exact token count (which depends only on the size) before the expensive decode.
 
-use std::io::{BufReader, Cursor, Read};
+use std::io::{BufReader, Read};
 use std::path::Path;
 
-use image::{ImageDecoder, ImageFormat};
+use image::ImageDecoder;
 
-use crate::decode::{sniff_format, Format, ImageError};
+use crate::decode::{
+    check_file_bytes, check_pixels, image_limits, image_reader, jpeg_header, sniff_format, Format,
+    ImageError,
+};
+use crate::limits::DecodeLimits;
 
-/// `(width, height)` as Pillow's `Image.open(path).size` reports it.
+/// `(width, height)` as Pillow's `Image.open(path).size` reports it (default limits).
 pub fn probe_size_file(path: &Path) -> Result<(u32, u32), ImageError> {
-    let file = std::fs::File::open(path).map_err(|source| ImageError::Io {
+    probe_size_file_with(path, &DecodeLimits::default())
+}
+
+/// `(width, height)` of a file, refused as the decoder would refuse it for its file size or
+/// pixel count.
+pub fn probe_size_file_with(path: &Path, limits: &DecodeLimits) -> Result<(u32, u32), ImageError> {
+    let io = |source| ImageError::Io {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    check_file_bytes(file.metadata().map_err(io)?.len(), limits)?;
     // Headers are small; 64 KiB covers JPEG files with large EXIF/ICC segments in most cases,
     // and we fall back to the whole file otherwise.
     let mut head = Vec::with_capacity(1 << 16);
     BufReader::new(file)
         .take(1 << 16)
         .read_to_end(&mut head)
-        .map_err(|source| ImageError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    match probe_size(&head) {
+        .map_err(io)?;
+    match probe_size_with(&head, limits) {
         Ok(size) => Ok(size),
+        Err(e @ (ImageError::TooLarge { .. } | ImageError::FileTooLarge { .. })) => Err(e),
         Err(_) if head.len() == 1 << 16 => {
-            let bytes = std::fs::read(path).map_err(|source| ImageError::Io {
-                path: path.to_path_buf(),
-                source,
-            })?;
-            probe_size(&bytes)
+            let bytes = std::fs::read(path).map_err(io)?;
+            probe_size_with(&bytes, limits)
         }
         Err(e) => Err(e),
     }
 }
 
-/// `(width, height)` from the first bytes of an encoded image.
+/// `(width, height)` from the first bytes of an encoded image (default limits).
 pub fn probe_size(bytes: &[u8]) -> Result<(u32, u32), ImageError> {
+    probe_size_with(bytes, &DecodeLimits::default())
+}
+
+/// `(width, height)` from the first bytes of an encoded image, read by the same header parser
+/// as the decoder (libjpeg for JPEG, `image` for the rest) so that both accept the same files.
+pub fn probe_size_with(bytes: &[u8], limits: &DecodeLimits) -> Result<(u32, u32), ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty);
     }
     let format = sniff_format(bytes).ok_or_else(|| ImageError::UnknownFormat {
         magic: bytes[..bytes.len().min(8)].to_vec(),
     })?;
-    let corrupt = |reason: String| ImageError::Corrupt {
-        format: format.name(),
-        reason,
-    };
     let size = match format {
-        Format::Jpeg => jpeg_size(bytes).ok_or_else(|| corrupt("no frame header".into()))?,
+        Format::Jpeg => {
+            let (w, h, _) = jpeg_header(bytes)?;
+            (w, h)
+        }
         _ => {
-            let image_format = match format {
-                Format::Png => ImageFormat::Png,
-                Format::Gif => ImageFormat::Gif,
-                Format::Bmp => ImageFormat::Bmp,
-                Format::WebP => ImageFormat::WebP,
-                Format::Tiff => ImageFormat::Tiff,
-                Format::Jpeg => unreachable!("handled above"),
-            };
-            let reader = image::ImageReader::with_format(Cursor::new(bytes), image_format);
-            let decoder = reader.into_decoder().map_err(|e| corrupt(e.to_string()))?;
+            let mut reader = image_reader(format, bytes)?;
+            reader.limits(image_limits(limits));
+            let decoder = reader.into_decoder().map_err(|e| ImageError::Corrupt {
+                format: format.name(),
+                reason: e.to_string(),
+            })?;
             decoder.dimensions()
         }
     };
@@ -72,40 +80,8 @@ pub fn probe_size(bytes: &[u8]) -> Result<(u32, u32), ImageError> {
             height: size.1,
         });
     }
+    check_pixels(format, size.0, size.1, limits)?;
     Ok(size)
-}
-
-/// Width and height from the first SOFn marker segment.
-fn jpeg_size(bytes: &[u8]) -> Option<(u32, u32)> {
-    let mut i = 2; // after SOI
-    while i + 4 <= bytes.len() {
-        if bytes[i] != 0xFF {
-            return None;
-        }
-        let marker = bytes[i + 1];
-        if marker == 0xFF {
-            i += 1; // fill byte
-            continue;
-        }
-        // Markers without a length.
-        if marker == 0x01 || (0xD0..=0xD8).contains(&marker) {
-            i += 2;
-            continue;
-        }
-        let len = u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]) as usize;
-        let is_sof = (0xC0..=0xCF).contains(&marker) && ![0xC4, 0xC8, 0xCC].contains(&marker);
-        if is_sof {
-            let seg = bytes.get(i + 4..i + 2 + len)?;
-            if seg.len() < 5 {
-                return None;
-            }
-            let h = u16::from_be_bytes([seg[1], seg[2]]) as u32;
-            let w = u16::from_be_bytes([seg[3], seg[4]]) as u32;
-            return Some((w, h));
-        }
-        i += 2 + len;
-    }
-    None
 }
 
 #[cfg(test)]

@@ -167,9 +167,11 @@ fn truncated_headers_are_errors() {
 }
 
 #[test]
-fn truncated_jpeg_body_decodes_partially() {
-    // LOAD_TRUNCATED_IMAGES: a JPEG cut in its entropy-coded data still yields an image.
+fn truncated_jpeg_body_is_rejected() {
+    // Pillow (without LOAD_TRUNCATED_IMAGES) refuses a JPEG cut in its entropy-coded data;
+    // libjpeg-turbo alone would pad it with grey rows.
     let bytes = std::fs::read(fixtures().join("images/sam/images/sa_67233.jpg")).expect("read");
-    let img = decode_rgb(&bytes[..bytes.len() / 2]).expect("partial decode");
-    assert_eq!((img.width, img.height), (180, 181));
+    let e = decode_rgb(&bytes[..bytes.len() / 2]).unwrap_err();
+    assert!(matches!(e, ImageError::Truncated { .. }), "{e}");
+    assert_eq!(e.kind(), "truncated_image");
 }

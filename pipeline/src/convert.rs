@@ -4,14 +4,16 @@
 //! - [`render`]: decodes and tiles the images of a prepared sample (the expensive part).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use llava_formats::constants::{IGNORE_INDEX, IMAGE_TOKEN_INDEX, TOKENS_PER_TILE};
 use llava_imaging::{
-    anyres_grid, anyres_image_tokens, decode_rgb_file, make_tiles, probe_size_file,
-    single_tile_tokens, AspectMode, MergeType, Tiles, TILE,
+    anyres_grid, anyres_image_tokens, decode_rgb_file_with, make_tiles, probe_size_file_with,
+    single_tile_tokens, AspectMode, DecodeLimits, MergeType, Tiles, TILE,
 };
 use serde::{Deserialize, Serialize};
 
+use crate::budget::PixelBudget;
 use crate::record::Record;
 use crate::reject::Reject;
 use crate::template::{tokenize, Template};
@@ -25,6 +27,17 @@ pub struct ConvertConfig {
     pub aspect: AspectMode,
     pub merge: MergeType,
     pub model_max_length: usize,
+    /// Pixel and file-size limits, checked from the header in `prepare` and again in `render`.
+    pub limits: DecodeLimits,
+    /// Shared by every source of a run: bounds the pixels decoded at once.
+    pub budget: Arc<PixelBudget>,
+}
+
+impl ConvertConfig {
+    /// The decoded-pixel budget for `limits`: two of the largest allowed images at once.
+    pub fn budget_for(limits: &DecodeLimits) -> Arc<PixelBudget> {
+        Arc::new(PixelBudget::new(limits.max_pixels.saturating_mul(2)))
+    }
 }
 
 /// A sample with everything but its pixels.
@@ -124,7 +137,7 @@ pub fn prepare(
             } else {
                 &config.aspect
             };
-            plan_image(image_folder, path, mode, config.merge)
+            plan_image(image_folder, path, mode, config)
         })
         .collect::<Result<Vec<_>, _>>()?;
 
@@ -174,7 +187,11 @@ pub fn render(
                 path: full.display().to_string(),
                 reason,
             };
-            let image = decode_rgb_file(&full).map_err(|e| reject(e.to_string()))?;
+            // Held until the tiles are made: the decoded image is the big allocation.
+            let (w, h) = planned.image_size;
+            let _lease = config.budget.acquire(u64::from(w) * u64::from(h));
+            let image = decode_rgb_file_with(&full, &config.limits)
+                .map_err(|e| Reject::image(&full, &e))?;
             if (image.width, image.height) != planned.image_size {
                 return Err(reject(format!(
                     "decoded size {}x{} differs from the header's {}x{}",
@@ -210,14 +227,13 @@ fn plan_image(
     folder: &Path,
     path: &str,
     mode: &AspectMode,
-    merge: MergeType,
+    config: &ConvertConfig,
 ) -> Result<PlannedImage, Reject> {
+    let merge = config.merge;
     // `os.path.join` semantics: an absolute path in the record replaces the folder.
     let full = folder.join(path);
-    let image_size = probe_size_file(&full).map_err(|e| Reject::Image {
-        path: full.display().to_string(),
-        reason: e.to_string(),
-    })?;
+    let image_size =
+        probe_size_file_with(&full, &config.limits).map_err(|e| Reject::image(&full, &e))?;
     let (processing, num_tiles, image_tokens) = match mode {
         AspectMode::Anyres(pinpoints) => {
             let (cols, rows) = anyres_grid(image_size, pinpoints, TILE);

@@ -1,5 +1,6 @@
 //! `llava-data`: LLaVA records → token ids, labels and anyres tiles → Parquet shards.
 
+pub mod budget;
 pub mod build;
 pub mod convert;
 pub mod inspect;

@@ -182,13 +182,35 @@ pub fn parse_record(entry: &RawEntry) -> Result<Record, Reject> {
         .iter()
         .enumerate()
         .map(|(turn, v)| parse_turn(turn, v))
-        .collect::<Result<_, _>>()?;
+        .collect::<Result<Vec<Turn>, _>>()?;
+    check_not_empty(&turns)?;
     Ok(Record {
         index: entry.index,
         id: entry_id(entry),
         images,
         turns,
     })
+}
+
+/// A conversation whose human turns or whose assistant turns are all empty (or blank) would
+/// train on nothing, or on answers to nothing; the reference accepts it. A side with no turn at
+/// all is left to the template's checks (e.g. "no assistant turn").
+fn check_not_empty(turns: &[Turn]) -> Result<(), Reject> {
+    for (side, roles) in [
+        ("assistant", ["gpt", "assistant"]),
+        ("human", ["human", "user"]),
+    ] {
+        let mut on_side = turns.iter().filter(|t| roles.contains(&t.from.as_str()));
+        let mut any = false;
+        if on_side.all(|t| {
+            any = true;
+            t.value.trim().is_empty()
+        }) && any
+        {
+            return Err(Reject::EmptyConversation { side });
+        }
+    }
+    Ok(())
 }
 
 fn parse_turn(turn: usize, value: &Value) -> Result<Turn, Reject> {
@@ -277,6 +299,32 @@ mod tests {
             bad(json!({"video": "v.mp4", "conversations": conv})),
             Reject::Video
         );
+    }
+
+    #[test]
+    fn empty_conversations_are_rejected() {
+        let bad = |v: Value| parse_record(&entry(v)).unwrap_err();
+        let all_empty =
+            json!({"conversations": [{"from":"human","value":""},{"from":"gpt","value":""}]});
+        assert_eq!(
+            bad(all_empty),
+            Reject::EmptyConversation { side: "assistant" }
+        );
+        let blank_answers = json!({"conversations": [{"from":"human","value":"hi"},{"from":"gpt","value":" \n"},
+            {"from":"human","value":"again"},{"from":"gpt","value":""}]});
+        assert_eq!(bad(blank_answers).kind(), "empty_conversation");
+        let no_question =
+            json!({"conversations": [{"from":"human","value":"  "},{"from":"gpt","value":"yo"}]});
+        assert_eq!(
+            bad(no_question),
+            Reject::EmptyConversation { side: "human" }
+        );
+        // One empty turn among others is fine; an image-only question is a question.
+        let ok = json!({"conversations": [{"from":"human","value":""},{"from":"gpt","value":"a"},
+            {"from":"human","value":"b"},{"from":"gpt","value":"c"}]});
+        parse_record(&entry(ok)).unwrap();
+        let image_only = json!({"image":"a.jpg","conversations": [{"from":"human","value":"<image>"},{"from":"gpt","value":"a cat"}]});
+        parse_record(&entry(image_only)).unwrap();
     }
 
     #[test]

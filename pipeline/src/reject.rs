@@ -47,6 +47,12 @@ pub enum Reject {
     Tokenizer(String),
     #[error("image {path}: {reason}")]
     Image { path: String, reason: String },
+    #[error("image {path}: {reason}")]
+    TruncatedImage { path: String, reason: String },
+    #[error("image {path}: {reason}")]
+    ImageTooLarge { path: String, reason: String },
+    #[error("conversation has no non-empty {side} text (every {side} turn is empty or blank)")]
+    EmptyConversation { side: &'static str },
     #[error("image {index} needs {tokens} tokens at position {position}, which does not fit in model_max_length {max_len}")]
     ImageDoesNotFit {
         index: usize,
@@ -59,6 +65,17 @@ pub enum Reject {
 }
 
 impl Reject {
+    /// The reject for an image that cannot be used, with the kind its error calls for.
+    pub fn image(path: &std::path::Path, error: &llava_imaging::ImageError) -> Reject {
+        let path = path.display().to_string();
+        let reason = error.to_string();
+        match error.kind() {
+            "truncated_image" => Reject::TruncatedImage { path, reason },
+            "image_too_large" => Reject::ImageTooLarge { path, reason },
+            _ => Reject::Image { path, reason },
+        }
+    }
+
     /// A short stable name for counting rejects by kind (the `Display` text carries the details).
     pub fn kind(&self) -> &'static str {
         match self {
@@ -81,6 +98,9 @@ impl Reject {
             Reject::PlainShape(_) => "plain_shape",
             Reject::Tokenizer(_) => "tokenizer",
             Reject::Image { .. } => "image",
+            Reject::TruncatedImage { .. } => "truncated_image",
+            Reject::ImageTooLarge { .. } => "image_too_large",
+            Reject::EmptyConversation { .. } => "empty_conversation",
             Reject::ImageDoesNotFit { .. } => "image_does_not_fit",
             Reject::NothingLeftAfterTruncation { .. } => "nothing_left_after_truncation",
         }

@@ -28,6 +28,8 @@ fn check_file(golden: &str, aspect: AspectMode, merges: &[(MergeType, &str)]) ->
                 aspect: aspect.clone(),
                 merge,
                 model_max_length: 8192,
+                limits: Default::default(),
+                budget: ConvertConfig::budget_for(&Default::default()),
             };
             let what = format!("{golden} {file}[{index}] {template} {merge:?}");
             let sample = match convert(&record, &image_folder_of(file), &config, tokenizer) {

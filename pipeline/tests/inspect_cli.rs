@@ -188,3 +188,39 @@ fn sample_shows_marked_text_and_writes_tiles_and_plot() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--tokenizer"));
 }
+
+#[test]
+fn sample_by_bare_number_is_the_row_in_shard_order() {
+    use llava_data::inspect::{sample, BuildDir};
+    let b = BuildDir::open(built()).unwrap();
+    let total: u64 = b.manifest.shards.iter().map(|s| s.rows).sum();
+    let mut seen = Vec::new();
+    let mut last = (String::new(), 0);
+    for k in 0..total {
+        let found = sample::find(&b, &k.to_string(), false).unwrap();
+        // Shard order, then row-group order within a shard.
+        let shard_pos = |f: &str| b.manifest.shards.iter().position(|s| s.file == f);
+        if found.shard == last.0 {
+            assert!(found.row_group >= last.1, "row {k}");
+        } else {
+            assert!(shard_pos(&found.shard) > shard_pos(&last.0), "row {k}");
+        }
+        last = (found.shard.clone(), found.row_group);
+        // The same row as found by its id.
+        let by_id = sample::find(&b, &found.row.id, false).unwrap();
+        assert_eq!(
+            (by_id.shard, by_id.row.index),
+            (found.shard, found.row.index)
+        );
+        seen.push(found.row.id);
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len() as u64, total, "every row once");
+    assert!(sample::find(&b, &total.to_string(), false).is_err());
+
+    // As users type it: `--sample 7` is the 8th row.
+    let tok = tokenizer();
+    let o = inspect(&["--sample", "7", "--tokenizer", tok.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

@@ -229,7 +229,7 @@ fn template_rejects() {
             Plain,
             json!({"image":img,"conversations":[{"from":"human","value":"<image>"},{"from":"gpt","value":"  "}]})
         ),
-        Reject::NothingToTrain(_)
+        Reject::EmptyConversation { side: "assistant" }
     ));
     assert!(matches!(
         reject(
@@ -246,6 +246,8 @@ fn convert_config(max_len: usize) -> ConvertConfig {
         aspect: AspectMode::Anyres(RECIPE_PINPOINTS.to_vec()),
         merge: MergeType::SpatialUnpad,
         model_max_length: max_len,
+        limits: Default::default(),
+        budget: ConvertConfig::budget_for(&Default::default()),
     }
 }
 
@@ -267,8 +269,14 @@ fn bad_images_are_rejected_with_the_path() {
             json!({"image":name,"conversations":[{"from":"human","value":"<image>\nhi"},{"from":"gpt","value":"x"}]}),
             &dir,
         );
+        let want_kind = if name == "cut.jpg" {
+            "truncated_image"
+        } else {
+            "image"
+        };
+        assert_eq!(r.kind(), want_kind, "{name}: {r:?}");
         match r {
-            Reject::Image { path, reason } => {
+            Reject::Image { path, reason } | Reject::TruncatedImage { path, reason } => {
                 assert!(path.ends_with(name), "{path}");
                 assert!(!reason.is_empty());
             }

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use llava_formats::config::{ConfigError, DatasetsConfig, Pinpoints};
-use llava_imaging::{parse_pinpoints, AspectMode, MergeType};
+use llava_imaging::{parse_pinpoints, AspectMode, DecodeLimits, MergeType};
 use sha2::{Digest, Sha256};
 
 use super::BuildError;
@@ -61,6 +61,11 @@ impl BuildContext {
         }
         let tokenizer = TextTokenizer::from_file(&config.tokenizer)
             .map_err(|e| err("tokenizer", e.to_string()))?;
+        let limits = DecodeLimits {
+            max_pixels: config.max_image_pixels,
+            max_file_bytes: config.max_image_file_mb << 20,
+        };
+        let budget = ConvertConfig::budget_for(&limits);
         let mut convert = Vec::new();
         for (i, source) in config.sources.iter().enumerate() {
             for path in source.json.paths() {
@@ -93,6 +98,8 @@ impl BuildContext {
                 aspect,
                 merge,
                 model_max_length: config.model_max_length,
+                limits,
+                budget: budget.clone(),
             });
         }
         let output = output

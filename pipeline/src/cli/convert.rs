@@ -48,6 +48,13 @@ pub struct ConvertArgs {
     /// Maximum sequence length after image expansion (`model_max_length`).
     #[arg(long, default_value_t = 8192)]
     max_len: usize,
+    /// Images with more pixels are rejected from their header (`max_image_pixels`; Pillow's
+    /// `DecompressionBombError` threshold by default).
+    #[arg(long, default_value_t = llava_imaging::PILLOW_MAX_IMAGE_PIXELS)]
+    max_image_pixels: u64,
+    /// Image files larger than this many MiB are rejected before they are read.
+    #[arg(long, default_value_t = 256)]
+    max_image_file_mb: u64,
     /// Write every tile as `DIR/<index>_<image>_<tile>.png` (tile 0 = the squashed base image).
     #[arg(long)]
     dump_tiles: Option<PathBuf>,
@@ -77,11 +84,17 @@ pub fn run(args: ConvertArgs) -> Result<()> {
         .template
         .parse()
         .map_err(|e: String| anyhow::anyhow!("--template: {e}"))?;
+    let limits = llava_imaging::DecodeLimits {
+        max_pixels: args.max_image_pixels,
+        max_file_bytes: args.max_image_file_mb.saturating_mul(1 << 20),
+    };
     let config = ConvertConfig {
         template,
         aspect: parse_aspect(&args.aspect, &args.pinpoints)?,
         merge: parse_merge(&args.merge)?,
         model_max_length: args.max_len,
+        budget: ConvertConfig::budget_for(&limits),
+        limits,
     };
     let tokenizer = TextTokenizer::from_file(&args.tokenizer)?;
     let entries = read_entries(&args.data)?;

@@ -48,9 +48,10 @@ pub struct InspectArgs {
     #[arg(long, value_name = "PNG")]
     plot: Option<PathBuf>,
     /// Show one sample as the model sees it: its id, or SOURCE:INDEX (the record's position in
-    /// its JSON file, as in rejects.jsonl). Trained spans are marked (colour on a terminal,
+    /// its JSON file, as in rejects.jsonl), or a bare number N that is no id (the N+1-th row in
+    /// shard order: 0 is the first). Trained spans are marked (colour on a terminal,
     /// [[brackets]] otherwise), images shown as <image: N tokens, CxR grid, T tiles>.
-    #[arg(long, value_name = "ID | SOURCE:INDEX")]
+    #[arg(long, value_name = "ID | SOURCE:INDEX | N")]
     sample: Option<String>,
     /// The tokenizer.json the build used, to decode --sample (checked against the manifest's
     /// tokenizer_sha256).

@@ -32,7 +32,8 @@ fn parquet_err(path: &Path) -> impl Fn(parquet::errors::ParquetError) -> Inspect
     }
 }
 
-/// Finds a sample by id, or by `source:index` (the record's position in its JSON file). Reads
+/// Finds a sample by id, or by `source:index` (the record's position in its JSON file), or, for a
+/// bare number that is no id, by its position in shard order (`7` is the 8th row). Reads
 /// the `id`, `source` and `index` columns of every shard until found, then the one row group
 /// holding it (`tiles` only when `with_tiles`).
 pub fn find(build: &BuildDir, key: &str, with_tiles: bool) -> Result<Found, InspectError> {
@@ -55,12 +56,6 @@ pub fn find(build: &BuildDir, key: &str, with_tiles: bool) -> Result<Found, Insp
                 })
                 .collect()
         };
-        let rg_rows: Vec<usize> = builder
-            .metadata()
-            .row_groups()
-            .iter()
-            .map(|rg| rg.num_rows() as usize)
-            .collect();
         let mask = ProjectionMask::roots(
             builder.parquet_schema(),
             roots(&[c::ID, c::SOURCE, c::INDEX])?,
@@ -96,48 +91,75 @@ pub fn find(build: &BuildDir, key: &str, with_tiles: bool) -> Result<Found, Insp
             offset += batch.num_rows();
         }
         let Some(position) = position else { continue };
-        // Row group holding `position`, and the row's place in it.
-        let (mut row_group, mut first) = (0, 0);
-        while row_group < rg_rows.len() && first + rg_rows[row_group] <= position {
-            first += rg_rows[row_group];
-            row_group += 1;
+        return read_row(build, shard, position, with_tiles);
+    }
+    // A bare number that is no sample's id: the row at that position in shard order.
+    if let Ok(n) = key.parse::<u64>() {
+        let mut first = 0u64;
+        for shard in &build.manifest.shards {
+            if n < first + shard.rows {
+                return read_row(build, shard, (n - first) as usize, with_tiles);
+            }
+            first += shard.rows;
         }
-        let file = File::open(&path).map_err(io_err(&path))?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(parquet_err(&path))?;
-        let all: Vec<usize> = (0..builder.schema().fields().len())
-            .filter(|&i| with_tiles || builder.schema().field(i).name() != c::TILES)
-            .collect();
-        let mask = ProjectionMask::roots(builder.parquet_schema(), all);
-        let reader = builder
-            .with_projection(mask)
-            .with_row_groups(vec![row_group])
-            .build()
-            .map_err(parquet_err(&path))?;
-        let mut rows = Vec::new();
-        for batch in reader {
-            let batch = batch.map_err(|e| InspectError::Parquet {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-            rows.extend(batch_to_rows(&batch).map_err(|e| InspectError::Parquet {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?);
-        }
-        let row = rows
-            .into_iter()
-            .nth(position - first)
-            .ok_or_else(|| InspectError::Parquet {
-                path: path.clone(),
-                reason: format!("row group {row_group} is shorter than its metadata says"),
-            })?;
-        return Ok(Found {
-            shard: shard.file.clone(),
-            row_group,
-            row,
-        });
     }
     Err(InspectError::NoSample(key.to_string()))
+}
+
+/// Row `position` of `shard` (all columns, `tiles` only when `with_tiles`).
+fn read_row(
+    build: &BuildDir,
+    shard: &llava_formats::manifest::ShardInfo,
+    position: usize,
+    with_tiles: bool,
+) -> Result<Found, InspectError> {
+    let path = build.shard_path(&shard.file);
+    let file = File::open(&path).map_err(io_err(&path))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(parquet_err(&path))?;
+    let rg_rows: Vec<usize> = builder
+        .metadata()
+        .row_groups()
+        .iter()
+        .map(|rg| rg.num_rows() as usize)
+        .collect();
+    // Row group holding `position`, and the row's place in it.
+    let (mut row_group, mut first) = (0, 0);
+    while row_group < rg_rows.len() && first + rg_rows[row_group] <= position {
+        first += rg_rows[row_group];
+        row_group += 1;
+    }
+    let all: Vec<usize> = (0..builder.schema().fields().len())
+        .filter(|&i| with_tiles || builder.schema().field(i).name() != c::TILES)
+        .collect();
+    let mask = ProjectionMask::roots(builder.parquet_schema(), all);
+    let reader = builder
+        .with_projection(mask)
+        .with_row_groups(vec![row_group])
+        .build()
+        .map_err(parquet_err(&path))?;
+    let mut rows = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| InspectError::Parquet {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        rows.extend(batch_to_rows(&batch).map_err(|e| InspectError::Parquet {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?);
+    }
+    let row = rows
+        .into_iter()
+        .nth(position - first)
+        .ok_or_else(|| InspectError::Parquet {
+            path: path.clone(),
+            reason: format!("row group {row_group} is shorter than its metadata says"),
+        })?;
+    Ok(Found {
+        shard: shard.file.clone(),
+        row_group,
+        row,
+    })
 }
 
 fn string_column<'a>(
