@@ -8,6 +8,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod clip;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod init;
 pub mod llama;
