@@ -281,11 +281,11 @@ fn child_rank() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("rank {}: rendezvous error: {e}", env.rank);
-            let expected = scenario == "missing";
+            let expected = scenario == "missing" || scenario == "dup";
             std::process::exit(if expected { 2 } else { 10 });
         }
     };
-    if scenario == "missing" {
+    if scenario == "missing" || scenario == "dup" {
         eprintln!("rank {}: rendezvous unexpectedly succeeded", env.rank);
         std::process::exit(11);
     }
@@ -414,4 +414,30 @@ fn barrier_timeout_names_missing_rank() {
         assert!(out.contains("ranks [2] did not arrive"), "rank {r}:\n{out}");
     }
     assert_eq!(res[2].0, Some(0), "rank 2:\n{}", res[2].1);
+}
+
+#[test]
+fn duplicate_rank_is_rejected() {
+    let res = run_job("dup", 3, &[0, 1, 1]);
+    for (i, (code, out)) in res.iter().enumerate() {
+        assert_eq!(*code, Some(2), "process {i}:\n{out}");
+        assert!(out.contains("rank 1 joined twice"), "process {i}:\n{out}");
+    }
+}
+
+#[test]
+fn rendezvous_can_be_shared_with_a_training_thread() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<llava_trainer::dist::rendezvous::Rendezvous>();
+}
+
+#[test]
+fn single_rank_needs_no_network() {
+    let env = llava_trainer::dist::launch::LaunchEnv::single();
+    let r = rendezvous(&env, Some(vec![1, 2, 3]), Duration::from_millis(10)).expect("world of one");
+    assert_eq!(r.id, [1, 2, 3]);
+    assert_eq!(r.failure(), None);
+    r.barrier(Duration::from_millis(10))
+        .expect("trivial barrier");
+    r.finish(Duration::from_millis(10)).expect("trivial finish");
 }
