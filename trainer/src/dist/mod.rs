@@ -3,8 +3,12 @@
 //!
 //! Backends: [`threads::ThreadGroup`] runs every rank as a thread of one process and sums in
 //! rank order (deterministic; CPU runs and the tests). NCCL (through cudarc, on candle's CUDA
-//! stream) is the multi-GPU backend and is not written yet.
+//! stream) is the multi-GPU backend and is not written yet; [`launch`] (torchrun / Slurm
+//! environments) and [`rendezvous`] (rank 0 shares NCCL's unique id over TCP and relays
+//! failures) are its launch side.
 
+pub mod launch;
+pub mod rendezvous;
 pub mod threads;
 pub mod zero;
 
