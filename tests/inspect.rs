@@ -152,6 +152,48 @@ fn summary_numbers_equal_the_manifest() {
 }
 
 #[test]
+fn packing_report_packs_each_grouped_batch() {
+    let (out, m) = built();
+    let longest = m.shards.iter().map(|s| s.max_length).max().expect("shards");
+    let at = |pack_length: u32| {
+        summarize(
+            &BuildDir::open(out).unwrap(),
+            &SummaryOptions {
+                pack_length: Some(pack_length),
+                ..Default::default()
+            },
+        )
+    };
+    // Room for the whole batch in one row: no padding at all, one row per batch.
+    let s = at(1 << 20).expect("summary");
+    let total = s.padding.total.packed.as_ref().expect("packed report");
+    assert_eq!(total.padding.real_tokens, m.totals.tokens);
+    assert_eq!(total.rows, s.padding.total.grouped.batches);
+    assert!((total.padding.efficiency - 1.0).abs() < 1e-12);
+    // Pack length = the longest sample: at least a row per batch, at most one per sample.
+    let s = at(longest).expect("summary");
+    for p in &s.padding.modalities {
+        let k = p.packed.as_ref().expect("per modality");
+        assert_eq!(k.padding.real_tokens, p.grouped.real_tokens);
+        assert!(k.rows >= p.grouped.batches);
+        assert!(k.fill > 0.0 && k.fill <= 1.0);
+    }
+    let total = s.padding.total.packed.as_ref().expect("packed report");
+    assert!(
+        total.rows <= s.samples,
+        "{} rows for {} samples",
+        total.rows,
+        s.samples
+    );
+    // Shorter than the longest sample: an error naming the pack length.
+    let err = at(longest - 1).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("pack length {}", longest - 1)),
+        "{err}"
+    );
+}
+
+#[test]
 fn summary_json_has_the_documented_fields() {
     let (out, _) = built();
     let s = summarize(&BuildDir::open(out).unwrap(), &SummaryOptions::default()).unwrap();

@@ -5,5 +5,6 @@ pub mod config;
 pub mod constants;
 pub mod manifest;
 pub mod normalize;
+pub mod packing;
 pub mod rng;
 pub mod schema;

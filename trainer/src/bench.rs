@@ -136,7 +136,7 @@ pub struct BenchReport {
 }
 
 /// Random weights for every parameter, drawn on the device (N(0, 0.02), norms 1, biases 0).
-fn random_varmap(cfg: &LlavaNextConfig, dtype: DType, dev: &Device) -> Result<VarMap> {
+pub(crate) fn random_varmap(cfg: &LlavaNextConfig, dtype: DType, dev: &Device) -> Result<VarMap> {
     let varmap = VarMap::new();
     {
         let mut data = varmap
@@ -219,6 +219,7 @@ fn synthetic_batch(spec: &BenchSpec, dev: &Device) -> Result<(Batch, usize)> {
         lengths: vec![width; spec.batch],
         pixel_values,
         images: vec![meta; spec.batch * spec.images],
+        segments: None,
     };
     Ok((batch, supervised))
 }

@@ -16,6 +16,7 @@ pub mod llava_next;
 pub mod memory;
 pub mod ops;
 pub mod optim;
+pub mod packing_bench;
 pub mod parity;
 pub mod projector;
 pub mod schedule;

@@ -13,6 +13,7 @@ use llava_formats::constants::{IGNORE_INDEX, IMAGE_TOKEN_INDEX};
 use serde::{Deserialize, Serialize};
 
 use crate::attention::AttentionKind;
+use crate::attention::AttentionMask;
 use crate::clip::{self, ClipVisionConfig, ClipVisionModel};
 use crate::llama::{LayerContext, LlamaConfig, LlamaForCausalLM};
 use crate::ops;
@@ -372,6 +373,11 @@ pub struct Batch {
     pub pixel_values: Option<Tensor>,
     /// One entry per image, in placeholder order.
     pub images: Vec<ImageMeta>,
+    /// Packed rows: the `input_ids` lengths of the samples of each row, back to back (summing to
+    /// `lengths[row]`). Attention never crosses a sample, positions restart at 0 for each, and
+    /// the last token of a sample does not predict the next sample's first. None: one sample
+    /// per row.
+    pub segments: Option<Vec<Vec<usize>>>,
 }
 
 /// Per-row lengths from a `[B, L]` 0/1 attention mask (right padding).
@@ -574,6 +580,19 @@ impl LlavaNext {
                 batch.lengths.len()
             )));
         }
+        if let Some(segs) = &batch.segments {
+            let ok = segs.len() == b
+                && segs
+                    .iter()
+                    .zip(&batch.lengths)
+                    .all(|(s, &n)| s.iter().sum::<usize>() == n);
+            if !ok {
+                return Err(Error::Batch(
+                    "segments must give, per row, sample lengths summing to the row's length"
+                        .into(),
+                ));
+            }
+        }
         let labels = match &batch.labels {
             Some(t) => {
                 let v = t.to_dtype(DType::I64)?.to_vec2::<i64>()?;
@@ -603,6 +622,7 @@ impl LlavaNext {
         let mut safe_ids = Vec::with_capacity(text_rows);
         let mut rows_idx: Vec<Vec<u32>> = Vec::with_capacity(b);
         let mut rows_lab: Vec<Vec<i64>> = Vec::with_capacity(b);
+        let mut rows_segs: Vec<Vec<usize>> = Vec::with_capacity(b);
         let mut next_image = 0usize;
         let mut n_placeholders = 0usize;
         for (bi, row) in ids.iter().enumerate() {
@@ -619,37 +639,50 @@ impl LlavaNext {
                 }
                 safe_ids.push(if ok { id as u32 } else { 0 });
             }
+            let segs = match &batch.segments {
+                Some(s) => s[bi].clone(),
+                None => vec![len],
+            };
             let mut idx = Vec::with_capacity(len);
             let mut lab = Vec::with_capacity(len);
+            let mut seg_lens = Vec::with_capacity(segs.len());
             let mut p = 0;
-            while p < len {
-                let id = row[p];
-                if !self.is_placeholder(id) {
-                    idx.push((bi * l + p) as u32);
-                    lab.push(labels.as_ref().map_or(IGNORE_INDEX as i64, |v| v[bi][p]));
-                    p += 1;
-                    continue;
+            for seg_len in segs {
+                // Each sample is expanded (and truncated, as the reference truncates each
+                // sample) on its own.
+                let end = p + seg_len;
+                let seg_start = idx.len();
+                while p < end {
+                    let id = row[p];
+                    if !self.is_placeholder(id) {
+                        idx.push((bi * l + p) as u32);
+                        lab.push(labels.as_ref().map_or(IGNORE_INDEX as i64, |v| v[bi][p]));
+                        p += 1;
+                        continue;
+                    }
+                    n_placeholders += 1;
+                    let k = next_image;
+                    next_image += 1;
+                    let Some(&n) = counts.get(k) else {
+                        p += 1;
+                        continue; // counted; reported below
+                    };
+                    let run = row[p..end]
+                        .iter()
+                        .take_while(|&&x| self.is_placeholder(x))
+                        .count();
+                    p += if run >= n && n > 1 { n } else { 1 };
+                    let off = (text_rows + img_offset[k]) as u32;
+                    idx.extend(off..off + n as u32);
+                    lab.extend(std::iter::repeat_n(IGNORE_INDEX as i64, n));
                 }
-                n_placeholders += 1;
-                let k = next_image;
-                next_image += 1;
-                let Some(&n) = counts.get(k) else {
-                    p += 1;
-                    continue; // counted; reported below
-                };
-                let run = row[p..len]
-                    .iter()
-                    .take_while(|&&x| self.is_placeholder(x))
-                    .count();
-                p += if run >= n && n > 1 { n } else { 1 };
-                let off = (text_rows + img_offset[k]) as u32;
-                idx.extend(off..off + n as u32);
-                lab.extend(std::iter::repeat_n(IGNORE_INDEX as i64, n));
+                if let Some(max) = self.cfg.tokenizer_model_max_length {
+                    idx.truncate(seg_start + max);
+                    lab.truncate(seg_start + max);
+                }
+                seg_lens.push(idx.len() - seg_start);
             }
-            if let Some(max) = self.cfg.tokenizer_model_max_length {
-                idx.truncate(max);
-                lab.truncate(max);
-            }
+            rows_segs.push(seg_lens);
             rows_idx.push(idx);
             rows_lab.push(lab);
         }
@@ -670,14 +703,20 @@ impl LlavaNext {
             flat_lab.extend_from_slice(lab);
             flat_lab.extend(std::iter::repeat_n(IGNORE_INDEX as i64, width - lab.len()));
         }
-        // Position t predicts label t + 1 of the same row.
+        // Position t predicts label t + 1 of the same sample (never across a packed boundary).
         let (mut loss_positions, mut loss_targets) = (Vec::new(), Vec::new());
         if labels.is_some() {
             for bi in 0..b {
                 let row = &flat_lab[bi * width..(bi + 1) * width];
+                let mut sample_start = vec![false; width + 1];
+                let mut at = 0;
+                for &n in &rows_segs[bi] {
+                    sample_start[at] = true;
+                    at += n;
+                }
                 for t in 0..width.saturating_sub(1) {
                     let y = row[t + 1];
-                    if y == IGNORE_INDEX as i64 {
+                    if y == IGNORE_INDEX as i64 || sample_start[t + 1] {
                         continue;
                     }
                     if !(0..vocab).contains(&y) {
@@ -700,6 +739,7 @@ impl LlavaNext {
             labels: labels.map(|_| flat_lab),
             loss_positions,
             loss_targets,
+            segments: batch.segments.as_ref().map(|_| rows_segs),
         })
     }
 
@@ -752,11 +792,30 @@ impl LlavaNext {
     /// Full forward: logits, and with labels the batch-mean loss and per-token loss.
     pub fn forward(&self, batch: &Batch) -> Result<Output> {
         let packed = self.batch_image_features(batch)?;
-        let emb = self.embed_inputs(batch, &packed)?;
-        let logits = self
-            .language_model
-            .forward_embeds(&emb.embeds, &emb.lengths)?;
-        let (loss, token_loss) = match &emb.labels {
+        let prep = self.prepare(batch)?;
+        let embeds = self.embed_prepared(&prep, &packed)?;
+        let ctx = self.text_context(&prep)?;
+        let hidden = self.language_model.forward_hidden_ctx(&embeds, &ctx)?;
+        let logits = self.language_model.lm_head_logits(&hidden)?;
+        let dev = embeds.device().clone();
+        let labels = match &prep.labels {
+            Some(v) => {
+                // A packed sample's first token is no target of the sample before it.
+                let mut v = v.clone();
+                for (bi, segs) in prep.segments.iter().flatten().enumerate() {
+                    let mut at = 0;
+                    for &n in segs {
+                        if at > 0 {
+                            v[bi * prep.width + at] = IGNORE_INDEX as i64;
+                        }
+                        at += n;
+                    }
+                }
+                Some(Tensor::from_vec(v, (prep.batch, prep.width), &dev)?)
+            }
+            None => None,
+        };
+        let (loss, token_loss) = match &labels {
             Some(labels) => {
                 let (loss, tok) = ops::shifted_cross_entropy(&logits, labels, IGNORE_INDEX as i64)?;
                 (Some(loss), Some(tok))
@@ -767,8 +826,8 @@ impl LlavaNext {
             logits,
             loss,
             token_loss,
-            lengths: emb.lengths,
-            labels: emb.labels,
+            lengths: prep.lengths,
+            labels,
         })
     }
 }
@@ -855,6 +914,15 @@ impl LlavaNext {
     /// Positions, mask and attention kind shared by the decoder layers.
     pub fn text_context(&self, prep: &Prepared) -> Result<LayerContext> {
         let lm = &self.language_model;
+        if let Some(segments) = &prep.segments {
+            let mask = AttentionMask::causal_packed(segments, prep.width, lm.device())?;
+            return Ok(LayerContext::new(
+                &self.cfg.text_config,
+                mask,
+                lm.dtype(),
+                lm.attention(),
+            )?);
+        }
         Ok(LayerContext::causal(
             &self.cfg.text_config,
             &prep.lengths,
@@ -952,6 +1020,8 @@ pub struct Prepared {
     /// Flat `b * L' + t` positions whose next token is supervised, and those tokens.
     pub loss_positions: Vec<u32>,
     pub loss_targets: Vec<u32>,
+    /// Packed rows: each row's samples' lengths after expansion and truncation.
+    pub segments: Option<Vec<Vec<usize>>>,
 }
 
 /// A fresh device-side helper: the CPU, or CUDA device 0 with the `cuda` feature.

@@ -105,6 +105,7 @@ impl Fixture {
             lengths: lengths_from_attention_mask(self.input("attention_mask")?)?,
             pixel_values: Some(Tensor::cat(&parts, 0)?.to_device(dev)?),
             images: self.images.clone(),
+            segments: None,
         })
     }
 }

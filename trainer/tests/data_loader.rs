@@ -59,6 +59,7 @@ fn plan(
         seed: 9,
         world_size,
         batch_size: None,
+        pack_length: None,
     };
     EpochPlan::new(index, &cfg, &DataState::new(0))
         .expect("plan")
@@ -178,6 +179,7 @@ fn merged_and_split_batches_and_empty_batches_load() {
             seed: 1,
             world_size: w,
             batch_size: bs,
+            pack_length: None,
         };
         let plan = EpochPlan::new(&index, &cfg, &DataState::new(0)).expect("plan");
         let mut total = 0;

@@ -145,6 +145,7 @@ fn collated_tiles_match_golden_float32_pixels() {
             seed: 0,
             world_size: 1,
             batch_size: None,
+            pack_length: None,
         };
         let plan = EpochPlan::new(&index, &cfg, &DataState::new(0)).expect("plan");
         let loader_cfg = LoaderConfig {

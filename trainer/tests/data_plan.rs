@@ -47,6 +47,7 @@ fn config(world_size: usize, batch_size: Option<usize>) -> PlanConfig {
         seed: 42,
         world_size,
         batch_size,
+        pack_length: None,
     }
 }
 
@@ -149,6 +150,7 @@ fn deterministic_per_seed_and_epoch() {
             seed,
             world_size: 2,
             batch_size: None,
+            pack_length: None,
         };
         EpochPlan::new(&index, &cfg, &DataState::new(epoch))
             .expect("plan")
@@ -278,4 +280,102 @@ fn dry_run_json_lines() {
     assert!(line["samples"][0]["index"].is_u64());
     assert!(line["tokens"].as_u64().unwrap_or(0) > 0);
     assert!(["image", "text"].contains(&line["modality"].as_str().unwrap_or("")));
+}
+
+fn packed(world_size: usize, batch_size: Option<usize>, pack_length: u32) -> PlanConfig {
+    PlanConfig {
+        pack_length: Some(pack_length),
+        ..config(world_size, batch_size)
+    }
+}
+
+/// The rows of a packed batch: every sample of the batch exactly once, none over capacity.
+fn check_rows(b: &PlannedBatch, capacity: u32) {
+    let mut seen: Vec<usize> = b.rows.iter().flatten().copied().collect();
+    seen.sort_unstable();
+    assert_eq!(seen, (0..b.samples.len()).collect::<Vec<_>>());
+    for row in &b.rows {
+        let tokens: u32 = row.iter().map(|&i| b.samples[i].length).sum();
+        assert!(tokens <= capacity, "row of {tokens} tokens > {capacity}");
+    }
+}
+
+#[test]
+fn packing_keeps_every_sample_once_at_any_world_size_and_resumes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let index = dataset(dir.path(), 61, 37);
+    let longest = index
+        .samples
+        .iter()
+        .map(|s| s.length)
+        .max()
+        .expect("samples");
+    for capacity in [longest, 3 * longest] {
+        for w in [1, 2, 4] {
+            let cfg = packed(w, Some(8), capacity);
+            let plan = EpochPlan::new(&index, &cfg, &DataState::new(0)).expect("plan");
+            // Packing lays out rows; which samples each rank gets is the unpacked plan's.
+            check_epoch(&index, &plan);
+            let plain = EpochPlan::new(&index, &config(w, Some(8)), &DataState::new(0))
+                .expect("unpacked plan");
+            let (mut rows, mut samples) = (0, 0);
+            for (a, b) in plan
+                .steps()
+                .iter()
+                .flatten()
+                .zip(plain.steps().iter().flatten())
+            {
+                assert_eq!(a.samples, b.samples);
+                check_rows(a, capacity);
+                rows += a.rows.len();
+                samples += a.samples.len();
+            }
+            if capacity > longest {
+                assert!(
+                    rows < samples,
+                    "{rows} rows for {samples} samples at {capacity}"
+                );
+            }
+            // Resume mid-epoch (same and other world size): the same remaining packs.
+            let k = plan.num_steps() / 2;
+            let state = plan.steps()[k - 1][0].next_state;
+            let rest = EpochPlan::new(&index, &cfg, &state).expect("resume");
+            assert_eq!(rest.steps(), &plan.steps()[k..], "world {w} resumed");
+            for w2 in [1, 2, 4] {
+                let rest = EpochPlan::new(&index, &packed(w2, Some(8), capacity), &state)
+                    .expect("resume on another world size");
+                let unpacked =
+                    EpochPlan::new(&index, &config(w2, Some(8)), &state).expect("unpacked resume");
+                for (a, b) in rest
+                    .steps()
+                    .iter()
+                    .flatten()
+                    .zip(unpacked.steps().iter().flatten())
+                {
+                    assert_eq!(a.samples, b.samples, "{w} -> {w2}");
+                    check_rows(a, capacity);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_pack_length_below_the_longest_sample_is_an_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let index = dataset(dir.path(), 10, 5);
+    let longest = index
+        .samples
+        .iter()
+        .map(|s| s.length)
+        .max()
+        .expect("samples");
+    let err =
+        EpochPlan::new(&index, &packed(1, None, longest - 1), &DataState::new(0)).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!("pack length {}", longest - 1)),
+        "{msg}"
+    );
+    assert!(msg.contains(&format!("({longest} tokens)")), "{msg}");
 }

@@ -28,7 +28,9 @@ padded to its longest sample: \"grouped\" cuts each of the build's length groups
 --batch-size (the build's own batches at its batch size), \"random\" batches the same samples in a
 seeded random order within each modality, as a loader without length grouping would.
 With --world-size W, a step is W consecutive batches and the step figure also counts the ranks
-waiting for the slowest one.")]
+waiting for the slowest one. With --packing, \"packed\" lays each grouped batch's samples into rows
+of at most --pack-length tokens by first-fit decreasing, as `llava-trainer run --packing` does
+(padding only at the end of each row), and \"fill\" is real tokens / (rows x pack length).")]
 pub struct InspectArgs {
     /// A build output folder (holds manifest.json, rejects.jsonl and shards/).
     dir: PathBuf,
@@ -41,6 +43,12 @@ pub struct InspectArgs {
     /// Ranks taking one batch each per step, for the padding report.
     #[arg(long, value_name = "W", default_value_t = 1)]
     world_size: usize,
+    /// Add the padding of the grouped batches packed into rows (llava-trainer run --packing).
+    #[arg(long)]
+    packing: bool,
+    /// Tokens per packed row [default: the build's model_max_length]; implies --packing.
+    #[arg(long, value_name = "N")]
+    pack_length: Option<u32>,
     /// Bins of the length histograms (terminal and --plot).
     #[arg(long, default_value_t = 16)]
     bins: usize,
@@ -82,10 +90,17 @@ pub fn run(args: InspectArgs) -> Result<()> {
         bail!("--tiles and --tokenizer go with --sample ID_OR_SOURCE:INDEX");
     }
     let started = std::time::Instant::now();
+    let pack_length = match (args.packing, args.pack_length) {
+        (_, Some(0)) => bail!("--pack-length must be at least 1"),
+        (_, Some(n)) => Some(n),
+        (true, None) => Some(build.manifest.settings.model_max_length as u32),
+        (false, None) => None,
+    };
     let options = SummaryOptions {
         batch_size: args.batch_size,
         world_size: args.world_size,
         bins: args.bins,
+        pack_length,
     };
     let summary = summarize(&build, &options)
         .with_context(|| format!("summarising {}", args.dir.display()))?;
@@ -304,13 +319,19 @@ pub fn format_summary(s: &Summary) -> String {
         p.batch_size, p.world_size
     );
     let steps = p.world_size > 1;
+    let packing = p.total.packed.is_some();
     let _ = writeln!(
         o,
-        "  {:<8} {:>9} {:>9} {:>9}{}",
+        "  {:<8} {:>9} {:>9} {:>9}{}{}",
         "modality",
         "batches",
         "grouped",
         "random*",
+        if packing {
+            "    packed    rows    fill"
+        } else {
+            ""
+        },
         if steps {
             "   steps  grouped/step  random/step"
         } else {
@@ -333,9 +354,18 @@ pub fn format_summary(s: &Summary) -> String {
         } else {
             String::new()
         };
+        let packed = match &m.packed {
+            Some(k) => format!(
+                " {:>9} {:>7} {:>7}",
+                pct(k.padding.efficiency),
+                k.rows,
+                pct(k.fill)
+            ),
+            None => String::new(),
+        };
         let _ = writeln!(
             o,
-            "  {:<8} {:>9} {:>9} {:>9}{step}",
+            "  {:<8} {:>9} {:>9} {:>9}{packed}{step}",
             name,
             m.grouped.batches,
             pct(m.grouped.efficiency),
@@ -343,5 +373,13 @@ pub fn format_summary(s: &Summary) -> String {
         );
     }
     let _ = writeln!(o, "  * random: {}", p.random);
+    if let Some(k) = &p.total.packed {
+        let _ = writeln!(
+            o,
+            "  packed: each grouped batch in rows of <= {} tokens (first-fit decreasing); fill = \
+             real tokens / (rows x {})",
+            k.pack_length, k.pack_length
+        );
+    }
     o
 }

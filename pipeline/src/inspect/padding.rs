@@ -13,6 +13,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use llava_formats::packing::{first_fit_decreasing, TooLong};
 use llava_formats::rng::{shuffle, SplitMix64};
 
 /// Padding of one way of batching.
@@ -69,6 +70,60 @@ impl Padding {
             efficiency: ratio(real, padded),
             step_padded_tokens: step_padded,
             step_efficiency: ratio(real, step_padded),
+        }
+    }
+}
+
+/// The grouped batches packed as the trainer packs them (`packing = true`): each batch's
+/// samples in rows of at most `pack_length` tokens by first-fit decreasing
+/// (`llava_formats::packing`), a row being one sample-sized unit of padding.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Packed {
+    pub pack_length: u32,
+    /// Rows of all batches (samples without packing).
+    pub rows: u64,
+    /// Padding of the rows: real tokens / (rows × the batch's longest row).
+    pub padding: Padding,
+    /// Real tokens / (rows × `pack_length`): how full the rows are.
+    pub fill: f64,
+}
+
+impl Packed {
+    /// Packs each of `batches` (sample lengths) into rows; fails if a sample is too long.
+    pub fn of(
+        batches: &[Vec<u32>],
+        pack_length: u32,
+        world_size: usize,
+    ) -> Result<Packed, TooLong> {
+        let mut row_batches = Vec::with_capacity(batches.len());
+        for lengths in batches {
+            let rows = first_fit_decreasing(lengths, pack_length)?;
+            row_batches.push(
+                rows.iter()
+                    .map(|r| r.iter().map(|&i| lengths[i]).sum())
+                    .collect::<Vec<u32>>(),
+            );
+        }
+        let padding = Padding::of(&row_batches, world_size);
+        let rows = row_batches.iter().map(|b| b.len() as u64).sum();
+        Ok(Packed {
+            pack_length,
+            rows,
+            fill: ratio(padding.real_tokens, rows * u64::from(pack_length)),
+            padding,
+        })
+    }
+
+    /// Sum of two (the modalities of one build); ratios recomputed.
+    pub fn add(&self, other: &Packed) -> Packed {
+        let padding = self.padding.add(&other.padding);
+        let rows = self.rows + other.rows;
+        let pack_length = self.pack_length.max(other.pack_length);
+        Packed {
+            pack_length,
+            rows,
+            fill: ratio(padding.real_tokens, rows * u64::from(pack_length)),
+            padding,
         }
     }
 }
@@ -134,6 +189,20 @@ mod tests {
         // Two ranks: one step whose slowest batch is 20 padded tokens: 2 × 20.
         let p = Padding::of(&[vec![10, 6], vec![4]], 2);
         assert_eq!((p.step_padded_tokens, p.steps), (40, 1));
+    }
+
+    #[test]
+    fn packing_removes_the_padding_between_samples() {
+        // [10, 6] and [4] at pack length 16: one row of 16 and one of 4 → no padding at all;
+        // fill = 20 real / (2 rows × 16).
+        let p = Packed::of(&[vec![10, 6], vec![4]], 16, 1).unwrap();
+        assert_eq!((p.rows, p.padding.padded_tokens), (2, 20));
+        assert!((p.padding.efficiency - 1.0).abs() < 1e-12);
+        assert!((p.fill - 20.0 / 32.0).abs() < 1e-12);
+        // Pack length 12: 10 and 6 need two rows again.
+        let p = Packed::of(&[vec![10, 6], vec![4]], 12, 1).unwrap();
+        assert_eq!((p.rows, p.padding.padded_tokens), (3, 24));
+        assert!(Packed::of(&[vec![10, 6]], 8, 1).is_err());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use polars_io::parquet::read::ParquetReader;
 use polars_io::SerReader;
 use serde::{Deserialize, Serialize};
 
-use super::padding::{grouped_batches, random_batches, Padding};
+use super::padding::{grouped_batches, random_batches, Packed, Padding};
 use super::{io_err, BuildDir, InspectError};
 
 /// The columns the summary reads (the list ones are small: one element per image, or per token
@@ -39,6 +39,8 @@ pub struct SummaryOptions {
     pub world_size: usize,
     /// Bins of each length histogram.
     pub bins: usize,
+    /// Also report the grouped batches packed into rows of this many tokens.
+    pub pack_length: Option<u32>,
 }
 
 impl Default for SummaryOptions {
@@ -47,6 +49,7 @@ impl Default for SummaryOptions {
             batch_size: None,
             world_size: 1,
             bins: 16,
+            pack_length: None,
         }
     }
 }
@@ -176,6 +179,9 @@ pub struct ModalityPadding {
     pub grouped: Padding,
     /// Seeded random batches of the same samples.
     pub random: Padding,
+    /// The grouped batches packed (with `--packing`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packed: Option<Packed>,
 }
 
 /// Reads one shard's small columns and reduces them to one row per sample.
@@ -442,9 +448,20 @@ pub fn summarize(build: &BuildDir, options: &SummaryOptions) -> Result<Summary, 
             .map(|&i| (group[i] as u32, length[i] as u32))
             .collect();
         let lengths32: Vec<u32> = pairs.iter().map(|p| p.1).collect();
+        let grouped = grouped_batches(&pairs, batch_size);
+        let packed = match options.pack_length {
+            Some(n) => Some(Packed::of(&grouped, n, world_size).map_err(|e| {
+                InspectError::Usage(format!(
+                    "{}: {e}; samples are never split (the build's model_max_length is {})",
+                    counts.modality, m.settings.model_max_length
+                ))
+            })?),
+            None => None,
+        };
         paddings.push(ModalityPadding {
             modality: counts.modality.clone(),
-            grouped: Padding::of(&grouped_batches(&pairs, batch_size), world_size),
+            packed,
+            grouped: Padding::of(&grouped, world_size),
             random: Padding::of(
                 &random_batches(&lengths32, batch_size, m.settings.seed, &counts.modality),
                 world_size,
@@ -460,11 +477,19 @@ pub fn summarize(build: &BuildDir, options: &SummaryOptions) -> Result<Summary, 
             modality: "*".into(),
             grouped: Padding::default(),
             random: Padding::default(),
+            packed: options.pack_length.map(|n| Packed {
+                pack_length: n,
+                ..Packed::default()
+            }),
         },
         |acc, p| ModalityPadding {
             modality: acc.modality,
             grouped: acc.grouped.add(&p.grouped),
             random: acc.random.add(&p.random),
+            packed: match (&acc.packed, &p.packed) {
+                (Some(a), Some(b)) => Some(a.add(b)),
+                _ => None,
+            },
         },
     );
 

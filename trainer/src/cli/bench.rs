@@ -3,12 +3,18 @@
 use anyhow::{Context, Result};
 use llava_trainer::attention::AttentionKind;
 use llava_trainer::bench::{named_config, run_bench, BenchSpec};
+use llava_trainer::packing_bench::{run_packing_bench, PackingBenchSpec};
 
 #[derive(clap::Args, Debug)]
 #[command(
     after_help = "Examples:\n  llava-trainer bench --model llava-next-8b --layers 2 --seq 4096 \
                         --images 0 --tunable-parts mm_mlp_adapter\n  llava-trainer bench --model \
-                        llava-next-8b --layers 32 --seq 8192 --bf16 --device cuda --peak-tflops 989"
+                        llava-next-8b --layers 32 --seq 8192 --bf16 --device cuda --peak-tflops 989\n  \
+                        llava-trainer bench --shards out/example --model tiny --batches 8 \
+                        --rounds 3   # grouped vs packed rows of real shards\n\n\
+                        With --shards, the same first micro-batches of the shards are trained \
+                        one sample per row (padded) and packed (as run --packing), alternately, \
+                        and the report gives both throughputs and their ratio."
 )]
 pub struct Args {
     /// `llava-next-8b` (the real 8B shape), `tiny`, or an HF LlavaNext config.json.
@@ -67,6 +73,22 @@ pub struct Args {
     peak_tflops: Option<f64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Real shards: compare grouped (one sample per row) with packed rows on their first
+    /// micro-batches instead of a synthetic step.
+    #[arg(long, value_name = "DIR")]
+    shards: Option<std::path::PathBuf>,
+    /// With --shards: micro-batches per pass.
+    #[arg(long, default_value_t = 8)]
+    batches: usize,
+    /// With --shards: samples per micro-batch (default: the shards').
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// With --shards: tokens per packed row (default: the shards' model_max_length).
+    #[arg(long)]
+    pack_length: Option<u32>,
+    /// With --shards: timed passes per layout.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Print the report as JSON (default: a short text summary and the JSON).
     #[arg(long)]
     json: bool,
@@ -77,6 +99,38 @@ pub fn run(args: Args) -> Result<()> {
     let model = named_config(&args.model, args.layers, args.vision_layers)
         .with_context(|| format!("model {:?}", args.model))?;
     let attention: AttentionKind = args.attention.parse().map_err(anyhow::Error::msg)?;
+    if let Some(shards) = args.shards {
+        let spec = PackingBenchSpec {
+            shards,
+            model,
+            model_name: args.model.clone(),
+            batches: args.batches,
+            batch_size: args.batch_size,
+            pack_length: args.pack_length,
+            rounds: args.rounds,
+            recompute: !args.no_gradient_checkpointing,
+            attention,
+            tunable_parts: args.tunable_parts,
+            seed: args.seed,
+        };
+        let r = run_packing_bench(&spec, &dev)?;
+        if !args.json {
+            eprintln!(
+                "{} micro-batches: grouped {} rows, efficiency {:.1}%, {:.0} tokens/s; packed \
+                 {} rows, efficiency {:.1}%, {:.0} tokens/s: {:.2}x",
+                r.batches,
+                r.grouped.rows,
+                100.0 * r.grouped.efficiency,
+                r.grouped.tokens_per_s,
+                r.packed.rows,
+                100.0 * r.packed.efficiency,
+                r.packed.tokens_per_s,
+                r.speedup
+            );
+        }
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
     let spec = BenchSpec {
         model,
         model_name: args.model.clone(),

@@ -89,6 +89,7 @@ pub fn run(args: Args) -> Result<()> {
         seed: args.seed,
         world_size: args.world_size,
         batch_size: args.batch_size,
+        pack_length: None,
     };
     let plan = EpochPlan::new(&index, &config, &DataState::new(args.epoch))?;
     let mut batches = plan.rank(args.rank)?;

@@ -97,6 +97,14 @@ pub struct Args {
     /// (in-process collectives; for debugging and tests).
     #[arg(long, default_value_t = 1)]
     nproc_per_node: usize,
+    /// Pack each micro-batch's whole samples into rows of at most --pack-length tokens
+    /// (first-fit decreasing): no padding, attention and RoPE positions restart per sample,
+    /// same loss and gradients as unpacked.
+    #[arg(long)]
+    packing: bool,
+    /// Tokens per packed row (default: the shards' model_max_length).
+    #[arg(long)]
+    pack_length: Option<u32>,
 }
 
 /// Keys that hold paths: in a train.toml they are relative to the file (as in datasets.toml);
@@ -189,6 +197,11 @@ pub(crate) fn merged(args: Args) -> Result<TrainConfig> {
         "skip_memory_check",
         args.skip_memory_check.then_some(toml::Value::Boolean(true)),
     );
+    set(
+        "packing",
+        args.packing.then_some(toml::Value::Boolean(true)),
+    );
+    set("pack_length", args.pack_length.map(|x| int(u64::from(x))));
     let cfg: TrainConfig = toml::Value::Table(v).try_into().context(
         "invalid training configuration (shards, model or llm+vision, and output are required)",
     )?;

@@ -55,8 +55,10 @@ pub struct SampleId {
 /// One image of the batch, in placeholder order (the order of the `-200`s, row by row).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageInfo {
-    /// Row of the batch the image belongs to.
+    /// Sample of the batch (index into [`Batch::samples`]) the image belongs to.
     pub sample: usize,
+    /// Row of the batch it is in (the sample's row; differs from `sample` when packed).
+    pub row: usize,
     /// Original (decoded) size, what unpad uses.
     pub width: u32,
     pub height: u32,
@@ -72,10 +74,11 @@ pub struct ImageInfo {
 
 /// One collated batch for one rank, as plain arrays (the model side turns them into tensors).
 ///
-/// Shapes: `B = samples.len()`, `L = seq_len` (longest `input_ids` of the batch, before image
-/// expansion). `input_ids`, `labels` and `attention_mask` are `[B, L]` row-major, right padded
-/// with [`PAD_ID`], `-100` and `0` past each row's `lengths[i]`. Every image is still one `-200`
-/// in `input_ids`. `pixels` is `[num_tiles, 3, tile_size, tile_size]`: all tiles of all images
+/// Shapes: `B = rows.len()` rows (one per sample, or several whole samples back to back when
+/// packed), `L = seq_len` (longest row of `input_ids`, before image expansion). `input_ids`,
+/// `labels` and `attention_mask` are `[B, L]` row-major, right padded with [`PAD_ID`], `-100` and
+/// `0` past each row's `lengths[i]`; `segments[i]` are the `input_ids` lengths of row i's
+/// samples. Every image is still one `-200` in `input_ids`. `pixels` is `[num_tiles, 3, tile_size, tile_size]`: all tiles of all images
 /// in placeholder order. An empty batch (`B = 0`, see `plan`) has no rows and must still be
 /// stepped through (zero loss) to keep ranks in lock-step.
 #[derive(Debug, Clone)]
@@ -86,6 +89,10 @@ pub struct Batch {
     /// `None` only for an empty batch.
     pub modality: Option<Modality>,
     pub samples: Vec<SampleId>,
+    /// The samples (indices into `samples`) of each row, in order.
+    pub rows: Vec<Vec<usize>>,
+    /// `input_ids` length of each sample of each row (`segments[i].len() == rows[i].len()`).
+    pub segments: Vec<Vec<usize>>,
     pub seq_len: usize,
     pub input_ids: Vec<i32>,
     pub labels: Vec<i32>,
@@ -93,7 +100,7 @@ pub struct Batch {
     pub attention_mask: Vec<u8>,
     /// `input_ids` length per row (text tokens + one placeholder per image).
     pub lengths: Vec<usize>,
-    /// Exact length per row in the model (image placeholders expanded).
+    /// Exact length per sample in the model (image placeholders expanded).
     pub model_lengths: Vec<u32>,
     /// Sum of `model_lengths`.
     pub tokens: u64,
@@ -110,8 +117,19 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Samples in the batch.
     pub fn batch_size(&self) -> usize {
         self.samples.len()
+    }
+
+    /// Rows of the model's `[B, L]` inputs (fewer than the samples when packed).
+    pub fn num_rows(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether some row holds more than one sample.
+    pub fn is_packed(&self) -> bool {
+        self.rows.iter().any(|r| r.len() > 1)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -132,33 +150,55 @@ pub fn collate(
     format: PixelFormat,
     tile_size: usize,
 ) -> Batch {
-    let b = rows.len();
-    let seq_len = rows.iter().map(|r| r.input_ids.len()).max().unwrap_or(0);
+    // `plan.rows` lays the samples out; a plan without rows means one sample per row.
+    let layout: Vec<Vec<usize>> = if plan.rows.is_empty() {
+        (0..rows.len()).map(|i| vec![i]).collect()
+    } else {
+        plan.rows.clone()
+    };
+    let b = layout.len();
+    let lengths: Vec<usize> = layout
+        .iter()
+        .map(|r| r.iter().map(|&s| rows[s].input_ids.len()).sum())
+        .collect();
+    let seq_len = lengths.iter().copied().max().unwrap_or(0);
     let mut input_ids = vec![PAD_ID; b * seq_len];
     let mut labels = vec![IGNORE_INDEX; b * seq_len];
     let mut attention_mask = vec![0u8; b * seq_len];
     let mut images = Vec::new();
-    let num_tiles: usize = rows.iter().map(|r| r.tiles.len()).sum();
-    for (i, r) in rows.iter().enumerate() {
-        let n = r.input_ids.len();
-        let row = i * seq_len..i * seq_len + n;
-        input_ids[row.clone()].copy_from_slice(&r.input_ids);
-        labels[row.clone()].copy_from_slice(&r.labels);
-        attention_mask[row].fill(1);
-        images.extend(r.images.iter().map(|m| ImageInfo {
-            sample: i,
-            width: m.width,
-            height: m.height,
-            grid_cols: m.grid_cols,
-            grid_rows: m.grid_rows,
-            num_tiles: m.num_tiles,
-            image_tokens: m.image_tokens,
-            processing: m.processing.clone(),
-        }));
+    let mut segments = Vec::with_capacity(b);
+    // Tiles follow the images' placeholder order: row by row, sample by sample.
+    let mut tile_order = Vec::with_capacity(rows.len());
+    for (i, row_samples) in layout.iter().enumerate() {
+        let mut at = i * seq_len;
+        let mut segs = Vec::with_capacity(row_samples.len());
+        for &s in row_samples {
+            let r = &rows[s];
+            let n = r.input_ids.len();
+            input_ids[at..at + n].copy_from_slice(&r.input_ids);
+            labels[at..at + n].copy_from_slice(&r.labels);
+            attention_mask[at..at + n].fill(1);
+            at += n;
+            segs.push(n);
+            tile_order.push(s);
+            images.extend(r.images.iter().map(|m| ImageInfo {
+                sample: s,
+                row: i,
+                width: m.width,
+                height: m.height,
+                grid_cols: m.grid_cols,
+                grid_rows: m.grid_rows,
+                num_tiles: m.num_tiles,
+                image_tokens: m.image_tokens,
+                processing: m.processing.clone(),
+            }));
+        }
+        segments.push(segs);
     }
+    let num_tiles: usize = rows.iter().map(|r| r.tiles.len()).sum();
     let plane = tile_size * tile_size;
     let tile_bytes = 3 * plane;
-    let tiles = rows.iter().flat_map(|r| &r.tiles);
+    let tiles = tile_order.iter().flat_map(|&s| &rows[s].tiles);
     let pixels = match format {
         PixelFormat::U8 => {
             let mut out = Vec::with_capacity(num_tiles * tile_bytes);
@@ -188,11 +228,13 @@ pub fn collate(
                 id: r.id.clone(),
             })
             .collect(),
+        rows: layout,
+        segments,
         seq_len,
         input_ids,
         labels,
         attention_mask,
-        lengths: rows.iter().map(|r| r.input_ids.len()).collect(),
+        lengths,
         model_lengths: rows.iter().map(|r| r.length).collect(),
         tokens: rows.iter().map(|r| u64::from(r.length)).sum(),
         images,

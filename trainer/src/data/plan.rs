@@ -18,6 +18,11 @@
 //! samples): the trainer must still take the step (zero loss, zero gradient contribution) so
 //! that collective operations stay in lock-step.
 //!
+//! Packing (`pack_length`): each planned batch's samples are laid out in rows of at most
+//! `pack_length` tokens by first-fit decreasing ([`llava_formats::packing`]); which samples a
+//! rank trains on at each step does not change, so balance, resume and world-size changes work
+//! exactly as without packing, and packing may be switched on or off when resuming.
+//!
 //! Resuming: [`DataState`] records the position in the global order. Resuming with the same
 //! world size replays the same windows (and the same rank assignment); resuming with another
 //! world size starts new windows at the saved position, so the remaining global order is the
@@ -32,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use super::error::{DataError, DataResult};
 use super::index::{Modality, SampleRef, ShardIndex};
 use super::rng::{shuffle, SplitMix64};
+use llava_formats::packing;
 
 /// What the plan depends on besides the shards and the resume state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +48,9 @@ pub struct PlanConfig {
     /// divide it (row groups are split) or be a multiple of it (consecutive row groups of one
     /// group are merged).
     pub batch_size: Option<usize>,
+    /// Pack each batch's samples into rows of at most this many tokens; `None`: one sample per
+    /// row.
+    pub pack_length: Option<u32>,
 }
 
 /// Where a run is in the data: save it with each checkpoint (it is serde-serialisable), and
@@ -92,6 +101,9 @@ pub struct PlannedBatch {
     /// Consecutive row groups of one shard, in order; empty for an empty batch.
     pub parts: Vec<RowSlice>,
     pub samples: Vec<SampleRef>,
+    /// The model's rows: indices into `samples`, each row's samples back to back in order
+    /// (one sample per row without packing).
+    pub rows: Vec<Vec<usize>>,
     /// Exact tokens (sum of the samples' lengths).
     pub tokens: u64,
     /// The state after this step: save it with a checkpoint taken after this batch.
@@ -113,6 +125,7 @@ impl PlannedBatch {
                 "index": s.index,
             })).collect::<Vec<_>>(),
             "modality": self.modality.map(Modality::as_str),
+            "rows": self.rows,
             "tokens": self.tokens,
         })
     }
@@ -344,6 +357,9 @@ impl EpochPlan {
             return Err(DataError::Plan("world size must be at least 1".into()));
         }
         let batch_size = effective_batch_size(index.built_batch_size(), config.batch_size)?;
+        if let Some(capacity) = config.pack_length {
+            check_pack_length(index, capacity)?;
+        }
         let mid_epoch = state.position > 0;
         if mid_epoch && state.seed != config.seed {
             return Err(DataError::Resume(format!(
@@ -425,7 +441,11 @@ impl EpochPlan {
             let batches = step_units
                 .into_iter()
                 .enumerate()
-                .map(|(rank, unit)| planned(index, unit, state.epoch, step, rank, next_state))
+                .map(|(rank, unit)| {
+                    let mut b = planned(index, unit, state.epoch, step, rank, next_state);
+                    b.rows = pack_rows(&b.samples, config.pack_length);
+                    b
+                })
                 .collect();
             steps.push(batches);
         }
@@ -513,6 +533,7 @@ fn planned(
             modality: None,
             parts: Vec::new(),
             samples: Vec::new(),
+            rows: Vec::new(),
             tokens: 0,
             next_state,
         };
@@ -533,8 +554,38 @@ fn planned(
         rank,
         modality: Some(index.groups[unit.group].modality),
         parts: unit.parts,
+        rows: Vec::new(),
         samples,
         tokens: unit.tokens,
         next_state,
+    }
+}
+
+/// The rows of one batch: first-fit decreasing with `pack_length`, else one sample per row.
+fn pack_rows(samples: &[SampleRef], pack_length: Option<u32>) -> Vec<Vec<usize>> {
+    match pack_length {
+        None => packing::one_per_row(samples.len()),
+        Some(capacity) => {
+            let lengths: Vec<u32> = samples.iter().map(|s| s.length).collect();
+            // Checked for every sample of the index in `EpochPlan::new`.
+            packing::first_fit_decreasing(&lengths, capacity)
+                .unwrap_or_else(|_| packing::one_per_row(samples.len()))
+        }
+    }
+}
+
+/// Every sample must fit in one row: a sample is never split.
+fn check_pack_length(index: &ShardIndex, capacity: u32) -> DataResult<()> {
+    match index.samples.iter().max_by_key(|s| s.length) {
+        Some(s) if s.length > capacity => Err(DataError::Plan(format!(
+            "pack length {capacity} is shorter than sample {}:{} ({} tokens); samples are never \
+             split, so the pack length must be at least the longest sample (the shards' \
+             model_max_length is {})",
+            index.source_name(s),
+            s.index,
+            s.length,
+            index.manifest.settings.model_max_length
+        ))),
+        _ => Ok(()),
     }
 }

@@ -212,13 +212,16 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// One rank's (sums, broadcast, gathered, reduce landed where it should).
+    type RankResults = (Vec<f32>, Vec<f32>, Vec<f32>, bool);
+
     #[test]
     fn sums_gathers_and_broadcasts_in_rank_order() {
         let group = ThreadGroup::new(3, Duration::from_secs(10));
         let handles: Vec<_> = group
             .into_iter()
             .map(|g| {
-                std::thread::spawn(move || -> Result<(Vec<f32>, Vec<f32>, Vec<f32>, bool)> {
+                std::thread::spawn(move || -> Result<RankResults> {
                     let t = Tensor::new(&[g.rank() as f32 + 1.0, 10.0], &Device::Cpu)?;
                     let mut sums = Vec::new();
                     for _ in 0..5 {

@@ -100,7 +100,7 @@ pub fn check_compatible(
 /// The loader's plain arrays as the model's tensors; checks every image's token count against
 /// the model's (a mismatch means the shards were built for another geometry).
 pub fn to_model_batch(b: &data::Batch, cfg: &LlavaNextConfig, dev: &Device) -> Result<Batch> {
-    let (rows, l) = (b.batch_size(), b.seq_len);
+    let (rows, l) = (b.num_rows(), b.seq_len);
     let vocab = cfg.text_config.vocab_size as i32;
     if let Some(&id) = b.input_ids.iter().find(|&&id| id >= vocab) {
         return Err(Error::Mismatch(format!(
@@ -147,6 +147,7 @@ pub fn to_model_batch(b: &data::Batch, cfg: &LlavaNextConfig, dev: &Device) -> R
         lengths: b.lengths.clone(),
         pixel_values,
         images,
+        segments: b.is_packed().then(|| b.segments.clone()),
     })
 }
 

@@ -83,6 +83,14 @@ pub struct TrainConfig {
     /// Train even when the memory plan says the run does not fit the device.
     #[serde(default)]
     pub skip_memory_check: bool,
+    /// Pack each micro-batch's samples into rows of at most `pack_length` tokens (first-fit
+    /// decreasing): no padding between samples, attention and positions per sample, same loss
+    /// and gradients. Not a trajectory key: it may change on resume.
+    #[serde(default)]
+    pub packing: bool,
+    /// Row capacity when packing (default: the shards' `model_max_length`).
+    #[serde(default)]
+    pub pack_length: Option<u32>,
 }
 
 mod defaults {

@@ -217,6 +217,10 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
         seed: cfg.seed,
         world_size: world,
         batch_size: cfg.batch_size,
+        pack_length: cfg.packing.then(|| {
+            cfg.pack_length
+                .unwrap_or(index.manifest.settings.model_max_length as u32)
+        }),
     };
     let per_epoch = batches_per_epoch(&index, &plan_cfg)? / cfg.grad_accum;
     let total_steps = cfg.max_steps.unwrap_or(cfg.epochs * per_epoch as u64);

@@ -104,6 +104,7 @@ impl Fixture {
             lengths: self.lengths(),
             pixel_values: Some(self.pixel_values()),
             images: self.images.clone(),
+            segments: None,
         }
     }
 }
