@@ -1,11 +1,20 @@
 //! Sequence packing: which samples of a batch share a row. One function for the trainer (which
 //! packs) and `llava-data inspect` (which reports what packing would give), so both always agree.
 //!
-//! Algorithm: **first-fit decreasing** (FFD) inside one batch. The batch's samples are visited
-//! longest first (ties: earlier sample first) and each goes into the first row that still has
-//! room for it, or opens a new row. FFD uses at most 11/9·OPT + 6/9 rows; inside a length-grouped
-//! batch the lengths are close, so it is nearly always optimal. Whole samples only: a sample is
-//! never split across rows. The result is a pure function of the lengths and the capacity.
+//! A batch of rows is computed as `rows × longest row` positions, so packing should minimise
+//! that, not only the row count: a batch packed into rows of 8000 and 2000 tokens costs as much as
+//! two rows of 8000. [`pack`] (**balanced first-fit decreasing**) does it in two steps, inside one
+//! batch:
+//! 1. [`first_fit_decreasing`] gives the fewest rows it can find, `k`: samples longest first
+//!    (ties: earlier sample first), each into the first row with room, else a new row (FFD uses
+//!    at most 11/9·OPT + 6/9 rows).
+//! 2. For each row count from `k` up to one row per sample, the samples go longest first into the
+//!    least-filled row that has room (LPT scheduling), which evens the rows out; the layout with
+//!    the fewest positions wins (ties: fewer rows). One row per sample is among the candidates,
+//!    so packing never computes more positions than not packing.
+//!
+//! Whole samples only: a sample is never split across rows. The result is a pure function of
+//! the lengths and the capacity.
 
 use std::fmt;
 
@@ -61,6 +70,54 @@ pub fn first_fit_decreasing(lengths: &[u32], capacity: u32) -> Result<Vec<Vec<us
     }
     rows.sort_unstable_by_key(|row| row[0]);
     Ok(rows)
+}
+
+/// The rows of one batch with the fewest computed positions (`rows × longest row`) that
+/// balanced first-fit decreasing finds (see the module doc). Rows as [`first_fit_decreasing`].
+pub fn pack(lengths: &[u32], capacity: u32) -> Result<Vec<Vec<usize>>, TooLong> {
+    let ffd = first_fit_decreasing(lengths, capacity)?;
+    let cost = |rows: &[Vec<usize>]| -> u64 {
+        let longest = rows
+            .iter()
+            .map(|r| r.iter().map(|&i| u64::from(lengths[i])).sum::<u64>())
+            .max()
+            .unwrap_or(0);
+        longest * rows.len() as u64
+    };
+    let mut best_cost = cost(&ffd);
+    let mut best = ffd;
+    for k in best.len()..=lengths.len() {
+        if let Some(rows) = least_filled(lengths, capacity, k) {
+            let c = cost(&rows);
+            if c < best_cost {
+                best_cost = c;
+                best = rows;
+            }
+        }
+    }
+    Ok(best)
+}
+
+/// Longest first into the least-filled of `k` rows that has room (ties: lower row); None if
+/// some sample fits in no row. Empty rows are dropped.
+fn least_filled(lengths: &[u32], capacity: u32, k: usize) -> Option<Vec<Vec<usize>>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(lengths[i]), i));
+    let mut rows: Vec<Vec<usize>> = vec![Vec::new(); k];
+    let mut fill = vec![0u32; k];
+    for i in order {
+        let r = (0..k)
+            .filter(|&r| capacity - fill[r] >= lengths[i])
+            .min_by_key(|&r| (fill[r], r))?;
+        rows[r].push(i);
+        fill[r] += lengths[i];
+    }
+    rows.retain(|r| !r.is_empty());
+    for row in &mut rows {
+        row.sort_unstable();
+    }
+    rows.sort_unstable_by_key(|row| row[0]);
+    Some(rows)
 }
 
 /// One row per sample, in order (no packing).
@@ -154,6 +211,47 @@ mod tests {
                 for b in a + 1..t.len() {
                     assert!(t[a] + t[b] > 128, "rows {a} and {b} could merge: {t:?}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn pack_evens_out_rows_instead_of_filling_the_first() {
+        // FFD at 12: [6, 5] + [5, 4] = rows of 11 and 9 → 2 × 11 = 22 positions. Balanced:
+        // [6, 4] + [5, 5] → 2 × 10 = 20 (three rows: 3 × 9 = 27; four: 4 × 6 = 24).
+        let lengths = [6, 5, 5, 4];
+        assert_eq!(
+            first_fit_decreasing(&lengths, 12).unwrap(),
+            vec![vec![0, 1], vec![2, 3]]
+        );
+        assert_eq!(pack(&lengths, 12).unwrap(), vec![vec![0, 3], vec![1, 2]]);
+        // When padding one row per sample is cheapest, that is the answer: [6, 5, 5] at 12
+        // packs as 11 + 5 (22) or 6 + 10 (20), unpacked it is 3 × 6 = 18.
+        assert_eq!(pack(&[6, 5, 5], 12).unwrap(), one_per_row(3));
+    }
+
+    #[test]
+    fn pack_never_computes_more_than_one_row_per_sample() {
+        let mut state = 0x9e37_79b9u64;
+        for n in 1..40 {
+            let lengths: Vec<u32> = (0..n)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    1 + (state >> 33) as u32 % 100
+                })
+                .collect();
+            for capacity in [100, 150, 400] {
+                let rows = pack(&lengths, capacity).unwrap();
+                let mut seen: Vec<usize> = rows.iter().flatten().copied().collect();
+                seen.sort_unstable();
+                assert_eq!(seen, (0..n).collect::<Vec<_>>());
+                let t = totals(&lengths, &rows);
+                assert!(t.iter().all(|&x| x <= capacity));
+                let positions = u64::from(*t.iter().max().unwrap()) * t.len() as u64;
+                let unpacked = u64::from(*lengths.iter().max().unwrap()) * n as u64;
+                assert!(positions <= unpacked, "{positions} > {unpacked}");
             }
         }
     }

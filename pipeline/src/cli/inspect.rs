@@ -29,7 +29,7 @@ padded to its longest sample: \"grouped\" cuts each of the build's length groups
 seeded random order within each modality, as a loader without length grouping would.
 With --world-size W, a step is W consecutive batches and the step figure also counts the ranks
 waiting for the slowest one. With --packing, \"packed\" lays each grouped batch's samples into rows
-of at most --pack-length tokens by first-fit decreasing, as `llava-trainer run --packing` does
+of at most --pack-length tokens by balanced first-fit decreasing, as `llava-trainer run --packing` does
 (padding only at the end of each row), and \"fill\" is real tokens / (rows x pack length).")]
 pub struct InspectArgs {
     /// A build output folder (holds manifest.json, rejects.jsonl and shards/).
@@ -376,7 +376,7 @@ pub fn format_summary(s: &Summary) -> String {
     if let Some(k) = &p.total.packed {
         let _ = writeln!(
             o,
-            "  packed: each grouped batch in rows of <= {} tokens (first-fit decreasing); fill = \
+            "  packed: each grouped batch in rows of <= {} tokens (balanced first-fit decreasing); fill = \
              real tokens / (rows x {})",
             k.pack_length, k.pack_length
         );

@@ -13,7 +13,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use llava_formats::packing::{first_fit_decreasing, TooLong};
+use llava_formats::packing::{pack, TooLong};
 use llava_formats::rng::{shuffle, SplitMix64};
 
 /// Padding of one way of batching.
@@ -75,7 +75,7 @@ impl Padding {
 }
 
 /// The grouped batches packed as the trainer packs them (`packing = true`): each batch's
-/// samples in rows of at most `pack_length` tokens by first-fit decreasing
+/// samples in rows of at most `pack_length` tokens by balanced first-fit decreasing
 /// (`llava_formats::packing`), a row being one sample-sized unit of padding.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Packed {
@@ -97,7 +97,7 @@ impl Packed {
     ) -> Result<Packed, TooLong> {
         let mut row_batches = Vec::with_capacity(batches.len());
         for lengths in batches {
-            let rows = first_fit_decreasing(lengths, pack_length)?;
+            let rows = pack(lengths, pack_length)?;
             row_batches.push(
                 rows.iter()
                     .map(|r| r.iter().map(|&i| lengths[i]).sum())

@@ -98,8 +98,8 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     nproc_per_node: usize,
     /// Pack each micro-batch's whole samples into rows of at most --pack-length tokens
-    /// (first-fit decreasing): no padding, attention and RoPE positions restart per sample,
-    /// same loss and gradients as unpacked.
+    /// (balanced first-fit decreasing, fewest padded positions): attention and RoPE positions
+    /// restart per sample; same loss and gradients as unpacked.
     #[arg(long)]
     packing: bool,
     /// Tokens per packed row (default: the shards' model_max_length).

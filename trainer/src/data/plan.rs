@@ -19,7 +19,7 @@
 //! that collective operations stay in lock-step.
 //!
 //! Packing (`pack_length`): each planned batch's samples are laid out in rows of at most
-//! `pack_length` tokens by first-fit decreasing ([`llava_formats::packing`]); which samples a
+//! `pack_length` tokens by balanced first-fit decreasing ([`llava_formats::packing`]); which samples a
 //! rank trains on at each step does not change, so balance, resume and world-size changes work
 //! exactly as without packing, and packing may be switched on or off when resuming.
 //!
@@ -561,14 +561,14 @@ fn planned(
     }
 }
 
-/// The rows of one batch: first-fit decreasing with `pack_length`, else one sample per row.
+/// The rows of one batch: balanced first-fit decreasing with `pack_length`, else one sample per row.
 fn pack_rows(samples: &[SampleRef], pack_length: Option<u32>) -> Vec<Vec<usize>> {
     match pack_length {
         None => packing::one_per_row(samples.len()),
         Some(capacity) => {
             let lengths: Vec<u32> = samples.iter().map(|s| s.length).collect();
             // Checked for every sample of the index in `EpochPlan::new`.
-            packing::first_fit_decreasing(&lengths, capacity)
+            packing::pack(&lengths, capacity)
                 .unwrap_or_else(|_| packing::one_per_row(samples.len()))
         }
     }

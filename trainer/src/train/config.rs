@@ -83,7 +83,7 @@ pub struct TrainConfig {
     /// Train even when the memory plan says the run does not fit the device.
     #[serde(default)]
     pub skip_memory_check: bool,
-    /// Pack each micro-batch's samples into rows of at most `pack_length` tokens (first-fit
+    /// Pack each micro-batch's samples into rows of at most `pack_length` tokens (balanced first-fit
     /// decreasing): no padding between samples, attention and positions per sample, same loss
     /// and gradients. Not a trajectory key: it may change on resume.
     #[serde(default)]
