@@ -91,7 +91,8 @@ pub struct BenchSpec {
 /// Bytes of memory, measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct MemoryReport {
-    /// "cpu: peak RSS (VmHWM)" or "cuda: driver-reported use, sampled every 2 ms".
+    /// "cpu: peak live heap bytes" (the binary's counting allocator; peak RSS where it is not
+    /// installed) or "cuda: driver-reported use, sampled every 2 ms".
     pub method: String,
     /// Peak over the timed steps.
     pub peak: u64,
@@ -149,12 +150,26 @@ pub(crate) fn random_varmap(cfg: &LlavaNextConfig, dtype: DType, dev: &Device) -
             } else if shape.len() == 1 && name.ends_with(".weight") {
                 Tensor::ones(shape.as_slice(), dtype, dev)?
             } else {
-                Tensor::randn(0f32, 0.02, shape.as_slice(), dev)?.to_dtype(dtype)?
+                random_normal(shape.as_slice(), dev)?.to_dtype(dtype)?
             };
             data.insert(name, Var::from_tensor(&t)?);
         }
     }
     Ok(varmap)
+}
+
+/// N(0, 0.02) values of `shape`. Tensors above a million values repeat one draw of a prime
+/// number of values (rows of a matrix never line up with the period): drawing 1.5e9 normals
+/// one by one takes minutes on a CPU, and a benchmark only needs values of the right scale.
+fn random_normal(shape: &[usize], dev: &Device) -> Result<Tensor> {
+    const PERIOD: usize = 1_048_573;
+    let n: usize = shape.iter().product();
+    if n <= PERIOD {
+        return Ok(Tensor::randn(0f32, 0.02, shape, dev)?);
+    }
+    let base = Tensor::randn(0f32, 0.02, PERIOD, dev)?;
+    let t = base.repeat(n.div_ceil(PERIOD))?.narrow(0, 0, n)?;
+    Ok(t.reshape(shape)?)
 }
 
 /// Image geometry of the synthetic rows: 672×672 on the 2×2 grid (5 tiles, every position kept
@@ -409,6 +424,14 @@ fn proc_status_kib(key: &str) -> Option<u64> {
 impl MemoryProbe {
     fn start(dev: &Device) -> Result<Self> {
         match dev {
+            Device::Cpu if crate::heap::is_installed() => {
+                crate::heap::reset_peak();
+                Ok(Self {
+                    baseline: crate::heap::live(),
+                    sampler: None,
+                    cpu: true,
+                })
+            }
             Device::Cpu => {
                 // Reset the high-water mark so the peak is this span's (Linux ≥ 4.0).
                 let _ = std::fs::write("/proc/self/clear_refs", "5");
@@ -450,6 +473,13 @@ impl MemoryProbe {
 
     /// `(peak, baseline, method)`.
     fn finish(self) -> Result<(u64, u64, String)> {
+        if self.cpu && crate::heap::is_installed() {
+            return Ok((
+                crate::heap::peak(),
+                self.baseline,
+                "cpu: peak live heap bytes (counting global allocator)".into(),
+            ));
+        }
         if self.cpu {
             let peak = proc_status_kib("VmHWM:").unwrap_or(0) * 1024;
             return Ok((peak, self.baseline, "cpu: peak RSS (VmHWM)".into()));

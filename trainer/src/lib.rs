@@ -10,6 +10,7 @@ pub mod clip;
 pub mod data;
 pub mod dist;
 pub mod error;
+pub mod heap;
 pub mod init;
 pub mod llama;
 pub mod llava_next;

@@ -2,6 +2,10 @@
 
 mod cli;
 
+// Counts live heap bytes for `bench`'s CPU memory figures (llava_trainer::heap).
+#[global_allocator]
+static ALLOC: llava_trainer::heap::CountingAlloc = llava_trainer::heap::CountingAlloc;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]

@@ -213,10 +213,21 @@ pub fn memory_plan(
     } else {
         0
     };
+    // Packed rows hold at most the positions of the unpacked batch, but in longer rows (which
+    // matters for dense attention's L² scores): plan for rows as long as a pack can get.
+    let (rows, seq_len) = if cfg.packing {
+        let pack = cfg
+            .pack_length
+            .map_or(index.manifest.settings.model_max_length, |n| n as usize);
+        let row = pack.min(batch_size * seq_len).max(1);
+        ((batch_size * seq_len).div_ceil(row), row)
+    } else {
+        (batch_size, seq_len)
+    };
     let input = PlanInput {
         model: model_cfg,
         trainable: &trainable,
-        batch_size,
+        batch_size: rows,
         seq_len,
         tiles,
         bf16: cfg.bf16,
