@@ -89,6 +89,8 @@ pub struct Summary {
     pub last_checkpoint: Option<PathBuf>,
     pub interrupted: bool,
     pub resumed_from: Option<PathBuf>,
+    /// The run had already reached its last step in a checkpoint: nothing was trained.
+    pub already_finished: bool,
 }
 
 /// Trains as `cfg` says on one device; resumes from the latest checkpoint in `output` unless
@@ -240,6 +242,27 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
             .map(|(_, p)| p),
         (None, true) => None,
     };
+    // A run whose checkpoint is already at its last step (same settings): nothing to do, and
+    // no weights to read.
+    if let Some(dir) = &resume {
+        checkpoint::check_is_checkpoint(dir)?;
+        let state = checkpoint::load_state_json(dir)?;
+        if state.global_step >= total_steps
+            && state.config == cfg.trajectory_keys_at(world)
+            && state.shards_tokenizer_sha256 == index.manifest.tokenizer_sha256
+            && state.shards_config_sha256 == index.manifest.config_sha256
+        {
+            return Ok(Summary {
+                steps_done: state.global_step,
+                total_steps,
+                history: Vec::new(),
+                last_checkpoint: Some(dir.clone()),
+                interrupted: false,
+                resumed_from: Some(dir.clone()),
+                already_finished: true,
+            });
+        }
+    }
     let mut resumed_state: Option<(TrainerState, HashMap<String, Tensor>)> = None;
     if let Some(dir) = &resume {
         checkpoint::check_is_checkpoint(dir)?;
@@ -435,6 +458,7 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
         last_checkpoint: None,
         interrupted: false,
         resumed_from: resume.clone(),
+        already_finished: false,
     };
     let mut last_saved = step;
     let (mut lr, mut loss_v) = (0.0, f64::NAN);
