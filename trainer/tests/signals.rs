@@ -291,6 +291,49 @@ fn a_second_sigterm_exits_at_once_with_143() {
 }
 
 #[test]
+fn without_a_terminal_run_logs_progress_lines_and_no_escape_codes() {
+    let (shards, model) = inputs();
+    let output = scratch("progress").join("run");
+    let log = output.with_extension("stderr");
+    let stdout_file = output.with_extension("stdout");
+    let status = Command::new(BIN)
+        .arg("run")
+        .arg("--shards")
+        .arg(shards)
+        .arg("--model")
+        .arg(model)
+        .arg("--output")
+        .arg(&output)
+        .args(["--max-steps", "3", "--log-every", "2", "--workers", "1"])
+        .args(["--device", "cpu", "--progress-every", "0"])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&stdout_file).expect("stdout file"))
+        .stderr(std::fs::File::create(&log).expect("stderr file"))
+        .status()
+        .expect("llava-trainer run starts");
+    let (log, stdout) = (
+        std::fs::read_to_string(&log).unwrap(),
+        std::fs::read_to_string(&stdout_file).unwrap(),
+    );
+    assert!(status.success(), "{log}");
+    // --progress-every 0: a progress line at every step boundary, besides the step lines of
+    // --log-every (steps 2 and 3, the last).
+    for step in 1..=3 {
+        assert!(
+            log.contains(&format!("progress: step {step}/3 (")),
+            "no progress line for step {step}:\n{log}"
+        );
+    }
+    let steps: Vec<&str> = stdout.lines().filter(|l| l.starts_with("step ")).collect();
+    assert_eq!(steps.len(), 2, "{stdout}");
+    assert!(log.contains("ETA"), "{log}");
+    assert!(
+        !log.contains('\x1b') && !stdout.contains('\x1b'),
+        "escape codes without a terminal:\n{log}\n{stdout}"
+    );
+}
+
+#[test]
 fn a_finished_run_says_so_and_exits_0_without_training() {
     let output = reference();
     let before = std::fs::read(output.join("log.jsonl")).expect("log.jsonl");

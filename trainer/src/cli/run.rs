@@ -88,6 +88,10 @@ pub struct Args {
     /// Print a step line and append to log.jsonl every N steps [default: 1].
     #[arg(long)]
     log_every: Option<u64>,
+    /// Without a terminal (a Slurm log, a file): also log a progress line (step, rate, ETA) every
+    /// SECS seconds; on a terminal a progress bar is drawn instead.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    progress_every: f64,
     /// Loader threads [default: 16, the recipe's `dataloader_num_workers`].
     #[arg(long)]
     workers: Option<usize>,
@@ -255,6 +259,8 @@ pub fn run(args: Args) -> Result<()> {
              not built yet; use --device cpu for CPU threads"
         );
     }
+    let progress_every = std::time::Duration::try_from_secs_f64(args.progress_every)
+        .context("--progress-every: a number of seconds")?;
     let cfg = merged(args)?;
     // SIGINT (Ctrl-C) and SIGTERM (what Slurm and Kubernetes send before killing a preempted
     // job): finish the step, checkpoint, exit 130 / 143 so a wrapper knows training did not
@@ -277,6 +283,7 @@ pub fn run(args: Args) -> Result<()> {
         stop: Some(stop),
         save_now: Some(save_now),
         progress: true,
+        progress_every: Some(progress_every),
         device: Some(device),
         ..RunOptions::default()
     };

@@ -63,6 +63,9 @@ pub struct RunOptions {
     pub after_step: Option<Box<dyn FnMut(u64) -> Control + Send>>,
     /// indicatif progress bar (only on a terminal).
     pub progress: bool,
+    /// Without a terminal: a progress line (step, rate, ETA) at the first step boundary after
+    /// each interval, and at the end. `None`: no such lines.
+    pub progress_every: Option<std::time::Duration>,
     pub device: Option<Device>,
 }
 
@@ -463,6 +466,8 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
     let mut last_saved = step;
     let (mut lr, mut loss_v) = (0.0, f64::NAN);
     let mut acc = GradAccumulator::new(all_vars.clone());
+    let (started, first_step) = (Instant::now(), step);
+    let mut last_progress = started;
     while step < total_steps {
         let t0 = Instant::now();
         let (group, wait) = stream.next_group()?;
@@ -543,6 +548,19 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
         }
         if let Some(b) = &bar {
             b.set_position(step);
+        }
+        if let (true, None, Some(every)) = (lead, &bar, opts.progress_every) {
+            if last_progress.elapsed() >= every || step == total_steps {
+                last_progress = Instant::now();
+                let elapsed = started.elapsed().as_secs_f64();
+                let rate = (step - first_step) as f64 / elapsed.max(1e-9);
+                tracing::info!(
+                    "progress: step {step}/{total_steps} ({:.1}%), {rate:.3} steps/s, elapsed \
+                     {elapsed:.0}s, ETA {:.0}s",
+                    100.0 * step as f64 / total_steps as f64,
+                    (total_steps - step) as f64 / rate.max(1e-9)
+                );
+            }
         }
         summary.history.push(entry);
         summary.steps_done = step;
