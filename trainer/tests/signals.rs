@@ -83,6 +83,16 @@ fn spawn_run(output: &Path, max_steps: u64) -> Child {
         .expect("llava-trainer run starts")
 }
 
+/// `kill -SIGNAL pid` through `sh` (its builtin: no procps needed).
+fn send(pid: u32, signal: &str) {
+    let ok = Command::new("sh")
+        .args(["-c", &format!("kill -{signal} {pid}")])
+        .status()
+        .expect("sh runs")
+        .success();
+    assert!(ok, "kill -{signal} {pid} failed");
+}
+
 /// Reads the run's stdout until its first step line, sends `signal` (e.g. "TERM"), then reads
 /// the rest and waits. Returns the exit status and everything printed.
 fn signal_after_first_step(mut child: Child, signal: &str) -> (ExitStatus, String) {
@@ -95,12 +105,7 @@ fn signal_after_first_step(mut child: Child, signal: &str) -> (ExitStatus, Strin
         seen.push_str(&line);
         seen.push('\n');
         if !sent && line.starts_with("step ") {
-            let status = Command::new("kill")
-                .arg(format!("-{signal}"))
-                .arg(child.id().to_string())
-                .status()
-                .expect("kill runs");
-            assert!(status.success(), "kill -{signal} failed");
+            send(child.id(), signal);
             sent = true;
         }
     }
@@ -265,17 +270,9 @@ fn a_second_sigterm_exits_at_once_with_143() {
     }
     // The first one asks for a checkpoint at the end of the step under way; the second, sent
     // once the first has been handled, ends the process at once.
-    let kill = || {
-        let ok = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("kill runs")
-            .success();
-        assert!(ok, "kill -TERM failed");
-    };
-    kill();
+    send(child.id(), "TERM");
     wait_delivered(child.id(), 15);
-    kill();
+    send(child.id(), "TERM");
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(143), "{status}: {}", stderr_of(&output));
