@@ -198,6 +198,13 @@ pub struct TrainerState {
     pub trainable: Vec<String>,
 }
 
+/// A saved checkpoint's trainer state alone (without reading the optimizer's tensors).
+pub fn load_state_json(dir: &Path) -> Result<TrainerState> {
+    let p = dir.join(STATE_JSON);
+    let text = std::fs::read_to_string(&p).map_err(io(&p))?;
+    serde_json::from_str(&text).map_err(|source| Error::Json { path: p, source })
+}
+
 /// A saved checkpoint's trainer state and the tensors of the optimizer.
 pub fn load_state(dir: &Path) -> Result<(TrainerState, HashMap<String, Tensor>)> {
     let p = dir.join(STATE_JSON);

@@ -80,7 +80,7 @@ pub fn write_owned(
         rejected += record.rejects.len();
         bar.set_message(format!("{rejected} rejected"));
     }
-    bar.finish_and_clear();
+    super::pass1::finish_progress(&bar);
     Ok((todo.len(), owned.len() - todo.len()))
 }
 

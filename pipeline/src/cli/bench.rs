@@ -14,6 +14,10 @@ use rayon::prelude::*;
 use serde_json::json;
 
 #[derive(Args)]
+#[command(after_help = "\
+Examples:
+  llava-data bench                                   # 2000 records, raw tiles, all cores
+  llava-data bench --records 500 --tile-encoding jpeg --threads 4 --json")]
 pub struct BenchArgs {
     /// Records in the generated mixture (cycled from the fixture instruction data).
     #[arg(long, default_value_t = 2000)]
@@ -21,6 +25,7 @@ pub struct BenchArgs {
     /// The repo's `fixtures/` folder (images and LLaVA JSON).
     #[arg(long, default_value = "fixtures")]
     fixtures: PathBuf,
+    /// The Llama-3-Instruct `tokenizer.json`.
     #[arg(long, default_value = ".cache/tokenizer/tokenizer.json")]
     tokenizer: PathBuf,
     /// Scratch folder (default: a folder under the system temp dir, removed at the end).
@@ -29,8 +34,10 @@ pub struct BenchArgs {
     /// `raw` or `jpeg` tiles.
     #[arg(long, default_value = "raw")]
     tile_encoding: String,
+    /// Worker threads [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
+    /// Print the measurements as one JSON object.
     #[arg(long)]
     json: bool,
 }

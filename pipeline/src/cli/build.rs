@@ -28,9 +28,16 @@ pub struct BuildArgs {
     /// Print the manifest summary as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// Without a terminal (a Slurm log, a file): log a progress line (counts, rate, ETA) every
+    /// SECS seconds; on a terminal a progress bar is drawn instead.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    progress_every: f64,
 }
 
 #[derive(Args)]
+#[command(
+    after_help = "Examples:\n  llava-data merge /data/shards          # once every `build --partition i/N` is done\n  llava-data merge /data/shards --json   # the merged manifest as JSON\n\nThe merged output is identical to a single-machine build."
+)]
 pub struct MergeArgs {
     /// The output folder that all partitions wrote into.
     output: PathBuf,
@@ -46,10 +53,16 @@ pub fn run_build(args: BuildArgs) -> Result<()> {
             .build_global()
             .context("setting the thread count")?;
     }
+    let terminal = std::io::stderr().is_terminal();
+    if !terminal {
+        let every = std::time::Duration::try_from_secs_f64(args.progress_every)
+            .context("--progress-every: a number of seconds")?;
+        llava_data::build::pass1::set_progress_log_interval(Some(every));
+    }
     let options = BuildOptions {
         output: args.output,
         partition: args.partition,
-        progress: std::io::stderr().is_terminal(),
+        progress: terminal,
     };
     let started = std::time::Instant::now();
     let outcome = build(&args.config, &options)

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 
 #[derive(Args)]
 #[command(
-    after_help = "Example:\n  llava-data convert --data fixtures/data/llava_instruct_150k.json \\\n    --image-folder fixtures/images/coco/train2017 --tokenizer .cache/tokenizer/tokenizer.json \\\n    --template llava_llama_3 | head -n 1 | jq ."
+    after_help = "Examples:\n  llava-data convert --data fixtures/data/llava_instruct_150k.json \\\n    --image-folder fixtures/images/coco/train2017 --tokenizer .cache/tokenizer/tokenizer.json \\\n    --template llava_llama_3 | head -n 1 | jq ."
 )]
 pub struct ConvertArgs {
     /// LLaVA records: a `.json` list or a `.jsonl` file.

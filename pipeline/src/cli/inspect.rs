@@ -34,7 +34,7 @@ of at most --pack-length tokens by balanced first-fit decreasing, as `llava-trai
 pub struct InspectArgs {
     /// A build output folder (holds manifest.json, rejects.jsonl and shards/).
     dir: PathBuf,
-    /// Print the summary as one JSON object (fields: README, "Inspecting a build").
+    /// Print the summary as one JSON object (README: "inspect: see and verify a build").
     #[arg(long)]
     json: bool,
     /// Batch size (per rank) of the padding report [default: the build's batch_size].
@@ -65,7 +65,7 @@ pub struct InspectArgs {
     /// tokenizer_sha256).
     #[arg(long, value_name = "JSON")]
     tokenizer: Option<PathBuf>,
-    /// With --sample: mark trained spans with [[...]] even on a terminal.
+    /// With --sample: mark trained spans with [[...]] even on a terminal (as NO_COLOR does).
     #[arg(long)]
     plain: bool,
     /// With --sample: write its tiles as one PNG (base tile left, the rows x cols grid right).
@@ -175,7 +175,8 @@ fn run_sample(build: &BuildDir, key: &str, args: &InspectArgs) -> Result<()> {
                 build.manifest.tokenizer_sha256
             );
         }
-        let marking = if args.plain || !std::io::stdout().is_terminal() {
+        let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+        let marking = if args.plain || no_color || !std::io::stdout().is_terminal() {
             Marking::Brackets
         } else {
             Marking::Color

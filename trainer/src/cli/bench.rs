@@ -71,6 +71,7 @@ pub struct Args {
     /// Peak dense TFLOP/s of the device for MFU (H100/H200 SXM bf16: 989).
     #[arg(long)]
     peak_tflops: Option<f64>,
+    /// Seed of the random weights and inputs.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Real shards: compare grouped (one sample per row) with packed rows on their first

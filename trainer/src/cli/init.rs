@@ -9,6 +9,12 @@ use llava_trainer::checkpoint;
 use llava_trainer::init::{self, InitSpec, ModelSource};
 
 #[derive(clap::Args, Debug)]
+#[command(after_help = "\
+Examples:
+  llava-trainer init --config trainer/configs/tiny-model.json --output out/tiny-model
+  llava-trainer init --llm Meta-Llama-3-8B-Instruct --vision clip-vit-large-patch14-336 \\
+      --output models/llava-next-8b-init
+  llava-trainer init --config trainer/configs/tiny-model.json --output out/tiny-model --force")]
 pub struct Args {
     /// model.json: {"vision_config": {...}, "text_config": {...}, "image_grid_pinpoints":
     /// [[w, h], ...], "seed": N}; omitted fields are llama3-llava-next-8b's.
@@ -23,14 +29,31 @@ pub struct Args {
     /// Projector weights to include (otherwise a fresh one).
     #[arg(long)]
     projector: Option<PathBuf>,
-    #[arg(long)]
+    /// Folder to write the model into (model.safetensors, config.json, processor files); created
+    /// if missing. An existing model there is kept unless --force.
+    #[arg(long, value_name = "DIR")]
     output: PathBuf,
     /// Seed of freshly initialised tensors when assembling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Overwrite a model already in --output.
+    #[arg(long)]
+    force: bool,
 }
 
+/// Files whose presence marks `dir` as holding a model.
+const MODEL_FILES: [&str; 2] = ["model.safetensors", "config.json"];
+
 pub fn run(args: Args) -> Result<()> {
+    if !args.force {
+        if let Some(f) = MODEL_FILES.iter().find(|f| args.output.join(f).exists()) {
+            bail!(
+                "{} already holds a model ({f}); pass --force to overwrite it, or choose another \
+                 --output",
+                args.output.display()
+            );
+        }
+    }
     let (cfg, varmap, tok) = match (&args.config, &args.llm, &args.vision) {
         (Some(c), None, None) => {
             let text =

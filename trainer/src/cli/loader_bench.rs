@@ -12,10 +12,16 @@ use llava_trainer::data::{
 };
 
 #[derive(clap::Args, Debug)]
+#[command(after_help = "\
+Examples:
+  llava-trainer loader-bench --shards out/example --workers 4 --max-batches 50
+  llava-trainer loader-bench --shards out/example --world-size 4 --rank 1 --dry-run
+  llava-trainer loader-bench --shards /tmp/synth --make-synthetic 400 --json")]
 pub struct Args {
     /// Folder with manifest.json and the shards.
     #[arg(long)]
     shards: PathBuf,
+    /// Loader threads.
     #[arg(long, default_value_t = 16)]
     workers: usize,
     /// Batches built or buffered at once (default: the number of workers).
@@ -24,12 +30,16 @@ pub struct Args {
     /// Per-device batch size (default: the shards' batch size; divisors and multiples work).
     #[arg(long)]
     batch_size: Option<usize>,
+    /// Data-parallel ranks the epoch plan is cut for.
     #[arg(long, default_value_t = 1)]
     world_size: usize,
+    /// The rank whose batches are read (0-based).
     #[arg(long, default_value_t = 0)]
     rank: usize,
+    /// Epoch of the plan (each epoch has its own seeded order).
     #[arg(long, default_value_t = 0)]
     epoch: u64,
+    /// Seed of the data order (the run's `seed`).
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Stop after this many batches.

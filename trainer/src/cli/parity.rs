@@ -6,7 +6,7 @@ use anyhow::Result;
 
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Example:\n  llava-trainer parity --fixture fixtures/tiny-llava-next-a \
+    after_help = "Examples:\n  llava-trainer parity --fixture fixtures/tiny-llava-next-a \
                         --device cuda --json"
 )]
 pub struct Args {

@@ -6,8 +6,9 @@ use llava_trainer::train;
 
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Takes the flags of `run` (and its --config): \n  llava-trainer plan \
-                        --config train.toml --device cuda"
+    after_help = "Examples:\n  llava-trainer plan --config train.toml --device cuda\n  \
+                  llava-trainer plan --config train.toml --world-size 8 --capacity-gib 80\n\n\
+                  Takes the flags of `run` (and its --config)."
 )]
 pub struct Args {
     #[command(flatten)]

@@ -9,11 +9,23 @@ use llava_trainer::train::{self, RunOptions, TrainConfig};
 
 #[derive(clap::Args, Debug)]
 #[group(skip)]
+#[command(after_help = "\
+Examples:
+  llava-trainer run --config trainer/configs/pretrain.toml --max-steps 4
+  llava-trainer run --shards out/example --model out/tiny-model --output out/runs/stage2 \\
+      --lr 1e-5 --max-steps 4 --save-every 2 --device cpu
+  llava-trainer run --config train.toml --device cuda:0 --bf16
+
+Device: --device auto trains on CUDA when the binary is built with the `cuda` feature, else on
+the CPU. A rerun with the same --output resumes from its latest checkpoint; a finished run says
+so and exits 0. Signals: SIGTERM / SIGINT checkpoint at the next step boundary and exit 143 / 130
+(a second one exits at once); SIGUSR1 checkpoints and goes on.")]
 pub struct Args {
     /// train.toml; flags override its keys.
     #[arg(long)]
     config: Option<PathBuf>,
-    #[arg(long)]
+    /// A `llava-data build` output folder (manifest.json + shards/). Required.
+    #[arg(long, value_name = "DIR")]
     shards: Option<PathBuf>,
     /// HF LlavaNext model directory.
     #[arg(long)]
@@ -27,40 +39,60 @@ pub struct Args {
     /// Pretrained projector (stage 2): mm_projector.safetensors / .bin.
     #[arg(long)]
     projector: Option<PathBuf>,
-    #[arg(long)]
+    /// Run folder: checkpoint-<step>/ and log.jsonl go there; a rerun resumes from it. Required.
+    #[arg(long, value_name = "DIR")]
     output: Option<PathBuf>,
-    /// e.g. mm_mlp_adapter (pretraining) or mm_vision_tower,mm_mlp_adapter,mm_language_model.
+    /// Parts that train, comma-separated: mm_mlp_adapter (pretraining) or
+    /// mm_vision_tower,mm_mlp_adapter,mm_language_model [default: all three].
     #[arg(long)]
     tunable_parts: Option<String>,
+    /// Peak learning rate (cosine schedule after warmup) [default: 1e-5].
     #[arg(long)]
     lr: Option<f64>,
+    /// Learning rate of the vision tower's parameters [default: --lr].
     #[arg(long)]
     vision_tower_lr: Option<f64>,
+    /// AdamW decoupled weight decay, on parameters with 2 or more dimensions [default: 0].
     #[arg(long)]
     weight_decay: Option<f64>,
+    /// Fraction of the steps spent warming up: ceil(ratio x steps) [default: 0.03].
     #[arg(long)]
     warmup_ratio: Option<f64>,
+    /// Global gradient-norm clipping [default: 1.0].
     #[arg(long)]
     max_grad_norm: Option<f64>,
+    /// Per-device batch size, a divisor or multiple of the shards' [default: the shards'].
     #[arg(long)]
     batch_size: Option<usize>,
+    /// Micro-batches per optimizer step [default: 1].
     #[arg(long)]
     grad_accum: Option<usize>,
+    /// Passes over the shards, when --max-steps is not given [default: 1].
     #[arg(long)]
     epochs: Option<u64>,
+    /// Optimizer steps to train [default: epochs x steps per epoch].
     #[arg(long)]
     max_steps: Option<u64>,
+    /// Seed of the data order and of freshly initialised tensors [default: 42].
     #[arg(long)]
     seed: Option<u64>,
+    /// bf16 weights and activations (f32 master weights, moments and gradients).
     #[arg(long)]
     bf16: bool,
+    /// Checkpoint every N steps (always at the end and on a signal) [default: only then].
     #[arg(long)]
     save_every: Option<u64>,
+    /// Keep at most N checkpoints, deleting the oldest [default: all].
     #[arg(long)]
     save_total_limit: Option<usize>,
+    /// Print a step line and append to log.jsonl every N steps [default: 1].
     #[arg(long)]
     log_every: Option<u64>,
-    /// Loader threads (default 16, the recipe's `dataloader_num_workers`).
+    /// Without a terminal (a Slurm log, a file): also log a progress line (step, rate, ETA) every
+    /// SECS seconds; on a terminal a progress bar is drawn instead.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    progress_every: f64,
+    /// Loader threads [default: 16, the recipe's `dataloader_num_workers`].
     #[arg(long)]
     workers: Option<usize>,
     /// flat (pretraining) or spatial_unpad (fine-tuning); must match the shards.
@@ -72,6 +104,7 @@ pub struct Args {
     /// Resume from this checkpoint (default: the latest in --output).
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Start from scratch even when --output has checkpoints.
     #[arg(long)]
     no_resume: bool,
     /// Keep every activation for the backward instead of recomputing each layer (faster for
@@ -81,7 +114,7 @@ pub struct Args {
     /// Decoder attention: blockwise (default), blockwise:N (block size) or dense.
     #[arg(long)]
     attention: Option<String>,
-    /// Rows of lm_head logits per loss chunk (default 1024).
+    /// Rows of lm_head logits per loss chunk [default: 1024].
     #[arg(long)]
     loss_chunk: Option<usize>,
     /// Train even when the memory plan says the run does not fit the device.
@@ -90,7 +123,8 @@ pub struct Args {
     /// cpu, cuda (device LOCAL_RANK or 0), cuda:N, or auto (CUDA when built with it).
     #[arg(long, default_value = "auto")]
     device: String,
-    /// ZeRO stage: 0 (all-reduce gradients), 1 (shard the optimizer state), 2 (and gradients).
+    /// ZeRO stage: 0 (all-reduce gradients), 1 (shard the optimizer state), 2 (and gradients)
+    /// [default: 0].
     #[arg(long)]
     zero_stage: Option<u8>,
     /// Data-parallel ranks on this machine. On the CPU they run as threads of this process
@@ -225,6 +259,8 @@ pub fn run(args: Args) -> Result<()> {
              not built yet; use --device cpu for CPU threads"
         );
     }
+    let progress_every = std::time::Duration::try_from_secs_f64(args.progress_every)
+        .context("--progress-every: a number of seconds")?;
     let cfg = merged(args)?;
     // SIGINT (Ctrl-C) and SIGTERM (what Slurm and Kubernetes send before killing a preempted
     // job): finish the step, checkpoint, exit 130 / 143 so a wrapper knows training did not
@@ -247,6 +283,7 @@ pub fn run(args: Args) -> Result<()> {
         stop: Some(stop),
         save_now: Some(save_now),
         progress: true,
+        progress_every: Some(progress_every),
         device: Some(device),
         ..RunOptions::default()
     };
@@ -255,7 +292,18 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         train::run(&cfg, opts)?
     };
-    if let Some(p) = &summary.last_checkpoint {
+    if summary.already_finished {
+        println!(
+            "already finished: {} is at step {}/{}; nothing to train (--no-resume or another \
+             --output starts a new run)",
+            summary
+                .last_checkpoint
+                .as_ref()
+                .map_or(String::new(), |p| p.display().to_string()),
+            summary.steps_done,
+            summary.total_steps
+        );
+    } else if let Some(p) = &summary.last_checkpoint {
         println!(
             "{} at step {}/{}; checkpoint {}",
             if summary.interrupted {

@@ -63,6 +63,9 @@ pub struct RunOptions {
     pub after_step: Option<Box<dyn FnMut(u64) -> Control + Send>>,
     /// indicatif progress bar (only on a terminal).
     pub progress: bool,
+    /// Without a terminal: a progress line (step, rate, ETA) at the first step boundary after
+    /// each interval, and at the end. `None`: no such lines.
+    pub progress_every: Option<std::time::Duration>,
     pub device: Option<Device>,
 }
 
@@ -89,6 +92,8 @@ pub struct Summary {
     pub last_checkpoint: Option<PathBuf>,
     pub interrupted: bool,
     pub resumed_from: Option<PathBuf>,
+    /// The run had already reached its last step in a checkpoint: nothing was trained.
+    pub already_finished: bool,
 }
 
 /// Trains as `cfg` says on one device; resumes from the latest checkpoint in `output` unless
@@ -240,6 +245,27 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
             .map(|(_, p)| p),
         (None, true) => None,
     };
+    // A run whose checkpoint is already at its last step (same settings): nothing to do, and
+    // no weights to read.
+    if let Some(dir) = &resume {
+        checkpoint::check_is_checkpoint(dir)?;
+        let state = checkpoint::load_state_json(dir)?;
+        if state.global_step >= total_steps
+            && state.config == cfg.trajectory_keys_at(world)
+            && state.shards_tokenizer_sha256 == index.manifest.tokenizer_sha256
+            && state.shards_config_sha256 == index.manifest.config_sha256
+        {
+            return Ok(Summary {
+                steps_done: state.global_step,
+                total_steps,
+                history: Vec::new(),
+                last_checkpoint: Some(dir.clone()),
+                interrupted: false,
+                resumed_from: Some(dir.clone()),
+                already_finished: true,
+            });
+        }
+    }
     let mut resumed_state: Option<(TrainerState, HashMap<String, Tensor>)> = None;
     if let Some(dir) = &resume {
         checkpoint::check_is_checkpoint(dir)?;
@@ -435,10 +461,13 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
         last_checkpoint: None,
         interrupted: false,
         resumed_from: resume.clone(),
+        already_finished: false,
     };
     let mut last_saved = step;
     let (mut lr, mut loss_v) = (0.0, f64::NAN);
     let mut acc = GradAccumulator::new(all_vars.clone());
+    let (started, first_step) = (Instant::now(), step);
+    let mut last_progress = started;
     while step < total_steps {
         let t0 = Instant::now();
         let (group, wait) = stream.next_group()?;
@@ -519,6 +548,19 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
         }
         if let Some(b) = &bar {
             b.set_position(step);
+        }
+        if let (true, None, Some(every)) = (lead, &bar, opts.progress_every) {
+            if last_progress.elapsed() >= every || step == total_steps {
+                last_progress = Instant::now();
+                let elapsed = started.elapsed().as_secs_f64();
+                let rate = (step - first_step) as f64 / elapsed.max(1e-9);
+                tracing::info!(
+                    "progress: step {step}/{total_steps} ({:.1}%), {rate:.3} steps/s, elapsed \
+                     {elapsed:.0}s, ETA {:.0}s",
+                    100.0 * step as f64 / total_steps as f64,
+                    (total_steps - step) as f64 / rate.max(1e-9)
+                );
+            }
         }
         summary.history.push(entry);
         summary.steps_done = step;

@@ -1,0 +1,345 @@
+//! The `llava-data` binary as a user runs it (issue 16): every flag of every subcommand has a
+//! description and every subcommand an example; `build` killed with SIGTERM (what Slurm and
+//! Kubernetes send a preempted job) once its first shard is written leaves only complete shards,
+//! and the rerun finishes the build byte-identical to an uninterrupted one.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_llava-data");
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("pipeline/ has a parent")
+        .to_path_buf()
+}
+
+fn tokenizer() -> PathBuf {
+    let path = std::env::var_os("LLAVA_TOKENIZER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".cache/tokenizer/tokenizer.json"));
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-tokenizer.sh",
+        path.display()
+    );
+    path
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = repo_root()
+        .join("target/e2e-scratch")
+        .join(format!("{name}-{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// The bundled example's five sources, three times over (126 samples), in ~1 MB shards: many
+/// shards, so that a build killed after its first one has work left.
+fn mixture(dir: &Path) -> PathBuf {
+    let f = repo_root().join("fixtures");
+    let mut text = format!(
+        "output = \"out\"\ntokenizer = \"{}\"\nseed = 5\nbatch_size = 2\ngroup_size = 2\n\
+         shard_target_mb = 1\n",
+        tokenizer().display()
+    );
+    for copy in 0..3 {
+        for (name, json, images) in [
+            (
+                "blip",
+                "blip_laion_cc_sbu_558k.json",
+                "llava/llava_pretrain/images",
+            ),
+            ("instruct", "llava_instruct_150k.json", "coco/train2017"),
+            ("mix665k", "llava_v1_5_mix665k.json", ""),
+            ("sharegpt4v", "sharegpt4v.json", ""),
+        ] {
+            text.push_str(&format!(
+                "\n[[sources]]\nname = \"{name}_{copy}\"\njson = \"{f}/data/{json}\"\n\
+                 image_folder = \"{f}/images/{images}\"\ntemplate = \"llava_llama_3\"\n",
+                f = f.display()
+            ));
+        }
+        text.push_str(&format!(
+            "\n[[sources]]\nname = \"text_{copy}\"\njson = \"{}/data/sharegpt_text.json\"\n\
+             template = \"llava_llama_3\"\n",
+            f.display()
+        ));
+    }
+    let path = dir.join("datasets.toml");
+    std::fs::write(&path, text).expect("datasets.toml");
+    path
+}
+
+/// `llava-data build CONFIG`, stderr to `log`, stdout to `log` + `.stdout`: no terminal.
+fn build_cmd(config: &Path, log: &Path) -> Command {
+    let mut c = Command::new(BIN);
+    c.arg("build")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(log.with_extension("stdout")).expect("stdout file"))
+        .stderr(std::fs::File::create(log).expect("log file"));
+    c
+}
+
+/// Shards under their final names, sorted.
+fn final_shards(out: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(out.join("shards"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// (name, bytes) of the manifest, the rejects and every shard.
+fn output_files(out: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = ["manifest.json", "rejects.jsonl"]
+        .iter()
+        .map(|n| (n.to_string(), std::fs::read(out.join(n)).expect(n)))
+        .collect();
+    for p in final_shards(out) {
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        files.push((format!("shards/{name}"), std::fs::read(&p).unwrap()));
+    }
+    files
+}
+
+#[test]
+fn a_build_killed_by_sigterm_leaves_complete_shards_and_resumes_identical() {
+    let dir = scratch("build-sigterm");
+
+    let config = mixture(&dir);
+    let out = dir.join("out");
+
+    // The uninterrupted build (then removed: the killed one runs from scratch in its place, so
+    // that every path in the outputs is the same).
+    let status = build_cmd(&config, &dir.join("reference.log"))
+        .args(["--progress-every", "0.05"])
+        .status()
+        .expect("llava-data build starts");
+    assert!(status.success(), "reference build failed");
+    // Without a terminal: progress lines (at least each pass's last one) and no escape codes.
+    let log = std::fs::read_to_string(dir.join("reference.log")).unwrap();
+    let stdout = std::fs::read_to_string(dir.join("reference.stdout")).unwrap();
+    for pass in ["pass 1/2: tokenize + sizes: ", "pass 2/2: pixels + write: "] {
+        let last = log
+            .lines()
+            .filter_map(|l| l.split_once(pass).map(|(_, rest)| rest))
+            .next_back()
+            .unwrap_or_else(|| panic!("no \"{pass}\" progress line:\n{log}"));
+        let (pos, len) = last
+            .split_once(' ')
+            .and_then(|(counts, _)| counts.split_once('/'))
+            .unwrap_or_else(|| panic!("progress line: {last}"));
+        assert_eq!(
+            pos, len,
+            "the last progress line of a pass is complete: {last}"
+        );
+        assert!(last.contains("/s") && last.contains("ETA"), "{last}");
+    }
+    assert!(
+        !log.contains('\x1b') && !stdout.contains('\x1b'),
+        "escape codes without a terminal:\n{log}\n{stdout}"
+    );
+    assert!(stdout.contains("samples ("), "the summary: {stdout}");
+    let reference = output_files(&out);
+    let shard_count = reference.len() - 2;
+    assert!(
+        shard_count >= 4,
+        "the test needs several shards, got {shard_count}"
+    );
+    std::fs::remove_dir_all(&out).unwrap();
+
+    // The same build, SIGTERM as soon as its first shard is under its final name.
+    let mut child = build_cmd(&config, &dir.join("killed.log"))
+        .spawn()
+        .expect("llava-data build starts");
+    loop {
+        if !final_shards(&out).is_empty() {
+            break;
+        }
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            panic!("the build ended ({status}) before writing a shard");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // The shell's builtin `kill` (no procps needed).
+    let ok = Command::new("sh")
+        .args(["-c", &format!("kill -TERM {}", child.id())])
+        .status()
+        .expect("sh runs")
+        .success();
+    assert!(ok, "kill -TERM failed");
+    let status = child.wait().expect("wait");
+    assert!(
+        !status.success(),
+        "the build finished before SIGTERM arrived"
+    );
+    {
+        use std::os::unix::process::ExitStatusExt;
+        assert!(
+            status.signal() == Some(15) || status.code() == Some(143),
+            "SIGTERM: {status}"
+        );
+    }
+    assert!(
+        !out.join("manifest.json").exists(),
+        "a killed build wrote its manifest"
+    );
+    // What is under a final name is a complete shard, byte-identical to the reference's.
+    let left = final_shards(&out);
+    assert!(
+        !left.is_empty() && left.len() < shard_count,
+        "{} of {shard_count} shards",
+        left.len()
+    );
+    for p in &left {
+        let name = format!("shards/{}", p.file_name().unwrap().to_string_lossy());
+        let want = reference
+            .iter()
+            .find(|(n, _)| *n == name)
+            .unwrap_or_else(|| panic!("{name} is not in the reference build"));
+        assert!(
+            std::fs::read(p).unwrap() == want.1,
+            "{name} differs from the reference"
+        );
+    }
+
+    // The rerun keeps them and ends byte-identical to the uninterrupted build.
+    let status = build_cmd(&config, &dir.join("resume.log"))
+        .status()
+        .expect("llava-data build starts");
+    assert!(status.success(), "resumed build failed");
+    let resumed = output_files(&out);
+    let names = |v: &[(String, Vec<u8>)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&resumed), names(&reference));
+    for ((name, a), (_, b)) in resumed.iter().zip(&reference) {
+        assert!(a == b, "{name} differs after the resume");
+    }
+    let log = std::fs::read_to_string(dir.join("resume.log")).unwrap_or_default();
+    assert!(
+        log.contains(&format!("{} already finished", left.len())),
+        "the rerun did not keep the finished shards: {log}"
+    );
+}
+
+fn help(args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .arg("--help")
+        .output()
+        .expect("llava-data starts");
+    assert!(out.status.success(), "{args:?} --help failed");
+    String::from_utf8(out.stdout).expect("UTF-8 help")
+}
+
+/// The subcommands listed under `Commands:` (without `help`).
+fn subcommands(top: &str) -> Vec<String> {
+    top.lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(str::to_string)
+        .collect()
+}
+
+/// Flags and arguments of a help text that have no description: an entry line (`  -x`,
+/// `  --flag`, `  <ARG>`, `  [ARG]`) with no text after its name and value and no indented
+/// line under it. (The same checker as trainer/tests/cli.rs.)
+fn undescribed(text: &str) -> Vec<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut missing = Vec::new();
+    let mut in_section = false;
+    for (i, line) in lines.iter().enumerate() {
+        if !line.starts_with(' ') && !line.is_empty() {
+            in_section = line.starts_with("Options:") || line.starts_with("Arguments:");
+            continue;
+        }
+        if !in_section {
+            continue;
+        }
+        let t = line.trim_start();
+        let indent = line.len() - t.len();
+        let is_entry = indent <= 6
+            && (t.starts_with('-') || t.starts_with('<') || t.starts_with('['))
+            && !t.starts_with("[default");
+        if !is_entry || t.contains("  ") {
+            continue;
+        }
+        let next = lines[i + 1..].iter().find(|l| !l.trim().is_empty());
+        let described = next.is_some_and(|n| {
+            let nt = n.trim_start();
+            n.len() - nt.len() > indent && !nt.starts_with('-')
+        });
+        if !described {
+            missing.push(t.to_string());
+        }
+    }
+    missing
+}
+
+#[test]
+fn every_flag_of_every_subcommand_has_a_description_and_each_an_example() {
+    let top = help(&[]);
+    let subs = subcommands(&top);
+    assert!(
+        subs.len() >= 5 && subs.iter().any(|s| s == "build"),
+        "subcommands found: {subs:?}\n{top}"
+    );
+    let mut problems = Vec::new();
+    for sub in &subs {
+        let text = help(&[sub]);
+        for flag in undescribed(&text) {
+            problems.push(format!("llava-data {sub}: {flag} has no description"));
+        }
+        if !text.contains("Examples:") {
+            problems.push(format!("llava-data {sub}: no Examples: section"));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// Every README section the help texts point at (`README, "…"` or `README's "…"`) exists.
+#[test]
+fn help_texts_name_only_readme_sections_that_exist() {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("README.md");
+    let headings: Vec<String> = readme
+        .lines()
+        .filter(|l| l.starts_with('#'))
+        .map(|l| l.trim_start_matches('#').trim().replace('`', ""))
+        .collect();
+    let top = help(&[]);
+    let mut problems = Vec::new();
+    for sub in subcommands(&top) {
+        let text = help(&[&sub]);
+        for part in text.split("README").skip(1) {
+            let Some(rest) = part
+                .trim_start_matches(['\'', 's', ',', ':', ' '])
+                .strip_prefix('"')
+            else {
+                continue;
+            };
+            let Some(end) = rest.find('"') else { continue };
+            let section = rest[..end].replace('`', "");
+            if !headings.contains(&section) {
+                problems.push(format!(
+                    "llava-data {sub}: README section \"{section}\" does not exist"
+                ));
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{}\nheadings: {headings:?}",
+        problems.join("\n")
+    );
+}
