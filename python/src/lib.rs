@@ -43,9 +43,6 @@ fn py_err(e: DataError) -> PyErr {
 /// The batches of one rank of a llava-data shard folder, epoch by epoch: the same plan, order
 /// and bytes as `llava-trainer` (token-balanced across ranks, resumable mid-epoch).
 ///
-/// ShardDataset(dir, rank=0, world_size=1, seed=42, workers=16, epoch=0, batch_size=None,
-///              normalize=True, prefetch=None, verify_checksums=False)
-///
 /// - dir: folder with manifest.json and shards/ (the output of `llava-data build`).
 /// - rank, world_size: this process's data-parallel rank (e.g. torch.distributed's); every rank
 ///   gets the same number of batches per epoch.
@@ -69,7 +66,8 @@ fn py_err(e: DataError) -> PyErr {
 /// - image_sizes: list of (width, height) per entry of images (the dummy: (S, S)).
 /// - modalities: list of "image" / "text" per entry of images.
 /// - ids: list of (source, index, id) per sample; lengths: int64 [B]; tokens: exact model tokens
-///   (image tokens expanded) of the batch.
+///   (image tokens expanded) of the batch. These three are not model inputs: MODEL_KEYS lists
+///   the keys the reference model's forward takes.
 ///
 /// An epoch ends with StopIteration; iterating again continues with the next epoch (or call
 /// set_epoch). state_dict() is where the next batch comes from: save it with a checkpoint and
@@ -178,8 +176,8 @@ impl ShardDataset {
                 .epoch_plan(&self.state)?
                 .rank(self.rank)
                 .map_err(py_err)?;
-            let loader = Loader::new(self.index.clone(), batches, &self.loader_config)
-                .map_err(py_err)?;
+            let loader =
+                Loader::new(self.index.clone(), batches, &self.loader_config).map_err(py_err)?;
             self.loader = Some(Mutex::new(loader));
         }
         let Some(loader) = self.loader.as_mut() else {
@@ -321,7 +319,10 @@ fn batch_dict<'py>(py: Python<'py>, batch: Batch) -> PyResult<Bound<'py, PyDict>
         PyArray1::from_vec(py, widen(&batch.labels)).reshape([b, l])?,
     )?;
     let mask: Vec<bool> = batch.attention_mask.iter().map(|&m| m != 0).collect();
-    dict.set_item("attention_mask", PyArray1::from_vec(py, mask).reshape([b, l])?)?;
+    dict.set_item(
+        "attention_mask",
+        PyArray1::from_vec(py, mask).reshape([b, l])?,
+    )?;
 
     // All tiles stay in the loader's one buffer (NumPy takes the Vec over); each image is a view.
     let shape = [batch.num_tiles, 3, s, s];
@@ -390,6 +391,18 @@ fn llava_data_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ShardDataset>()?;
     m.add("PAD_ID", i64::from(PAD_ID))?;
     m.add("IGNORE_INDEX", IGNORE_INDEX)?;
+    // The keys the reference model's forward takes (the others are for logging and checks).
+    m.add(
+        "MODEL_KEYS",
+        (
+            "input_ids",
+            "labels",
+            "attention_mask",
+            "images",
+            "image_sizes",
+            "modalities",
+        ),
+    )?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
