@@ -6,7 +6,7 @@
 //! ```
 //!
 //! One line per batch of the rank: `step`, `epoch`, `ids` ([source, index, id] per sample),
-//! `rows`, `seq_len`, `input_ids` / `labels` / `attention_mask` (row-major `[rows, seq_len]`),
+//! `rows`, `row_samples`, `segments`, `seq_len`, `input_ids` / `labels` / `attention_mask` (row-major `[rows, seq_len]`),
 //! `lengths`, `images` ([width, height, num_tiles] per image), `tokens`, `pixels_sha256` (SHA-256
 //! of all tiles: little-endian float32, or uint8 with `--u8`) and `next_state`.
 
@@ -41,6 +41,9 @@ struct Args {
     /// Hand tiles over as uint8 instead of normalised float32.
     #[arg(long)]
     u8: bool,
+    /// Pack each batch into rows of at most this many tokens.
+    #[arg(long)]
+    pack_length: Option<u32>,
     /// Resume from this data state (JSON, as saved with a checkpoint).
     #[arg(long)]
     state: Option<String>,
@@ -53,7 +56,7 @@ fn main() -> Result<()> {
         seed: args.seed,
         world_size: args.world_size,
         batch_size: args.batch_size,
-        pack_length: None,
+        pack_length: args.pack_length,
     };
     let state = match &args.state {
         Some(json) => serde_json::from_str(json).context("--state is not a data state")?,
@@ -87,6 +90,8 @@ fn main() -> Result<()> {
             "epoch": batch.epoch,
             "ids": batch.samples.iter().map(|s| serde_json::json!([s.source, s.index, s.id])).collect::<Vec<_>>(),
             "rows": batch.num_rows(),
+            "row_samples": batch.rows,
+            "segments": batch.segments,
             "seq_len": batch.seq_len,
             "input_ids": batch.input_ids,
             "labels": batch.labels,

@@ -66,8 +66,14 @@ fn py_err(e: DataError) -> PyErr {
 /// - image_sizes: list of (width, height) per entry of images (the dummy: (S, S)).
 /// - modalities: list of "image" / "text" per entry of images.
 /// - ids: list of (source, index, id) per sample; lengths: int64 [B]; tokens: exact model tokens
-///   (image tokens expanded) of the batch. These three are not model inputs: MODEL_KEYS lists
-///   the keys the reference model's forward takes.
+///   (image tokens expanded) of the batch; rows: the samples of each row (indices into ids);
+///   segments: the input_ids length of each of them. These are not model inputs: MODEL_KEYS
+///   lists the keys the reference model's forward takes.
+///
+/// packing=True lays each batch's samples out back to back in rows of at most pack_length
+/// model tokens (default: the shards' model_max_length), as `llava-trainer run --packing`; the
+/// same samples per step. Only for a model that keeps the samples of a row apart (attention,
+/// positions and loss per segment): the reference model does not.
 ///
 /// An epoch ends with StopIteration; iterating again continues with the next epoch (or call
 /// set_epoch). state_dict() is where the next batch comes from: save it with a checkpoint and
@@ -104,7 +110,8 @@ impl ShardDataset {
 impl ShardDataset {
     #[new]
     #[pyo3(signature = (dir, rank=0, world_size=1, seed=42, workers=16, epoch=0, batch_size=None,
-                        normalize=true, prefetch=None, verify_checksums=false))]
+                        normalize=true, prefetch=None, verify_checksums=false, packing=false,
+                        pack_length=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -118,11 +125,18 @@ impl ShardDataset {
         normalize: bool,
         prefetch: Option<usize>,
         verify_checksums: bool,
+        packing: bool,
+        pack_length: Option<u32>,
     ) -> PyResult<Self> {
         if world_size == 0 || rank >= world_size {
             return Err(PyValueError::new_err(format!(
                 "rank {rank} is not below world_size {world_size}"
             )));
+        }
+        if pack_length.is_some() && !packing {
+            return Err(PyValueError::new_err(
+                "pack_length is used only with packing=True",
+            ));
         }
         if workers == 0 || prefetch == Some(0) {
             return Err(PyValueError::new_err(
@@ -133,13 +147,16 @@ impl ShardDataset {
         let index = py
             .detach(|| ShardIndex::open(&dir, &options))
             .map_err(py_err)?;
+        // As llava-trainer run: --packing packs to --pack-length, default the shards' max length.
+        let pack_length =
+            packing.then(|| pack_length.unwrap_or(index.manifest.settings.model_max_length as u32));
         let dataset = Self {
             index,
             plan: PlanConfig {
                 seed,
                 world_size,
                 batch_size,
-                pack_length: None,
+                pack_length,
             },
             rank,
             loader_config: LoaderConfig {
@@ -380,6 +397,8 @@ fn batch_dict<'py>(py: Python<'py>, batch: Batch) -> PyResult<Bound<'py, PyDict>
         .map(|&n| i64::try_from(n).unwrap_or(i64::MAX))
         .collect();
     dict.set_item("lengths", PyArray1::from_vec(py, lengths))?;
+    dict.set_item("rows", batch.rows)?;
+    dict.set_item("segments", batch.segments)?;
     dict.set_item("tokens", batch.tokens)?;
     Ok(dict)
 }

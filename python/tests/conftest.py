@@ -2,8 +2,8 @@
 loader's own batches (python/examples/dump_batches.rs) to compare the package with.
 
 Which `llava_data` is tested: by default the extension module that cargo builds into the
-workspace's target dir (`cargo build --workspace --bin llava-data --example dump_batches`, run
-here first; after `cargo test --workspace` it has nothing left to do) is put first on sys.path, so the tests
+workspace's target dir (`cargo build --workspace --lib --bin llava-data --example dump_batches`,
+run here first; after `cargo test --workspace` it has nothing left to compile) is put first on sys.path, so the tests
 never test a stale install. LLAVA_PY_INSTALLED=1 tests the installed package instead
 (`pip install ./python`, `maturin develop`); LLAVA_PY_NO_BUILD=1 skips the cargo step;
 LLAVA_DATA_BIN names another `llava-data` binary.
@@ -33,10 +33,10 @@ MODULE = TARGET / "debug" / "libllava_data_py.so"
 
 if os.environ.get("LLAVA_PY_NO_BUILD") != "1":
     # --workspace with an example: the same feature resolution as `cargo test --workspace`
-    # (all members, dev-dependencies on), so after it nothing is rebuilt. The example needs the
-    # library, which builds the module.
+    # (all members, dev-dependencies on), so after it nothing is rebuilt. --lib puts the
+    # module at target/debug/ (cargo test builds it only as the example's dependency).
     subprocess.run(
-        ["cargo", "build", "--quiet", "--locked", "--workspace", "--bin", "llava-data",
+        ["cargo", "build", "--quiet", "--locked", "--workspace", "--lib", "--bin", "llava-data",
          "--example", "dump_batches"],
         cwd=ROOT, check=True,
     )
@@ -79,8 +79,8 @@ def rust_batches(shards):
     """rust_batches(**options) -> the Rust loader's batches (dicts) for those options."""
     cache = {}
 
-    def run(world_size=1, rank=0, seed=42, epoch=0, u8=False, state=None, batch_size=None):
-        key = (world_size, rank, seed, epoch, u8, json.dumps(state, sort_keys=True), batch_size)
+    def run(world_size=1, rank=0, seed=42, epoch=0, u8=False, state=None, batch_size=None, pack_length=None):
+        key = (world_size, rank, seed, epoch, u8, json.dumps(state, sort_keys=True), batch_size, pack_length)
         if key not in cache:
             cmd = [str(DUMP), "--shards", str(shards), "--world-size", str(world_size),
                    "--rank", str(rank), "--seed", str(seed), "--epoch", str(epoch)]
@@ -90,6 +90,8 @@ def rust_batches(shards):
                 cmd += ["--state", json.dumps(state)]
             if batch_size is not None:
                 cmd += ["--batch-size", str(batch_size)]
+            if pack_length is not None:
+                cmd += ["--pack-length", str(pack_length)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             cache[key] = [json.loads(line) for line in out.splitlines()]
         return cache[key]

@@ -48,6 +48,7 @@ def check_equal(py, rust, normalize=True):
     assert py["labels"].ravel().tolist() == rust["labels"]
     assert py["attention_mask"].astype(np.uint8).ravel().tolist() == rust["attention_mask"]
     assert py["lengths"].tolist() == rust["lengths"]
+    assert py["rows"] == rust["row_samples"] and py["segments"] == rust["segments"]
     # Right padding, by length: mask = the first lengths[i] positions; pad id 0, label -100.
     for i, n in enumerate(rust["lengths"]):
         assert py["attention_mask"][i, :n].all() and not py["attention_mask"][i, n:].any()
@@ -127,6 +128,22 @@ def test_world_size_two_equals_rust_and_covers_every_sample_once(shards, rust_ba
             seen += [tuple(i[:2]) for i in py["ids"]]
     assert len(lengths) == 1, "ranks take the same number of steps"
     assert len(seen) == len(set(seen)) == llava_data.ShardDataset(shards).num_samples
+
+
+def test_packed_batches_equal_the_rust_loader(shards, rust_batches, epoch_f32):
+    with pytest.raises(ValueError, match="packing=True"):
+        llava_data.ShardDataset(shards, pack_length=8192)
+    with pytest.raises(ValueError, match="pack length 100"):
+        llava_data.ShardDataset(shards, packing=True, pack_length=100)
+    packed = list(llava_data.ShardDataset(shards, workers=2, packing=True))  # 8192: model_max_length
+    rust = rust_batches(pack_length=8192)
+    assert len(packed) == len(rust) == len(epoch_f32[0])
+    assert any(len(r) > 1 for b in packed for r in b["rows"]), "nothing was packed"
+    for py, r, unpacked in zip(packed, rust, epoch_f32[0]):
+        check_equal(py, r)
+        assert sorted(py["ids"]) == sorted(unpacked["ids"]), "packing changes rows, not samples"
+        assert sorted(i for row in py["rows"] for i in row) == list(range(len(py["ids"])))
+        assert [sum(s) for s in py["segments"]] == py["lengths"].tolist()
 
 
 def source_files(config):
@@ -275,3 +292,12 @@ def test_errors_carry_the_rust_message(shards, tmp_path):
         (broken / "shards" / f.name).write_bytes(data[: len(data) // 2])
     with pytest.raises(RuntimeError, match=r"shards/.*\.parquet"):
         llava_data.ShardDataset(broken)
+
+
+def test_the_module_under_test_is_this_build():
+    import os
+    from conftest import MODULE
+
+    if os.environ.get("LLAVA_PY_INSTALLED") == "1":
+        pytest.skip("testing the installed package")
+    assert os.path.realpath(llava_data.__file__) == os.path.realpath(MODULE)
