@@ -91,10 +91,15 @@ def test_batches_equal_the_rust_loader(epoch_f32, rust_batches):
     assert modalities == {"image", "text"}, "the example has image and text batches"
 
 
-def test_uint8_batches_equal_the_rust_loader(shards, rust_batches):
-    ds = llava_data.ShardDataset(shards, workers=2, normalize=False)
+@pytest.fixture(scope="module")
+def epoch_u8(shards):
+    """One epoch with uint8 tiles (no normalisation: the cheap pass for the order tests)."""
+    return list(llava_data.ShardDataset(shards, workers=2, normalize=False))
+
+
+def test_uint8_batches_equal_the_rust_loader(epoch_u8, rust_batches):
     rust = rust_batches(u8=True)
-    batches = list(ds)
+    batches = epoch_u8
     assert len(batches) == len(rust)
     for py, r in zip(batches, rust):
         check_equal(py, r, normalize=False)
@@ -151,12 +156,9 @@ def source_files(config):
 
 
 @pytest.mark.parametrize("normalize", [True, False])
-def test_pixels_and_tokens_equal_the_reference_goldens(shards, goldens, example_config, normalize, epoch_f32):
+def test_pixels_and_tokens_equal_the_reference_goldens(goldens, example_config, normalize, epoch_f32, epoch_u8):
     files = source_files(example_config)
-    if normalize:
-        batches = epoch_f32[0]
-    else:
-        batches = list(llava_data.ShardDataset(shards, workers=2, normalize=False))
+    batches = epoch_f32[0] if normalize else epoch_u8
     key = "pixels_float32_sha256" if normalize else "pixels_uint8_sha256"
     pixels_checked = tokens_checked = 0
     for b in batches:
@@ -188,29 +190,31 @@ def test_pixels_and_tokens_equal_the_reference_goldens(shards, goldens, example_
     assert pixels_checked >= 25
 
 
-def test_resume_through_state_dict_gives_exactly_the_remaining_batches(shards, epoch_f32, rust_batches):
-    full = [summary(b) for b in epoch_f32[0]]
+def test_resume_through_state_dict_gives_exactly_the_remaining_batches(shards, epoch_u8, rust_batches):
+    full = [summary(b) for b in epoch_u8]
     for k in (1, 4, len(full) - 1):
-        ds = llava_data.ShardDataset(shards, workers=3)
+        ds = llava_data.ShardDataset(shards, workers=3, normalize=False)
         it = iter(ds)
         for _ in range(k):
             next(it)
         state = ds.state_dict()
         assert len(ds) == len(full) - k
         del ds, it  # a new process, as after a restart
-        resumed = llava_data.ShardDataset(shards, workers=3)
+        resumed = llava_data.ShardDataset(shards, workers=3, normalize=False)
         resumed.load_state_dict(state)
         assert len(resumed) == len(full) - k
         rest = [summary(b) for b in resumed]
         assert rest == full[k:]
-        assert len(rust_batches(state=state)) == len(full) - k
+        rust = rust_batches(state=state, u8=True)
+        assert [r["ids"] for r in rust] == [[list(i) for i in b[0]] for b in rest]
+        assert [r["pixels_sha256"] for r in rust] == [b[7] for b in rest]
         # After the last batch the state is the start of the next epoch.
         assert resumed.state_dict()["epoch"] == 1 and resumed.state_dict()["position"] == 0
 
 
-def test_restarting_iteration_continues_where_it_stopped(shards, epoch_f32):
-    full = [summary(b) for b in epoch_f32[0]]
-    ds = llava_data.ShardDataset(shards, workers=4)
+def test_restarting_iteration_continues_where_it_stopped(shards, epoch_u8):
+    full = [summary(b) for b in epoch_u8]
+    ds = llava_data.ShardDataset(shards, workers=4, normalize=False)
     first = [summary(next(iter(ds))) for _ in range(3)]  # iter() keeps the position
     assert first == full[:3]
     assert [summary(b) for b in ds] == full[3:]
@@ -225,12 +229,12 @@ def test_sixteen_workers_give_the_same_batches_as_one(shards, epoch_f32):
 
 
 def test_epochs_follow_each_other_and_reshuffle(shards, rust_batches):
-    ds = llava_data.ShardDataset(shards, workers=2)
+    ds = llava_data.ShardDataset(shards, workers=2, normalize=False)
     n0 = len(ds)
     epoch0 = [tuple(b["ids"]) for b in ds]
     assert ds.epoch == 1 and len(ds) == n0
     epoch1 = [tuple(b["ids"]) for b in ds]
-    assert [[list(i) for i in ids] for ids in epoch1] == [r["ids"] for r in rust_batches(epoch=1)]
+    assert [[list(i) for i in ids] for ids in epoch1] == [r["ids"] for r in rust_batches(epoch=1, u8=True)]
     assert epoch0 != epoch1 and sorted(epoch0) == sorted(epoch1)
     ds.set_epoch(0)
     assert [tuple(b["ids"]) for b in ds] == epoch0
