@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The test command of the README (and of CI): setup, format check, every test of the workspace,
 # the Python package's tests (pytest python/tests in .venv, on the module cargo test built;
-# skipped with LLAVA_SKIP_PYTHON=1), then one summary line over all of them.
+# skipped with LLAVA_SKIP_PYTHON=1), the CUDA compile check (scripts/setup-cuda.sh +
+# scripts/build-cuda.sh; skipped with LLAVA_SKIP_CUDA_BUILD=1), then one summary line over all the
+# tests. Fails if the tests or the CUDA build do.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -35,6 +37,14 @@ PY
   echo "python: $((SECONDS - start))s (pytest python/tests)"
   ((py_status == 0)) || status=$py_status
 fi
+# The trainer with `--features cuda` must compile (no GPU needed; it is not run here).
+cuda="skipped (LLAVA_SKIP_CUDA_BUILD=1)"
+if [[ ${LLAVA_SKIP_CUDA_BUILD:-0} != 1 ]]; then
+  cuda_status=0
+  { ./scripts/setup-cuda.sh && ./scripts/build-cuda.sh; } || cuda_status=$?
+  if ((cuda_status == 0)); then cuda="ok"; else cuda="FAILED (exit $cuda_status)"; status=1; fi
+fi
+echo "cuda build: $cuda"
 # Sum the per-binary "test result:" lines (the last ones cargo prints are empty doc-test runs).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) {
         if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }

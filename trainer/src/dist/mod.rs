@@ -3,11 +3,14 @@
 //!
 //! Backends: [`threads::ThreadGroup`] runs every rank as a thread of one process and sums in
 //! rank order (deterministic; CPU runs and the tests). NCCL (through cudarc, on candle's CUDA
-//! stream) is the multi-GPU backend and is not written yet; [`launch`] (torchrun / Slurm
+//! stream) is the multi-GPU backend: `nccl::NcclGroup` with the `cuda` feature, compiled but
+//! never run and not yet used by the training loop; [`launch`] (torchrun / Slurm
 //! environments) and [`rendezvous`] (rank 0 shares NCCL's unique id over TCP and relays
 //! failures) are its launch side.
 
 pub mod launch;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod rendezvous;
 pub mod threads;
 pub mod zero;

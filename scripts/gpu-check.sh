@@ -1,0 +1,209 @@
+#!/usr/bin/env bash
+# Runs ON a lent GPU machine (H100/H200, CUDA 13 driver, no Rust), from the repo root, with the
+# .gpu/ folder of scripts/gpu-prepare.sh carried. Prints ONE JSON object on stdout: the device,
+# whether the CUDA binary starts, `llava-trainer parity` on CUDA (f32, bf16) and on the CPU
+# against the tiny fixture's HF goldens, and `llava-trainer bench` at the 8B shape with 2 decoder
+# layers (bf16; seq 2048 text-only and 8192 with one 5-tile image; with and without recompute):
+# tokens/s, step time and peak memory. Each step runs under a timeout and within a total budget
+# (LLAVA_GPU_CHECK_BUDGET seconds, default 270); a failed step is recorded in the JSON and the
+# next one runs. Step logs go to $LLAVA_GPU_CHECK_LOGS (default: a temporary folder); when $OUT
+# is set (the device tool), $OUT/gpu-check.json and $OUT/gpu-check.log (every step's output) too.
+# Exit status: 0 if every step succeeded, 1 otherwise (the JSON is printed either way).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+gpu=${LLAVA_GPU_DIR:-.gpu}
+budget=${LLAVA_GPU_CHECK_BUDGET:-270}
+deadline=$((SECONDS + budget))
+work=$(mktemp -d)
+logs=${LLAVA_GPU_CHECK_LOGS:-$work/logs}
+mkdir -p "$logs"
+bin=$work/llava-trainer
+# Panics keep their backtrace; plain errors print just their message chain.
+export RUST_BACKTRACE=1 RUST_LIB_BACKTRACE=0
+: >"$logs/steps.tsv"
+
+# step NAME LIMIT_S CMD...: runs CMD with stdout/stderr in $logs/NAME.{out,err}, never fails.
+step() {
+  local name=$1 limit=$2 left rc=0 t0=$SECONDS
+  shift 2
+  left=$((deadline - SECONDS))
+  ((limit < left)) || limit=$left
+  if ((limit < 5)); then
+    echo "skipped: the check's budget of ${budget} s was used up" >"$logs/$name.err"
+    : >"$logs/$name.out"
+    printf '%s\t%s\t%s\n' "$name" skipped 0 >>"$logs/steps.tsv"
+    return 0
+  fi
+  echo "gpu-check: $name (limit ${limit} s)" >&2
+  timeout -k 5 "$limit" "$@" >"$logs/$name.out" 2>"$logs/$name.err" </dev/null || rc=$?
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >>"$logs/steps.tsv"
+  return 0
+}
+
+# NVIDIA's run-time libraries: the pip wheels of the image's python3 (torch preloads them itself,
+# so they are not on the loader path), and the driver's folder for libcuda.so.1.
+purelib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null || true)
+libdirs=()
+for d in "$purelib"/nvidia/cu13/lib "$purelib"/nvidia/nccl/lib /usr/local/nvidia/lib64 /usr/local/nvidia/lib; do
+  [[ -d $d ]] && libdirs+=("$d")
+done
+# Wheels carried in .gpu/wheels (if any) fill in what the image lacks (the machine has no network).
+if compgen -G "$gpu/wheels/*.whl" >/dev/null; then
+  step pip_install 120 python3 -m pip install -q --no-index --no-deps --no-compile --target "$work/site" "$gpu"/wheels/*.whl
+  [[ -d $work/site/nvidia/cu13/lib ]] && libdirs=("$work/site/nvidia/cu13/lib" "${libdirs[@]}")
+fi
+[[ -z ${LD_LIBRARY_PATH:-} ]] || libdirs+=("$LD_LIBRARY_PATH")
+LD_LIBRARY_PATH=$(
+  IFS=:
+  echo "${libdirs[*]}"
+)
+export LD_LIBRARY_PATH
+
+step nvidia_smi 30 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader
+step unpack 60 python3 -c '
+import hashlib, json, lzma, os, shutil, sys
+src, dst, manifest = sys.argv[1:]
+with lzma.open(src) as f, open(dst, "wb") as g:
+    shutil.copyfileobj(f, g)
+os.chmod(dst, 0o755)
+want = json.load(open(manifest))["binary_sha256"]
+got = hashlib.sha256(open(dst, "rb").read()).hexdigest()
+print(got)
+sys.exit(0 if got == want else f"sha256 {got} != manifest {want}")
+' "$gpu/llava-trainer.xz" "$bin" "$gpu/manifest.json"
+step ldd 30 ldd "$bin"
+# The binary is linked with BIND_NOW: it starts only if every CUDA symbol resolves.
+step start 30 "$bin" --version
+fx=$gpu/fixture
+step parity_cuda_f32 90 "$bin" parity --fixture "$fx" --device cuda --json
+step parity_cuda_bf16 60 "$bin" parity --fixture "$fx" --device cuda --bf16 --json
+step parity_cpu_f32 60 "$bin" parity --fixture "$fx" --device cpu --json
+bench=("$bin" bench --model llava-next-8b --layers 2 --bf16 --device cuda --steps 2 --warmup 1
+  --peak-tflops 989 --json)
+step bench_2048_recompute 60 "${bench[@]}" --seq 2048 --images 0
+step bench_2048_no_recompute 60 "${bench[@]}" --seq 2048 --images 0 --no-gradient-checkpointing
+step bench_8192_recompute 90 "${bench[@]}" --seq 8192 --images 1
+step bench_8192_no_recompute 90 "${bench[@]}" --seq 8192 --images 1 --no-gradient-checkpointing
+
+summary=$work/summary.json
+if ! python3 - "$logs" "$gpu" "$budget" "$LD_LIBRARY_PATH" >"$summary" <<'EOF'; then
+import json, os, sys
+logs, gpu, budget, ld_path = sys.argv[1:]
+
+def text(name, ext):
+    try:
+        with open(os.path.join(logs, f"{name}.{ext}"), errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+steps = {}
+for line in text("steps", "tsv").splitlines():
+    name, rc, wall = line.split("\t")
+    steps[name] = {"rc": rc if rc == "skipped" else int(rc), "wall_s": int(wall)}
+
+def status(name):
+    s = steps.get(name, {"rc": "not run", "wall_s": 0})
+    out = {"ok": s["rc"] == 0, "rc": s["rc"], "wall_s": s["wall_s"]}
+    if s["rc"] != 0:
+        lines = text(name, "err").strip().splitlines()
+        # anyhow's "Error: ..." block or a panic's message; else the end of stderr.
+        first = next((i for i, l in enumerate(lines) if l.startswith("Error:") or "panicked at" in l), None)
+        keep = lines[first:first + 6] if first is not None else lines[-6:]
+        out["error"] = "\n".join(l for l in keep if l.strip())[-1500:]
+        if s["rc"] == 124:
+            out["error"] = "timed out. " + out["error"]
+    return out
+
+def json_out(name):
+    t = text(name, "out")
+    try:
+        return json.loads(t[t.index("{"):])
+    except ValueError:
+        return None
+
+summary = {"check": "llava-trainer gpu-check", "budget_s": int(budget)}
+try:
+    summary["manifest"] = json.load(open(os.path.join(gpu, "manifest.json")))
+except (OSError, ValueError) as e:
+    summary["manifest"] = {"error": str(e)}
+smi = text("nvidia_smi", "out").strip().splitlines()
+fields = [f.strip() for f in smi[0].split(",")] if smi else []
+summary["device"] = dict(zip(["name", "driver", "memory_total", "compute_cap"], fields))
+summary["device"]["status"] = status("nvidia_smi")
+ldd = text("ldd", "out").splitlines()
+summary["libraries"] = {
+    "ld_library_path": ld_path,
+    "not_found": [l.split()[0] for l in ldd if "not found" in l],
+    "cuda_libs": [l.strip() for l in ldd if any(k in l for k in ("cuda", "cublas", "curand", "nvrtc", "nccl"))],
+}
+summary["binary"] = {"unpack": status("unpack"), "start": status("start"), "version": text("start", "out").strip()}
+if "pip_install" in steps:
+    summary["binary"]["pip_install"] = status("pip_install")
+
+parity = {}
+for name in ("parity_cuda_f32", "parity_cuda_bf16", "parity_cpu_f32"):
+    p = dict(status(name))
+    r = json_out(name)
+    if r:
+        p.update({
+            "logits_max_abs": r["logits"]["max_abs"],
+            "logits_max_rel": r["logits"]["max_rel"],
+            "loss": r["loss"],
+            "loss_abs_error": r["loss_abs_error"],
+            "gradients_max_abs": r["gradients"]["max_abs"],
+            "gradients_max_rel": r["gradients"]["max_rel"],
+            "gradients_compared": r["gradients_compared"],
+            "worst_gradient": r["worst_gradient"],
+            "gradient_mismatches": r["gradient_mismatches"],
+        })
+        if not r.get("bf16"):
+            # trainer/tests/parity.rs's CPU tolerances (logits 1e-4, loss 1e-5, gradients rtol 1e-3).
+            p["within_cpu_test_tolerance"] = (
+                r["logits"]["max_abs"] <= 1e-4 and r["loss_abs_error"] <= 1e-5
+                and r["gradients"]["max_rel"] <= 1e-3 and not r["gradient_mismatches"])
+    parity[name[len("parity_"):]] = p
+summary["parity"] = parity
+
+bench = []
+for seq in (2048, 8192):
+    for rec in (True, False):
+        name = f"bench_{seq}_{'recompute' if rec else 'no_recompute'}"
+        b = {"seq": seq, "gradient_checkpointing": rec, **status(name)}
+        r = json_out(name)
+        if r:
+            gib = lambda x: round(x / 2**30, 2)
+            b.update({
+                "model": r["model"], "layers": r["layers"], "images_per_row": r["images_per_row"],
+                "bf16": r["bf16"], "attention": r["attention"],
+                "tokens_per_s": round(r["tokens_per_s"], 1), "step_s": round(r["step_s"], 4),
+                "achieved_tflops": round(r["achieved_tflops"], 2), "mfu": r["mfu"],
+                "peak_memory_gib": gib(r["memory"]["peak"]),
+                "activations_gib": gib(r["memory"]["activations"]),
+                "plan_activations_gib": gib(r["plan"]["activations"]) if "activations" in r["plan"] else None,
+                "memory_method": r["memory"]["method"], "loss": r["loss"],
+            })
+        bench.append(b)
+summary["bench"] = bench
+summary["failed_steps"] = [n for n, s in steps.items() if s["rc"] != 0]
+summary["ok"] = not summary["failed_steps"] and len(steps) >= 11
+print(json.dumps(summary, indent=1))
+EOF
+  # Without python3 (or if the summary itself broke): the step table, as JSON by hand.
+  {
+    printf '{"check": "llava-trainer gpu-check", "summary_error": "python3 summary failed", "steps": {'
+    awk -F'\t' '{ printf "%s\"%s\": {\"rc\": \"%s\", \"wall_s\": %s}", NR > 1 ? ", " : "", $1, $2, $3 }' "$logs/steps.tsv"
+    printf '}, "ok": false}\n'
+  } >"$summary"
+fi
+if [[ -n ${OUT:-} ]]; then
+  cp "$summary" "$OUT/gpu-check.json"
+  for f in "$logs"/steps.tsv "$logs"/*.out "$logs"/*.err; do
+    [[ -f $f ]] || continue
+    echo "===== $(basename "$f")"
+    tail -n 300 "$f"
+  done >"$OUT/gpu-check.log"
+fi
+cat "$summary"
+python3 -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get("ok") else 1)' "$summary" 2>/dev/null
