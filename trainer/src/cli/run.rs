@@ -249,14 +249,14 @@ pub fn run(args: Args) -> Result<()> {
     if launched > 1 {
         anyhow::bail!(
             "launched as one of {launched} processes (torchrun/Slurm environment): multi-process \
-             training needs the NCCL backend, which is not built yet; on one machine use \
-             `--nproc-per-node N` (CPU threads)"
+             training runs over NCCL, whose backend (dist/nccl.rs) is compiled but not yet wired into \
+             `run` nor tested on GPUs; on one machine use `--nproc-per-node N` (CPU threads)"
         );
     }
     if nproc > 1 && !device.is_cpu() {
         anyhow::bail!(
             "--nproc-per-node {nproc} on {device:?}: several GPUs need the NCCL backend, which is \
-             not built yet; use --device cpu for CPU threads"
+             compiled but not yet wired into `run`; use --device cpu for CPU threads"
         );
     }
     let progress_every = std::time::Duration::try_from_secs_f64(args.progress_every)
