@@ -171,6 +171,12 @@ impl RowUsage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rng::SplitMix64;
+
+    /// `n` lengths in 1..=100.
+    fn random_lengths(rng: &mut SplitMix64, n: usize) -> Vec<u32> {
+        (0..n).map(|_| 1 + rng.below(100) as u32).collect()
+    }
 
     fn totals(lengths: &[u32], rows: &[Vec<usize>]) -> Vec<u32> {
         rows.iter()
@@ -190,16 +196,9 @@ mod tests {
 
     #[test]
     fn every_sample_once_and_no_row_over_capacity() {
-        let mut state = 0x1234_5678u64;
+        let mut rng = SplitMix64::new(0x1234_5678);
         for n in 0..60 {
-            let lengths: Vec<u32> = (0..n)
-                .map(|_| {
-                    state = state
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    1 + (state >> 33) as u32 % 100
-                })
-                .collect();
+            let lengths = random_lengths(&mut rng, n);
             let rows = first_fit_decreasing(&lengths, 128).unwrap();
             let mut seen: Vec<usize> = rows.iter().flatten().copied().collect();
             seen.sort_unstable();
@@ -232,16 +231,9 @@ mod tests {
 
     #[test]
     fn pack_never_computes_more_than_one_row_per_sample() {
-        let mut state = 0x9e37_79b9u64;
+        let mut rng = SplitMix64::new(0x9e37_79b9);
         for n in 1..40 {
-            let lengths: Vec<u32> = (0..n)
-                .map(|_| {
-                    state = state
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    1 + (state >> 33) as u32 % 100
-                })
-                .collect();
+            let lengths = random_lengths(&mut rng, n);
             for capacity in [100, 150, 400] {
                 let rows = pack(&lengths, capacity).unwrap();
                 let mut seen: Vec<usize> = rows.iter().flatten().copied().collect();

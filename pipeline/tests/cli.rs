@@ -3,32 +3,15 @@
 //! Kubernetes send a preempted job) once its first shard is written leaves only complete shards,
 //! and the rerun finishes the build byte-identical to an uninterrupted one.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 const BIN: &str = env!("CARGO_BIN_EXE_llava-data");
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("pipeline/ has a parent")
-        .to_path_buf()
-}
-
-fn tokenizer() -> PathBuf {
-    let path = std::env::var_os("LLAVA_TOKENIZER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".cache/tokenizer/tokenizer.json"));
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-tokenizer.sh",
-        path.display()
-    );
-    path
-}
-
 fn scratch(name: &str) -> PathBuf {
-    let dir = repo_root()
+    let dir = common::repo_root()
         .join("target/e2e-scratch")
         .join(format!("{name}-{}", std::process::id()));
     std::fs::remove_dir_all(&dir).ok();
@@ -39,11 +22,11 @@ fn scratch(name: &str) -> PathBuf {
 /// The bundled example's five sources, three times over (126 samples), in ~1 MB shards: many
 /// shards, so that a build killed after its first one has work left.
 fn mixture(dir: &Path) -> PathBuf {
-    let f = repo_root().join("fixtures");
+    let f = common::fixtures();
     let mut text = format!(
         "output = \"out\"\ntokenizer = \"{}\"\nseed = 5\nbatch_size = 2\ngroup_size = 2\n\
          shard_target_mb = 1\n",
-        tokenizer().display()
+        common::tokenizer_path().display()
     );
     for copy in 0..3 {
         for (name, json, images) in [
@@ -311,7 +294,7 @@ fn every_flag_of_every_subcommand_has_a_description_and_each_an_example() {
 /// Every README section the help texts point at (`README, "…"` or `README's "…"`) exists.
 #[test]
 fn help_texts_name_only_readme_sections_that_exist() {
-    let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("README.md");
+    let readme = std::fs::read_to_string(common::repo_root().join("README.md")).expect("README.md");
     let headings: Vec<String> = readme
         .lines()
         .filter(|l| l.starts_with('#'))

@@ -1,40 +1,23 @@
 //! `llava-data inspect` through the binary, on a small build of two fixture sources.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use llava_data::build::{build, BuildOptions, Partition};
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn tokenizer() -> PathBuf {
-    let path = std::env::var_os("LLAVA_TOKENIZER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".cache/tokenizer/tokenizer.json"));
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-tokenizer.sh",
-        path.display()
-    );
-    path
-}
-
 /// A build of sharegpt4v (anyres, 2x2 grids among them) and sharegpt_text, made once.
 fn built() -> &'static PathBuf {
     static OUT: OnceLock<PathBuf> = OnceLock::new();
     OUT.get_or_init(|| {
-        let dir = repo_root()
+        let dir = common::repo_root()
             .join("target/e2e-scratch")
             .join(format!("inspect-cli-{}", std::process::id()));
         std::fs::remove_dir_all(&dir).ok();
         std::fs::create_dir_all(&dir).unwrap();
-        let f = repo_root().join("fixtures");
+        let f = common::fixtures();
         let config = format!(
             r#"output = "out"
 tokenizer = "{tok}"
@@ -53,7 +36,7 @@ name = "text"
 json = "{f}/data/sharegpt_text.json"
 template = "llava_llama_3"
 "#,
-            tok = tokenizer().display(),
+            tok = common::tokenizer_path().display(),
             f = f.display()
         );
         std::fs::write(dir.join("datasets.toml"), config).unwrap();
@@ -158,7 +141,7 @@ fn verify_fails_on_a_flipped_byte_with_the_file_named() {
 fn sample_shows_marked_text_and_writes_tiles_and_plot() {
     let scratch = built().parent().unwrap().to_path_buf();
     let tiles = scratch.join("tiles.png");
-    let tok = tokenizer();
+    let tok = common::tokenizer_path();
     let o = inspect(&[
         "--sample",
         "sharegpt4v:1",
@@ -220,7 +203,7 @@ fn sample_by_bare_number_is_the_row_in_shard_order() {
     assert!(sample::find(&b, &total.to_string(), false).is_err());
 
     // As users type it: `--sample 7` is the 8th row.
-    let tok = tokenizer();
+    let tok = common::tokenizer_path();
     let o = inspect(&["--sample", "7", "--tokenizer", tok.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

@@ -680,6 +680,11 @@ impl LlavaNext {
                     idx.truncate(seg_start + max);
                     lab.truncate(seg_start + max);
                 }
+                // A packed sample's first token is no target of the sample before it (in an
+                // unpacked row, position 0 is never a target anyway).
+                if seg_start > 0 && lab.len() > seg_start {
+                    lab[seg_start] = IGNORE_INDEX as i64;
+                }
                 seg_lens.push(idx.len() - seg_start);
             }
             rows_segs.push(seg_lens);
@@ -703,20 +708,14 @@ impl LlavaNext {
             flat_lab.extend_from_slice(lab);
             flat_lab.extend(std::iter::repeat_n(IGNORE_INDEX as i64, width - lab.len()));
         }
-        // Position t predicts label t + 1 of the same sample (never across a packed boundary).
+        // Position t predicts label t + 1 of the same row (packed boundaries are ignored labels).
         let (mut loss_positions, mut loss_targets) = (Vec::new(), Vec::new());
         if labels.is_some() {
             for bi in 0..b {
                 let row = &flat_lab[bi * width..(bi + 1) * width];
-                let mut sample_start = vec![false; width + 1];
-                let mut at = 0;
-                for &n in &rows_segs[bi] {
-                    sample_start[at] = true;
-                    at += n;
-                }
                 for t in 0..width.saturating_sub(1) {
                     let y = row[t + 1];
-                    if y == IGNORE_INDEX as i64 || sample_start[t + 1] {
+                    if y == IGNORE_INDEX as i64 {
                         continue;
                     }
                     if !(0..vocab).contains(&y) {
@@ -799,20 +798,7 @@ impl LlavaNext {
         let logits = self.language_model.lm_head_logits(&hidden)?;
         let dev = embeds.device().clone();
         let labels = match &prep.labels {
-            Some(v) => {
-                // A packed sample's first token is no target of the sample before it.
-                let mut v = v.clone();
-                for (bi, segs) in prep.segments.iter().flatten().enumerate() {
-                    let mut at = 0;
-                    for &n in segs {
-                        if at > 0 {
-                            v[bi * prep.width + at] = IGNORE_INDEX as i64;
-                        }
-                        at += n;
-                    }
-                }
-                Some(Tensor::from_vec(v, (prep.batch, prep.width), &dev)?)
-            }
+            Some(v) => Some(Tensor::from_slice(v, (prep.batch, prep.width), &dev)?),
             None => None,
         };
         let (loss, token_loss) = match &labels {
@@ -1015,7 +1001,8 @@ pub struct Prepared {
     pub image_counts: Vec<usize>,
     /// Real tokens per row after expansion and truncation.
     pub lengths: Vec<usize>,
-    /// `B * L'` labels after expansion (-100 for image tokens and padding); None without labels.
+    /// `B * L'` labels after expansion (-100 for image tokens, padding and the first token of each
+    /// packed sample but a row's first); None without labels.
     pub labels: Option<Vec<i64>>,
     /// Flat `b * L' + t` positions whose next token is supervised, and those tokens.
     pub loss_positions: Vec<u32>,

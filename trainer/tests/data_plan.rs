@@ -289,6 +289,15 @@ fn packed(world_size: usize, batch_size: Option<usize>, pack_length: u32) -> Pla
     }
 }
 
+fn longest_sample(index: &ShardIndex) -> u32 {
+    index
+        .samples
+        .iter()
+        .map(|s| s.length)
+        .max()
+        .expect("samples")
+}
+
 /// The rows of a packed batch: every sample of the batch exactly once, none over capacity.
 fn check_rows(b: &PlannedBatch, capacity: u32) {
     let mut seen: Vec<usize> = b.rows.iter().flatten().copied().collect();
@@ -304,12 +313,7 @@ fn check_rows(b: &PlannedBatch, capacity: u32) {
 fn packing_keeps_every_sample_once_at_any_world_size_and_resumes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let index = dataset(dir.path(), 61, 37);
-    let longest = index
-        .samples
-        .iter()
-        .map(|s| s.length)
-        .max()
-        .expect("samples");
+    let longest = longest_sample(&index);
     for capacity in [longest, 3 * longest] {
         for w in [1, 2, 4] {
             let cfg = packed(w, Some(8), capacity);
@@ -364,12 +368,7 @@ fn packing_keeps_every_sample_once_at_any_world_size_and_resumes() {
 fn a_pack_length_below_the_longest_sample_is_an_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let index = dataset(dir.path(), 10, 5);
-    let longest = index
-        .samples
-        .iter()
-        .map(|s| s.length)
-        .max()
-        .expect("samples");
+    let longest = longest_sample(&index);
     let err =
         EpochPlan::new(&index, &packed(1, None, longest - 1), &DataState::new(0)).unwrap_err();
     let msg = err.to_string();

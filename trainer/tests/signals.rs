@@ -60,19 +60,25 @@ fn inputs() -> &'static (PathBuf, PathBuf) {
     })
 }
 
-/// `llava-trainer run` on the synthetic shards into `output`, stdout piped (step lines),
-/// stderr to `output.stderr`.
-fn spawn_run(output: &Path, max_steps: u64) -> Child {
+/// `llava-trainer run --shards --model --output` on the synthetic shards and tiny model.
+fn run_command(output: &Path) -> Command {
     let (shards, model) = inputs();
-    let stderr = std::fs::File::create(output.with_extension("stderr")).expect("stderr file");
-    Command::new(BIN)
-        .arg("run")
+    let mut cmd = Command::new(BIN);
+    cmd.arg("run")
         .arg("--shards")
         .arg(shards)
         .arg("--model")
         .arg(model)
         .arg("--output")
-        .arg(output)
+        .arg(output);
+    cmd
+}
+
+/// `llava-trainer run` on the synthetic shards into `output`, stdout piped (step lines),
+/// stderr to `output.stderr`.
+fn spawn_run(output: &Path, max_steps: u64) -> Child {
+    let stderr = std::fs::File::create(output.with_extension("stderr")).expect("stderr file");
+    run_command(output)
         .args(["--max-steps", &max_steps.to_string()])
         .args(["--lr", "1e-3", "--warmup-ratio", "0.1", "--workers", "1"])
         .args(["--device", "cpu"])
@@ -289,18 +295,10 @@ fn a_second_sigterm_exits_at_once_with_143() {
 
 #[test]
 fn without_a_terminal_run_logs_progress_lines_and_no_escape_codes() {
-    let (shards, model) = inputs();
     let output = scratch("progress").join("run");
     let log = output.with_extension("stderr");
     let stdout_file = output.with_extension("stdout");
-    let status = Command::new(BIN)
-        .arg("run")
-        .arg("--shards")
-        .arg(shards)
-        .arg("--model")
-        .arg(model)
-        .arg("--output")
-        .arg(&output)
+    let status = run_command(&output)
         .args(["--max-steps", "3", "--log-every", "2", "--workers", "1"])
         .args(["--device", "cpu", "--progress-every", "0"])
         .stdin(Stdio::null())
