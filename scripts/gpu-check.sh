@@ -2,10 +2,11 @@
 # Runs ON a lent GPU machine (H100/H200, CUDA 13 driver, no Rust), from the repo root, with the
 # .gpu/ folder of scripts/gpu-prepare.sh carried. Prints ONE JSON object on stdout: the device,
 # whether the CUDA binary starts, `llava-trainer parity` on CUDA (f32, bf16) and on the CPU
-# against the tiny fixture's HF goldens, and `llava-trainer bench` at the 8B shape with 2 decoder
+# against the tiny fixture's HF goldens, `llava-trainer bench` at the 8B shape with 2 decoder
 # layers (bf16; seq 2048 text-only and 8192 with one 5-tile image; with and without recompute):
-# tokens/s, step time and peak memory. Each step runs under a timeout and within a total budget
-# (LLAVA_GPU_CHECK_BUDGET seconds, default 270); a failed step is recorded in the JSON and the
+# tokens/s, step time and peak memory; and short NCCL training runs (world size 1 through the
+# launcher path; one rank per GPU when there are several). Each step runs under a timeout and within a total budget
+# (LLAVA_GPU_CHECK_BUDGET seconds, default 420); a failed step is recorded in the JSON and the
 # next one runs. Step logs go to $LLAVA_GPU_CHECK_LOGS (default: a temporary folder); when $OUT
 # is set (the device tool), $OUT/gpu-check.json and $OUT/gpu-check.log (every step's output) too.
 # Exit status: 0 if every step succeeded, 1 otherwise (the JSON is printed either way).
@@ -13,7 +14,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 gpu=${LLAVA_GPU_DIR:-.gpu}
-budget=${LLAVA_GPU_CHECK_BUDGET:-270}
+budget=${LLAVA_GPU_CHECK_BUDGET:-420}
 deadline=$((SECONDS + budget))
 work=$(mktemp -d)
 logs=${LLAVA_GPU_CHECK_LOGS:-$work/logs}
@@ -85,9 +86,23 @@ step bench_2048_recompute 60 "${bench[@]}" --seq 2048 --images 0
 step bench_2048_no_recompute 60 "${bench[@]}" --seq 2048 --images 0 --no-gradient-checkpointing
 step bench_8192_recompute 90 "${bench[@]}" --seq 8192 --images 1
 step bench_8192_no_recompute 90 "${bench[@]}" --seq 8192 --images 1 --no-gradient-checkpointing
+# NCCL (issue 11): a training run as rank 0 of a torchrun-style job of one (NCCL refuses two ranks
+# on one GPU), then `--nproc-per-node` with one rank per GPU when the machine has several. Inputs:
+# synthetic five-tile shards and the README's tiny model, made here by the binary itself.
+ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+step nccl_inputs 60 bash -c '"$1" loader-bench --shards "$2/synth" --make-synthetic 32 --workers 2 \
+  --max-batches 1 && "$1" init --config trainer/configs/tiny-model.json --output "$2/tiny-model"' \
+  _ "$bin" "$work"
+nccl_run=("$bin" run --shards "$work/synth" --model "$work/tiny-model" --max-steps 3 --workers 2
+  --lr 1e-3 --rendezvous-timeout 60)
+step nccl_world_1 90 env RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 LOCAL_WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 \
+  MASTER_PORT=29541 "${nccl_run[@]}" --output "$work/nccl-1" --device cuda
+if ((ngpu > 1)); then
+  step nccl_world_n 120 "${nccl_run[@]}" --output "$work/nccl-n" --device cuda --nproc-per-node "$ngpu"
+fi
 
 summary=$work/summary.json
-if ! python3 - "$logs" "$gpu" "$budget" "$LD_LIBRARY_PATH" >"$summary" <<'EOF'; then
+if ! LLAVA_GPU_COUNT=$ngpu LLAVA_GPU_WORK=$work python3 - "$logs" "$gpu" "$budget" "$LD_LIBRARY_PATH" >"$summary" <<'EOF'; then
 import json, os, sys
 logs, gpu, budget, ld_path = sys.argv[1:]
 
@@ -186,8 +201,23 @@ for seq in (2048, 8192):
             })
         bench.append(b)
 summary["bench"] = bench
+
+def last_loss(out_dir):
+    try:
+        with open(os.path.join(out_dir, "log.jsonl")) as f:
+            return json.loads(f.read().strip().splitlines()[-1])["loss"]
+    except (OSError, ValueError, IndexError, KeyError):
+        return None
+
+nccl = {"gpus": int(os.environ.get("LLAVA_GPU_COUNT", "0") or 0)}
+for name, out_dir in (("nccl_inputs", None), ("nccl_world_1", "nccl-1"), ("nccl_world_n", "nccl-n")):
+    if name in steps:
+        nccl[name] = dict(status(name))
+        if out_dir:
+            nccl[name]["last_loss"] = last_loss(os.path.join(os.environ["LLAVA_GPU_WORK"], out_dir))
+summary["nccl"] = nccl
 summary["failed_steps"] = [n for n, s in steps.items() if s["rc"] != 0]
-summary["ok"] = not summary["failed_steps"] and len(steps) >= 11
+summary["ok"] = not summary["failed_steps"] and len(steps) >= 13
 print(json.dumps(summary, indent=1))
 EOF
   # Without python3 (or if the summary itself broke): the step table, as JSON by hand.

@@ -26,5 +26,8 @@ fi
 # package, `pip install ./python`). Skipped with LLAVA_SKIP_PYTHON=1.
 if [[ $python != 1 ]]; then
   [[ -x $root/.venv/bin/python ]] || python3 -m venv "$root/.venv"
-  "$root/.venv/bin/python" -m pip install -q --disable-pip-version-check numpy pytest
+  # transformers (no torch): python/tests/test_hf_processor.py checks that HF's LlavaNextProcessor
+  # reads our model folders and expands images exactly as our shards do.
+  "$root/.venv/bin/python" -m pip install -q --disable-pip-version-check numpy pytest pillow \
+    "transformers==4.57.6" jinja2
 fi

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The test command of the README (and of CI): setup, format check, every test of the workspace,
 # the Python package's tests (pytest python/tests in .venv, on the module cargo test built;
-# skipped with LLAVA_SKIP_PYTHON=1), the CUDA compile check (scripts/setup-cuda.sh +
+# skipped with LLAVA_SKIP_PYTHON=1), clippy with warnings as errors, the CUDA compile check (scripts/setup-cuda.sh +
 # scripts/build-cuda.sh; skipped with LLAVA_SKIP_CUDA_BUILD=1), then one summary line over all the
-# tests. Fails if the tests or the CUDA build do.
+# tests. Fails if the tests, clippy or the CUDA build do.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -37,6 +37,12 @@ PY
   echo "python: $((SECONDS - start))s (pytest python/tests)"
   ((py_status == 0)) || status=$py_status
 fi
+# Lints: every crate and target, warnings are errors (LLAVA_SKIP_CLIPPY=1 skips it locally).
+lint="skipped (LLAVA_SKIP_CLIPPY=1)"
+if [[ ${LLAVA_SKIP_CLIPPY:-0} != 1 ]]; then
+  if cargo clippy --workspace --all-targets --locked -- -D warnings; then lint="ok"; else lint="FAILED"; status=1; fi
+fi
+echo "clippy: $lint"
 # The trainer with `--features cuda` must compile (no GPU needed; it is not run here).
 cuda="skipped (LLAVA_SKIP_CUDA_BUILD=1)"
 if [[ ${LLAVA_SKIP_CUDA_BUILD:-0} != 1 ]]; then

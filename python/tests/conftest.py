@@ -2,7 +2,7 @@
 loader's own batches (python/examples/dump_batches.rs) to compare the package with.
 
 Which `llava_data` is tested: by default the extension module that cargo builds into the
-workspace's target dir (`cargo build --workspace --lib --bin llava-data --example dump_batches`,
+workspace's target dir (`cargo build --workspace --lib --bin llava-data --bin llava-trainer --example dump_batches`,
 run here first; after `cargo test --workspace` it has nothing left to compile) is put first on sys.path, so the tests
 never test a stale install. LLAVA_PY_INSTALLED=1 tests the installed package instead
 (`pip install ./python`, `maturin develop`); LLAVA_PY_NO_BUILD=1 skips the cargo step;
@@ -37,7 +37,7 @@ if os.environ.get("LLAVA_PY_NO_BUILD") != "1":
     # module at target/debug/ (cargo test builds it only as the example's dependency).
     subprocess.run(
         ["cargo", "build", "--quiet", "--locked", "--workspace", "--lib", "--bin", "llava-data",
-         "--example", "dump_batches"],
+         "--bin", "llava-trainer", "--example", "dump_batches"],
         cwd=ROOT, check=True,
     )
 if os.environ.get("LLAVA_PY_INSTALLED") != "1":

@@ -13,8 +13,8 @@
 # sharded). Every step is skipped when its output exists, so a rerun resumes where it stopped
 # (training itself resumes from its latest checkpoint).
 #
-# NOTE: with NGPU > 1 the training steps need llava-trainer's multi-GPU support (torchrun's
-# RANK/WORLD_SIZE), which is being built separately; until it lands, use NGPU=1.
+# With NGPU > 1 the ranks talk over NCCL (a `--features cuda` build of llava-trainer). That path is
+# compiled and tested on the CPU (launch, rendezvous, failures), not yet run on GPUs.
 set -euo pipefail
 
 NGPU=${NGPU:-8}

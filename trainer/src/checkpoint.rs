@@ -21,14 +21,6 @@ use crate::{weights, Error, Result};
 pub const STATE_JSON: &str = "trainer_state.json";
 pub const STATE_TENSORS: &str = "trainer_state.safetensors";
 pub const PROJECTOR_FILE: &str = "mm_projector.safetensors";
-/// Tokenizer files copied from the model directory when it has them.
-const TOKENIZER_FILES: [&str; 4] = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-];
-
 fn ck_err(path: &Path, msg: impl Into<String>) -> Error {
     Error::Checkpoint {
         path: path.into(),
@@ -123,8 +115,9 @@ fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
     std::fs::write(path, text + "\n").map_err(io(path))
 }
 
-/// Writes an HF-loadable model directory (weights, config, processor files; tokenizer files
-/// copied from `tokenizer_dir` when present).
+/// Writes an HF-loadable model directory (weights, config, processor files; when
+/// `tokenizer_dir` has a `tokenizer.json`, the tokenizer files with `<image>`, `<pad>` and the
+/// chat template that HF's processor needs, see [`crate::hf_tokenizer`]).
 pub fn save_hf_model(
     dir: &Path,
     cfg: &LlavaNextConfig,
@@ -141,12 +134,16 @@ pub fn save_hf_model(
     )?;
     write_json(&dir.join("processor_config.json"), &processor_config(cfg))?;
     if let Some(src) = tokenizer_dir {
-        for f in TOKENIZER_FILES {
-            let p = src.join(f);
-            if p.is_file() {
-                std::fs::copy(&p, dir.join(f)).map_err(io(&p))?;
-            }
-        }
+        let image_id = u32::try_from(cfg.image_token_index).map_err(|_| {
+            ck_err(
+                dir,
+                format!(
+                    "image_token_index {} is not a token id",
+                    cfg.image_token_index
+                ),
+            )
+        })?;
+        crate::hf_tokenizer::write_tokenizer_files(src, dir, image_id)?;
     }
     Ok(())
 }

@@ -49,12 +49,6 @@ impl InitSpec {
         }
         if let Some(p) = &self.image_grid_pinpoints {
             cfg.image_grid_pinpoints = p.iter().map(|[w, h]| [*h, *w]).collect();
-        } else {
-            cfg.image_grid_pinpoints = cfg
-                .image_grid_pinpoints
-                .iter()
-                .map(|[w, h]| [*h, *w])
-                .collect();
         }
         if let Some(i) = self.image_token_index {
             cfg.image_token_index = i;
@@ -201,6 +195,37 @@ pub fn load_source(
     if let Some(p) = &src.projector {
         load_projector(&cfg, &varmap, p)?;
     }
+    weights::check_complete(&full, &varmap)?;
+    Ok((cfg, varmap))
+}
+
+/// A model folder in either layout (HF LlavaNext, or the reference's `LlavaLlamaForCausalLM`
+/// with its original key names) for writing out in the HF layout: the vocabulary grows (mean
+/// rows) to hold `<image>` at `image_token_index` and `<pad>` after it, rounded up to a multiple
+/// of 64 as HF's conversion does (128256 → 128320 for Llama-3).
+pub fn load_for_export(dir: &Path, seed: u64) -> Result<(LlavaNextConfig, VarMap)> {
+    let mut cfg = LlavaNextConfig::from_file(dir.join("config.json"))?;
+    let needed = usize::try_from(cfg.image_token_index.max(0)).unwrap_or(0) + 2;
+    if cfg.text_config.vocab_size < needed {
+        let grown = needed.div_ceil(64) * 64;
+        tracing::info!(
+            "vocabulary {} → {grown} (room for <image> at {} and <pad>)",
+            cfg.text_config.vocab_size,
+            cfg.image_token_index
+        );
+        cfg.text_config.vocab_size = grown;
+    }
+    let dev = Device::Cpu;
+    let mut full = cfg.clone();
+    full.mm_patch_merge_type = MergeType::SpatialUnpad;
+    let opts = LoadOptions {
+        dtype: DType::F32,
+        device: dev.clone(),
+        init_missing_projector: false,
+        grow_vocab: true,
+    };
+    let (varmap, _report) = weights::load_varmap(&full, &[dir.to_path_buf()], &opts)?;
+    init_missing(&cfg, &varmap, seed, DType::F32, &dev)?;
     weights::check_complete(&full, &varmap)?;
     Ok((cfg, varmap))
 }

@@ -11,6 +11,7 @@ pub mod data;
 pub mod dist;
 pub mod error;
 pub mod heap;
+pub mod hf_tokenizer;
 pub mod init;
 pub mod llama;
 pub mod llava_next;

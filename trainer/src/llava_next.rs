@@ -106,8 +106,10 @@ impl LlavaNextConfig {
         let mut cfg: Self =
             serde_json::from_str("{}").unwrap_or_else(|_| unreachable!("all fields have defaults"));
         cfg.text_config.vocab_size = 128320;
+        // The recipe's (w, h) grids [(336,672),(672,336),(672,672),(1008,336),(336,1008)], each
+        // pair swapped into HF's (h, w) (spec §8.4: HF then picks the grids LLaVA-NeXT picks).
         cfg.image_grid_pinpoints =
-            vec![[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]];
+            vec![[672, 336], [336, 672], [672, 672], [336, 1008], [1008, 336]];
         cfg
     }
 
@@ -127,7 +129,26 @@ impl LlavaNextConfig {
         let cfg = if value.get("text_config").is_some() {
             serde_json::from_value(value).map_err(json)?
         } else {
-            Self::from_llava_original(value).map_err(json)?
+            let mut cfg = Self::from_llava_original(value.clone()).map_err(json)?;
+            // The reference names its vision tower (`mm_vision_tower`); when the name is a local
+            // folder (absolute, or beside this config) with a CLIP config, its shape is used.
+            let tower = value
+                .get("mm_vision_tower")
+                .and_then(|v| v.as_str())
+                .map(|name| path.parent().unwrap_or(Path::new(".")).join(name))
+                .map(|dir| dir.join("config.json"))
+                .filter(|p| p.is_file());
+            if let Some(clip) = tower {
+                let mut c = read_json(&clip)?;
+                if let Some(v) = c.get("vision_config") {
+                    c = v.clone();
+                }
+                cfg.vision_config = serde_json::from_value(c).map_err(|source| Error::Json {
+                    path: clip.clone(),
+                    source,
+                })?;
+            }
+            cfg
         };
         cfg.validate()?;
         Ok(cfg)
@@ -139,7 +160,11 @@ impl LlavaNextConfig {
         let text_config: LlamaConfig = serde_json::from_value(value.clone())?;
         let mut cfg = Self::llama3_llava_next_8b();
         cfg.text_config = text_config;
-        cfg.image_token_index = IMAGE_TOKEN_INDEX as i64;
+        // The reference never writes it (it uses -200 and adds `<image>` as 128256 on the fly).
+        cfg.image_token_index = value
+            .get("image_token_index")
+            .and_then(|v| v.as_i64())
+            .unwrap_or(IMAGE_TOKEN_INDEX as i64);
         if let Some(l) = value.get("mm_vision_select_layer").and_then(|v| v.as_i64()) {
             cfg.vision_feature_layer = l;
         }
@@ -154,7 +179,9 @@ impl LlavaNextConfig {
             cfg.mm_patch_merge_type = serde_json::from_value(m.clone())?;
         }
         if let Some(p) = value.get("image_grid_pinpoints") {
-            cfg.image_grid_pinpoints = serde_json::from_value(p.clone()).unwrap_or_default();
+            // The reference's list is (w, h); this field holds HF's (h, w).
+            let wh: Vec<[usize; 2]> = serde_json::from_value(p.clone()).unwrap_or_default();
+            cfg.image_grid_pinpoints = wh.iter().map(|[w, h]| [*h, *w]).collect();
         }
         cfg.tokenizer_model_max_length = value
             .get("tokenizer_model_max_length")

@@ -147,3 +147,42 @@ fn init_refuses_to_overwrite_a_model_without_force() {
         String::from_utf8_lossy(&forced.stderr)
     );
 }
+
+/// `run` as a launched rank or with `--nproc-per-node` says what this build can do, before
+/// reading any data.
+#[test]
+fn multi_process_runs_explain_what_they_need() {
+    let run = |env: &[(&str, &str)], extra: &[&str]| {
+        let out = Command::new(BIN)
+            .args(["run", "--shards", "/nonexistent", "--model", "/nonexistent"])
+            .args(["--output", "/nonexistent/out"])
+            .args(extra)
+            .env_remove("RANK")
+            .env_remove("WORLD_SIZE")
+            .env_remove("SLURM_PROCID")
+            .envs(env.iter().copied())
+            .output()
+            .expect("llava-trainer starts");
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let torchrun = [
+        ("RANK", "1"),
+        ("WORLD_SIZE", "2"),
+        ("LOCAL_RANK", "1"),
+        ("LOCAL_WORLD_SIZE", "2"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "29519"),
+    ];
+    let e = run(&torchrun, &["--device", "cpu"]);
+    assert!(e.contains("rank 1 of 2") && e.contains("NCCL"), "{e}");
+    assert!(e.contains("--nproc-per-node N"), "{e}");
+    let e = run(&torchrun, &["--nproc-per-node", "2"]);
+    assert!(e.contains("drop --nproc-per-node"), "{e}");
+    if !cfg!(feature = "cuda") {
+        let e = run(&torchrun, &[]);
+        assert!(e.contains("--features cuda"), "{e}");
+        let e = run(&[], &["--nproc-per-node", "2", "--device", "cuda"]);
+        assert!(e.contains("without CUDA"), "{e}");
+    }
+}

@@ -441,3 +441,101 @@ fn single_rank_needs_no_network() {
         .expect("trivial barrier");
     r.finish(Duration::from_millis(10)).expect("trivial finish");
 }
+
+// ---------------------------------------------------------------- `--nproc-per-node` supervisor
+
+mod local_job {
+    use std::ffi::OsString;
+    use std::path::{Path, PathBuf};
+    use std::time::Duration;
+
+    use llava_trainer::dist::spawn::{run_local_job, JobExit, LocalJob, SpawnError};
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("local-job-{name}-{}", std::process::id()));
+        std::fs::remove_dir_all(&dir).ok();
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        dir
+    }
+
+    /// Every rank runs `sh -c script`.
+    fn sh(script: &str, nproc: usize, grace: Duration) -> Result<JobExit, SpawnError> {
+        let args: Vec<OsString> = vec!["-c".into(), script.into()];
+        let job = LocalJob {
+            nproc,
+            master_port: 29_517,
+            grace,
+        };
+        run_local_job(Path::new("sh"), &args, &job)
+    }
+
+    #[test]
+    fn every_rank_gets_torchruns_variables() {
+        let dir = scratch("env");
+        let script = format!(
+            "echo $RANK $WORLD_SIZE $LOCAL_RANK $LOCAL_WORLD_SIZE $MASTER_ADDR $MASTER_PORT \
+             > {}/rank$RANK",
+            dir.display()
+        );
+        let exit = sh(&script, 3, Duration::from_secs(5)).expect("all ranks succeed");
+        assert_eq!(exit, JobExit { code: 0 });
+        for r in 0..3 {
+            let got = std::fs::read_to_string(dir.join(format!("rank{r}"))).expect("rank ran");
+            assert_eq!(got.trim(), format!("{r} 3 {r} 3 127.0.0.1 29517"));
+        }
+    }
+
+    #[test]
+    fn a_failed_rank_is_named_and_stragglers_are_killed_after_the_grace() {
+        // Rank 1 fails at once; the others would run for a minute.
+        let script = r#"if [ "$RANK" = 1 ]; then echo boom >&2; exit 7; fi; sleep 60"#;
+        match sh(script, 3, Duration::from_millis(300)) {
+            Err(e @ SpawnError::RankFailed { .. }) => {
+                let SpawnError::RankFailed {
+                    rank,
+                    world_size,
+                    ref status,
+                    ref killed,
+                } = e
+                else {
+                    unreachable!()
+                };
+                assert_eq!((rank, world_size), (1, 3));
+                assert_eq!(status, "exit code 7");
+                assert_eq!(killed, &[0, 2]);
+                let msg = e.to_string();
+                assert!(msg.contains("rank 1 of 3 failed (exit code 7)"), "{msg}");
+                assert!(msg.contains("ranks [0, 2]"), "{msg}");
+            }
+            other => panic!("expected RankFailed, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ranks_that_stop_on_their_own_are_not_killed() {
+        // Rank 2 fails; the others notice (here: a short sleep) and exit nonzero themselves,
+        // as ranks told by the rendezvous do. The first failure is the one named.
+        let script = r#"if [ "$RANK" = 2 ]; then exit 3; fi; sleep 0.3; exit 1"#;
+        match sh(script, 3, Duration::from_secs(30)) {
+            Err(SpawnError::RankFailed { rank, killed, .. }) => {
+                assert_eq!(rank, 2);
+                assert!(killed.is_empty(), "killed {killed:?}");
+            }
+            other => panic!("expected RankFailed, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_program_that_cannot_start_is_an_error_naming_it() {
+        let job = LocalJob {
+            nproc: 2,
+            master_port: 29_518,
+            grace: Duration::from_secs(1),
+        };
+        let err = run_local_job(Path::new("/nonexistent/llava-trainer"), &[], &job)
+            .expect_err("no such program");
+        assert!(matches!(err, SpawnError::Start { rank: 0, .. }), "{err:?}");
+        assert!(err.to_string().contains("/nonexistent/llava-trainer"));
+    }
+}

@@ -226,3 +226,91 @@ fn save_writes_hf_legacy_layout_and_round_trips() {
     assert!((loss - want).abs() < 0.1, "{loss} vs {want}");
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// `llava-trainer init --from` on a checkpoint as the reference's train.py saves it (original key
+/// names, a flat `llava_llama` config.json naming its vision tower) writes the HF layout with the
+/// same parameters and the same model shape.
+#[test]
+fn init_from_a_reference_checkpoint_writes_the_hf_layout() {
+    let fx = common::load_fixture();
+    let tensors = fixture_tensors(&fx.dir);
+    let tmp = tmpdir("from-reference");
+    let src = tmp.join("llava-next-reference");
+    std::fs::create_dir_all(src.join("clip-tower")).expect("dir");
+    let orig: HashMap<String, Tensor> = key_mapping(&fx.dir)
+        .iter()
+        .map(|(ck, _, o)| (o.clone(), tensors[ck].clone()))
+        .collect();
+    save(&orig, &src.join("model.safetensors"));
+    // The reference's config.json: the Llama fields at the top level plus mm_* keys; its vision
+    // tower is a name (here a folder beside it holding a CLIPVisionModel config).
+    let hf: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fx.dir.join("model/config.json")).expect("config"),
+    )
+    .expect("json");
+    let mut flat = hf["text_config"].as_object().expect("text_config").clone();
+    for (k, v) in [
+        ("model_type", serde_json::json!("llava_llama")),
+        (
+            "architectures",
+            serde_json::json!(["LlavaLlamaForCausalLM"]),
+        ),
+        ("mm_vision_tower", serde_json::json!("clip-tower")),
+        ("mm_projector_type", serde_json::json!("mlp2x_gelu")),
+        ("mm_vision_select_layer", hf["vision_feature_layer"].clone()),
+        ("mm_vision_select_feature", serde_json::json!("patch")),
+        ("mm_patch_merge_type", serde_json::json!("spatial_unpad")),
+        ("image_aspect_ratio", serde_json::json!("anyres")),
+        ("image_token_index", hf["image_token_index"].clone()),
+    ] {
+        flat.insert(k.into(), v);
+    }
+    // The reference stores pinpoints as (w, h); HF's config holds them swapped (h, w).
+    let pinpoints: Vec<[u32; 2]> =
+        serde_json::from_value(hf["image_grid_pinpoints"].clone()).expect("pinpoints");
+    let wh: Vec<[u32; 2]> = pinpoints.iter().map(|[a, b]| [*b, *a]).collect();
+    flat.insert("image_grid_pinpoints".into(), serde_json::json!(wh));
+    std::fs::write(
+        src.join("config.json"),
+        serde_json::Value::Object(flat).to_string(),
+    )
+    .expect("config");
+    std::fs::write(
+        src.join("clip-tower/config.json"),
+        hf["vision_config"].to_string(),
+    )
+    .expect("clip config");
+
+    let out = tmp.join("hf");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_llava-trainer"))
+        .args(["init", "--from"])
+        .arg(&src)
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .expect("llava-trainer starts");
+    assert!(
+        run.status.success(),
+        "init --from failed: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let cfg = llava_trainer::llava_next::LlavaNextConfig::from_file(out.join("config.json"))
+        .expect("HF config");
+    assert_eq!(cfg.text_config.vocab_size, fx.cfg.text_config.vocab_size);
+    assert_eq!(cfg.image_token_index, fx.cfg.image_token_index);
+    assert_eq!(cfg.image_grid_pinpoints, fx.cfg.image_grid_pinpoints);
+    assert_eq!(
+        serde_json::to_value(&cfg.vision_config).expect("json"),
+        serde_json::to_value(&fx.cfg.vision_config).expect("json")
+    );
+    let opts = LoadOptions::default();
+    let (reference, _) =
+        weights::load_varmap(&fx.cfg, &[fx.dir.join("model")], &opts).expect("fixture");
+    let (converted, _) = weights::load_varmap(&fx.cfg, &[out.clone()], &opts).expect("converted");
+    assert_same(&reference, &converted);
+    // Written under HF's legacy names, as the Hub's llava-hf checkpoints are.
+    let written = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu)
+        .expect("model.safetensors");
+    assert!(written.contains_key("multi_modal_projector.linear_1.weight"));
+    assert!(written.keys().all(|k| !k.starts_with("model.mm_projector")));
+}

@@ -23,6 +23,12 @@ pub fn parse(spec: &str) -> Result<Device> {
     }
 }
 
+/// Whether `spec` means the CPU, without opening a device (the `--nproc-per-node` supervisor
+/// must not create a CUDA context of its own).
+pub fn is_cpu_spec(spec: &str) -> bool {
+    spec == "cpu" || (spec == "auto" && !cfg!(feature = "cuda"))
+}
+
 fn cuda(ordinal: usize) -> Result<Device> {
     if !cfg!(feature = "cuda") {
         bail!(

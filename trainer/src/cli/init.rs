@@ -1,5 +1,6 @@
-//! `llava-trainer init`: a randomly initialised model from a small JSON spec, or one assembled
-//! from separate Llama-3 and CLIP checkpoints (+ projector), written in the HF layout.
+//! `llava-trainer init`: a randomly initialised model from a small JSON spec, one assembled
+//! from separate Llama-3 and CLIP checkpoints (+ projector), or a trained model converted
+//! (`--from`, e.g. a reference LLaVA-NeXT checkpoint), written in the HF layout.
 
 use std::path::PathBuf;
 
@@ -14,12 +15,19 @@ Examples:
   llava-trainer init --config trainer/configs/tiny-model.json --output out/tiny-model
   llava-trainer init --llm Meta-Llama-3-8B-Instruct --vision clip-vit-large-patch14-336 \\
       --output models/llava-next-8b-init
-  llava-trainer init --config trainer/configs/tiny-model.json --output out/tiny-model --force")]
+  llava-trainer init --config trainer/configs/tiny-model.json --output out/tiny-model --force
+  llava-trainer init --config trainer/configs/tiny-model.json --tokenizer .cache/tokenizer \
+      --output out/tiny-model-hf")]
 pub struct Args {
     /// model.json: {"vision_config": {...}, "text_config": {...}, "image_grid_pinpoints":
     /// [[w, h], ...], "seed": N}; omitted fields are llama3-llava-next-8b's.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// A trained model folder to convert to the HF layout: a reference LLaVA-NeXT checkpoint
+    /// (`LlavaLlamaForCausalLM`, original key names, as its train.py saves it) or an HF
+    /// LlavaNext one (instead of --config / --llm).
+    #[arg(long, value_name = "DIR")]
+    from: Option<PathBuf>,
     /// Llama-3 checkpoint directory (instead of --config; with --vision).
     #[arg(long)]
     llm: Option<PathBuf>,
@@ -39,6 +47,11 @@ pub struct Args {
     /// Overwrite a model already in --output.
     #[arg(long)]
     force: bool,
+    /// Folder with the Llama-3-Instruct tokenizer.json (+ tokenizer_config.json) to ship with
+    /// the model, with `<image>` and `<pad>` added and the llava_llama_3 chat template, as HF's
+    /// LlavaNextProcessor needs [default: the --llm folder; none with --config].
+    #[arg(long, value_name = "DIR")]
+    tokenizer: Option<PathBuf>,
 }
 
 /// Files whose presence marks `dir` as holding a model.
@@ -55,7 +68,16 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     let (cfg, varmap, tok) = match (&args.config, &args.llm, &args.vision) {
-        (Some(c), None, None) => {
+        (None, None, None) if args.from.is_some() => {
+            let dir = args.from.clone().unwrap_or_default();
+            if args.projector.is_some() {
+                bail!("--projector does not go with --from (the model has its projector)");
+            }
+            let (cfg, varmap) = init::load_for_export(&dir, args.seed)
+                .with_context(|| format!("reading the model in {}", dir.display()))?;
+            (cfg, varmap, Some(dir))
+        }
+        (Some(c), None, None) if args.from.is_none() => {
             let text =
                 std::fs::read_to_string(c).with_context(|| format!("reading {}", c.display()))?;
             let spec: InitSpec =
@@ -66,7 +88,7 @@ pub fn run(args: Args) -> Result<()> {
             }
             (cfg, varmap, None)
         }
-        (None, Some(_), Some(_)) => {
+        (None, Some(_), Some(_)) if args.from.is_none() => {
             let src = ModelSource {
                 model: None,
                 llm: args.llm.clone(),
@@ -76,8 +98,20 @@ pub fn run(args: Args) -> Result<()> {
             let (cfg, varmap) = init::load_source(&src, args.seed, DType::F32, &Device::Cpu)?;
             (cfg, varmap, args.llm.clone())
         }
-        _ => bail!("give --config model.json, or --llm DIR --vision DIR [--projector FILE]"),
+        _ => bail!(
+            "give one of: --config model.json; --llm DIR --vision DIR [--projector FILE]; \
+             --from DIR"
+        ),
     };
+    if let Some(t) = &args.tokenizer {
+        if !t.join("tokenizer.json").is_file() {
+            bail!(
+                "{} has no tokenizer.json (--tokenizer names the folder that holds it)",
+                t.display()
+            );
+        }
+    }
+    let tok = args.tokenizer.clone().or(tok);
     checkpoint::save_hf_model(&args.output, &cfg, &varmap, tok.as_deref())?;
     let n: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
     println!(

@@ -3,9 +3,12 @@
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use llava_trainer::train::{self, RunOptions, TrainConfig};
+use llava_trainer::dist::launch::{LaunchEnv, LaunchSource};
+use llava_trainer::dist::spawn::{self, LocalJob};
+use llava_trainer::train::{self, RunOptions, Summary, TrainConfig};
 
 #[derive(clap::Args, Debug)]
 #[group(skip)]
@@ -128,9 +131,15 @@ pub struct Args {
     #[arg(long)]
     zero_stage: Option<u8>,
     /// Data-parallel ranks on this machine. On the CPU they run as threads of this process
-    /// (in-process collectives; for debugging and tests).
+    /// (in-process collectives; for debugging and tests); on CUDA this process starts one
+    /// process per GPU (rank i on GPU i, NCCL) and supervises them, as `torchrun` would.
+    /// Under torchrun or Slurm leave it at 1: the launcher starts the ranks.
     #[arg(long, default_value_t = 1)]
     nproc_per_node: usize,
+    /// Seconds a rank waits for the others to join (rank 0 at MASTER_ADDR:MASTER_PORT) before
+    /// giving up with a message naming the missing ranks.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300.0)]
+    rendezvous_timeout: f64,
     /// Pack each micro-batch's whole samples into rows of at most --pack-length tokens
     /// (balanced first-fit decreasing, fewest padded positions): attention and RoPE positions
     /// restart per sample; same loss and gradients as unpacked.
@@ -242,30 +251,81 @@ pub(crate) fn merged(args: Args) -> Result<TrainConfig> {
     Ok(cfg)
 }
 
-pub fn run(args: Args) -> Result<()> {
-    let device = super::device::parse(&args.device)?;
+/// How the ranks of this run are laid out, from `--nproc-per-node` and the launcher's variables.
+enum Layout {
+    /// One rank in this process.
+    Single,
+    /// `--nproc-per-node N` on the CPU: N threads over the in-process backend.
+    Threads(usize),
+    /// `--nproc-per-node N` on CUDA without a launcher: start N processes of this binary with
+    /// torchrun's variables and supervise them.
+    SpawnLocal(usize),
+    /// One rank of a torchrun / Slurm / `--nproc-per-node` job: NCCL.
+    Launched(LaunchEnv),
+}
+
+fn layout(args: &Args) -> Result<Layout> {
+    let env = llava_trainer::dist::launch::from_process_env()
+        .context("reading the launcher's variables (torchrun's RANK/WORLD_SIZE or Slurm's)")?;
     let nproc = args.nproc_per_node.max(1);
-    let launched = llava_trainer::dist::launch_world_size();
-    if launched > 1 {
-        anyhow::bail!(
-            "launched as one of {launched} processes (torchrun/Slurm environment): multi-process \
-             training runs over NCCL, whose backend (dist/nccl.rs) is compiled but not yet wired into \
-             `run` nor tested on GPUs; on one machine use `--nproc-per-node N` (CPU threads)"
-        );
+    let launched = env.source != LaunchSource::Single;
+    let cpu = super::device::is_cpu_spec(&args.device);
+    Ok(match (launched, nproc, cpu) {
+        (true, n, _) if n > 1 => anyhow::bail!(
+            "--nproc-per-node {n} inside a {:?} launch (rank {} of {}): the launcher already \
+             started the ranks; drop --nproc-per-node",
+            env.source,
+            env.rank,
+            env.world_size
+        ),
+        (true, _, true) if env.world_size == 1 => Layout::Single,
+        (true, _, true) => anyhow::bail!(
+            "launched as rank {} of {} ({:?}) with --device {}: ranks in separate processes \
+             exchange gradients over NCCL, which needs CUDA{}; on the CPU run one process with \
+             --nproc-per-node N (the ranks are threads)",
+            env.rank,
+            env.world_size,
+            env.source,
+            args.device,
+            if cfg!(feature = "cuda") {
+                ""
+            } else {
+                " (this llava-trainer was built without it: rebuild with `--features cuda`, \
+                 scripts/build-cuda.sh)"
+            }
+        ),
+        (true, _, false) => Layout::Launched(env),
+        (false, 1, _) => Layout::Single,
+        (false, n, true) => Layout::Threads(n),
+        (false, n, false) => Layout::SpawnLocal(n),
+    })
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let layout = layout(&args)?;
+    let rendezvous_timeout = Duration::try_from_secs_f64(args.rendezvous_timeout)
+        .context("--rendezvous-timeout: a number of seconds")?;
+    if let Layout::SpawnLocal(nproc) = layout {
+        if !cfg!(feature = "cuda") {
+            // Says that this binary has no CUDA, before starting anything.
+            super::device::parse(&args.device)?;
+        }
+        // Check the configuration once here rather than N times in the ranks.
+        merged(args)?;
+        return spawn_local(nproc, rendezvous_timeout);
     }
-    if nproc > 1 && !device.is_cpu() {
-        anyhow::bail!(
-            "--nproc-per-node {nproc} on {device:?}: several GPUs need the NCCL backend, which is \
-             compiled but not yet wired into `run`; use --device cpu for CPU threads"
-        );
-    }
-    let progress_every = std::time::Duration::try_from_secs_f64(args.progress_every)
+    // A launched rank uses GPU LOCAL_RANK whatever --device names (torchrun's convention).
+    let device = match &layout {
+        Layout::Launched(_) => super::device::parse("cuda")?,
+        _ => super::device::parse(&args.device)?,
+    };
+    let progress_every = Duration::try_from_secs_f64(args.progress_every)
         .context("--progress-every: a number of seconds")?;
     let cfg = merged(args)?;
     // SIGINT (Ctrl-C) and SIGTERM (what Slurm and Kubernetes send before killing a preempted
     // job): finish the step, checkpoint, exit 130 / 143 so a wrapper knows training did not
     // finish. A second signal exits at once. SIGUSR1 (Slurm's `--signal=USR1@120`): checkpoint at
-    // the next step boundary and go on.
+    // the next step boundary and go on. With several ranks, rank 0's flags decide for all.
     use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
     let stop = Arc::new(AtomicBool::new(false));
     let exit_code = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -279,18 +339,20 @@ pub fn run(args: Args) -> Result<()> {
     let save_now = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(SIGUSR1, save_now.clone())
         .context("installing the SIGUSR1 handler")?;
+    let lead = !matches!(&layout, Layout::Launched(env) if env.rank != 0);
     let opts = RunOptions {
         stop: Some(stop),
         save_now: Some(save_now),
-        progress: true,
-        progress_every: Some(progress_every),
+        progress: lead,
+        progress_every: lead.then_some(progress_every),
         device: Some(device),
         ..RunOptions::default()
     };
-    let summary = if nproc > 1 {
-        train::run_threads(&cfg, nproc, opts)?
-    } else {
-        train::run(&cfg, opts)?
+    let summary = match layout {
+        Layout::Single => train::run(&cfg, opts)?,
+        Layout::Threads(n) => train::run_threads(&cfg, n, opts)?,
+        Layout::Launched(env) => run_nccl(&cfg, &env, opts, rendezvous_timeout)?,
+        Layout::SpawnLocal(_) => unreachable!("handled above"),
     };
     if summary.already_finished {
         println!(
@@ -321,4 +383,85 @@ pub fn run(args: Args) -> Result<()> {
         std::process::exit(code as i32);
     }
     Ok(())
+}
+
+/// How long the other ranks of a job may take to stop once one failed, before they are killed
+/// (a step and an emergency checkpoint of the 8B model fit in it).
+const FAILURE_GRACE: Duration = Duration::from_secs(120);
+
+/// Starts `nproc` copies of this command as the ranks of a one-node job and waits for them.
+fn spawn_local(nproc: usize, rendezvous_timeout: Duration) -> Result<()> {
+    let program = std::env::current_exe().context("finding this executable to start the ranks")?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let master_port = match std::env::var("MASTER_PORT") {
+        Ok(p) => p
+            .parse()
+            .with_context(|| format!("MASTER_PORT={p:?}: not a port number"))?,
+        Err(_) => spawn::free_port().context("finding a free port for the rendezvous")?,
+    };
+    tracing::info!(
+        "starting {nproc} ranks (one per GPU) with the rendezvous at 127.0.0.1:{master_port} \
+         (timeout {:.0} s)",
+        rendezvous_timeout.as_secs_f64()
+    );
+    let job = LocalJob {
+        nproc,
+        master_port,
+        grace: FAILURE_GRACE,
+    };
+    let exit = spawn::run_local_job(&program, &spawn::strip_nproc_flag(&args), &job)?;
+    if exit.code != 0 {
+        std::process::exit(exit.code);
+    }
+    Ok(())
+}
+
+/// One rank of a multi-process job: NCCL on GPU `LOCAL_RANK`, joined through the rendezvous.
+#[cfg(feature = "cuda")]
+fn run_nccl(
+    cfg: &TrainConfig,
+    env: &LaunchEnv,
+    opts: RunOptions,
+    rendezvous_timeout: Duration,
+) -> Result<Summary> {
+    use llava_trainer::dist::nccl::NcclGroup;
+    use llava_trainer::dist::Collective;
+    let device = opts
+        .device
+        .clone()
+        .context("a launched rank has its CUDA device")?;
+    let group = Arc::new(
+        NcclGroup::new(env, &device, rendezvous_timeout, train::COLLECTIVE_TIMEOUT).with_context(
+            || {
+                format!(
+                    "rank {} of {} joining the job at {}:{}",
+                    env.rank, env.world_size, env.master_addr, env.master_port
+                )
+            },
+        )?,
+    );
+    group.watchdog(FAILURE_GRACE)?;
+    let out = train::run_rank(cfg, opts, group.clone());
+    match &out {
+        Err(e) => group.abort(&e.to_string()),
+        Ok(_) => group.finish()?,
+    }
+    Ok(out?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_nccl(
+    _cfg: &TrainConfig,
+    env: &LaunchEnv,
+    _opts: RunOptions,
+    _rendezvous_timeout: Duration,
+) -> Result<Summary> {
+    anyhow::bail!(
+        "launched as rank {} of {} ({:?}): ranks in separate processes need NCCL, which this \
+         llava-trainer was built without; rebuild with `--features cuda` (scripts/build-cuda.sh), \
+         or on the CPU run one process with --nproc-per-node N",
+        env.rank,
+        env.world_size,
+        env.source
+    )
 }

@@ -236,8 +236,10 @@ fn synth_sample(image: bool, n: usize, spec: &SynthSpec, rng: &mut SplitMix64) -
         };
         images.push(ImageMeta {
             path: format!("synth/{n}.jpg"),
-            width: 640 + n as u32 % 97,
-            height: 480 + n as u32 % 53,
+            // Anyres images exactly fill their grid, so `spatial_unpad` removes nothing and the
+            // token count above is the model's too (the shards train, not only load).
+            width: if num_tiles == 1 { 640 } else { 336 * cols },
+            height: if num_tiles == 1 { 480 } else { 336 * rows },
             processing: if num_tiles == 1 { "pad" } else { "anyres" }.to_string(),
             best_width: if num_tiles == 1 { 0 } else { 336 * cols },
             best_height: if num_tiles == 1 { 0 } else { 336 * rows },

@@ -12,6 +12,7 @@ pub mod launch;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod rendezvous;
+pub mod spawn;
 pub mod threads;
 pub mod zero;
 

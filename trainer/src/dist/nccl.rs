@@ -1,19 +1,24 @@
-//! NCCL backend of [`Collective`]: one process per GPU (torchrun / Slurm launch), collectives
-//! enqueued on candle's CUDA stream through cudarc's NCCL bindings. Rank 0's NCCL unique id is
-//! shared over [`rendezvous`](super::rendezvous), whose connections stay open as the control
-//! channel: a rank's failure reaches the others there, and [`Collective::barrier`] is its barrier.
+//! NCCL backend of [`Collective`]: one process per GPU (torchrun / Slurm launch, or
+//! `--nproc-per-node` on one node), collectives enqueued on candle's CUDA stream through
+//! cudarc's NCCL bindings. Rank 0's NCCL unique id is shared over
+//! [`rendezvous`](super::rendezvous), whose connections stay open as the control channel: a
+//! rank's failure (an error it reports, or its connection dropping when it dies) reaches the
+//! others there, and [`Collective::barrier`] is its barrier.
 //!
-//! **Compiled, never run**: no multi-GPU machine has been available. It is not wired into the
-//! training loop yet (`run` still refuses world sizes above 1 on CUDA). Known gaps, in order:
-//! - a peer that dies while a collective is in flight leaves this rank's kernel waiting: a
-//!   watchdog should poll `ncclCommGetAsyncError` and the control channel, and abort the
-//!   communicator (as torch's NCCL watchdog does);
-//! - `ncclCommInitRank` blocks until every rank has joined, with no timeout;
-//! - one communicator per call is serialised by a mutex; no bucketing or overlap of gradient
-//!   reductions with the backward pass.
+//! A peer that dies while a collective is in flight leaves this rank's kernels waiting for it;
+//! NCCL itself never gives up. [`NcclGroup::watchdog`] is the way out (as torch's NCCL
+//! watchdog): a thread that, once the control channel reports a failed rank, aborts the
+//! communicator (`ncclCommAbort` ends the pending kernels, so the training thread gets an error
+//! naming that rank) and, if the process is still running after a grace period, exits it.
+//!
+//! **Compiled, never run on a GPU** (no GPU has been lent to this project's sessions; the
+//! thread backend carries the tested logic). Known gaps: `ncclCommInitRank` has no timeout of
+//! its own (every rank has passed the rendezvous by then); gradients are reduced tensor by
+//! tensor after the backward, not bucketed and overlapped with it.
 
-use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use candle_core::cuda::cudarc::driver::DeviceRepr;
 use candle_core::cuda::cudarc::nccl::{Comm, Id, NcclType, ReduceOp};
@@ -37,6 +42,8 @@ pub struct NcclGroup {
     comm: Mutex<Option<SendComm>>,
     device: Device,
     control: Rendezvous,
+    /// Set by [`NcclGroup::finish`]: the watchdog stops watching.
+    finished: AtomicBool,
     rank: usize,
     world_size: usize,
     timeout: Duration,
@@ -45,9 +52,14 @@ pub struct NcclGroup {
 impl NcclGroup {
     /// Joins the group of `env` on `device` (this rank's GPU): rank 0 creates the unique id and
     /// hands it out through the rendezvous at `MASTER_ADDR:MASTER_PORT`, then every rank creates
-    /// its communicator on candle's stream of `device`. `timeout` bounds the rendezvous and
-    /// every barrier.
-    pub fn new(env: &LaunchEnv, device: &Device, timeout: Duration) -> Result<Self> {
+    /// its communicator on candle's stream of `device`. `rendezvous_timeout` bounds the
+    /// joining, `timeout` every barrier.
+    pub fn new(
+        env: &LaunchEnv,
+        device: &Device,
+        rendezvous_timeout: Duration,
+        timeout: Duration,
+    ) -> Result<Self> {
         let Device::Cuda(cuda) = device else {
             return Err(Error::Config(format!(
                 "NCCL needs a CUDA device, got {device:?}"
@@ -59,7 +71,7 @@ impl NcclGroup {
         } else {
             None
         };
-        let control = rendezvous(env, id_for_rank0, timeout)
+        let control = rendezvous(env, id_for_rank0, rendezvous_timeout)
             .map_err(|e| Error::Distributed(format!("NCCL rendezvous: {e}")))?;
         let bytes: [u8; 128] = control.id.as_slice().try_into().map_err(|_| {
             Error::Distributed(format!(
@@ -74,6 +86,7 @@ impl NcclGroup {
             comm: Mutex::new(Some(SendComm(comm))),
             device: device.clone(),
             control,
+            finished: AtomicBool::new(false),
             rank: env.rank,
             world_size: env.world_size,
             timeout,
@@ -111,6 +124,60 @@ impl NcclGroup {
         let comm = &guard.as_ref().expect("checked by comm()").0;
         out.inplace_op2(&src, &NcclOp { comm, kind })?;
         Ok(out)
+    }
+
+    /// Starts the watchdog thread (see the module doc): polls the control channel every
+    /// 200 ms; on a failed rank, aborts this rank's communicator, and exits the process with
+    /// status 1 if it has not ended `grace` later.
+    pub fn watchdog(self: &Arc<Self>, grace: Duration) -> Result<()> {
+        let group = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("nccl-watchdog".into())
+            .spawn(move || {
+                let failure = loop {
+                    if group.finished.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    if let Some(f) = group.control.failure() {
+                        break f;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                };
+                let (rank, msg) = failure;
+                tracing::error!(
+                    "rank {rank} failed: {msg}; rank {} aborts its NCCL communicator",
+                    group.rank
+                );
+                if let Ok(mut guard) = group.comm.lock() {
+                    drop(guard.take());
+                }
+                let until = Instant::now() + grace;
+                while Instant::now() < until {
+                    if group.finished.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                eprintln!(
+                    "rank {}: rank {rank} failed ({msg}) and this rank did not stop within {:.0} s; \
+                     exiting",
+                    group.rank,
+                    grace.as_secs_f64()
+                );
+                std::process::exit(1);
+            })
+            .map_err(|e| Error::Distributed(format!("starting the NCCL watchdog: {e}")))?;
+        Ok(())
+    }
+
+    /// End of training: the device's work is done, every rank meets, and the control channel
+    /// closes in order (the others do not count it as a failure).
+    pub fn finish(&self) -> Result<()> {
+        self.device.synchronize()?;
+        self.finished.store(true, Ordering::SeqCst);
+        self.control
+            .finish(self.timeout)
+            .map_err(|e| Error::Distributed(format!("finishing: {e}")))
     }
 }
 

@@ -658,7 +658,7 @@ impl Rendezvous {
 
     /// End of training: a barrier, then an orderly close that the other ranks do not count as
     /// a failure.
-    pub fn finish(self, timeout: Duration) -> Result<(), RendezvousError> {
+    pub fn finish(&self, timeout: Duration) -> Result<(), RendezvousError> {
         self.barrier(timeout)?;
         lock(&self.shared.state).closing = true;
         for p in &self.peers {

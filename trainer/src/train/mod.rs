@@ -167,7 +167,7 @@ pub fn run_threads(cfg: &TrainConfig, world: usize, opts: RunOptions) -> Result<
 
 /// How long a collective waits for the slowest rank before naming the missing ones. A step of
 /// the 8B model takes seconds; checkpoints a few minutes.
-const COLLECTIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1800);
+pub const COLLECTIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1800);
 
 /// One rank's training loop (world size and rank from `comm`).
 pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) -> Result<Summary> {

@@ -1,0 +1,275 @@
+//! The tokenizer files a model directory ships, made usable by HF's `LlavaNextProcessor` (and so
+//! by lmms-eval and vLLM): the LLM's tokenizer plus what HF's own conversion of
+//! llama3-llava-next-8b adds (spec §8.3): `<image>` at `image_token_index` (128256) and `<pad>`
+//! (128257) as special added tokens, `pad_token = "<pad>"`, and the `llava_llama_3` chat template.
+//! Without `<image>` in the vocabulary the processor inserts no image tokens at all.
+//!
+//! Idempotent: a tokenizer that already has both tokens at those ids (a checkpoint of ours) is
+//! written back unchanged in content.
+
+use std::path::Path;
+
+use serde_json::{json, Map, Value};
+
+use crate::{Error, Result};
+
+pub const IMAGE_TOKEN: &str = "<image>";
+pub const PAD_TOKEN: &str = "<pad>";
+
+/// The `llava_llama_3` conversation as a Jinja chat template (spec §2.4, §2.7): the default
+/// system prompt unless the conversation starts with a system message; per message the header,
+/// then its images as `<image>\n` (the reference moves the image to the front of the first user
+/// turn), then its text stripped, then `<|eot_id|>`; the generation prompt is the assistant
+/// header. Message content may be a string or HF's list of `{"type": "image"|"text"}` parts.
+pub const LLAVA_LLAMA3_CHAT_TEMPLATE: &str = concat!(
+    "{{- bos_token }}",
+    "{%- if messages[0]['role'] != 'system' %}",
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}",
+    "{{- 'You are a helpful language and vision assistant. You are able to understand the visual ",
+    "content that the user provides, and assist the user with a variety of tasks using natural ",
+    "language.' }}",
+    "{{- '<|eot_id|>' }}",
+    "{%- endif %}",
+    "{%- for message in messages %}",
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}",
+    "{%- if message['content'] is string %}",
+    "{{- message['content'] | trim }}",
+    "{%- else %}",
+    "{%- for part in message['content'] | selectattr('type', 'equalto', 'image') %}",
+    "{{- '<image>\\n' }}",
+    "{%- endfor %}",
+    "{%- for part in message['content'] | selectattr('type', 'equalto', 'text') %}",
+    "{{- part['text'] | trim }}",
+    "{%- endfor %}",
+    "{%- endif %}",
+    "{{- '<|eot_id|>' }}",
+    "{%- endfor %}",
+    "{%- if add_generation_prompt %}",
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}",
+    "{%- endif %}",
+);
+
+fn bad(path: &Path, msg: impl Into<String>) -> Error {
+    Error::Checkpoint {
+        path: path.into(),
+        msg: msg.into(),
+    }
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.into(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| bad(path, format!("not valid JSON: {e}")))
+}
+
+fn write_json(path: &Path, v: &Value) -> Result<()> {
+    let text =
+        serde_json::to_string_pretty(v).map_err(|e| bad(path, format!("serialising JSON: {e}")))?;
+    std::fs::write(path, text + "\n").map_err(|source| Error::Io {
+        path: path.into(),
+        source,
+    })
+}
+
+fn added_token(id: u32, content: &str) -> Value {
+    json!({
+        "id": id,
+        "content": content,
+        "single_word": false,
+        "lstrip": false,
+        "rstrip": false,
+        "normalized": false,
+        "special": true,
+    })
+}
+
+/// Adds `<image>` at `image_id` and `<pad>` (after every existing id) to a `tokenizer.json`'s
+/// `added_tokens`, unless present; returns the pair of ids. Errors if `image_id` is taken by
+/// another token or `<image>` sits elsewhere.
+pub fn add_llava_tokens(tokenizer: &mut Value, image_id: u32, path: &Path) -> Result<(u32, u32)> {
+    let added = tokenizer
+        .get_mut("added_tokens")
+        .and_then(Value::as_array_mut)
+        .ok_or_else(|| {
+            bad(
+                path,
+                "no `added_tokens` list: not a tokenizers tokenizer.json",
+            )
+        })?;
+    let find = |added: &[Value], content: &str| {
+        added
+            .iter()
+            .find(|t| t["content"] == content)
+            .and_then(|t| t["id"].as_u64())
+    };
+    match find(added, IMAGE_TOKEN) {
+        Some(id) if id == u64::from(image_id) => {}
+        Some(id) => {
+            return Err(bad(
+                path,
+                format!(
+                    "{IMAGE_TOKEN} is token {id}, but the model's image_token_index is {image_id}"
+                ),
+            ))
+        }
+        None => {
+            if let Some(other) = added.iter().find(|t| t["id"] == image_id) {
+                return Err(bad(
+                    path,
+                    format!(
+                        "image_token_index {image_id} is already the token {}",
+                        other["content"]
+                    ),
+                ));
+            }
+            added.push(added_token(image_id, IMAGE_TOKEN));
+        }
+    }
+    let pad_id = match find(added, PAD_TOKEN) {
+        Some(id) => id as u32,
+        None => {
+            let vocab_max = tokenizer["model"]["vocab"]
+                .as_object()
+                .and_then(|v| v.values().filter_map(Value::as_u64).max())
+                .unwrap_or(0);
+            let added = tokenizer["added_tokens"]
+                .as_array_mut()
+                .expect("checked above");
+            let next = added
+                .iter()
+                .filter_map(|t| t["id"].as_u64())
+                .chain([vocab_max])
+                .max()
+                .unwrap_or(0)
+                + 1;
+            added.push(added_token(next as u32, PAD_TOKEN));
+            next as u32
+        }
+    };
+    if let Some(added) = tokenizer["added_tokens"].as_array_mut() {
+        added.sort_by_key(|t| t["id"].as_u64());
+    }
+    Ok((image_id, pad_id))
+}
+
+/// `tokenizer_config.json` with the two tokens in `added_tokens_decoder`, `pad_token`, the chat
+/// template and the processor class.
+pub fn patch_tokenizer_config(config: &mut Map<String, Value>, image_id: u32, pad_id: u32) {
+    let decoder = config
+        .entry("added_tokens_decoder")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if let Value::Object(decoder) = decoder {
+        for (id, content) in [(image_id, IMAGE_TOKEN), (pad_id, PAD_TOKEN)] {
+            let mut entry = added_token(id, content);
+            if let Value::Object(e) = &mut entry {
+                e.remove("id");
+            }
+            decoder.insert(id.to_string(), entry);
+        }
+    }
+    config.insert("pad_token".into(), PAD_TOKEN.into());
+    config.insert("chat_template".into(), LLAVA_LLAMA3_CHAT_TEMPLATE.into());
+    config.insert("processor_class".into(), "LlavaNextProcessor".into());
+}
+
+/// Writes `dst`'s tokenizer files from the tokenizer in `src` (a model or tokenizer folder with
+/// `tokenizer.json`; `tokenizer_config.json`, `special_tokens_map.json` and
+/// `generation_config.json` are taken along when present), with the LLaVA tokens and template.
+/// Returns false (and writes nothing) when `src` has no `tokenizer.json`.
+pub fn write_tokenizer_files(src: &Path, dst: &Path, image_token_index: u32) -> Result<bool> {
+    let tok_path = src.join("tokenizer.json");
+    if !tok_path.is_file() {
+        return Ok(false);
+    }
+    let mut tokenizer = read_json(&tok_path)?;
+    let (image_id, pad_id) = add_llava_tokens(&mut tokenizer, image_token_index, &tok_path)?;
+    write_json(&dst.join("tokenizer.json"), &tokenizer)?;
+
+    let cfg_path = src.join("tokenizer_config.json");
+    let mut config = if cfg_path.is_file() {
+        match read_json(&cfg_path)? {
+            Value::Object(m) => m,
+            _ => return Err(bad(&cfg_path, "not a JSON object")),
+        }
+    } else {
+        Map::new()
+    };
+    patch_tokenizer_config(&mut config, image_id, pad_id);
+    write_json(&dst.join("tokenizer_config.json"), &Value::Object(config))?;
+
+    let map_path = src.join("special_tokens_map.json");
+    let mut map = if map_path.is_file() {
+        match read_json(&map_path)? {
+            Value::Object(m) => m,
+            _ => return Err(bad(&map_path, "not a JSON object")),
+        }
+    } else {
+        Map::new()
+    };
+    map.insert("pad_token".into(), PAD_TOKEN.into());
+    write_json(&dst.join("special_tokens_map.json"), &Value::Object(map))?;
+
+    // What processors read their template from (transformers >= 4.43 saves it beside the
+    // processor config).
+    write_json(
+        &dst.join("chat_template.json"),
+        &json!({ "chat_template": LLAVA_LLAMA3_CHAT_TEMPLATE }),
+    )?;
+    let gen = src.join("generation_config.json");
+    if gen.is_file() && src != dst {
+        std::fs::copy(&gen, dst.join("generation_config.json")).map_err(|source| Error::Io {
+            path: gen.clone(),
+            source,
+        })?;
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_tokenizer() -> Value {
+        json!({
+            "added_tokens": [added_token(5, "<|eot_id|>")],
+            "model": {"vocab": {"a": 0, "b": 1, "c": 2, "d": 3, "e": 4}},
+        })
+    }
+
+    #[test]
+    fn adds_image_and_pad_after_the_vocabulary_once() {
+        let p = Path::new("tokenizer.json");
+        let mut t = tiny_tokenizer();
+        assert_eq!(add_llava_tokens(&mut t, 6, p).expect("adds"), (6, 7));
+        let again = t.clone();
+        assert_eq!(add_llava_tokens(&mut t, 6, p).expect("idempotent"), (6, 7));
+        assert_eq!(t, again);
+        let contents: Vec<_> = t["added_tokens"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .map(|t| (t["id"].as_u64().expect("id"), t["content"].clone()))
+            .collect();
+        assert_eq!(
+            contents,
+            [
+                (5, json!("<|eot_id|>")),
+                (6, json!("<image>")),
+                (7, json!("<pad>"))
+            ]
+        );
+    }
+
+    #[test]
+    fn refuses_an_image_id_taken_by_another_token() {
+        let mut t = tiny_tokenizer();
+        let e = add_llava_tokens(&mut t, 5, Path::new("t.json")).expect_err("5 is <|eot_id|>");
+        assert!(e.to_string().contains("<|eot_id|>"), "{e}");
+        let mut t = tiny_tokenizer();
+        add_llava_tokens(&mut t, 6, Path::new("t.json")).expect("adds");
+        let e = add_llava_tokens(&mut t, 9, Path::new("t.json")).expect_err("<image> is 6");
+        assert!(e.to_string().contains("image_token_index is 9"), "{e}");
+    }
+}
