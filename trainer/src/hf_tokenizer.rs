@@ -21,8 +21,9 @@ pub const PAD_TOKEN: &str = "<pad>";
 /// then its images as `<image>\n` (the reference moves the image to the front of the first user
 /// turn), then its text stripped, then `<|eot_id|>`; the generation prompt is the assistant
 /// header. Message content may be a string or HF's list of `{"type": "image"|"text"}` parts.
+/// No `bos_token`: the tokenizer's post-processor adds it, so the model cards' usage
+/// (`processor(images, apply_chat_template(...))`) gets exactly one.
 pub const LLAVA_LLAMA3_CHAT_TEMPLATE: &str = concat!(
-    "{{- bos_token }}",
     "{%- if messages[0]['role'] != 'system' %}",
     "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}",
     "{{- 'You are a helpful language and vision assistant. You are able to understand the visual ",
