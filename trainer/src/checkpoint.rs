@@ -143,7 +143,7 @@ pub fn save_hf_model(
                 ),
             )
         })?;
-        crate::hf_tokenizer::write_tokenizer_files(src, dir, image_id)?;
+        crate::hf_tokenizer::write_tokenizer_files(src, dir, image_id, cfg.text_config.vocab_size)?;
     }
     Ok(())
 }

@@ -87,9 +87,23 @@ fn added_token(id: u32, content: &str) -> Value {
 }
 
 /// Adds `<image>` at `image_id` and `<pad>` (after every existing id) to a `tokenizer.json`'s
-/// `added_tokens`, unless present; returns the pair of ids. Errors if `image_id` is taken by
-/// another token or `<image>` sits elsewhere.
-pub fn add_llava_tokens(tokenizer: &mut Value, image_id: u32, path: &Path) -> Result<(u32, u32)> {
+/// `added_tokens`, unless present; returns `<image>`'s id and `<pad>`'s (None when the model's
+/// `vocab_size` has no row for it: then the tokenizer keeps no pad token). Errors if `image_id`
+/// is taken by another token, `<image>` sits elsewhere, or `image_id` is beyond the vocabulary.
+pub fn add_llava_tokens(
+    tokenizer: &mut Value,
+    image_id: u32,
+    vocab_size: usize,
+    path: &Path,
+) -> Result<(u32, Option<u32>)> {
+    if image_id as usize >= vocab_size {
+        return Err(bad(
+            path,
+            format!(
+                "image_token_index {image_id} is beyond the model's vocabulary of {vocab_size}"
+            ),
+        ));
+    }
     let added = tokenizer
         .get_mut("added_tokens")
         .and_then(Value::as_array_mut)
@@ -129,7 +143,7 @@ pub fn add_llava_tokens(tokenizer: &mut Value, image_id: u32, path: &Path) -> Re
         }
     }
     let pad_id = match find(added, PAD_TOKEN) {
-        Some(id) => id as u32,
+        Some(id) => Some(id as u32),
         None => {
             let vocab_max = tokenizer["model"]["vocab"]
                 .as_object()
@@ -145,8 +159,12 @@ pub fn add_llava_tokens(tokenizer: &mut Value, image_id: u32, path: &Path) -> Re
                 .max()
                 .unwrap_or(0)
                 + 1;
-            added.push(added_token(next as u32, PAD_TOKEN));
-            next as u32
+            if (next as usize) < vocab_size {
+                added.push(added_token(next as u32, PAD_TOKEN));
+                Some(next as u32)
+            } else {
+                None
+            }
         }
     };
     if let Some(added) = tokenizer["added_tokens"].as_array_mut() {
@@ -157,12 +175,14 @@ pub fn add_llava_tokens(tokenizer: &mut Value, image_id: u32, path: &Path) -> Re
 
 /// `tokenizer_config.json` with the two tokens in `added_tokens_decoder`, `pad_token`, the chat
 /// template and the processor class.
-pub fn patch_tokenizer_config(config: &mut Map<String, Value>, image_id: u32, pad_id: u32) {
+pub fn patch_tokenizer_config(config: &mut Map<String, Value>, image_id: u32, pad_id: Option<u32>) {
     let decoder = config
         .entry("added_tokens_decoder")
         .or_insert_with(|| Value::Object(Map::new()));
+    let tokens = [(Some(image_id), IMAGE_TOKEN), (pad_id, PAD_TOKEN)];
     if let Value::Object(decoder) = decoder {
-        for (id, content) in [(image_id, IMAGE_TOKEN), (pad_id, PAD_TOKEN)] {
+        for (id, content) in tokens.iter().filter_map(|(id, c)| Some((id.as_ref()?, c))) {
+            let (id, content) = (*id, *content);
             let mut entry = added_token(id, content);
             if let Value::Object(e) = &mut entry {
                 e.remove("id");
@@ -170,7 +190,9 @@ pub fn patch_tokenizer_config(config: &mut Map<String, Value>, image_id: u32, pa
             decoder.insert(id.to_string(), entry);
         }
     }
-    config.insert("pad_token".into(), PAD_TOKEN.into());
+    if pad_id.is_some() {
+        config.insert("pad_token".into(), PAD_TOKEN.into());
+    }
     config.insert("chat_template".into(), LLAVA_LLAMA3_CHAT_TEMPLATE.into());
     config.insert("processor_class".into(), "LlavaNextProcessor".into());
 }
@@ -179,13 +201,19 @@ pub fn patch_tokenizer_config(config: &mut Map<String, Value>, image_id: u32, pa
 /// `tokenizer.json`; `tokenizer_config.json`, `special_tokens_map.json` and
 /// `generation_config.json` are taken along when present), with the LLaVA tokens and template.
 /// Returns false (and writes nothing) when `src` has no `tokenizer.json`.
-pub fn write_tokenizer_files(src: &Path, dst: &Path, image_token_index: u32) -> Result<bool> {
+pub fn write_tokenizer_files(
+    src: &Path,
+    dst: &Path,
+    image_token_index: u32,
+    vocab_size: usize,
+) -> Result<bool> {
     let tok_path = src.join("tokenizer.json");
     if !tok_path.is_file() {
         return Ok(false);
     }
     let mut tokenizer = read_json(&tok_path)?;
-    let (image_id, pad_id) = add_llava_tokens(&mut tokenizer, image_token_index, &tok_path)?;
+    let (image_id, pad_id) =
+        add_llava_tokens(&mut tokenizer, image_token_index, vocab_size, &tok_path)?;
     write_json(&dst.join("tokenizer.json"), &tokenizer)?;
 
     let cfg_path = src.join("tokenizer_config.json");
@@ -209,7 +237,9 @@ pub fn write_tokenizer_files(src: &Path, dst: &Path, image_token_index: u32) -> 
     } else {
         Map::new()
     };
-    map.insert("pad_token".into(), PAD_TOKEN.into());
+    if pad_id.is_some() {
+        map.insert("pad_token".into(), PAD_TOKEN.into());
+    }
     write_json(&dst.join("special_tokens_map.json"), &Value::Object(map))?;
 
     // What processors read their template from (transformers >= 4.43 saves it beside the
@@ -243,9 +273,15 @@ mod tests {
     fn adds_image_and_pad_after_the_vocabulary_once() {
         let p = Path::new("tokenizer.json");
         let mut t = tiny_tokenizer();
-        assert_eq!(add_llava_tokens(&mut t, 6, p).expect("adds"), (6, 7));
+        assert_eq!(
+            add_llava_tokens(&mut t, 6, 64, p).expect("adds"),
+            (6, Some(7))
+        );
         let again = t.clone();
-        assert_eq!(add_llava_tokens(&mut t, 6, p).expect("idempotent"), (6, 7));
+        assert_eq!(
+            add_llava_tokens(&mut t, 6, 64, p).expect("idempotent"),
+            (6, Some(7))
+        );
         assert_eq!(t, again);
         let contents: Vec<_> = t["added_tokens"]
             .as_array()
@@ -266,11 +302,28 @@ mod tests {
     #[test]
     fn refuses_an_image_id_taken_by_another_token() {
         let mut t = tiny_tokenizer();
-        let e = add_llava_tokens(&mut t, 5, Path::new("t.json")).expect_err("5 is <|eot_id|>");
+        let p = Path::new("t.json");
+        let e = add_llava_tokens(&mut t, 5, 64, p).expect_err("5 is <|eot_id|>");
         assert!(e.to_string().contains("<|eot_id|>"), "{e}");
         let mut t = tiny_tokenizer();
-        add_llava_tokens(&mut t, 6, Path::new("t.json")).expect("adds");
-        let e = add_llava_tokens(&mut t, 9, Path::new("t.json")).expect_err("<image> is 6");
+        add_llava_tokens(&mut t, 6, 64, p).expect("adds");
+        let e = add_llava_tokens(&mut t, 9, 64, p).expect_err("<image> is 6");
         assert!(e.to_string().contains("image_token_index is 9"), "{e}");
+        let e = add_llava_tokens(&mut tiny_tokenizer(), 64, 64, p).expect_err("no row for 64");
+        assert!(
+            e.to_string().contains("beyond the model's vocabulary"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn no_pad_token_without_a_row_for_it() {
+        let mut t = tiny_tokenizer();
+        let p = Path::new("t.json");
+        assert_eq!(add_llava_tokens(&mut t, 6, 7, p).expect("adds"), (6, None));
+        let mut config = Map::new();
+        patch_tokenizer_config(&mut config, 6, None);
+        assert!(!config.contains_key("pad_token"));
+        assert_eq!(config["added_tokens_decoder"]["6"]["content"], "<image>");
     }
 }

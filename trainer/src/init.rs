@@ -200,14 +200,14 @@ pub fn load_source(
 }
 
 /// A model folder in either layout (HF LlavaNext, or the reference's `LlavaLlamaForCausalLM`
-/// with its original key names) for writing out in the HF layout: the vocabulary grows (mean
-/// rows) to hold `<image>` at `image_token_index` and `<pad>` after it, rounded up to a multiple
-/// of 64 as HF's conversion does (128256 → 128320 for Llama-3).
+/// with its original key names) for writing out in the HF layout: a vocabulary without a row for
+/// `<image>` at `image_token_index` grows (mean rows) to hold it and `<pad>` after it, rounded up
+/// to a multiple of 64 as HF's conversion does (128256 → 128320 for Llama-3).
 pub fn load_for_export(dir: &Path, seed: u64) -> Result<(LlavaNextConfig, VarMap)> {
     let mut cfg = LlavaNextConfig::from_file(dir.join("config.json"))?;
-    let needed = usize::try_from(cfg.image_token_index.max(0)).unwrap_or(0) + 2;
-    if cfg.text_config.vocab_size < needed {
-        let grown = needed.div_ceil(64) * 64;
+    let image = usize::try_from(cfg.image_token_index.max(0)).unwrap_or(0);
+    if cfg.text_config.vocab_size <= image {
+        let grown = (image + 2).div_ceil(64) * 64;
         tracing::info!(
             "vocabulary {} → {grown} (room for <image> at {} and <pad>)",
             cfg.text_config.vocab_size,
