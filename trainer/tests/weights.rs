@@ -313,7 +313,8 @@ fn init_from_a_reference_checkpoint_writes_the_hf_layout() {
     let opts = LoadOptions::default();
     let (reference, _) =
         weights::load_varmap(&fx.cfg, &[fx.dir.join("model")], &opts).expect("fixture");
-    let (converted, _) = weights::load_varmap(&fx.cfg, &[out.clone()], &opts).expect("converted");
+    let (converted, _) =
+        weights::load_varmap(&fx.cfg, std::slice::from_ref(&out), &opts).expect("converted");
     assert_same(&reference, &converted);
     // Written under HF's legacy names, as the Hub's llava-hf checkpoints are.
     let written = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu)
