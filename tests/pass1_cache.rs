@@ -42,7 +42,10 @@ fn pass1_runs_once_per_build_for_resume_and_partitions() {
     assert!(per_pass1 > 0, "pass 1 tokenizes");
     assert!(!whole.pass1_reused);
     let reference = output_files(&out);
-    assert!(caches(&out).is_empty(), "the cache is removed once the manifest is written");
+    assert!(
+        caches(&out).is_empty(),
+        "the cache is removed once the manifest is written"
+    );
     std::fs::remove_dir_all(&out).unwrap();
 
     // Partitions one after the other (as array jobs that do not overlap): only the first
@@ -51,12 +54,21 @@ fn pass1_runs_once_per_build_for_resume_and_partitions() {
     let first = build(&config, &options(0, 3)).expect("partition 0");
     assert!(!first.pass1_reused);
     assert_eq!(encode_calls() - before, per_pass1);
-    assert_eq!(caches(&out).len(), 1, "one cache folder: {:?}", caches(&out));
+    assert_eq!(
+        caches(&out).len(),
+        1,
+        "one cache folder: {:?}",
+        caches(&out)
+    );
     for i in 1..3 {
         let part = build(&config, &options(i, 3)).expect("partition");
         assert!(part.pass1_reused, "partition {i} reuses pass 1");
     }
-    assert_eq!(encode_calls() - before, per_pass1, "pass 1 ran once in total");
+    assert_eq!(
+        encode_calls() - before,
+        per_pass1,
+        "pass 1 ran once in total"
+    );
     assemble(&out).expect("merge");
     assert_eq!(output_files(&out), reference, "merged output differs");
     assert!(caches(&out).is_empty());
@@ -81,7 +93,11 @@ fn pass1_runs_once_per_build_for_resume_and_partitions() {
         1,
         "exactly one partition computed pass 1: {outcomes:?}"
     );
-    assert_eq!(encode_calls() - before, per_pass1, "pass 1 ran once in total");
+    assert_eq!(
+        encode_calls() - before,
+        per_pass1,
+        "pass 1 ran once in total"
+    );
     assemble(&out).expect("merge");
     assert_eq!(output_files(&out), reference, "merged output differs");
     std::fs::remove_dir_all(&out).unwrap();
@@ -92,7 +108,11 @@ fn pass1_runs_once_per_build_for_resume_and_partitions() {
     let before = encode_calls();
     let resumed = build(&config, &options(0, 1)).expect("resume");
     assert!(resumed.pass1_reused);
-    assert_eq!(encode_calls(), before, "a resumed build does not tokenize again");
+    assert_eq!(
+        encode_calls(),
+        before,
+        "a resumed build does not tokenize again"
+    );
     assert_eq!(resumed.shards_skipped, part.shards_written);
     assert_eq!(output_files(&out), reference, "resumed output differs");
     std::fs::remove_dir_all(&out).unwrap();
@@ -100,7 +120,10 @@ fn pass1_runs_once_per_build_for_resume_and_partitions() {
     // A lock left by a build that died (not refreshed for a minute) is taken over.
     std::fs::create_dir_all(out.join(".work")).unwrap();
     build(&config, &options(0, 2)).expect("partition 0/2");
-    let cache = caches(&out).into_iter().find(|n| !n.ends_with(".lock")).unwrap();
+    let cache = caches(&out)
+        .into_iter()
+        .find(|n| !n.ends_with(".lock"))
+        .unwrap();
     std::fs::remove_dir_all(out.join(".work").join(&cache)).unwrap();
     let lock = out.join(".work").join(format!("{cache}.lock"));
     let f = std::fs::File::create(&lock).unwrap();

@@ -169,7 +169,10 @@ mod tests {
         let old = r#"{"format": "llava-next-shards", "schema_version": 1, "shards": []}"#;
         let err = Manifest::from_json(old).unwrap_err().to_string();
         assert!(err.contains("schema version 1"), "{err}");
-        assert!(err.contains(&format!("reads version {SCHEMA_VERSION}")), "{err}");
+        assert!(
+            err.contains(&format!("reads version {SCHEMA_VERSION}")),
+            "{err}"
+        );
         assert!(err.contains("llava-data build"), "{err}");
         let other = r#"{"format": "x", "schema_version": 2}"#;
         assert!(Manifest::from_json(other)

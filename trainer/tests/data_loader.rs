@@ -33,7 +33,10 @@ fn dataset(dir: &Path) -> Arc<ShardIndex> {
     write_synthetic(dir, &spec).expect("write synthetic shards");
     let index = ShardIndex::open(dir, &IndexOptions::default()).expect("open index");
     let shard0 = index.shards[0].metadata.metadata();
-    assert!(shard0.num_row_groups() >= 2, "the tests need several row groups");
+    assert!(
+        shard0.num_row_groups() >= 2,
+        "the tests need several row groups"
+    );
     assert!(
         (0..shard0.num_row_groups()).any(|rg| shard0.row_group(rg).num_rows() > 4),
         "the tests need row groups of several batches"

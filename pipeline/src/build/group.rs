@@ -67,7 +67,9 @@ pub fn plan(ctx: &BuildContext, samples: &[SampleMeta]) -> Plan {
     let mut all: Vec<u32> = Vec::with_capacity(samples.len());
     for is_image in [true, false] {
         let first = all.len();
-        all.extend((0..samples.len() as u32).filter(|&i| samples[i as usize].is_image() == is_image));
+        all.extend(
+            (0..samples.len() as u32).filter(|&i| samples[i as usize].is_image() == is_image),
+        );
         let order = &mut all[first..];
         let purpose = if is_image {
             "group:image"

@@ -139,7 +139,11 @@ pub fn remove_caches(work: &Path) {
         return;
     };
     for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(CACHE_PREFIX) {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(CACHE_PREFIX)
+        {
             let path = entry.path();
             let removed = if path.is_dir() {
                 std::fs::remove_dir_all(&path)
@@ -237,14 +241,15 @@ fn load(dir: &Path, key: &str, sources: usize) -> Result<Option<Pass1>, BuildErr
     let mut samples = Vec::with_capacity(summary.samples as usize);
     let mut buf = [0u8; SampleMeta::ENCODED];
     for _ in 0..summary.samples {
-        reader
-            .read_exact(&mut buf)
-            .map_err(io_err(&samples_path))?;
+        reader.read_exact(&mut buf).map_err(io_err(&samples_path))?;
         let meta = SampleMeta::decode(&buf);
         if meta.offset + u64::from(meta.bytes) > summary.spill_bytes
             || usize::from(meta.source) >= sources
         {
-            tracing::warn!("{}: inconsistent; pass 1 runs again", samples_path.display());
+            tracing::warn!(
+                "{}: inconsistent; pass 1 runs again",
+                samples_path.display()
+            );
             return Ok(None);
         }
         samples.push(meta);
@@ -272,8 +277,11 @@ fn holder_is_gone(lock: &Path) -> bool {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let mut words = text.split_whitespace();
     match (words.next(), words.next(), words.next(), words.next()) {
-        (Some("host"), Some(h), Some("pid"), Some(pid)) if !host.trim().is_empty() && h == host.trim() => {
-            pid.parse::<u32>().is_ok_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+        (Some("host"), Some(h), Some("pid"), Some(pid))
+            if !host.trim().is_empty() && h == host.trim() =>
+        {
+            pid.parse::<u32>()
+                .is_ok_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
         }
         _ => false,
     }

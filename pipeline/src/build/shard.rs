@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use llava_formats::constants::IGNORE_INDEX;
 use llava_formats::manifest::{RejectEntry, ShardInfo};
-use llava_formats::schema::{rows_to_batch, shard_schema, ImageMeta, ShardRow};
 use llava_formats::schema::RowGroupCutter;
+use llava_formats::schema::{rows_to_batch, shard_schema, ImageMeta, ShardRow};
 use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
 use rayon::prelude::*;

@@ -525,7 +525,8 @@ fn read_small_columns(file: &ShardFile) -> DataResult<SmallColumns> {
         for m in modality.iter() {
             let m = m.unwrap_or_default();
             let parsed = Modality::parse(m).unwrap_or_else(|| {
-                out.unknown_modality.push((out.modality.len(), m.to_string()));
+                out.unknown_modality
+                    .push((out.modality.len(), m.to_string()));
                 // Never equal to the shard's modality: the index reports the row.
                 if file.modality == Modality::Image {
                     Modality::Text

@@ -205,14 +205,7 @@ fn global_units(index: &ShardIndex, seed: u64, epoch: u64, batch_size: usize) ->
                 let n = index.batches[rg].samples.len();
                 for start in (0..n).step_by(batch_size) {
                     let rows = start..(start + batch_size).min(n);
-                    units.push(Unit::new(
-                        index,
-                        g,
-                        vec![RowSlice {
-                            batch: rg,
-                            rows,
-                        }],
-                    ));
+                    units.push(Unit::new(index, g, vec![RowSlice { batch: rg, rows }]));
                 }
             }
         } else {

@@ -112,7 +112,10 @@ impl ShardReader {
                 )));
             }
             if rg_numbers.last() != Some(&b.row_group) {
-                if rg_numbers.last().is_some_and(|&last| last + 1 != b.row_group) {
+                if rg_numbers
+                    .last()
+                    .is_some_and(|&last| last + 1 != b.row_group)
+                {
                     return Err(DataError::Plan(
                         "a batch's row groups are not consecutive".into(),
                     ));
