@@ -131,7 +131,7 @@ fn summary_numbers_equal_the_manifest() {
         s.rejects.by_kind.iter().map(|k| k.count).sum::<u64>(),
         m.totals.rejected
     );
-    // At the build's batch size the grouped batches are the build's batches (row groups).
+    // At the build's batch size the grouped batches are the build's batches.
     assert_eq!(s.padding.batch_size, m.grouping.batch_size);
     assert_eq!(s.padding.total.grouped.batches, m.grouping.batches);
     assert_eq!(s.padding.total.grouped.real_tokens, m.totals.tokens);

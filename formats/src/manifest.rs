@@ -4,9 +4,47 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::schema::SCHEMA_VERSION;
+
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const REJECTS_FILE: &str = "rejects.jsonl";
 pub const FORMAT_NAME: &str = "llava-next-shards";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("not a manifest: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("format {found:?}, expected {FORMAT_NAME:?}")]
+    Format { found: String },
+    #[error(
+        "shards built with schema version {found}{}, this build reads version {SCHEMA_VERSION}: \
+         rebuild them with this llava-data (`llava-data build`)",
+        if *found == 1 { " (one row group per batch)" } else { "" }
+    )]
+    Version { found: u64 },
+}
+
+impl Manifest {
+    /// Parses `manifest.json`, checking the format name and schema version first (so an old
+    /// build gets a clear error naming its version, not a missing-field one).
+    pub fn from_json(text: &str) -> Result<Manifest, ManifestError> {
+        let value: serde_json::Value = serde_json::from_str(text)?;
+        let format = value.get("format").and_then(|v| v.as_str()).unwrap_or("");
+        if format != FORMAT_NAME {
+            return Err(ManifestError::Format {
+                found: format.to_string(),
+            });
+        }
+        let found = value
+            .get("schema_version")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
+        if found != u64::from(SCHEMA_VERSION) {
+            return Err(ManifestError::Version { found });
+        }
+        Ok(serde_json::from_value(value)?)
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -43,8 +81,8 @@ pub struct BuildSettings {
 pub struct Grouping {
     /// `length_pools`: per modality, a seeded shuffle cut into pools of `group_size ×
     /// length_pool_groups` samples, each pool sorted by exact length (descending) and cut into
-    /// groups of `group_size`, each group into batches of `batch_size` consecutive samples (one
-    /// Parquet row group each). Groups never mix modalities; the last group of a modality may be
+    /// groups of `group_size`, each group into batches of `batch_size` consecutive samples
+    /// (consecutive rows; row groups hold several whole batches). Groups never mix modalities; the last group of a modality may be
     /// short, and so may its last batch.
     pub method: String,
     pub batch_size: usize,
@@ -79,8 +117,10 @@ pub struct ShardInfo {
     pub sha256: String,
     pub min_length: u32,
     pub max_length: u32,
-    /// Row groups = batches.
+    /// Parquet row groups (each holds whole batches; see `formats::schema`).
     pub row_groups: u64,
+    /// Batches in the shard.
+    pub batches: u64,
     /// Group ids in this shard: `first_group .. first_group + groups`.
     pub first_group: u32,
     pub groups: u32,
@@ -118,4 +158,26 @@ pub struct RejectEntry {
     /// Stable short name, for counting.
     pub kind: String,
     pub reason: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_schema_version_is_named() {
+        let old = r#"{"format": "llava-next-shards", "schema_version": 1, "shards": []}"#;
+        let err = Manifest::from_json(old).unwrap_err().to_string();
+        assert!(err.contains("schema version 1"), "{err}");
+        assert!(
+            err.contains(&format!("reads version {SCHEMA_VERSION}")),
+            "{err}"
+        );
+        assert!(err.contains("llava-data build"), "{err}");
+        let other = r#"{"format": "x", "schema_version": 2}"#;
+        assert!(Manifest::from_json(other)
+            .unwrap_err()
+            .to_string()
+            .contains("format"));
+    }
 }

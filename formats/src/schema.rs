@@ -1,9 +1,18 @@
 //! The shard schema (Parquet, one row per sample) and the conversion of rows to and from Arrow.
 //!
 //! Layout contract (version [`SCHEMA_VERSION`]):
-//! - One Parquet **row group per batch**: the `batch_size` samples of one batch of one group,
-//!   sorted by length (descending). A group's batches are consecutive row groups of one shard, so a
-//!   trainer rank reads exactly its own batches with whole-row-group reads, never the other ranks'.
+//! - A **batch** is the `batch_size` samples of one batch of one group, sorted by length
+//!   (descending): consecutive rows with the same (`group`, `batch`). A group's batches are
+//!   consecutive in one shard, in batch order.
+//! - **Row groups hold whole batches, several of them**: a row group is closed after the batch that
+//!   brings its estimated raw size ([`row_raw_bytes`]) to [`ROW_GROUP_TARGET_BYTES`] or its rows to
+//!   [`ROW_GROUP_MAX_ROWS`]. Image batches (≥ 338 KB per raw tile) usually fill a row group alone;
+//!   text row groups hold hundreds of batches, so the footer stays a few bytes per sample (version
+//!   1 had one row group per batch: a 171 MB footer on a 300K-record text shard).
+//! - The batch index is the `batch` column itself: the index a reader builds from the small
+//!   columns (runs of equal `batch` inside each row group) gives each batch's row range, and a
+//!   rank reads its batch's row group bytes (one contiguous read) and decodes only its rows.
+//! - No column statistics and no page index are written (no reader uses them).
 //! - A shard holds one modality (`image` or `text`) and whole groups only.
 //! - `tiles`: one binary value per tile, image by image, base tile first then the grid row-major.
 //!   `raw` encoding: 3·336·336 uint8 bytes in (channel RGB, row, column) order (CHW), exactly the
@@ -25,7 +34,90 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use thiserror::Error;
 
 /// Bumped on any change of columns, their meaning or the layout above.
-pub const SCHEMA_VERSION: u32 = 1;
+/// 1: one row group per batch. 2: row groups of several whole batches, no statistics.
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// A row group is closed once its rows' estimated raw bytes ([`row_raw_bytes`]) reach this.
+pub const ROW_GROUP_TARGET_BYTES: u64 = 1 << 20;
+/// ... or once it holds this many rows.
+pub const ROW_GROUP_MAX_ROWS: usize = 8192;
+
+/// Estimated uncompressed bytes of a row, for cutting row groups (deterministic: from the row
+/// alone, never from the encoder's state).
+pub fn row_raw_bytes(row: &ShardRow) -> u64 {
+    let tiles: usize = row.tiles.iter().map(Vec::len).sum();
+    let strings = row.id.len() + row.source.len() + row.json_file.len() + row.modality.len();
+    let images: usize = row.images.iter().map(|i| i.path.len() + 48).sum();
+    (tiles + 4 * (row.input_ids.len() + row.labels.len()) + strings + images + 32) as u64
+}
+
+/// Cuts a shard's batches into row groups (see the module doc): feed it each batch's rows, in
+/// order; it says when to close the row group after that batch.
+#[derive(Debug)]
+pub struct RowGroupCutter {
+    target_bytes: u64,
+    max_rows: usize,
+    bytes: u64,
+    rows: usize,
+}
+
+impl Default for RowGroupCutter {
+    fn default() -> Self {
+        Self::new(ROW_GROUP_TARGET_BYTES, ROW_GROUP_MAX_ROWS)
+    }
+}
+
+impl RowGroupCutter {
+    /// Other limits than the build's (tests use small ones to get many row groups).
+    pub fn new(target_bytes: u64, max_rows: usize) -> Self {
+        Self {
+            target_bytes,
+            max_rows,
+            bytes: 0,
+            rows: 0,
+        }
+    }
+
+    /// Adds a batch; `true`: close the row group after it.
+    pub fn add_batch(&mut self, rows: &[ShardRow]) -> bool {
+        self.bytes += rows.iter().map(row_raw_bytes).sum::<u64>();
+        self.rows += rows.len();
+        if self.bytes >= self.target_bytes || self.rows >= self.max_rows {
+            (self.bytes, self.rows) = (0, 0);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Rows in the row group being filled.
+    pub fn pending_rows(&self) -> usize {
+        self.rows
+    }
+}
+
+/// Parquet writer settings of a shard: zstd at `zstd_level`, row groups cut by the writer's caller
+/// (never by row count), no statistics or page index, no dictionary for `tiles`.
+pub fn writer_properties(
+    zstd_level: i32,
+) -> Result<parquet::file::properties::WriterProperties, parquet::errors::ParquetError> {
+    use parquet::basic::{Compression, ZstdLevel};
+    use parquet::file::properties::{EnabledStatistics, WriterProperties};
+    use parquet::schema::types::ColumnPath;
+    let tiles = ColumnPath::from(vec![
+        col::TILES.to_string(),
+        "list".to_string(),
+        "item".to_string(),
+    ]);
+    Ok(WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(zstd_level)?))
+        .set_max_row_group_row_count(None)
+        .set_statistics_enabled(EnabledStatistics::None)
+        .set_write_page_header_statistics(false)
+        .set_offset_index_disabled(true)
+        .set_column_dictionary_enabled(tiles, false)
+        .build())
+}
 
 /// Parquet key-value metadata keys.
 pub const META_SCHEMA_VERSION: &str = "llava.schema_version";
@@ -108,7 +200,7 @@ pub enum SchemaError {
         found: String,
         expected: String,
     },
-    #[error("shard schema version {found} is not supported (this build reads version {SCHEMA_VERSION}); rebuild the shards with this llava-data")]
+    #[error("shard schema version {found} is not supported (this build reads version {SCHEMA_VERSION}{}); rebuild the shards with this llava-data (`llava-data build`)", if found == "1" { ", which stores several batches per row group" } else { "" })]
     Version { found: String },
 }
 

@@ -1,6 +1,6 @@
 //! How long `inspect` takes on a 100,000-row build: writes a synthetic build (text rows and
 //! one-tile image rows with tiny fake tiles: the summary never reads tiles; realistic token
-//! columns, one row group per batch of 8) with its manifest, then times the summary and
+//! columns, row groups of whole batches of 8 as the build cuts them) with its manifest, then times the summary and
 //! `--verify`. Not a test: `cargo run --release -p llava-data --example inspect_bench [ROWS] [DIR]`.
 
 use std::collections::BTreeMap;
@@ -14,10 +14,11 @@ use llava_formats::constants::{IGNORE_INDEX, IMAGE_TOKEN_INDEX};
 use llava_formats::manifest::{
     BuildSettings, Grouping, Manifest, ShardInfo, SourceStats, Totals, FORMAT_NAME,
 };
-use llava_formats::schema::{rows_to_batch, shard_schema, ImageMeta, ShardRow, SCHEMA_VERSION};
+use llava_formats::schema::{
+    rows_to_batch, shard_schema, writer_properties, ImageMeta, RowGroupCutter, ShardRow,
+    SCHEMA_VERSION,
+};
 use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
 use sha2::{Digest, Sha256};
 
 const BATCH: usize = 8;
@@ -106,9 +107,7 @@ fn main() -> anyhow::Result<()> {
 
     let started = Instant::now();
     let schema = shard_schema("raw");
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
-        .build();
+    let props = writer_properties(3)?;
     let mut rng = Lcg(42);
     let mut shards = Vec::new();
     let mut totals = Totals::default();
@@ -129,6 +128,7 @@ fn main() -> anyhow::Result<()> {
             let mut writer =
                 ArrowWriter::try_new(File::create(&path)?, schema.clone(), Some(props.clone()))?;
             let first_group = group;
+            let mut cutter = RowGroupCutter::default();
             let mut info = ShardInfo {
                 file: file.clone(),
                 modality: modality.into(),
@@ -138,6 +138,7 @@ fn main() -> anyhow::Result<()> {
                 min_length: u32::MAX,
                 max_length: 0,
                 row_groups: 0,
+                batches: 0,
                 first_group,
                 groups: 0,
                 tokens: 0,
@@ -170,12 +171,18 @@ fn main() -> anyhow::Result<()> {
                             .or_default() += 1;
                     }
                     writer.write(&rows_to_batch(b, &schema))?;
-                    writer.flush()?;
-                    info.row_groups += 1;
+                    if cutter.add_batch(b) {
+                        writer.flush()?;
+                        info.row_groups += 1;
+                    }
+                    info.batches += 1;
                     batch += 1;
                 }
                 info.groups += 1;
                 group += 1;
+            }
+            if cutter.pending_rows() > 0 {
+                info.row_groups += 1;
             }
             writer.close()?;
             let bytes = std::fs::read(&path)?;

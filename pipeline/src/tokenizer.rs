@@ -24,6 +24,15 @@ pub struct SpecialIds {
     pub eot: i32,
 }
 
+/// Calls of [`TextTokenizer::encode`] in this process (all tokenizers): lets a test prove that
+/// a build reused pass 1 instead of tokenizing again.
+static ENCODE_CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many times any tokenizer of this process has encoded a text.
+pub fn encode_calls() -> u64 {
+    ENCODE_CALLS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     specials: SpecialIds,
@@ -86,6 +95,7 @@ impl TextTokenizer {
 
     /// BPE ids of `text`, without any special token added.
     pub fn encode(&self, text: &str) -> Result<Vec<i32>, TokenizerError> {
+        ENCODE_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if text.is_empty() {
             return Ok(Vec::new());
         }

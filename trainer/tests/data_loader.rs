@@ -26,10 +26,22 @@ fn dataset(dir: &Path) -> Arc<ShardIndex> {
         group_size: 8,
         groups_per_shard: 2,
         tile_size: TILE,
+        // Three batches per row group, across group ends: the reader must slice its batch.
+        row_group_max_rows: Some(10),
         ..SynthSpec::default()
     };
     write_synthetic(dir, &spec).expect("write synthetic shards");
-    ShardIndex::open(dir, &IndexOptions::default()).expect("open index")
+    let index = ShardIndex::open(dir, &IndexOptions::default()).expect("open index");
+    let shard0 = index.shards[0].metadata.metadata();
+    assert!(
+        shard0.num_row_groups() >= 2,
+        "the tests need several row groups"
+    );
+    assert!(
+        (0..shard0.num_row_groups()).any(|rg| shard0.row_group(rg).num_rows() > 4),
+        "the tests need row groups of several batches"
+    );
+    index
 }
 
 /// Every stored row, read independently of the loader.
@@ -313,4 +325,24 @@ fn corrupted_row_group_is_named() {
     let msg = err.to_string();
     assert!(msg.contains(&shard.path.display().to_string()), "{msg}");
     assert!(msg.contains("row group 1"), "{msg}");
+}
+
+#[test]
+fn shards_of_an_old_schema_are_refused_with_the_version() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    dataset(dir.path());
+    let path = dir.path().join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    manifest["schema_version"] = serde_json::json!(1);
+    // A v1 manifest has no per-shard `batches`: the version must be named before that matters.
+    for shard in manifest["shards"].as_array_mut().expect("shards") {
+        shard.as_object_mut().expect("object").remove("batches");
+    }
+    std::fs::write(&path, manifest.to_string()).expect("write");
+    let err = ShardIndex::open(dir.path(), &IndexOptions::default()).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("schema version 1"), "{msg}");
+    assert!(msg.contains("rebuild"), "{msg}");
+    assert!(msg.contains(&path.display().to_string()), "{msg}");
 }

@@ -72,7 +72,7 @@ pub fn write_pass1_and_plan(
             group_size: c.group_size,
             length_pool_groups: c.length_pool_groups,
             groups: plan.groups.len() as u64,
-            batches: plan.groups.iter().map(|g| g.batches.len() as u64).sum(),
+            batches: plan.groups.iter().map(|g| plan.batch_count(g) as u64).sum(),
         },
         sources,
         shards: Vec::new(),
@@ -188,6 +188,8 @@ pub fn assemble(output: &Path) -> Result<Manifest, BuildError> {
     std::fs::rename(&tmp, &rejects_path).map_err(io_err(&rejects_path))?;
     write_json_atomic(&output.join(MANIFEST_FILE), &manifest)?;
     remove_stale_shards(output, &build.shard_files)?;
+    // The build is complete: pass 1's cache is no longer needed.
+    super::pass1::remove_caches(&output.join(WORK_DIR));
     Ok(manifest)
 }
 

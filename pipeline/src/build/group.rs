@@ -12,12 +12,14 @@ use super::pass1::SampleMeta;
 use super::BuildContext;
 use llava_formats::rng::{shuffle, SplitMix64};
 
+/// One group: `len` consecutive entries of [`Plan::order`] from `start`, cut into batches of
+/// `batch_size` (the last may be short).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Group {
     pub id: u32,
     pub is_image: bool,
-    /// Batches of sample ordinals (indices into pass 1's `samples`).
-    pub batches: Vec<Vec<u32>>,
+    pub start: u32,
+    pub len: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,10 +33,27 @@ pub struct ShardPlan {
     pub first_batch: u32,
 }
 
+/// The plan: 4 bytes per sample (`order`) plus 16 per group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
+    /// Sample ordinals (indices into pass 1's `samples`), group after group.
+    pub order: Vec<u32>,
     pub groups: Vec<Group>,
     pub shards: Vec<ShardPlan>,
+    pub batch_size: usize,
+}
+
+impl Plan {
+    /// The batches of `group`, each a slice of sample ordinals.
+    pub fn batches(&self, group: &Group) -> std::slice::Chunks<'_, u32> {
+        let start = group.start as usize;
+        self.order[start..start + group.len as usize].chunks(self.batch_size)
+    }
+
+    /// Batches of `group`.
+    pub fn batch_count(&self, group: &Group) -> usize {
+        (group.len as usize).div_ceil(self.batch_size)
+    }
 }
 
 /// Bytes of one raw tile (3 × 336 × 336).
@@ -45,27 +64,39 @@ const JPEG_TILE_BYTES: u64 = 40_000;
 pub fn plan(ctx: &BuildContext, samples: &[SampleMeta]) -> Plan {
     let c = &ctx.config;
     let mut groups = Vec::new();
+    let mut all: Vec<u32> = Vec::with_capacity(samples.len());
     for is_image in [true, false] {
-        let mut order: Vec<u32> = (0..samples.len() as u32)
-            .filter(|&i| samples[i as usize].is_image == is_image)
-            .collect();
+        let first = all.len();
+        all.extend(
+            (0..samples.len() as u32).filter(|&i| samples[i as usize].is_image() == is_image),
+        );
+        let order = &mut all[first..];
         let purpose = if is_image {
             "group:image"
         } else {
             "group:text"
         };
-        shuffle(&mut order, &mut SplitMix64::for_purpose(c.seed, purpose));
+        shuffle(order, &mut SplitMix64::for_purpose(c.seed, purpose));
+        let mut at = first;
         for pool in order.chunks_mut(c.group_size * c.length_pool_groups) {
             pool.sort_by_key(|&i| (std::cmp::Reverse(samples[i as usize].length), i));
             for group in pool.chunks(c.group_size) {
                 groups.push(Group {
                     id: groups.len() as u32,
                     is_image,
-                    batches: group.chunks(c.batch_size).map(<[u32]>::to_vec).collect(),
+                    start: at as u32,
+                    len: group.len() as u32,
                 });
+                at += group.len();
             }
         }
     }
+    let mut plan = Plan {
+        order: all,
+        groups,
+        shards: Vec::new(),
+        batch_size: c.batch_size,
+    };
 
     let tile_bytes = if c.tile_encoding == "jpeg" {
         JPEG_TILE_BYTES
@@ -76,11 +107,10 @@ pub fn plan(ctx: &BuildContext, samples: &[SampleMeta]) -> Plan {
     let mut shards: Vec<ShardPlan> = Vec::new();
     let mut bytes = 0u64;
     let mut batch_id = 0u32;
-    for group in &groups {
-        let group_bytes: u64 = group
-            .batches
+    for group in &plan.groups {
+        let start = group.start as usize;
+        let group_bytes: u64 = plan.order[start..start + group.len as usize]
             .iter()
-            .flatten()
             .map(|&i| {
                 let s = &samples[i as usize];
                 u64::from(s.num_tiles) * tile_bytes + u64::from(s.bytes)
@@ -109,7 +139,8 @@ pub fn plan(ctx: &BuildContext, samples: &[SampleMeta]) -> Plan {
             last.groups += 1;
         }
         bytes += group_bytes;
-        batch_id += group.batches.len() as u32;
+        batch_id += plan.batch_count(group) as u32;
     }
-    Plan { groups, shards }
+    plan.shards = shards;
+    plan
 }

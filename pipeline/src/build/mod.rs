@@ -3,6 +3,7 @@
 //! Two passes, so that memory stays bounded and the output does not depend on thread count:
 //! 1. [`pass1`]: every selected record is parsed, tokenized and its images' sizes read from their
 //!    headers: that gives each sample's exact length. Prepared samples are spilled to a work file.
+//!    Computed once and cached in the output folder: resume and every partition reuse it.
 //! 2. [`group`] plans groups and shards from the lengths alone (seeded), then [`shard`] renders the
 //!    pixels of one shard at a time (rayon) and writes it under a temporary name, renamed when
 //!    complete. A rerun skips finished shards; `--partition i/N` writes every N-th shard, and
@@ -96,6 +97,8 @@ pub struct BuildOutcome {
     pub output: PathBuf,
     pub shards_written: usize,
     pub shards_skipped: usize,
+    /// Pass 1 came from the cache (an earlier run or another partition computed it).
+    pub pass1_reused: bool,
     /// `Some` when this run completed the build (a whole build, or the last missing partition).
     pub manifest: Option<Manifest>,
 }
@@ -108,7 +111,6 @@ pub fn build(config_path: &Path, options: &BuildOptions) -> Result<BuildOutcome,
     let work = ctx.output.join(WORK_DIR);
     assemble::write_pass1_and_plan(&work, &ctx, &pass1, &plan)?;
     let (written, skipped) = shard::write_owned(&ctx, &pass1, &plan, options)?;
-    std::fs::remove_file(&pass1.spill_path).ok();
     let manifest = if options.partition == Partition::WHOLE {
         Some(assemble::assemble(&ctx.output)?)
     } else {
@@ -118,6 +120,7 @@ pub fn build(config_path: &Path, options: &BuildOptions) -> Result<BuildOutcome,
         output: ctx.output.clone(),
         shards_written: written,
         shards_skipped: skipped,
+        pass1_reused: pass1.reused,
         manifest,
     })
 }

@@ -7,11 +7,10 @@ use std::path::{Path, PathBuf};
 
 use llava_formats::constants::IGNORE_INDEX;
 use llava_formats::manifest::{RejectEntry, ShardInfo};
+use llava_formats::schema::RowGroupCutter;
 use llava_formats::schema::{rows_to_batch, shard_schema, ImageMeta, ShardRow};
 use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::{EnabledStatistics, WriterProperties};
-use parquet::schema::types::ColumnPath;
+use parquet::file::properties::WriterProperties;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -70,8 +69,7 @@ pub fn write_owned(
     let samples_todo: u64 = todo
         .iter()
         .flat_map(|s| shard_groups(plan, s))
-        .flat_map(|g| &g.batches)
-        .map(|b| b.len() as u64)
+        .map(|g| u64::from(g.len))
         .sum();
     let bar = progress_bar(options.progress, samples_todo, "pass 2/2: pixels + write");
     let mut rejected = 0usize;
@@ -103,21 +101,8 @@ fn is_finished(ctx: &BuildContext, shard: &ShardPlan) -> bool {
 }
 
 fn writer_properties(ctx: &BuildContext) -> Result<WriterProperties, BuildError> {
-    let level = ZstdLevel::try_new(ctx.config.zstd_level)
-        .map_err(|e| BuildError::Plan(format!("zstd_level: {e}")))?;
-    let tiles = ColumnPath::from(vec![
-        llava_formats::schema::col::TILES.to_string(),
-        "list".to_string(),
-        "item".to_string(),
-    ]);
-    Ok(WriterProperties::builder()
-        .set_compression(Compression::ZSTD(level))
-        // Row groups are cut explicitly, one per batch.
-        .set_max_row_group_row_count(None)
-        // Tiles are large, incompressible-looking blobs: no dictionary, no min/max statistics.
-        .set_column_dictionary_enabled(tiles.clone(), false)
-        .set_column_statistics_enabled(tiles, EnabledStatistics::None)
-        .build())
+    llava_formats::schema::writer_properties(ctx.config.zstd_level)
+        .map_err(|e| BuildError::Plan(format!("zstd_level: {e}")))
 }
 
 fn write_shard(
@@ -144,23 +129,32 @@ fn write_shard(
     let mut batches = Vec::new();
     let mut batch_id = shard.first_batch;
     for group in shard_groups(plan, shard) {
-        for batch in &group.batches {
+        for batch in plan.batches(group) {
             batches.push((group.id, batch_id, batch));
             batch_id += 1;
         }
     }
     // Encoding and zstd run on their own thread, overlapping the rendering of the next window;
-    // batches reach it in order through a small bounded channel (memory stays bounded).
+    // batches reach it in order through a small bounded channel (memory stays bounded: the
+    // writer holds the row group being filled, at most ~ROW_GROUP_TARGET_BYTES + one batch).
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<ShardRow>>(2);
-    let file = std::thread::scope(|scope| -> Result<File, BuildError> {
+    let file = std::thread::scope(|scope| -> Result<(File, u64), BuildError> {
         let writer_schema = schema.clone();
-        let handle = scope.spawn(move || -> parquet::errors::Result<File> {
+        let handle = scope.spawn(move || -> parquet::errors::Result<(File, u64)> {
             let mut writer = writer;
+            let mut cutter = RowGroupCutter::default();
+            let mut row_groups = 0u64;
             for rows in rx {
                 writer.write(&rows_to_batch(&rows, &writer_schema))?;
-                writer.flush()?;
+                if cutter.add_batch(&rows) {
+                    writer.flush()?;
+                    row_groups += 1;
+                }
             }
-            writer.into_inner()
+            if cutter.pending_rows() > 0 {
+                row_groups += 1;
+            }
+            Ok((writer.into_inner()?, row_groups))
         });
         // Render a window of whole batches in parallel (enough samples to keep every thread
         // busy), then send its batches in order: the output does not depend on the thread count.
@@ -200,7 +194,7 @@ fn write_shard(
                 for (row, ordinal) in rows.iter().zip(ords) {
                     stats.add(row, pass1.samples[*ordinal as usize].source as usize);
                 }
-                stats.row_groups += 1;
+                stats.batches += 1;
                 // A closed channel means the writer failed: its error is reported below.
                 if tx.send(rows).is_err() {
                     break 'windows;
@@ -214,20 +208,22 @@ fn write_shard(
             .map_err(|_| BuildError::Plan(format!("the writer of {} panicked", shard.file)))?
             .map_err(parquet_err)
     })?;
+    let (file, row_groups) = file;
     file.sync_all().map_err(io_err(&tmp_path))?;
     drop(file);
-    let bytes = std::fs::read(&tmp_path).map_err(io_err(&tmp_path))?;
+    let (bytes, sha256) = hash_file(&tmp_path)?;
     let record = ShardRecord {
         config_sha256: ctx.config_sha256.clone(),
         info: ShardInfo {
             file: format!("{SHARDS_DIR}/{}", shard.file),
             modality: if shard.is_image { "image" } else { "text" }.to_string(),
             rows: stats.rows,
-            bytes: bytes.len() as u64,
-            sha256: hex::encode(Sha256::digest(&bytes)),
+            bytes,
+            sha256,
             min_length: stats.min_length.unwrap_or(0),
             max_length: stats.max_length,
-            row_groups: stats.row_groups,
+            row_groups,
+            batches: stats.batches,
             first_group: shard.first_group,
             groups: shard.groups,
             tokens: stats.tokens,
@@ -345,9 +341,27 @@ fn encode_tiles(sample: &Sample, encoding: &str, quality: u8) -> Result<Vec<Vec<
     Ok(out)
 }
 
+/// Size and SHA-256 of a file, read in 1 MiB pieces.
+fn hash_file(path: &Path) -> Result<(u64, String), BuildError> {
+    use std::io::Read;
+    let mut file = File::open(path).map_err(io_err(path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = file.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+    Ok((total, hex::encode(hasher.finalize())))
+}
+
 struct Stats {
     rows: u64,
-    row_groups: u64,
+    batches: u64,
     min_length: Option<u32>,
     max_length: u32,
     tokens: u64,
@@ -364,7 +378,7 @@ impl Stats {
     fn new(sources: usize) -> Self {
         Stats {
             rows: 0,
-            row_groups: 0,
+            batches: 0,
             min_length: None,
             max_length: 0,
             tokens: 0,

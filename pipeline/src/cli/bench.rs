@@ -17,7 +17,9 @@ use serde_json::json;
 #[command(after_help = "\
 Examples:
   llava-data bench                                   # 2000 records, raw tiles, all cores
-  llava-data bench --records 500 --tile-encoding jpeg --threads 4 --json")]
+  llava-data bench --records 500 --tile-encoding jpeg --threads 4 --json
+  llava-data bench --scale --text-records 300000 --image-records 0 --work /tmp/scale
+  llava-data bench --scale --text-records 10000000 --image-records 1000000 --json")]
 pub struct BenchArgs {
     /// Records in the generated mixture (cycled from the fixture instruction data).
     #[arg(long, default_value_t = 2000)]
@@ -40,6 +42,27 @@ pub struct BenchArgs {
     /// Print the measurements as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Scale bench instead: generate --text-records text and --image-records image records, build
+    /// them in a child `llava-data build` and report wall time, peak RSS, footer bytes per shard,
+    /// metadata open time and (with llava-trainer beside this binary) the loader's open time.
+    #[arg(long)]
+    scale: bool,
+    /// `--scale`: generated text-only records (~180 tokens each).
+    #[arg(long, default_value_t = 300_000)]
+    text_records: u64,
+    /// `--scale`: generated image records (cycling the fixture images).
+    #[arg(long, default_value_t = 0)]
+    image_records: u64,
+    /// `--scale`: the `llava-data` binary that builds (default: this one; e.g. an older release
+    /// to compare layouts on the same generated data).
+    #[arg(long)]
+    builder: Option<PathBuf>,
+    /// `--scale`: the `llava-trainer` binary for `loader-bench` (default: beside this binary).
+    #[arg(long)]
+    trainer: Option<PathBuf>,
+    /// `--scale`: loader worker threads for `loader-bench`.
+    #[arg(long, default_value_t = 4)]
+    loader_workers: usize,
 }
 
 /// Peak resident set size of this process so far (Linux `VmHWM`), in MiB.
@@ -92,6 +115,21 @@ fn generate(fixtures: &Path, records: usize, work: &Path, args: &BenchArgs) -> R
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    if args.scale {
+        return super::bench_scale::run(super::bench_scale::ScaleArgs {
+            text_records: args.text_records,
+            image_records: args.image_records,
+            fixtures: &args.fixtures,
+            tokenizer: &args.tokenizer,
+            work: args.work.as_deref(),
+            tile_encoding: &args.tile_encoding,
+            threads: args.threads,
+            builder: args.builder.as_deref(),
+            trainer: args.trainer.as_deref(),
+            loader_workers: args.loader_workers,
+            json: args.json,
+        });
+    }
     if let Some(n) = args.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)

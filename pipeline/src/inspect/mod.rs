@@ -71,11 +71,10 @@ impl BuildDir {
     pub fn open(dir: &Path) -> Result<Self, InspectError> {
         let path = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-        let manifest: Manifest =
-            serde_json::from_str(&text).map_err(|e| InspectError::Manifest {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
+        let manifest = Manifest::from_json(&text).map_err(|e| InspectError::Manifest {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
         Ok(BuildDir {
             dir: dir.to_path_buf(),
             manifest,

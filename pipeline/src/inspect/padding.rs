@@ -3,7 +3,7 @@
 //!
 //! - **Grouped** (what a trainer reading the shards gets): per modality, the rows of each group in
 //!   shard and row-group order, cut into batches of `batch_size` consecutive rows (with the build's
-//!   batch size these are exactly its row groups); a group's last batch may be short.
+//!   batch size these are exactly its batches); a group's last batch may be short.
 //! - **Random**: the same rows of one modality shuffled with a seeded [`SplitMix64`] (purpose
 //!   `inspect:random:<modality>` of the build seed), cut into batches of `batch_size`.
 //!

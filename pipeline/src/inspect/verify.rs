@@ -5,7 +5,8 @@
 //! metadata; row count and row groups; per row: modality = the shard's, group id within the
 //! shard's range, `length` = non-image ids + the images' tokens, `num_image_tokens` = the images'
 //! tokens, one `-200` id per image, `labels` as long as `input_ids`; per shard: tokens, supervised
-//! tokens, tiles and min/max length as in the manifest. Then the totals.
+//! tokens, tiles, batches (runs of equal group and batch) and min/max length as in the manifest.
+//! Then the totals.
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -200,6 +201,8 @@ fn verify_shard(build: &BuildDir, shard: &ShardInfo, problems: &mut Vec<Problem>
     let mut issues: [RowIssues; 6] = Default::default();
     let (mut rows, mut tokens, mut supervised, mut tiles) = (0u64, 0u64, 0u64, 0u64);
     let (mut min_len, mut max_len) = (u32::MAX, 0u32);
+    // Batches: runs of equal (group, batch).
+    let (mut batches, mut last_batch) = (0u64, None);
     for batch in reader {
         let batch = match batch {
             Ok(b) => b,
@@ -278,6 +281,10 @@ fn verify_shard(build: &BuildDir, shard: &ShardInfo, problems: &mut Vec<Problem>
             if r.images.iter().any(|i| i.num_tiles == 0) {
                 issues[5].add(|| format!("{}: an image with no tile", at()));
             }
+            if last_batch != Some((r.group, r.batch)) {
+                batches += 1;
+                last_batch = Some((r.group, r.batch));
+            }
             rows += 1;
             tokens += u64::from(r.length);
             supervised += r.labels.iter().filter(|&&l| l != IGNORE_INDEX).count() as u64;
@@ -300,6 +307,7 @@ fn verify_shard(build: &BuildDir, shard: &ShardInfo, problems: &mut Vec<Problem>
             ("tokens", tokens, shard.tokens),
             ("supervised tokens", supervised, shard.supervised_tokens),
             ("tiles", tiles, shard.tiles),
+            ("batches", batches, shard.batches),
         ];
         for (what, found, listed) in sums {
             if found != listed {

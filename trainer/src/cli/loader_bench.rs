@@ -62,6 +62,14 @@ pub struct Args {
     make_synthetic: Option<usize>,
 }
 
+/// Peak resident set size of this process so far (Linux `VmHWM`), in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -89,12 +97,14 @@ pub fn run(args: Args) -> Result<()> {
             t.elapsed().as_secs_f64()
         );
     }
+    let opened = Instant::now();
     let index = ShardIndex::open(
         &args.shards,
         &IndexOptions {
             verify_checksums: args.verify_checksums,
         },
     )?;
+    let open_time = opened.elapsed();
     let config = PlanConfig {
         seed: args.seed,
         world_size: args.world_size,
@@ -150,6 +160,7 @@ pub fn run(args: Args) -> Result<()> {
     let wall = start.elapsed().as_secs_f64();
     drop(loader);
     let first_wait = waits.first().copied().unwrap_or_default();
+    let to_first_batch = start - opened + first_wait;
     // Steady state excludes the first batch (pipeline fill).
     let mut steady: Vec<Duration> = waits.iter().skip(1).copied().collect();
     steady.sort();
@@ -165,6 +176,9 @@ pub fn run(args: Args) -> Result<()> {
         "shard_mb_per_s": bytes as f64 / 1e6 / wall,
         "tile_mb_per_s": (tiles * 3 * index.tile_size() * index.tile_size()) as f64 / 1e6 / wall,
         "first_batch_ms": first_wait.as_secs_f64() * 1e3,
+        "open_ms": open_time.as_secs_f64() * 1e3,
+        "time_to_first_batch_ms": to_first_batch.as_secs_f64() * 1e3,
+        "peak_rss_mib": peak_rss_mib(),
         "wait_p50_ms": percentile(&steady, 0.50),
         "wait_p99_ms": percentile(&steady, 0.99),
         "worker_p50_ms": percentile(&builds, 0.50),
@@ -174,10 +188,14 @@ pub fn run(args: Args) -> Result<()> {
         println!("{result}");
     } else {
         println!(
-            "{} batches, {samples} samples ({tiles} tiles) in {wall:.2}s with {} workers: \
+            "index opened in {:.1} ms, first batch {:.1} ms after the start (open + plan + read); peak RSS {:.0} MiB\n\
+             {} batches, {samples} samples ({tiles} tiles) in {wall:.2}s with {} workers: \
              {:.1} samples/s ({:.1}/worker), {:.1} MB/s shard bytes, {:.1} MB/s tiles; \
              consumer wait p50 {:.1} ms p99 {:.1} ms (first {:.1} ms); \
              worker per batch p50 {:.1} ms p99 {:.1} ms",
+            open_time.as_secs_f64() * 1e3,
+            to_first_batch.as_secs_f64() * 1e3,
+            peak_rss_mib().unwrap_or(f64::NAN),
             waits.len(),
             args.workers,
             result["samples_per_s"].as_f64().unwrap_or(0.0),

@@ -21,6 +21,12 @@ pub enum DataError {
         source: serde_json::Error,
     },
 
+    #[error("{path}: {source}")]
+    ManifestCheck {
+        path: PathBuf,
+        source: llava_formats::manifest::ManifestError,
+    },
+
     #[error("{path}: shard listed in the manifest is missing or unreadable: {source}")]
     MissingShard {
         path: PathBuf,

@@ -1,7 +1,12 @@
 //! The shard index: the manifest plus what the plan needs from each shard's small columns
-//! (group, batch, exact length, sample identity) per row group. Built once per run by reading
-//! only those columns (never the tiles), and checked against the manifest so that a stale or
-//! foreign shard fails here, before training starts.
+//! (group, batch, exact length, sample identity) per batch. Built once per run by reading only
+//! those columns (never the tiles), and checked against the manifest so that a stale or foreign
+//! shard fails here, before training starts.
+//!
+//! Schema v2 stores several whole batches per Parquet row group; the batch index is the `batch`
+//! column: each run of equal (`group`, `batch`) inside a row group is one batch, and the index
+//! keeps its row range. Memory: 16 bytes per sample ([`SampleRef`]) plus 64 per batch
+//! ([`BatchInfo`]), i.e. 32 bytes per sample at batch size 4.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -57,13 +62,15 @@ pub struct SampleRef {
     pub length: u32,
 }
 
-/// One Parquet row group = one batch as built.
+/// One batch as built: a row range of one Parquet row group.
 #[derive(Debug, Clone)]
-pub struct RowGroupInfo {
+pub struct BatchInfo {
     /// Index into [`ShardIndex::shards`].
     pub shard: usize,
     /// Row group number inside its shard file.
     pub row_group: usize,
+    /// Rows of the batch inside that row group.
+    pub rows: Range<usize>,
     pub group: u32,
     pub batch: u32,
     /// Range into [`ShardIndex::samples`], in row order.
@@ -71,14 +78,14 @@ pub struct RowGroupInfo {
     pub tokens: u64,
 }
 
-/// One group: consecutive row groups of one shard, one modality.
+/// One group: consecutive batches of one shard, one modality.
 #[derive(Debug, Clone)]
 pub struct GroupInfo {
     pub id: u32,
     pub shard: usize,
     pub modality: Modality,
-    /// Range into [`ShardIndex::row_groups`].
-    pub row_groups: Range<usize>,
+    /// Range into [`ShardIndex::batches`].
+    pub batches: Range<usize>,
 }
 
 /// One shard file and its parsed footer (shared by all loader workers, parsed once).
@@ -102,8 +109,8 @@ pub struct ShardIndex {
     pub dir: PathBuf,
     pub manifest: Manifest,
     pub shards: Vec<ShardFile>,
-    /// All row groups, shard by shard, in file order.
-    pub row_groups: Vec<RowGroupInfo>,
+    /// All batches, shard by shard, in file order.
+    pub batches: Vec<BatchInfo>,
     /// All groups in shard/file order (the unshuffled order).
     pub groups: Vec<GroupInfo>,
     pub samples: Vec<SampleRef>,
@@ -119,11 +126,10 @@ impl ShardIndex {
             path: manifest_path.clone(),
             source,
         })?;
-        let manifest: Manifest =
-            serde_json::from_str(&text).map_err(|source| DataError::Manifest {
-                path: manifest_path.clone(),
-                source,
-            })?;
+        let manifest = Manifest::from_json(&text).map_err(|source| DataError::ManifestCheck {
+            path: manifest_path.clone(),
+            source,
+        })?;
         Self::from_manifest(dir, manifest, options)
     }
 
@@ -146,7 +152,8 @@ impl ShardIndex {
         }
         if manifest.schema_version != SCHEMA_VERSION {
             return Err(bad_manifest(format!(
-                "schema version {}, this build reads {SCHEMA_VERSION}; rebuild the shards",
+                "schema version {}, this build reads {SCHEMA_VERSION}; rebuild the shards with \
+                 this llava-data (`llava-data build`)",
                 manifest.schema_version
             )));
         }
@@ -163,11 +170,14 @@ impl ShardIndex {
             dir: dir.to_path_buf(),
             manifest: manifest.clone(),
             shards: Vec::new(),
-            row_groups: Vec::new(),
+            batches: Vec::new(),
             groups: Vec::new(),
             samples: Vec::new(),
             sources: Vec::new(),
         };
+        // Reserve what the manifest lists (a corrupt count only costs a wrong reservation).
+        let listed: u64 = manifest.shards.iter().map(|s| s.rows).sum();
+        index.samples.reserve(listed.min(1 << 28) as usize);
         let mut source_ids: HashMap<String, u32> = HashMap::new();
         let mut seen_groups: HashMap<u32, PathBuf> = HashMap::new();
         for info in &manifest.shards {
@@ -180,6 +190,7 @@ impl ShardIndex {
 
             let meta = index.shards[shard].metadata.metadata().clone();
             let mut offset = 0usize;
+            let mut shard_batches = 0u64;
             for rg in 0..meta.num_row_groups() {
                 let n = meta.row_group(rg).num_rows() as usize;
                 let rows = offset..offset + n;
@@ -192,68 +203,108 @@ impl ShardIndex {
                 if n == 0 {
                     return Err(corrupt("empty row group".into()));
                 }
-                let group = columns.group[rows.start];
-                let batch = columns.batch[rows.start];
-                let start = index.samples.len();
-                let mut tokens = 0u64;
-                for i in rows.clone() {
-                    if columns.group[i] != group || columns.batch[i] != batch {
-                        return Err(corrupt(format!(
-                            "row group mixes (group, batch) ({group}, {batch}) and ({}, {})",
-                            columns.group[i], columns.batch[i]
-                        )));
-                    }
-                    if columns.modality[i] != modality.as_str() {
-                        return Err(corrupt(format!(
-                            "row of modality {:?} in a {} shard",
-                            columns.modality[i],
-                            modality.as_str()
-                        )));
-                    }
-                    let next_id = source_ids.len() as u32;
-                    let source =
-                        *source_ids
-                            .entry(columns.source[i].clone())
-                            .or_insert_with(|| {
-                                index.sources.push(columns.source[i].clone());
-                                next_id
-                            });
-                    tokens += u64::from(columns.length[i]);
-                    index.samples.push(SampleRef {
-                        source,
-                        index: columns.index[i],
-                        length: columns.length[i],
-                    });
+                if rows.end > columns.group.len() {
+                    return Err(corrupt(format!(
+                        "the footer says {} rows or more, the columns have {}",
+                        rows.end,
+                        columns.group.len()
+                    )));
                 }
-                let rg_id = index.row_groups.len();
-                index.row_groups.push(RowGroupInfo {
-                    shard,
-                    row_group: rg,
-                    group,
-                    batch,
-                    samples: start..index.samples.len(),
-                    tokens,
-                });
-                // A group's batches are consecutive row groups of one shard.
-                match index.groups.last_mut() {
-                    Some(g) if g.id == group && g.shard == shard => {
-                        g.row_groups.end = rg_id + 1;
+                // Runs of equal (group, batch) are the row group's batches.
+                let mut run_start = rows.start;
+                while run_start < rows.end {
+                    let group = columns.group[run_start];
+                    let batch = columns.batch[run_start];
+                    let mut run_end = run_start;
+                    while run_end < rows.end
+                        && columns.group[run_end] == group
+                        && columns.batch[run_end] == batch
+                    {
+                        run_end += 1;
                     }
-                    _ => {
-                        if let Some(other) = seen_groups.insert(group, path.clone()) {
+                    if let Some(prev) = index.batches.last() {
+                        if prev.shard == shard && prev.group == group && prev.batch == batch {
                             return Err(corrupt(format!(
-                                "group {group} is not contiguous (also in {})",
-                                other.display()
+                                "batch ({group}, {batch}) is split across row groups or not contiguous"
                             )));
                         }
-                        index.groups.push(GroupInfo {
-                            id: group,
-                            shard,
-                            modality,
-                            row_groups: rg_id..rg_id + 1,
+                    }
+                    let start = index.samples.len();
+                    let mut tokens = 0u64;
+                    for i in run_start..run_end {
+                        if columns.modality[i] != modality {
+                            return Err(corrupt(format!(
+                                "row of modality {:?} in a {} shard",
+                                columns.modality_name(i),
+                                modality.as_str()
+                            )));
+                        }
+                        let name = &columns.source_names[columns.source[i] as usize];
+                        let next_id = source_ids.len() as u32;
+                        let source = *source_ids.entry(name.clone()).or_insert_with(|| {
+                            index.sources.push(name.clone());
+                            next_id
+                        });
+                        tokens += u64::from(columns.length[i]);
+                        index.samples.push(SampleRef {
+                            source,
+                            index: columns.index[i],
+                            length: columns.length[i],
                         });
                     }
+                    let batch_id = index.batches.len();
+                    index.batches.push(BatchInfo {
+                        shard,
+                        row_group: rg,
+                        rows: run_start - rows.start..run_end - rows.start,
+                        group,
+                        batch,
+                        samples: start..index.samples.len(),
+                        tokens,
+                    });
+                    shard_batches += 1;
+                    // A group's batches are consecutive in one shard.
+                    match index.groups.last_mut() {
+                        Some(g) if g.id == group && g.shard == shard => {
+                            g.batches.end = batch_id + 1;
+                        }
+                        _ => {
+                            if let Some(other) = seen_groups.insert(group, path.clone()) {
+                                return Err(corrupt(format!(
+                                    "group {group} is not contiguous (also in {})",
+                                    other.display()
+                                )));
+                            }
+                            index.groups.push(GroupInfo {
+                                id: group,
+                                shard,
+                                modality,
+                                batches: batch_id..batch_id + 1,
+                            });
+                        }
+                    }
+                    run_start = run_end;
                 }
+            }
+            if offset != columns.group.len() {
+                return Err(DataError::Corrupt {
+                    path: path.clone(),
+                    row_group: None,
+                    detail: format!(
+                        "the footer says {offset} rows, the columns have {}",
+                        columns.group.len()
+                    ),
+                });
+            }
+            if shard_batches != index.shards[shard].info.batches {
+                return Err(DataError::Corrupt {
+                    path: path.clone(),
+                    row_group: None,
+                    detail: format!(
+                        "{shard_batches} batches, the manifest says {}",
+                        index.shards[shard].info.batches
+                    ),
+                });
             }
         }
         Ok(Arc::new(index))
@@ -386,15 +437,29 @@ fn sha256_file(file: &mut File) -> std::io::Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
-/// The plan's columns of a whole shard, in row order.
+/// The plan's columns of a whole shard, in row order: ~22 bytes per row while one shard is
+/// indexed (strings are interned per shard, never kept per row).
 #[derive(Default)]
 struct SmallColumns {
-    source: Vec<String>,
+    /// Index into `source_names`.
+    source: Vec<u32>,
+    source_names: Vec<String>,
     index: Vec<u64>,
     length: Vec<u32>,
-    modality: Vec<String>,
+    modality: Vec<Modality>,
+    /// Modalities that are neither image nor text, by their position (for the error message).
+    unknown_modality: Vec<(usize, String)>,
     group: Vec<u32>,
     batch: Vec<u32>,
+}
+
+impl SmallColumns {
+    fn modality_name(&self, i: usize) -> String {
+        match self.unknown_modality.iter().find(|(j, _)| *j == i) {
+            Some((_, name)) => name.clone(),
+            None => self.modality[i].as_str().to_string(),
+        }
+    }
 }
 
 fn read_small_columns(file: &ShardFile) -> DataResult<SmallColumns> {
@@ -427,6 +492,7 @@ fn read_small_columns(file: &ShardFile) -> DataResult<SmallColumns> {
         .build()
         .map_err(parquet_err)?;
     let mut out = SmallColumns::default();
+    let mut names: HashMap<String, u32> = HashMap::new();
     for batch in reader {
         let batch = batch.map_err(|e| DataError::Corrupt {
             path: file.path.clone(),
@@ -443,10 +509,33 @@ fn read_small_columns(file: &ShardFile) -> DataResult<SmallColumns> {
         let index: &UInt64Array = typed(&batch, col::INDEX, &corrupt)?;
         let source = strings(col::SOURCE)?;
         let modality = strings(col::MODALITY)?;
-        out.source
-            .extend(source.iter().map(|s| s.unwrap_or_default().to_string()));
-        out.modality
-            .extend(modality.iter().map(|s| s.unwrap_or_default().to_string()));
+        for s in source.iter() {
+            let s = s.unwrap_or_default();
+            let id = match names.get(s) {
+                Some(&id) => id,
+                None => {
+                    let id = out.source_names.len() as u32;
+                    out.source_names.push(s.to_string());
+                    names.insert(s.to_string(), id);
+                    id
+                }
+            };
+            out.source.push(id);
+        }
+        for m in modality.iter() {
+            let m = m.unwrap_or_default();
+            let parsed = Modality::parse(m).unwrap_or_else(|| {
+                out.unknown_modality
+                    .push((out.modality.len(), m.to_string()));
+                // Never equal to the shard's modality: the index reports the row.
+                if file.modality == Modality::Image {
+                    Modality::Text
+                } else {
+                    Modality::Image
+                }
+            });
+            out.modality.push(parsed);
+        }
         out.index.extend(index.values().iter().copied());
         out.length
             .extend(u32s(col::LENGTH)?.values().iter().copied());

@@ -45,7 +45,7 @@ pub struct PlanConfig {
     pub seed: u64,
     pub world_size: usize,
     /// Per-device batch size; `None` = the size the shards were built with. Other values must
-    /// divide it (row groups are split) or be a multiple of it (consecutive row groups of one
+    /// divide it (built batches are split) or be a multiple of it (consecutive batches of one
     /// group are merged).
     pub batch_size: Option<usize>,
     /// Pack each batch's samples into rows of at most this many tokens; `None`: one sample per
@@ -81,12 +81,12 @@ impl DataState {
     }
 }
 
-/// A contiguous row range of one row group.
+/// A contiguous row range of one built batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RowSlice {
-    /// Index into [`ShardIndex::row_groups`] (not the row group number inside the file).
-    pub row_group: usize,
-    /// Rows inside that row group.
+    /// Index into [`ShardIndex::batches`].
+    pub batch: usize,
+    /// Rows inside that batch.
     pub rows: Range<usize>,
 }
 
@@ -98,7 +98,7 @@ pub struct PlannedBatch {
     pub rank: usize,
     /// `None` only for an empty batch (see the module doc).
     pub modality: Option<Modality>,
-    /// Consecutive row groups of one shard, in order; empty for an empty batch.
+    /// Consecutive built batches of one shard, in order; empty for an empty batch.
     pub parts: Vec<RowSlice>,
     pub samples: Vec<SampleRef>,
     /// The model's rows: indices into `samples`, each row's samples back to back in order
@@ -157,7 +157,7 @@ impl Unit {
         let mut samples = 0;
         let mut tokens = 0;
         for p in &parts {
-            let base = index.row_groups[p.row_group].samples.start;
+            let base = index.batches[p.batch].samples.start;
             samples += p.rows.len();
             tokens += index.samples[base + p.rows.start..base + p.rows.end]
                 .iter()
@@ -183,7 +183,7 @@ impl Unit {
             let end = range.end.min(hi);
             if start < end {
                 parts.push(RowSlice {
-                    row_group: p.row_group,
+                    batch: p.batch,
                     rows: p.rows.start + (start - lo)..p.rows.start + (end - lo),
                 });
             }
@@ -199,20 +199,13 @@ fn global_units(index: &ShardIndex, seed: u64, epoch: u64, batch_size: usize) ->
     shuffle(&mut order, &mut SplitMix64::for_epoch(seed, epoch));
     let mut units = Vec::new();
     for g in order {
-        let rgs = index.groups[g].row_groups.clone();
+        let rgs = index.groups[g].batches.clone();
         if batch_size <= built {
             for rg in rgs {
-                let n = index.row_groups[rg].samples.len();
+                let n = index.batches[rg].samples.len();
                 for start in (0..n).step_by(batch_size) {
                     let rows = start..(start + batch_size).min(n);
-                    units.push(Unit::new(
-                        index,
-                        g,
-                        vec![RowSlice {
-                            row_group: rg,
-                            rows,
-                        }],
-                    ));
+                    units.push(Unit::new(index, g, vec![RowSlice { batch: rg, rows }]));
                 }
             }
         } else {
@@ -222,8 +215,8 @@ fn global_units(index: &ShardIndex, seed: u64, epoch: u64, batch_size: usize) ->
                 let parts = chunk
                     .iter()
                     .map(|&rg| RowSlice {
-                        row_group: rg,
-                        rows: 0..index.row_groups[rg].samples.len(),
+                        batch: rg,
+                        rows: 0..index.batches[rg].samples.len(),
                     })
                     .collect();
                 units.push(Unit::new(index, g, parts));
@@ -542,7 +535,7 @@ fn planned(
         .parts
         .iter()
         .flat_map(|p| {
-            let base = index.row_groups[p.row_group].samples.start;
+            let base = index.batches[p.batch].samples.start;
             index.samples[base + p.rows.start..base + p.rows.end]
                 .iter()
                 .copied()

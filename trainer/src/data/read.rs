@@ -1,15 +1,16 @@
 //! Reading one planned batch: one contiguous read of its row group(s), then Parquet decoding from
-//! memory, then checks that the rows are the ones the plan expects.
+//! memory of the planned rows only, then checks that the rows are the ones the plan expects.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes};
 use llava_formats::constants::IMAGE_TOKEN_INDEX;
 use llava_formats::schema::{batch_to_rows, ShardRow};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
 use parquet::errors::ParquetError;
 use parquet::file::reader::{ChunkReader, Length};
 
@@ -72,21 +73,18 @@ impl ShardReader {
         }
     }
 
-    /// The rows of `plan`, in plan order, and the bytes read.
+    /// The rows of `plan`, in plan order, and the bytes read: one contiguous read of the row
+    /// group(s) holding the planned batches, then only the planned rows are decoded (a row
+    /// selection skips the other batches of those row groups).
     pub fn read(&mut self, plan: &PlannedBatch) -> DataResult<(Vec<ShardRow>, u64)> {
         let index = self.index.clone();
         let Some(first) = plan.parts.first() else {
             return Ok((Vec::new(), 0));
         };
-        let shard_id = index.row_groups[first.row_group].shard;
+        let shard_id = index.batches[first.batch].shard;
         let shard = &index.shards[shard_id];
         let path = &shard.path;
-        let rg_numbers: Vec<usize> = plan
-            .parts
-            .iter()
-            .map(|p| index.row_groups[p.row_group].row_group)
-            .collect();
-        let first_rg = rg_numbers[0];
+        let first_rg = index.batches[first.batch].row_group;
         let corrupt = |row_group: usize, detail: String| DataError::Corrupt {
             path: path.clone(),
             row_group: Some(row_group),
@@ -95,12 +93,42 @@ impl ShardReader {
         if plan
             .parts
             .iter()
-            .any(|p| index.row_groups[p.row_group].shard != shard_id)
+            .any(|p| index.batches[p.batch].shard != shard_id)
         {
             return Err(DataError::Plan("a batch spans two shards".into()));
         }
+        // Row groups in file order (a batch's parts are consecutive built batches, so their row
+        // groups are consecutive too), and the wanted rows of each, in row order.
+        let mut rg_numbers: Vec<usize> = Vec::new();
+        let mut wanted: Vec<(usize, Range<usize>)> = Vec::new();
+        for p in &plan.parts {
+            let b = &index.batches[p.batch];
+            if b.rows.start + p.rows.end > b.rows.end {
+                return Err(DataError::Plan(format!(
+                    "rows {:?} outside batch {} of {} rows",
+                    p.rows,
+                    p.batch,
+                    b.rows.len()
+                )));
+            }
+            if rg_numbers.last() != Some(&b.row_group) {
+                if rg_numbers
+                    .last()
+                    .is_some_and(|&last| last + 1 != b.row_group)
+                {
+                    return Err(DataError::Plan(
+                        "a batch's row groups are not consecutive".into(),
+                    ));
+                }
+                rg_numbers.push(b.row_group);
+            }
+            wanted.push((
+                b.row_group,
+                b.rows.start + p.rows.start..b.rows.start + p.rows.end,
+            ));
+        }
 
-        // The row groups of a batch are consecutive, so their column chunks are one byte range.
+        // Consecutive row groups: their column chunks are one byte range.
         let meta = shard.metadata.metadata();
         let (mut lo, mut hi) = (u64::MAX, 0u64);
         for &rg in &rg_numbers {
@@ -134,69 +162,96 @@ impl ShardReader {
             file_len: shard.info.bytes,
         };
 
+        // Select the wanted rows among all rows of those row groups.
+        let mut selectors = Vec::new();
+        let mut at = 0usize; // position in the concatenated rows of rg_numbers
+        let mut base = 0usize; // first row of the current row group in that concatenation
+        let mut current = rg_numbers[0];
+        for (rg, rows) in &wanted {
+            if *rg != current {
+                base += meta.row_group(current).num_rows() as usize;
+                current = *rg;
+            }
+            let (start, end) = (base + rows.start, base + rows.end);
+            if start < at {
+                return Err(DataError::Plan("planned rows are not in row order".into()));
+            }
+            if start > at {
+                selectors.push(RowSelector::skip(start - at));
+            }
+            selectors.push(RowSelector::select(end - start));
+            at = end;
+        }
         let total_rows: usize = rg_numbers
             .iter()
             .map(|&rg| meta.row_group(rg).num_rows() as usize)
             .sum();
+        if at > total_rows {
+            return Err(corrupt(
+                first_rg,
+                format!("the plan wants row {at}, the row groups hold {total_rows}"),
+            ));
+        }
+        if at < total_rows {
+            selectors.push(RowSelector::skip(total_rows - at));
+        }
+        let selected = plan.samples.len();
         let reader =
             ParquetRecordBatchReaderBuilder::new_with_metadata(chunk, shard.metadata.clone())
                 .with_row_groups(rg_numbers.clone())
-                .with_batch_size(total_rows.max(1))
+                .with_row_selection(RowSelection::from(selectors))
+                .with_batch_size(selected.max(1))
                 .build()
                 .map_err(|source| DataError::Parquet {
                     path: path.clone(),
                     row_group: Some(first_rg),
                     source,
                 })?;
-        let mut all = Vec::with_capacity(total_rows);
+        let mut all = Vec::with_capacity(selected);
         for batch in reader {
             let batch = batch.map_err(|e| corrupt(first_rg, format!("cannot decode: {e}")))?;
             let rows = batch_to_rows(&batch).map_err(|e| corrupt(first_rg, e.to_string()))?;
-            all.extend(rows.into_iter().map(Some));
+            all.extend(rows);
         }
-        if all.len() != total_rows {
+        let wanted_rows: usize = wanted.iter().map(|(_, r)| r.len()).sum();
+        if all.len() != wanted_rows || wanted_rows != selected {
             return Err(corrupt(
                 first_rg,
-                format!("decoded {} rows, the footer says {total_rows}", all.len()),
+                format!(
+                    "decoded {} rows, the plan wants {wanted_rows} ({selected} samples)",
+                    all.len()
+                ),
             ));
         }
 
-        // Keep the planned rows of each row group, in order, and check them.
-        let mut out = Vec::with_capacity(plan.samples.len());
-        let mut offset = 0;
-        let mut expected = plan.samples.iter();
-        for (part, &rg) in plan.parts.iter().zip(&rg_numbers) {
-            let n = meta.row_group(rg).num_rows() as usize;
-            for i in part.rows.clone() {
-                let row = all
-                    .get_mut(offset + i)
-                    .and_then(Option::take)
-                    .ok_or_else(|| corrupt(rg, format!("row {i} is missing")))?;
-                let want = expected
-                    .next()
-                    .ok_or_else(|| DataError::Plan("more rows than planned samples".into()))?;
-                let want_source = index.source_name(want);
-                if row.source != want_source || row.index != want.index || row.length != want.length
-                {
-                    return Err(corrupt(
-                        rg,
-                        format!(
-                            "row {i} is {}#{} (length {}), the index expects {want_source}#{} \
-                             (length {}); was the shard rewritten after the run started?",
-                            row.source, row.index, row.length, want.index, want.length
-                        ),
-                    ));
-                }
-                let mut row = row;
-                if index.manifest.settings.tile_encoding == "jpeg" {
-                    decode_jpeg_tiles(&mut row, index.tile_size())
-                        .map_err(|d| corrupt(rg, format!("row {i}: {d}")))?;
-                }
-                check_row(&row, index.tile_size())
-                    .map_err(|d| corrupt(rg, format!("row {i}: {d}")))?;
-                out.push(row);
+        // Check each row is the one the plan expects.
+        let mut out = Vec::with_capacity(selected);
+        let mut rows = all.into_iter();
+        let positions = wanted
+            .iter()
+            .flat_map(|(rg, r)| r.clone().map(move |i| (*rg, i)));
+        for ((rg, i), want) in positions.zip(plan.samples.iter()) {
+            let row = rows
+                .next()
+                .ok_or_else(|| corrupt(rg, format!("row {i} is missing")))?;
+            let want_source = index.source_name(want);
+            if row.source != want_source || row.index != want.index || row.length != want.length {
+                return Err(corrupt(
+                    rg,
+                    format!(
+                        "row {i} is {}#{} (length {}), the index expects {want_source}#{} \
+                         (length {}); was the shard rewritten after the run started?",
+                        row.source, row.index, row.length, want.index, want.length
+                    ),
+                ));
             }
-            offset += n;
+            let mut row = row;
+            if index.manifest.settings.tile_encoding == "jpeg" {
+                decode_jpeg_tiles(&mut row, index.tile_size())
+                    .map_err(|d| corrupt(rg, format!("row {i}: {d}")))?;
+            }
+            check_row(&row, index.tile_size()).map_err(|d| corrupt(rg, format!("row {i}: {d}")))?;
+            out.push(row);
         }
         Ok((out, bytes_read))
     }

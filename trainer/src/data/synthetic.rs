@@ -1,4 +1,4 @@
-//! Synthetic shards in the real format (schema v1, one row group per batch, manifest), for the
+//! Synthetic shards in the real format (schema v2: row groups of whole batches, manifest), for the
 //! loader's tests and `loader-bench`. Not a builder: lengths and pixels are made up, but the
 //! layout rules (one modality per shard, whole groups, groups sorted by length, consecutive
 //! batches) are the ones `llava-data build` follows.
@@ -11,10 +11,11 @@ use llava_formats::constants::{IGNORE_INDEX, IMAGE_TOKEN_INDEX, TOKENS_PER_TILE}
 use llava_formats::manifest::{
     BuildSettings, Grouping, Manifest, ShardInfo, Totals, FORMAT_NAME, MANIFEST_FILE,
 };
-use llava_formats::schema::{rows_to_batch, shard_schema, ImageMeta, ShardRow, SCHEMA_VERSION};
+use llava_formats::schema::{
+    rows_to_batch, shard_schema, writer_properties, ImageMeta, RowGroupCutter, ShardRow,
+    SCHEMA_VERSION,
+};
 use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
 use sha2::{Digest, Sha256};
 
 use super::error::{DataError, DataResult};
@@ -33,6 +34,9 @@ pub struct SynthSpec {
     pub tiles_per_image: u32,
     pub tile_size: u32,
     pub seed: u64,
+    /// Rows after which a row group is closed (at a batch end); the build's rule otherwise
+    /// (~1 MiB of raw bytes or 8192 rows).
+    pub row_group_max_rows: Option<usize>,
 }
 
 impl Default for SynthSpec {
@@ -46,6 +50,7 @@ impl Default for SynthSpec {
             tiles_per_image: 0,
             tile_size: 336,
             seed: 7,
+            row_group_max_rows: None,
         }
     }
 }
@@ -65,19 +70,28 @@ fn parquet_err(path: &Path) -> impl Fn(parquet::errors::ParquetError) -> DataErr
     }
 }
 
-/// Writes one shard, one row group per batch, and returns its manifest entry.
+/// Writes one shard (row groups of whole batches, cut as `llava-data build` cuts them) and
+/// returns its manifest entry.
 pub fn write_shard(
     dir: &Path,
     file: &str,
     modality: &str,
     batches: impl IntoIterator<Item = Vec<ShardRow>>,
 ) -> DataResult<ShardInfo> {
+    write_shard_with(dir, file, modality, batches, RowGroupCutter::default())
+}
+
+/// [`write_shard`] with row groups cut by `cutter`.
+pub fn write_shard_with(
+    dir: &Path,
+    file: &str,
+    modality: &str,
+    batches: impl IntoIterator<Item = Vec<ShardRow>>,
+    mut cutter: RowGroupCutter,
+) -> DataResult<ShardInfo> {
     let path = dir.join(file);
     let schema = shard_schema("raw");
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::default()))
-        .set_max_row_group_row_count(None)
-        .build();
+    let props = writer_properties(1).map_err(parquet_err(&path))?;
     let out = File::create(&path).map_err(io_err(&path))?;
     let mut writer =
         ArrowWriter::try_new(out, schema.clone(), Some(props)).map_err(parquet_err(&path))?;
@@ -90,6 +104,7 @@ pub fn write_shard(
         min_length: u32::MAX,
         max_length: 0,
         row_groups: 0,
+        batches: 0,
         first_group: u32::MAX,
         groups: 0,
         tokens: 0,
@@ -115,7 +130,13 @@ pub fn write_shard(
         writer
             .write(&rows_to_batch(&rows, &schema))
             .map_err(parquet_err(&path))?;
-        writer.flush().map_err(parquet_err(&path))?;
+        info.batches += 1;
+        if cutter.add_batch(&rows) {
+            writer.flush().map_err(parquet_err(&path))?;
+            info.row_groups += 1;
+        }
+    }
+    if cutter.pending_rows() > 0 {
         info.row_groups += 1;
     }
     writer.close().map_err(parquet_err(&path))?;
@@ -172,7 +193,7 @@ pub fn manifest(
             group_size,
             length_pool_groups: 1,
             groups: shards.iter().map(|s| u64::from(s.groups)).sum(),
-            batches: shards.iter().map(|s| s.row_groups).sum(),
+            batches: shards.iter().map(|s| s.batches).sum(),
         },
         sources: Vec::new(),
         shards,
@@ -351,7 +372,11 @@ pub fn write_synthetic(dir: &Path, spec: &SynthSpec) -> DataResult<Manifest> {
                     })
                     .collect::<Vec<_>>()
             });
-            shards.push(write_shard(dir, &file, modality, rows)?);
+            let cutter = match spec.row_group_max_rows {
+                Some(rows) => RowGroupCutter::new(u64::MAX, rows),
+                None => RowGroupCutter::default(),
+            };
+            shards.push(write_shard_with(dir, &file, modality, rows, cutter)?);
         }
     }
     let manifest = manifest(shards, spec.batch_size, spec.group_size, spec.tile_size);
