@@ -371,6 +371,8 @@ fn crc32c_bitwise(data: &[u8]) -> u32 {
     !c
 }
 
+/// TFRecord's mask, written as its spec states it (the writer uses `rotate_right`).
+#[allow(clippy::manual_rotate)]
 fn masked(c: u32) -> u32 {
     ((c >> 15) | (c << 17)).wrapping_add(0xa282_ead8)
 }
