@@ -627,6 +627,8 @@ fn eval_loss_is_logged_and_tensorboard_events_read_back_equal_to_log_jsonl() {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../target/e2e-scratch")
             .join(format!("signals-{name}-{}", std::process::id()));
-        std::fs::remove_dir_all(dir).ok();
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            eprintln!("leaving {}: {e}", dir.display());
+        }
     }
 }
