@@ -9,6 +9,9 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 ./scripts/setup.sh
 cargo fmt --all -- --check
+# No incremental-compilation caches (target/debug/incremental: hundreds of MB that a one-shot
+# test run never reuses); it also lets sccache, when set as RUSTC_WRAPPER, cache our crates.
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0

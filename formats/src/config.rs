@@ -11,13 +11,103 @@ use thiserror::Error;
 /// The recipe's anyres grid (width, height), as the reference scripts pass it.
 pub const RECIPE_PINPOINTS: &str = "[(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]";
 
+/// A config file's error: `file:line:column: key: message`, the message saying what to do.
 #[derive(Debug, Error)]
-#[error("{file}: {key}: {message}")]
 pub struct ConfigError {
     pub file: String,
     /// Dotted key path, e.g. `sources[2].sampling`.
     pub key: String,
     pub message: String,
+    /// 1-based line and column of the key (or of the parse error) in the file, when known.
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(col) = self.column {
+                write!(f, ":{col}")?;
+            }
+        }
+        write!(f, ": {}: {}", self.key, self.message)
+    }
+}
+
+impl ConfigError {
+    /// An error about `key` (a dotted path) of `file`, located in `text` when the key is there.
+    pub fn at_key(file: &str, text: &str, key: &str, message: String) -> Self {
+        let (line, column) = match crate::located::key_span(text, key) {
+            Some(s) => {
+                let (l, c) = crate::located::line_col(text, s.start);
+                (Some(l), Some(c))
+            }
+            None => (None, None),
+        };
+        Self {
+            file: file.to_string(),
+            key: key.to_string(),
+            message,
+            line,
+            column,
+        }
+    }
+
+    /// A `toml` parse or deserialization error of `text` (the contents of `file`): its line and
+    /// column, the key its span points into, and what to do. `docs` says where the keys are
+    /// documented (e.g. "the README's `datasets.toml` section").
+    pub fn from_toml(file: &str, text: &str, e: &toml::de::Error, docs: &str) -> Self {
+        use crate::located::{backticked, closest, key_at, line_col};
+        let msg = e.message().trim().to_string();
+        let at = e.span().map(|s| s.start);
+        let (line, column) = at.map_or((None, None), |o| {
+            let (l, c) = line_col(text, o);
+            (Some(l), Some(c))
+        });
+        let key = at.and_then(|o| key_at(text, o));
+        let (key, message) = if let Some(rest) = msg.strip_prefix("unknown field ") {
+            let name = backticked(rest).unwrap_or(rest).to_string();
+            // serde lists the expected fields: `expected one of `a`, `b``.
+            let known: Vec<&str> = rest
+                .split_once("expected")
+                .map(|(_, l)| l.split('`').skip(1).step_by(2).collect())
+                .unwrap_or_default();
+            let hint = match closest(&name, &known) {
+                Some(k) => format!("did you mean `{k}`? "),
+                None => String::new(),
+            };
+            (
+                key.unwrap_or(name.clone()),
+                format!("unknown key `{name}`: {hint}remove or rename it (the keys are in {docs})"),
+            )
+        } else if let Some(rest) = msg.strip_prefix("missing field ") {
+            let name = backticked(rest).unwrap_or(rest).to_string();
+            let key = match key {
+                Some(table) if table.ends_with(']') => format!("{table}.{name}"),
+                _ => name,
+            };
+            (key, format!("this key is required: add it (see {docs})"))
+        } else if let Some(key) = key {
+            (
+                key,
+                format!("{msg}: fix the value (its type and allowed values are in {docs})"),
+            )
+        } else {
+            (
+                "(syntax)".to_string(),
+                format!("{msg}: this is not valid TOML (https://toml.io)"),
+            )
+        };
+        Self {
+            file: file.to_string(),
+            key,
+            message,
+            line,
+            column,
+        }
+    }
 }
 
 /// `datasets.toml` as written (paths still relative to the file).
@@ -248,6 +338,9 @@ fn default_aspect() -> String {
     "anyres".into()
 }
 
+/// Where the keys of `datasets.toml` are documented (for error messages).
+pub const DATASETS_DOCS: &str = "the README's `datasets.toml` section";
+
 pub const TEMPLATES: [&str; 2] = ["llava_llama_3", "plain"];
 pub const ASPECTS: [&str; 3] = ["anyres", "pad", "square"];
 pub const MERGE_TYPES: [&str; 2] = ["spatial_unpad", "flat"];
@@ -257,19 +350,18 @@ impl DatasetsConfig {
     /// Reads and validates `path`; relative paths in it are resolved against its folder.
     pub fn load(path: &Path) -> Result<(Self, String), ConfigError> {
         let file = path.display().to_string();
-        let err = |key: &str, message: String| ConfigError {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: file.clone(),
-            key: key.to_string(),
-            message,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| err("(file)", e.to_string()))?;
-        let mut config: DatasetsConfig = toml::from_str(&text).map_err(|e| {
-            // toml names the key and the line; keep its message whole.
-            err("(parse)", e.to_string().trim_end().replace('\n', " | "))
+            key: "(file)".into(),
+            message: format!("{e}: check the path"),
+            line: None,
+            column: None,
         })?;
+        let mut config: DatasetsConfig = toml::from_str(&text)
+            .map_err(|e| ConfigError::from_toml(&file, &text, &e, DATASETS_DOCS))?;
         config
             .validate()
-            .map_err(|(key, message)| err(&key, message))?;
+            .map_err(|(key, message)| ConfigError::at_key(&file, &text, &key, message))?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         Ok((config, text))
@@ -282,7 +374,7 @@ impl DatasetsConfig {
             } else {
                 Err((
                     key.to_string(),
-                    format!("{value:?} is not one of {allowed:?}"),
+                    format!("{value:?} is not allowed: use one of {allowed:?}"),
                 ))
             }
         };

@@ -3,8 +3,10 @@
 
 pub mod config;
 pub mod constants;
+pub mod located;
 pub mod manifest;
 pub mod normalize;
 pub mod packing;
+pub mod progress;
 pub mod rng;
 pub mod schema;

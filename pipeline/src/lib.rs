@@ -4,6 +4,7 @@ pub mod budget;
 pub mod build;
 pub mod convert;
 pub mod inspect;
+pub mod progress;
 pub mod record;
 pub mod reject;
 pub mod template;

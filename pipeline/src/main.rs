@@ -30,24 +30,33 @@ enum Command {
     Bench(cli::bench::BenchArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        // Log lines go to stderr with any progress bar cleared first: never on a bar's line.
+        .with_writer(llava_formats::progress::LogWriter::default)
         // Colours only on a terminal, and never with NO_COLOR (https://no-color.org).
         .with_ansi(
             std::io::IsTerminal::is_terminal(&std::io::stderr())
                 && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
         )
         .init();
-    match Cli::parse().command {
+    let result = match Cli::parse().command {
         Command::Build(args) => cli::build::run_build(args),
         Command::Merge(args) => cli::build::run_merge(args),
         Command::Convert(args) => cli::convert::run(args),
         Command::Inspect(args) => cli::inspect::run(args),
         Command::Bench(args) => cli::bench::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // Each cause once: wrappers that already print their source are not repeated.
+            eprintln!("{}", llava_formats::located::error_report(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
     }
 }

@@ -1,7 +1,9 @@
 //! The `llava-data` binary as a user runs it (issue 16): every flag of every subcommand has a
 //! description and every subcommand an example; `build` killed with SIGTERM (what Slurm and
 //! Kubernetes send a preempted job) once its first shard is written leaves only complete shards,
-//! and the rerun finishes the build byte-identical to an uninterrupted one.
+//! and the rerun finishes the build byte-identical to an uninterrupted one; `merge` and
+//! `inspect --verify` log progress lines without a terminal; datasets.toml errors name the file,
+//! line and key, once.
 
 mod common;
 
@@ -325,4 +327,140 @@ fn help_texts_name_only_readme_sections_that_exist() {
         "{}\nheadings: {headings:?}",
         problems.join("\n")
     );
+}
+
+/// `llava-data ARGS` without a terminal: (success, stdout, stderr).
+fn run_data(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("llava-data starts");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn datasets_toml_errors_name_the_file_line_and_key_once() {
+    let dir = scratch("config-errors");
+    let head = format!(
+        "output = \"out\"\ntokenizer = \"{}\"\n",
+        common::tokenizer_path().display()
+    );
+    let source = "[[sources]]\nname = \"a\"\njson = \"a.json\"\ntemplate = \"plain\"\n";
+    // (name, the file, its location, the key, what the message says)
+    let cases = [
+        (
+            "unknown",
+            format!("{head}{source}smapling = \"first:3\"\n"),
+            ":7:1: ",
+            "sources[0].smapling",
+            "unknown key `smapling`: did you mean `sampling`?",
+        ),
+        (
+            "type",
+            format!("{head}batch_size = \"four\"\n{source}"),
+            ":3:14: ",
+            "batch_size",
+            "invalid type: string \"four\"",
+        ),
+        (
+            "value",
+            format!("{head}{source}image_aspect_ratio = \"wide\"\n"),
+            ":7:1: ",
+            "sources[0].image_aspect_ratio",
+            "\"wide\" is not allowed: use one of",
+        ),
+        (
+            "sampling",
+            format!("{head}{source}sampling = \"some:3\"\n"),
+            ":7:12: ",
+            "sources[0].sampling",
+            "\"some:3\": expected",
+        ),
+    ];
+    for (name, text, at, key, says) in cases {
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(&config, text).unwrap();
+        let (ok, _, err) = run_data(&["build".as_ref(), config.as_os_str()]);
+        assert!(!ok, "{name}: the build ran");
+        let located = format!("{}{at}{key}: ", config.display());
+        assert!(err.contains(&located), "{name}: no `{located}` in:\n{err}");
+        assert!(err.contains(says), "{name}: no `{says}` in:\n{err}");
+        assert_eq!(
+            err.matches(says).count(),
+            1,
+            "{name}: printed twice:\n{err}"
+        );
+    }
+}
+
+#[test]
+fn merge_and_verify_log_progress_lines_without_a_terminal() {
+    let dir = scratch("merge-progress");
+    let f = common::fixtures();
+    let config = dir.join("datasets.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "output = \"out\"\ntokenizer = \"{tok}\"\nbatch_size = 2\ngroup_size = 2\n\
+             shard_target_mb = 1\n\n[[sources]]\nname = \"instruct\"\n\
+             json = \"{f}/data/llava_instruct_150k.json\"\n\
+             image_folder = \"{f}/images/coco/train2017\"\ntemplate = \"llava_llama_3\"\n\n\
+             [[sources]]\nname = \"text\"\njson = \"{f}/data/sharegpt_text.json\"\n\
+             template = \"llava_llama_3\"\n",
+            tok = common::tokenizer_path().display(),
+            f = f.display()
+        ),
+    )
+    .unwrap();
+    let out = dir.join("out");
+    for part in ["0/2", "1/2"] {
+        let (ok, _, err) = run_data(&[
+            "build".as_ref(),
+            config.as_os_str(),
+            "--partition".as_ref(),
+            part.as_ref(),
+        ]);
+        assert!(ok, "build --partition {part}: {err}");
+    }
+    // Each command's last progress line is complete (pos = len) and has a rate and an ETA.
+    let last_progress = |log: &str, what: &str| {
+        let last = log
+            .lines()
+            .filter_map(|l| l.split_once(what).map(|(_, rest)| rest.to_string()))
+            .next_back()
+            .unwrap_or_else(|| panic!("no \"{what}\" progress line:\n{log}"));
+        let (pos, len) = last
+            .split_once(' ')
+            .and_then(|(counts, _)| counts.split_once('/'))
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .unwrap_or_else(|| panic!("progress line: {last}"));
+        assert_eq!(pos, len, "{last}");
+        assert!(
+            pos != "0" && last.contains("/s") && last.contains("ETA"),
+            "{last}"
+        );
+    };
+    let every = ["--progress-every".as_ref(), "0.001".as_ref()];
+    let (ok, stdout, err) = run_data(&[&["merge".as_ref(), out.as_os_str()][..], &every].concat());
+    assert!(ok, "merge: {err}");
+    last_progress(&err, "merge: shard records: ");
+    assert!(stdout.contains("samples ("), "{stdout}");
+    assert!(!err.contains('\x1b') && !stdout.contains('\x1b'), "{err}");
+
+    let (ok, stdout, err) = run_data(
+        &[
+            &["inspect".as_ref(), out.as_os_str(), "--verify".as_ref()][..],
+            &every,
+        ]
+        .concat(),
+    );
+    assert!(ok, "inspect --verify: {stdout}{err}");
+    last_progress(&err, "verify: rows: ");
+    assert!(stdout.contains("OK: "), "{stdout}");
+    assert!(!err.contains('\x1b') && !stdout.contains('\x1b'), "{err}");
 }

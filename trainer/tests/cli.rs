@@ -1,6 +1,6 @@
 //! The `llava-trainer` binary's command line: every flag of every subcommand has a description
 //! and every subcommand an example (issue 16); `init` does not overwrite a model unless
-//! `--force`.
+//! `--force`; train.toml errors name the file, line and key, once.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -185,4 +185,88 @@ fn multi_process_runs_explain_what_they_need() {
         let e = run(&[], &["--nproc-per-node", "2", "--device", "cuda"]);
         assert!(e.contains("without CUDA"), "{e}");
     }
+
+/// `llava-trainer run --config FILE` with `text` as the file: (exit success, stderr).
+fn run_with_config(name: &str, text: &str) -> (bool, String, PathBuf) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/e2e-scratch")
+        .join(format!("cli-config-{name}-{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let config = dir.join("train.toml");
+    std::fs::write(&config, text).expect("train.toml");
+    let out = Command::new(BIN)
+        .args(["run", "--device", "cpu", "--config"])
+        .arg(&config)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("llava-trainer run starts");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+        config,
+    )
+}
+
+#[test]
+fn train_toml_errors_name_the_file_line_and_key_once() {
+    let head = "shards = \"shards\"\nmodel = \"model\"\noutput = \"run\"\n";
+    // (name, the file, its location, the key, what the message says)
+    let cases = [
+        (
+            "unknown",
+            format!("{head}learning_rate = 1e-3\n"),
+            ":4:1: ",
+            "learning_rate",
+            "unknown key `learning_rate`: did you mean `lr`?",
+        ),
+        (
+            "type",
+            format!("{head}seed = 1\n\nlr = \"fast\"\n"),
+            ":6:1: ",
+            "lr",
+            "invalid type: string \"fast\"",
+        ),
+        (
+            "value",
+            format!("{head}tunable_parts = \"mm_projector\"\n"),
+            ":4:1: ",
+            "tunable_parts",
+            "unknown tunable part \"mm_projector\"",
+        ),
+        (
+            "syntax",
+            format!("{head}lr = 1e-3 3\n"),
+            ":4:11: ",
+            "(syntax)",
+            "not valid TOML",
+        ),
+    ];
+    for (name, text, at, key, says) in cases {
+        let (ok, err, config) = run_with_config(name, &text);
+        assert!(!ok, "{name}: the run started");
+        let located = format!("{}{at}{key}: ", config.display());
+        assert!(err.contains(&located), "{name}: no `{located}` in:\n{err}");
+        assert!(err.contains(says), "{name}: no `{says}` in:\n{err}");
+        assert_eq!(
+            err.matches(says).count(),
+            1,
+            "{name}: printed twice:\n{err}"
+        );
+        assert!(!err.contains('\x1b'), "{name}: escape codes:\n{err}");
+    }
+    // A value that parses but cannot be used: the key's line too.
+    let (ok, err, config) = run_with_config("zero", &format!("{head}eval_every = 0\n"));
+    assert!(!ok);
+    let want = format!("{}:4:1: eval_every: must be at least 1", config.display());
+    assert!(err.contains(&want), "no `{want}` in:\n{err}");
+    // The same from a flag names the flag.
+    let out = Command::new(BIN)
+        .args(["run", "--device", "cpu", "--eval-every", "0", "--config"])
+        .arg(&config)
+        .output()
+        .expect("llava-trainer run starts");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("--eval-every: must be at least 1"), "{err}");
 }

@@ -95,6 +95,16 @@ fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), BuildEr
 
 /// Joins the plan and every shard record into `manifest.json` and `rejects.jsonl`.
 pub fn assemble(output: &Path) -> Result<Manifest, BuildError> {
+    assemble_inner(output, None)
+}
+
+/// [`assemble`] for `llava-data merge`: a bar over the shard records on a terminal
+/// (`terminal`), else progress lines when `crate::progress::set_progress_log_interval` asked.
+pub fn assemble_with_progress(output: &Path, terminal: bool) -> Result<Manifest, BuildError> {
+    assemble_inner(output, Some(terminal))
+}
+
+fn assemble_inner(output: &Path, progress: Option<bool>) -> Result<Manifest, BuildError> {
     let build_path = output.join(WORK_DIR).join(BUILD_RECORD);
     let text = std::fs::read_to_string(&build_path).map_err(io_err(&build_path))?;
     let build: BuildRecord = serde_json::from_str(&text)
@@ -110,7 +120,17 @@ pub fn assemble(output: &Path) -> Result<Manifest, BuildError> {
     let mut rejects = build.pass1_rejects.clone();
     let mut missing = Vec::new();
     let mut totals = Totals::default();
+    let bar = progress.map(|terminal| {
+        crate::progress::progress_bar(
+            terminal,
+            build.shard_files.len() as u64,
+            "merge: shard records",
+        )
+    });
     for file in &build.shard_files {
+        if let Some(b) = &bar {
+            b.inc(1);
+        }
         let path = record_path(output, file);
         let shard_file = output.join(SHARDS_DIR).join(file);
         let record: Option<ShardRecord> = std::fs::read_to_string(&path)
@@ -141,6 +161,9 @@ pub fn assemble(output: &Path) -> Result<Manifest, BuildError> {
         totals.truncated += record.truncated;
         rejects.extend(record.rejects.iter().cloned());
         manifest.shards.push(record.info);
+    }
+    if let Some(b) = &bar {
+        crate::progress::finish_progress(b);
     }
     if !missing.is_empty() {
         return Err(BuildError::Plan(format!(

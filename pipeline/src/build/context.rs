@@ -28,11 +28,7 @@ impl BuildContext {
         let (config, text) = DatasetsConfig::load(config_path)?;
         let file = config_path.display().to_string();
         let err = |key: &str, message: String| {
-            BuildError::Config(ConfigError {
-                file: file.clone(),
-                key: key.to_string(),
-                message,
-            })
+            BuildError::Config(ConfigError::at_key(&file, &text, key, message))
         };
         let pinpoints = match &config.image_grid_pinpoints {
             Pinpoints::Text(s) => {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use llava_data::build::{assemble::assemble, build, BuildOptions, Partition};
+use llava_data::build::{assemble::assemble_with_progress, build, BuildOptions, Partition};
 use llava_formats::manifest::Manifest;
 
 #[derive(Args)]
@@ -44,6 +44,22 @@ pub struct MergeArgs {
     /// Print the manifest summary as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// Without a terminal (a Slurm log, a file): log a progress line (counts, rate, ETA) every
+    /// SECS seconds; on a terminal a progress bar is drawn instead.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    progress_every: f64,
+}
+
+/// A bar on a terminal; without one, progress lines every `every_secs` (the `--progress-every`
+/// of build, merge and inspect --verify). Returns whether stderr is a terminal.
+pub(crate) fn progress_setup(every_secs: f64) -> Result<bool> {
+    let terminal = std::io::stderr().is_terminal();
+    if !terminal {
+        let every = std::time::Duration::try_from_secs_f64(every_secs)
+            .context("--progress-every: a number of seconds")?;
+        llava_data::progress::set_progress_log_interval(Some(every));
+    }
+    Ok(terminal)
 }
 
 pub fn run_build(args: BuildArgs) -> Result<()> {
@@ -53,12 +69,7 @@ pub fn run_build(args: BuildArgs) -> Result<()> {
             .build_global()
             .context("setting the thread count")?;
     }
-    let terminal = std::io::stderr().is_terminal();
-    if !terminal {
-        let every = std::time::Duration::try_from_secs_f64(args.progress_every)
-            .context("--progress-every: a number of seconds")?;
-        llava_data::build::pass1::set_progress_log_interval(Some(every));
-    }
+    let terminal = progress_setup(args.progress_every)?;
     let options = BuildOptions {
         output: args.output,
         partition: args.partition,
@@ -89,8 +100,9 @@ pub fn run_build(args: BuildArgs) -> Result<()> {
 }
 
 pub fn run_merge(args: MergeArgs) -> Result<()> {
-    let manifest =
-        assemble(&args.output).with_context(|| format!("merging {}", args.output.display()))?;
+    let terminal = progress_setup(args.progress_every)?;
+    let manifest = assemble_with_progress(&args.output, terminal)
+        .with_context(|| format!("merging {}", args.output.display()))?;
     report(&manifest, args.json)
 }
 

@@ -76,12 +76,17 @@ pub struct InspectArgs {
     /// problem.
     #[arg(long)]
     verify: bool,
+    /// With --verify and without a terminal (a Slurm log, a file): log a progress line (rows,
+    /// rate, ETA) every SECS seconds; on a terminal a progress bar is drawn instead.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    progress_every: f64,
 }
 
 pub fn run(args: InspectArgs) -> Result<()> {
     let build = BuildDir::open(&args.dir)?;
     if args.verify {
-        return run_verify(&build);
+        let terminal = super::build::progress_setup(args.progress_every)?;
+        return run_verify(&build, terminal);
     }
     if let Some(key) = &args.sample {
         return run_sample(&build, key, &args);
@@ -119,8 +124,8 @@ pub fn run(args: InspectArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_verify(build: &BuildDir) -> Result<()> {
-    let report = verify::verify(build);
+fn run_verify(build: &BuildDir, terminal: bool) -> Result<()> {
+    let report = verify::verify_with_progress(build, terminal);
     for w in &report.warnings {
         println!("warning: {w}");
     }

@@ -328,7 +328,21 @@ fn verify_shard(build: &BuildDir, shard: &ShardInfo, problems: &mut Vec<Problem>
 
 /// Verifies every shard of a build against its manifest.
 pub fn verify(build: &BuildDir) -> VerifyReport {
+    verify_inner(build, None)
+}
+
+/// [`verify`] for `inspect --verify`: a bar over the rows on a terminal (`terminal`), else
+/// progress lines when `crate::progress::set_progress_log_interval` asked for them.
+pub fn verify_with_progress(build: &BuildDir, terminal: bool) -> VerifyReport {
+    verify_inner(build, Some(terminal))
+}
+
+fn verify_inner(build: &BuildDir, progress: Option<bool>) -> VerifyReport {
     let m = &build.manifest;
+    let bar = progress.map(|terminal| {
+        let rows = m.shards.iter().map(|s| s.rows).sum();
+        crate::progress::progress_bar(terminal, rows, "verify: rows")
+    });
     let mut report = VerifyReport {
         shards: m.shards.len(),
         ..Default::default()
@@ -346,6 +360,12 @@ pub fn verify(build: &BuildDir) -> VerifyReport {
             }),
         }
         report.problems.extend(found);
+        if let Some(b) = &bar {
+            b.inc(shard.rows);
+        }
+    }
+    if let Some(b) = &bar {
+        crate::progress::finish_progress(b);
     }
     let listed_rows: u64 = m.shards.iter().map(|s| s.rows).sum();
     if listed_rows != m.totals.samples {

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use llava_formats::config::ConfigError;
+use llava_formats::located;
 use llava_trainer::dist::launch::{LaunchEnv, LaunchSource};
 use llava_trainer::dist::spawn::{self, LocalJob};
 use llava_trainer::train::{self, RunOptions, Summary, TrainConfig};
@@ -148,12 +150,25 @@ pub struct Args {
     /// Tokens per packed row (default: the shards' model_max_length).
     #[arg(long)]
     pack_length: Option<u32>,
+    /// A held-out `llava-data build` folder: mean loss and supervised tokens on it (no
+    /// gradient, rank 0, fixed order) every --eval-every steps and at the end [default: none].
+    #[arg(long, value_name = "DIR")]
+    eval_shards: Option<PathBuf>,
+    /// Evaluate on --eval-shards every N steps [default: only at the end].
+    #[arg(long, value_name = "N")]
+    eval_every: Option<u64>,
+    /// Also write TensorBoard event files (loss, lr, grad_norm, tokens/s, eval loss) into DIR
+    /// (`tensorboard --logdir DIR`) [default: none; log.jsonl is always written].
+    #[arg(long, value_name = "DIR")]
+    tensorboard: Option<PathBuf>,
 }
 
 /// Keys that hold paths: in a train.toml they are relative to the file (as in datasets.toml);
 /// as flags, to the current directory.
-const PATH_KEYS: [&str; 8] = [
+const PATH_KEYS: [&str; 10] = [
     "shards",
+    "eval_shards",
+    "tensorboard",
     "model",
     "llm",
     "vision",
@@ -169,13 +184,32 @@ impl Args {
     }
 }
 
+/// Where the run keys are documented (for error messages).
+const RUN_DOCS: &str = "`llava-trainer run --help` and the README's Training section";
+
+/// Names other trainers use for a key (HF `TrainingArguments`), for "did you mean".
+const ALIASES: [(&str, &str); 9] = [
+    ("learning_rate", "lr"),
+    ("output_dir", "output"),
+    ("per_device_train_batch_size", "batch_size"),
+    ("gradient_accumulation_steps", "grad_accum"),
+    ("num_train_epochs", "epochs"),
+    ("save_steps", "save_every"),
+    ("logging_steps", "log_every"),
+    ("eval_steps", "eval_every"),
+    ("dataloader_num_workers", "workers"),
+];
+
 pub(crate) fn merged(args: Args) -> Result<TrainConfig> {
+    let file = args.config.as_ref().map(|p| p.display().to_string());
+    let mut text = String::new();
     let mut v: toml::Table = match &args.config {
         Some(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            let mut table: toml::Table =
-                toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+            text = std::fs::read_to_string(p)
+                .with_context(|| format!("reading {}: check the --config path", p.display()))?;
+            let file = p.display().to_string();
+            let mut table: toml::Table = toml::from_str(&text)
+                .map_err(|e| ConfigError::from_toml(&file, &text, &e, RUN_DOCS))?;
             let base = p.parent().unwrap_or(std::path::Path::new("."));
             for key in PATH_KEYS {
                 if let Some(toml::Value::String(s)) = table.get_mut(key) {
@@ -187,9 +221,11 @@ pub(crate) fn merged(args: Args) -> Result<TrainConfig> {
         None => toml::Table::new(),
     };
     let path = |p: PathBuf| toml::Value::String(p.display().to_string());
+    let mut from_flags: Vec<String> = Vec::new();
     let mut set = |k: &str, x: Option<toml::Value>| {
         if let Some(x) = x {
             v.insert(k.into(), x);
+            from_flags.push(k.into());
         }
     };
     set("shards", args.shards.map(path));
@@ -245,9 +281,72 @@ pub(crate) fn merged(args: Args) -> Result<TrainConfig> {
         args.packing.then_some(toml::Value::Boolean(true)),
     );
     set("pack_length", args.pack_length.map(|x| int(u64::from(x))));
-    let cfg: TrainConfig = toml::Value::Table(v).try_into().context(
-        "invalid training configuration (shards, model or llm+vision, and output are required)",
-    )?;
+    set("eval_shards", args.eval_shards.map(path));
+    set("eval_every", args.eval_every.map(int));
+    set("tensorboard", args.tensorboard.map(path));
+    // An error names the flag, or the file, line and key it comes from.
+    let located = |key: &str, message: String| -> anyhow::Error {
+        match &file {
+            Some(f) if !from_flags.iter().any(|k| k == key) => {
+                ConfigError::at_key(f, &text, key, message).into()
+            }
+            _ => anyhow::anyhow!("--{}: {message}", key.replace('_', "-")),
+        }
+    };
+    let cfg: TrainConfig = match toml::Value::Table(v.clone()).try_into() {
+        Ok(c) => c,
+        Err(e) => {
+            let msg = e.message().trim().to_string();
+            if let Some(rest) = msg.strip_prefix("missing field ") {
+                let k = located::backticked(rest).unwrap_or(rest);
+                let flag = k.replace('_', "-");
+                anyhow::bail!(
+                    "{}`{k}` is required: pass --{flag}, or set `{k} = ...` in the --config file \
+                     (see {RUN_DOCS})",
+                    file.as_ref().map_or(String::new(), |f| format!("{f}: "))
+                );
+            }
+            let unknown = msg
+                .strip_prefix("unknown field ")
+                .and_then(located::backticked)
+                .map(str::to_string);
+            if let Some(k) = unknown {
+                let keys = TrainConfig::keys();
+                let known: Vec<&str> = keys.iter().map(String::as_str).collect();
+                let hint = ALIASES
+                    .iter()
+                    .find(|(a, _)| *a == k)
+                    .map(|(_, to)| *to)
+                    .or_else(|| located::closest(&k, &known))
+                    .map_or(String::new(), |s| format!("did you mean `{s}`? "));
+                return Err(located(
+                    &k,
+                    format!(
+                        "unknown key `{k}`: {hint}remove or rename it (the keys are in {RUN_DOCS})"
+                    ),
+                ));
+            }
+            // Which key: the first whose value alone, with the required keys, fails the same way.
+            let culprit = v.iter().map(|(k, _)| k.clone()).find(|k| {
+                let mut probe = toml::Table::new();
+                for r in ["shards", "output", "model"] {
+                    probe.insert(r.into(), toml::Value::String("x".into()));
+                }
+                if let Some(x) = v.get(k) {
+                    probe.insert(k.clone(), x.clone());
+                }
+                toml::Value::Table(probe).try_into::<TrainConfig>().is_err()
+            });
+            return Err(match culprit {
+                Some(k) => located(
+                    &k,
+                    format!("{msg}: fix the value (its type and allowed values are in {RUN_DOCS})"),
+                ),
+                None => anyhow::anyhow!("invalid training configuration: {msg} (see {RUN_DOCS})"),
+            });
+        }
+    };
+    cfg.validate().map_err(|(k, m)| located(k, m))?;
     Ok(cfg)
 }
 

@@ -226,3 +226,38 @@ fn head_backward(
     }
     Ok((nll, input_grad_out))
 }
+
+/// The loss of `batch` without gradients (evaluation): the segments' forward on detached
+/// inputs, so no graph outlives a segment; the same value as the training forward.
+pub fn eval_loss(model: &LlavaNext, batch: &Batch) -> Result<MicroBatchLoss> {
+    let prep = model.prepare(batch)?;
+    if prep.labels.is_none() {
+        return Err(Error::Batch("an evaluation batch needs labels".into()));
+    }
+    let ctx = model.text_context(&prep)?;
+    let has_images = !batch.images.is_empty();
+    let mut x: Option<Tensor> = match (&batch.pixel_values, has_images) {
+        (Some(px), true) => Some(px.clone()),
+        (None, true) => return Err(Error::Batch("images listed but no pixel_values".into())),
+        _ => None,
+    };
+    let n = prep.loss_positions.len();
+    let run = Run {
+        model,
+        batch,
+        prep,
+        ctx,
+    };
+    for seg in chain(model, has_images) {
+        if seg == Segment::Head {
+            break;
+        }
+        x = Some(run.forward(seg, x.as_ref())?.detach());
+    }
+    let h = x.ok_or_else(|| Error::Batch("no hidden states".into()))?;
+    let nll = model.head_nll(&h, &run.prep)?.detach();
+    Ok(MicroBatchLoss {
+        loss: (nll / n.max(1) as f64)?,
+        targets: n,
+    })
+}

@@ -91,6 +91,18 @@ pub struct TrainConfig {
     /// Row capacity when packing (default: the shards' `model_max_length`).
     #[serde(default)]
     pub pack_length: Option<u32>,
+    /// A held-out `llava-data build` folder: its mean loss and supervised token count (no
+    /// gradient) every `eval_every` steps and at the end, to log.jsonl, the terminal and
+    /// TensorBoard.
+    #[serde(default)]
+    pub eval_shards: Option<PathBuf>,
+    /// Evaluate on `eval_shards` every N optimizer steps (default: only at the end).
+    #[serde(default)]
+    pub eval_every: Option<u64>,
+    /// Also write TensorBoard event files (scalars: loss, lr, grad_norm, tokens/s, eval loss)
+    /// into this folder.
+    #[serde(default)]
+    pub tensorboard: Option<PathBuf>,
 }
 
 mod defaults {
@@ -134,6 +146,71 @@ impl TrainConfig {
     pub fn new(shards: PathBuf, model: PathBuf, output: PathBuf) -> Self {
         let v = serde_json::json!({"shards": shards, "model": model, "output": output});
         serde_json::from_value(v).unwrap_or_else(|_| unreachable!("every other key has a default"))
+    }
+
+    /// Every key a `train.toml` may hold.
+    pub fn keys() -> Vec<String> {
+        let c = Self::new(PathBuf::new(), PathBuf::new(), PathBuf::new());
+        match serde_json::to_value(&c) {
+            Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Checks the values that deserialization accepts but a run cannot use; the error names the
+    /// key.
+    pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
+        TunableParts::parse(&self.tunable_parts).map_err(|e| {
+            let m = match e {
+                Error::Config(m) => m,
+                e => e.to_string(),
+            };
+            ("tunable_parts", m)
+        })?;
+        self.attention
+            .parse::<crate::attention::AttentionKind>()
+            .map_err(|e| {
+                (
+                    "attention",
+                    format!("{e}: use blockwise, blockwise:N or dense"),
+                )
+            })?;
+        for (key, v) in [
+            ("grad_accum", self.grad_accum as u64),
+            ("log_every", self.log_every),
+            ("workers", self.workers as u64),
+            ("loss_chunk", self.loss_chunk as u64),
+            ("epochs", self.epochs),
+        ] {
+            if v == 0 {
+                return Err((key, "must be at least 1".into()));
+            }
+        }
+        if self.eval_every == Some(0) {
+            return Err((
+                "eval_every",
+                "must be at least 1 (omit it to evaluate only at the end)".into(),
+            ));
+        }
+        if self.eval_every.is_some() && self.eval_shards.is_none() {
+            return Err((
+                "eval_every",
+                "needs eval_shards (a held-out `llava-data build` folder)".into(),
+            ));
+        }
+        if self.zero_stage > 2 {
+            return Err((
+                "zero_stage",
+                format!("{} is not 0, 1 or 2", self.zero_stage),
+            ));
+        }
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            return Err(("lr", "must be a finite number >= 0".into()));
+        }
+        if !(0.0..=1.0).contains(&self.warmup_ratio) {
+            return Err(("warmup_ratio", "must be in [0, 1]".into()));
+        }
+        Ok(())
     }
 
     /// Keys that change the trajectory: a resume must match them.

@@ -3,14 +3,14 @@
 use std::io::Write;
 use std::path::Path;
 
-use super::StepLog;
 use crate::{Error, Result};
 
 pub(crate) fn gib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
 }
 
-pub(crate) fn append_log(path: &Path, entry: &StepLog) -> Result<()> {
+/// Appends one JSON line (a step's or an evaluation's).
+pub(crate) fn append_log(path: &Path, entry: &impl serde::Serialize) -> Result<()> {
     let io = |source| Error::Io {
         path: path.into(),
         source,
@@ -24,14 +24,18 @@ pub(crate) fn append_log(path: &Path, entry: &StepLog) -> Result<()> {
     writeln!(f, "{line}").map_err(io)
 }
 
-/// Drops log lines of steps after `step` (a killed run's steps that a resume redoes).
+/// Drops log lines (steps and evaluations) after `step` (a killed run's steps that a resume
+/// redoes).
 pub(crate) fn truncate_log(path: &Path, step: u64) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Ok(());
     };
     let kept: Vec<&str> = text
         .lines()
-        .filter(|l| serde_json::from_str::<StepLog>(l).is_ok_and(|e| e.step <= step))
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .is_ok_and(|e| e["step"].as_u64().is_some_and(|s| s <= step))
+        })
         .collect();
     let mut out = kept.join("\n");
     if !out.is_empty() {

@@ -8,6 +8,7 @@ mod compat;
 mod config;
 mod log;
 mod stream;
+pub mod tensorboard;
 
 pub use compat::{
     check_compatible, memory_plan, normalize_on_device, source_config, to_model_batch,
@@ -26,7 +27,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::attention::AttentionKind;
 use crate::checkpoint::{self, TrainerState};
-use crate::data::{DataState, IndexOptions, LoaderConfig, PixelFormat, PlanConfig, ShardIndex};
+use crate::data::{
+    DataState, EpochPlan, IndexOptions, Loader, LoaderConfig, PixelFormat, PlanConfig, ShardIndex,
+};
 use crate::dist::threads::ThreadGroup;
 use crate::dist::zero::{self, Sharding};
 use crate::dist::{Collective, Single};
@@ -83,6 +86,16 @@ pub struct StepLog {
     pub step_s: f64,
 }
 
+/// One evaluation on `eval_shards` (a log.jsonl line).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EvalLog {
+    pub step: u64,
+    /// Mean cross entropy over every supervised token of the eval shards.
+    pub eval_loss: f64,
+    /// Supervised tokens the mean is over.
+    pub eval_tokens: u64,
+}
+
 #[derive(Debug, Clone)]
 pub struct Summary {
     pub steps_done: u64,
@@ -94,6 +107,8 @@ pub struct Summary {
     pub resumed_from: Option<PathBuf>,
     /// The run had already reached its last step in a checkpoint: nothing was trained.
     pub already_finished: bool,
+    /// Evaluations of this process, in order.
+    pub evals: Vec<EvalLog>,
 }
 
 /// Trains as `cfg` says on one device; resumes from the latest checkpoint in `output` unless
@@ -217,6 +232,23 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
         model_cfg.tokenizer_model_max_length = Some(index.manifest.settings.model_max_length);
     }
     check_compatible(&index, &model_cfg, cfg.tokenizer.as_deref())?;
+    // Evaluation: rank 0 alone runs every batch of the eval shards, in one fixed order (the
+    // world-size-1 plan of epoch 0), so the value does not depend on the world size.
+    let eval_set = match (&cfg.eval_shards, lead) {
+        (Some(dir), true) => {
+            let eval_index = ShardIndex::open(dir, &IndexOptions::default())?;
+            check_compatible(&eval_index, &model_cfg, cfg.tokenizer.as_deref())?;
+            let eval_plan = PlanConfig {
+                seed: cfg.seed,
+                world_size: 1,
+                batch_size: cfg.batch_size,
+                pack_length: None,
+            };
+            let batches = EpochPlan::new(&eval_index, &eval_plan, &DataState::new(0))?.rank(0)?;
+            Some((eval_index, batches))
+        }
+        _ => None,
+    };
 
     let plan_cfg = PlanConfig {
         seed: cfg.seed,
@@ -263,6 +295,7 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
                 interrupted: false,
                 resumed_from: Some(dir.clone()),
                 already_finished: true,
+                evals: Vec::new(),
             });
         }
     }
@@ -380,16 +413,50 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
     if lead {
         truncate_log(&log_path, step)?;
     }
+    let mut events = match (&cfg.tensorboard, lead) {
+        (Some(dir), true) => {
+            let w = tensorboard::EventWriter::create(dir)?;
+            tracing::info!("TensorBoard events: {}", w.path().display());
+            Some(w)
+        }
+        _ => None,
+    };
+    let loader_cfg = LoaderConfig {
+        workers: cfg.workers,
+        prefetch: cfg.workers.max(2),
+        // Tiles cross to the device as bytes and are normalised there.
+        pixels: PixelFormat::U8,
+    };
+    // Mean loss over every supervised token of the eval shards, and their number.
+    let evaluate = |model: &LlavaNext| -> Result<Option<(f64, u64)>> {
+        let Some((eval_index, batches)) = &eval_set else {
+            return Ok(None);
+        };
+        let loader = Loader::new(eval_index.clone(), batches.clone(), &loader_cfg)?;
+        let (mut nll, mut targets) = (0f64, 0u64);
+        for b in loader {
+            let b = b?;
+            if b.is_empty() {
+                continue;
+            }
+            let batch = to_model_batch(&b, &model_cfg, &dev)?;
+            let out = step::segments::eval_loss(model, &batch)?;
+            let mean = out.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            nll += f64::from(mean) * out.targets as f64;
+            targets += out.targets as u64;
+        }
+        let mean = if targets > 0 {
+            nll / targets as f64
+        } else {
+            f64::NAN
+        };
+        Ok(Some((mean, targets)))
+    };
     let tokenizer_dir = cfg.source.model.clone().or_else(|| cfg.source.llm.clone());
     let mut stream = Stream {
         index: index.clone(),
         plan: plan_cfg,
-        loader_cfg: LoaderConfig {
-            workers: cfg.workers,
-            prefetch: cfg.workers.max(2),
-            // Tiles cross to the device as bytes and are normalised there.
-            pixels: PixelFormat::U8,
-        },
+        loader_cfg: loader_cfg.clone(),
         state: data_state,
         loader: None,
         left: 0,
@@ -398,7 +465,8 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
     };
     let bar = (lead && opts.progress && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(
         || {
-            let b = indicatif::ProgressBar::new(total_steps);
+            // Drawn with llava_formats::progress's bars: log lines never land on it.
+            let b = llava_formats::progress::terminal_bar(total_steps);
             b.set_position(step);
             b
         },
@@ -462,6 +530,7 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
         interrupted: false,
         resumed_from: resume.clone(),
         already_finished: false,
+        evals: Vec::new(),
     };
     let mut last_saved = step;
     let (mut lr, mut loss_v) = (0.0, f64::NAN);
@@ -545,6 +614,48 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
                 None => println!("{line}"),
             }
             append_log(&log_path, &entry)?;
+            if let Some(w) = events.as_mut() {
+                w.scalars(
+                    step,
+                    &[
+                        ("train/loss", entry.loss),
+                        ("train/lr", entry.lr),
+                        ("train/grad_norm", entry.grad_norm),
+                        ("train/tokens_per_s", entry.tokens_per_s),
+                        ("train/samples_per_s", entry.samples_per_s),
+                    ],
+                )?;
+            }
+        }
+        let eval_now =
+            cfg.eval_every.is_some_and(|n| step.is_multiple_of(n)) || step == total_steps;
+        if eval_now {
+            if let Some((eval_loss, eval_tokens)) = evaluate(&model)? {
+                let e = EvalLog {
+                    step,
+                    eval_loss,
+                    eval_tokens,
+                };
+                let line = format!(
+                    "eval at step {step}/{total_steps}: eval_loss {eval_loss:.4} over \
+                     {eval_tokens} tokens"
+                );
+                match &bar {
+                    Some(b) => b.println(&line),
+                    None => println!("{line}"),
+                }
+                append_log(&log_path, &e)?;
+                if let Some(w) = events.as_mut() {
+                    w.scalars(
+                        step,
+                        &[
+                            ("eval/loss", eval_loss),
+                            ("eval/tokens", eval_tokens as f64),
+                        ],
+                    )?;
+                }
+                summary.evals.push(e);
+            }
         }
         if let Some(b) = &bar {
             b.set_position(step);
