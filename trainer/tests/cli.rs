@@ -185,6 +185,7 @@ fn multi_process_runs_explain_what_they_need() {
         let e = run(&[], &["--nproc-per-node", "2", "--device", "cuda"]);
         assert!(e.contains("without CUDA"), "{e}");
     }
+}
 
 /// `llava-trainer run --config FILE` with `text` as the file: (exit success, stderr).
 fn run_with_config(name: &str, text: &str) -> (bool, String, PathBuf) {
