@@ -490,11 +490,10 @@ mod tests {
     }
 
     fn load_str(text: &str) -> Result<DatasetsConfig, ConfigError> {
-        let dir = std::env::temp_dir().join(format!(
-            "llava-config-{}-{}",
-            std::process::id(),
-            text.len()
-        ));
+        // One folder per call: tests run in parallel and texts may have equal lengths.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("llava-config-{}-{call}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("datasets.toml");
         std::fs::write(&path, text).unwrap();
