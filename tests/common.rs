@@ -39,6 +39,18 @@ pub fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// Removes a scratch folder when the test ends without panicking (a failed test keeps it for a
+/// look): the heavy end-to-end tests leave gigabytes of checkpoints otherwise.
+pub struct RemoveOnSuccess(pub PathBuf);
+
+impl Drop for RemoveOnSuccess {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
 /// Bad records, one per reason, plus one good text record (index 4), in JSONL.
 pub const BAD_JSONL: &str = r#"{"id": "broken", "conversations": [
 {"id": "missing_image", "image": "nope/none.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]}

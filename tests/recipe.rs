@@ -320,7 +320,9 @@ fn copy_with(name: &str, work: &Path, set: &[(&str, toml::Value)]) -> PathBuf {
 
 #[test]
 fn published_layouts_through_both_stages() {
-    recipe_pipeline(&scratch("recipe"));
+    let dir = scratch("recipe");
+    let _cleanup = RemoveOnSuccess(dir.clone());
+    recipe_pipeline(&dir);
 }
 
 /// HF transformers loads the final checkpoint (no missing or unexpected keys, every tensor

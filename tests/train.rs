@@ -102,6 +102,7 @@ fn tensor_names(path: &Path) -> BTreeMap<String, Vec<usize>> {
 #[test]
 fn train_resume_and_checkpoint_layout() {
     let dir = scratch("train");
+    let _cleanup = RemoveOnSuccess(dir.clone());
     let shards = build_shards(&dir);
     let model = tiny_model(&dir);
 
@@ -257,6 +258,7 @@ fn weights_diff(a: &Path, b: &Path) -> (f64, bool) {
 #[test]
 fn data_parallel_threads() {
     let dir = scratch("dp");
+    let _cleanup = RemoveOnSuccess(dir.clone());
     let shards = build_shards(&dir);
     let model = tiny_model(&dir);
     let run = |name: &str, world: usize, accum: usize, zero: u8, steps: u64, opts: RunOptions| {

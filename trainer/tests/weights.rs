@@ -321,4 +321,5 @@ fn init_from_a_reference_checkpoint_writes_the_hf_layout() {
         .expect("model.safetensors");
     assert!(written.contains_key("multi_modal_projector.linear_1.weight"));
     assert!(written.keys().all(|k| !k.starts_with("model.mm_projector")));
+    let _ = std::fs::remove_dir_all(&tmp);
 }
