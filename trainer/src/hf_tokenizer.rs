@@ -11,7 +11,7 @@ use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
-use crate::{Error, Result};
+use crate::{json_file, Error, Result};
 
 pub const IMAGE_TOKEN: &str = "<image>";
 pub const PAD_TOKEN: &str = "<pad>";
@@ -55,23 +55,6 @@ fn bad(path: &Path, msg: impl Into<String>) -> Error {
         path: path.into(),
         msg: msg.into(),
     }
-}
-
-fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-        path: path.into(),
-        source,
-    })?;
-    serde_json::from_str(&text).map_err(|e| bad(path, format!("not valid JSON: {e}")))
-}
-
-fn write_json(path: &Path, v: &Value) -> Result<()> {
-    let text =
-        serde_json::to_string_pretty(v).map_err(|e| bad(path, format!("serialising JSON: {e}")))?;
-    std::fs::write(path, text + "\n").map_err(|source| Error::Io {
-        path: path.into(),
-        source,
-    })
 }
 
 fn added_token(id: u32, content: &str) -> Value {
@@ -211,40 +194,26 @@ pub fn write_tokenizer_files(
     if !tok_path.is_file() {
         return Ok(false);
     }
-    let mut tokenizer = read_json(&tok_path)?;
+    let mut tokenizer = json_file::read(&tok_path)?;
     let (image_id, pad_id) =
         add_llava_tokens(&mut tokenizer, image_token_index, vocab_size, &tok_path)?;
-    write_json(&dst.join("tokenizer.json"), &tokenizer)?;
+    json_file::write(&dst.join("tokenizer.json"), &tokenizer)?;
 
     let cfg_path = src.join("tokenizer_config.json");
-    let mut config = if cfg_path.is_file() {
-        match read_json(&cfg_path)? {
-            Value::Object(m) => m,
-            _ => return Err(bad(&cfg_path, "not a JSON object")),
-        }
-    } else {
-        Map::new()
-    };
+    let mut config = json_file::read_object_or_empty(&cfg_path)?;
     patch_tokenizer_config(&mut config, image_id, pad_id);
-    write_json(&dst.join("tokenizer_config.json"), &Value::Object(config))?;
+    json_file::write(&dst.join("tokenizer_config.json"), &Value::Object(config))?;
 
     let map_path = src.join("special_tokens_map.json");
-    let mut map = if map_path.is_file() {
-        match read_json(&map_path)? {
-            Value::Object(m) => m,
-            _ => return Err(bad(&map_path, "not a JSON object")),
-        }
-    } else {
-        Map::new()
-    };
+    let mut map = json_file::read_object_or_empty(&map_path)?;
     if pad_id.is_some() {
         map.insert("pad_token".into(), PAD_TOKEN.into());
     }
-    write_json(&dst.join("special_tokens_map.json"), &Value::Object(map))?;
+    json_file::write(&dst.join("special_tokens_map.json"), &Value::Object(map))?;
 
     // What processors read their template from (transformers >= 4.43 saves it beside the
     // processor config).
-    write_json(
+    json_file::write(
         &dst.join("chat_template.json"),
         &json!({ "chat_template": LLAVA_LLAMA3_CHAT_TEMPLATE }),
     )?;

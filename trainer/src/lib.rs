@@ -13,6 +13,7 @@ pub mod error;
 pub mod heap;
 pub mod hf_tokenizer;
 pub mod init;
+pub mod json_file;
 pub mod llama;
 pub mod llava_next;
 pub mod memory;

@@ -12,9 +12,10 @@ pub fn parse(spec: &str) -> Result<Device> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
+    if is_cpu_spec(spec) {
+        return Ok(Device::Cpu);
+    }
     match spec {
-        "cpu" => Ok(Device::Cpu),
-        "auto" if !cfg!(feature = "cuda") => Ok(Device::Cpu),
         "auto" | "cuda" => cuda(local_rank()),
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(n)) => cuda(n),

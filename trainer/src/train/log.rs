@@ -1,4 +1,4 @@
-//! `log.jsonl`: one line per logged step.
+//! What a run logs: `log.jsonl` (one line per logged step or evaluation), the same on stdout, and TensorBoard scalars.
 
 use std::io::Write;
 use std::path::Path;
@@ -10,7 +10,7 @@ pub(crate) fn gib(bytes: u64) -> f64 {
 }
 
 /// Appends one JSON line (a step's or an evaluation's).
-pub(crate) fn append_log(path: &Path, entry: &impl serde::Serialize) -> Result<()> {
+fn append_log(path: &Path, entry: &impl serde::Serialize) -> Result<()> {
     let io = |source| Error::Io {
         path: path.into(),
         source,
@@ -20,7 +20,10 @@ pub(crate) fn append_log(path: &Path, entry: &impl serde::Serialize) -> Result<(
         .append(true)
         .open(path)
         .map_err(io)?;
-    let line = serde_json::to_string(entry).map_err(|e| Error::Config(e.to_string()))?;
+    let line = serde_json::to_string(entry).map_err(|source| Error::Serialize {
+        what: "a log.jsonl line",
+        source,
+    })?;
     writeln!(f, "{line}").map_err(io)
 }
 
@@ -45,4 +48,33 @@ pub(crate) fn truncate_log(path: &Path, step: u64) -> Result<()> {
         path: path.into(),
         source,
     })
+}
+
+/// Where a logged step or evaluation goes: a line on stdout (above the progress bar when there
+/// is one, so the two never share a line), a record in `log.jsonl`, and scalars in the
+/// TensorBoard events when `--tensorboard` is set.
+pub(crate) struct Reporter {
+    pub bar: Option<indicatif::ProgressBar>,
+    pub log_path: std::path::PathBuf,
+    pub events: Option<super::tensorboard::EventWriter>,
+}
+
+impl Reporter {
+    pub fn report(
+        &mut self,
+        step: u64,
+        line: &str,
+        record: &impl serde::Serialize,
+        scalars: &[(&str, f64)],
+    ) -> Result<()> {
+        match &self.bar {
+            Some(b) => b.println(line),
+            None => println!("{line}"),
+        }
+        append_log(&self.log_path, record)?;
+        if let Some(w) = self.events.as_mut() {
+            w.scalars(step, scalars)?;
+        }
+        Ok(())
+    }
 }

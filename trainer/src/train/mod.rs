@@ -2,7 +2,8 @@
 //!
 //! One optimizer step = `grad_accum` micro-batches of one epoch; their gradients are averaged
 //! (the mean of per-micro-batch means, spec §5.4). An epoch's last `n % grad_accum`
-//! micro-batches are dropped. Single process (world size 1); multi-GPU is not done.
+//! micro-batches are dropped. Ranks of a data-parallel group (threads on the CPU, NCCL processes on
+//! GPUs) run this same loop on their own share of each batch; rank 0 logs and saves.
 
 mod compat;
 mod config;
@@ -40,7 +41,7 @@ use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::CosineSchedule;
 use crate::step::{self, GradAccumulator, StepOptions};
 use crate::{Error, Result};
-use log::{append_log, gib, truncate_log};
+use log::{gib, truncate_log};
 use stream::{batches_per_epoch, Stream};
 
 /// What to do after a step (test hook and Ctrl-C).
@@ -331,7 +332,7 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
         let data = varmap
             .data()
             .lock()
-            .map_err(|_| Error::Config("VarMap lock poisoned".into()))?;
+            .map_err(|_| Error::Poisoned("VarMap"))?;
         for (name, var) in data.iter() {
             let t = weights.get(name).ok_or_else(|| Error::MissingTensor {
                 name: name.clone(),
@@ -413,7 +414,7 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
     if lead {
         truncate_log(&log_path, step)?;
     }
-    let mut events = match (&cfg.tensorboard, lead) {
+    let events = match (&cfg.tensorboard, lead) {
         (Some(dir), true) => {
             let w = tensorboard::EventWriter::create(dir)?;
             tracing::info!("TensorBoard events: {}", w.path().display());
@@ -471,6 +472,11 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
             b
         },
     );
+    let mut reporter = log::Reporter {
+        bar,
+        log_path,
+        events,
+    };
     let n_params: usize = optim.params.iter().map(|p| p.var.elem_count()).sum();
     tracing::info!(
         "training {} tensors ({n_params} parameters) for {total_steps} steps ({per_epoch} per \
@@ -609,23 +615,18 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
                 entry.loss, entry.lr, entry.grad_norm, entry.tokens_per_s, entry.samples_per_s,
                 entry.data_wait_s
             );
-            match &bar {
-                Some(b) => b.println(&line),
-                None => println!("{line}"),
-            }
-            append_log(&log_path, &entry)?;
-            if let Some(w) = events.as_mut() {
-                w.scalars(
-                    step,
-                    &[
-                        ("train/loss", entry.loss),
-                        ("train/lr", entry.lr),
-                        ("train/grad_norm", entry.grad_norm),
-                        ("train/tokens_per_s", entry.tokens_per_s),
-                        ("train/samples_per_s", entry.samples_per_s),
-                    ],
-                )?;
-            }
+            reporter.report(
+                step,
+                &line,
+                &entry,
+                &[
+                    ("train/loss", entry.loss),
+                    ("train/lr", entry.lr),
+                    ("train/grad_norm", entry.grad_norm),
+                    ("train/tokens_per_s", entry.tokens_per_s),
+                    ("train/samples_per_s", entry.samples_per_s),
+                ],
+            )?;
         }
         let eval_now =
             cfg.eval_every.is_some_and(|n| step.is_multiple_of(n)) || step == total_steps;
@@ -640,27 +641,22 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
                     "eval at step {step}/{total_steps}: eval_loss {eval_loss:.4} over \
                      {eval_tokens} tokens"
                 );
-                match &bar {
-                    Some(b) => b.println(&line),
-                    None => println!("{line}"),
-                }
-                append_log(&log_path, &e)?;
-                if let Some(w) = events.as_mut() {
-                    w.scalars(
-                        step,
-                        &[
-                            ("eval/loss", eval_loss),
-                            ("eval/tokens", eval_tokens as f64),
-                        ],
-                    )?;
-                }
+                reporter.report(
+                    step,
+                    &line,
+                    &e,
+                    &[
+                        ("eval/loss", eval_loss),
+                        ("eval/tokens", eval_tokens as f64),
+                    ],
+                )?;
                 summary.evals.push(e);
             }
         }
-        if let Some(b) = &bar {
+        if let Some(b) = &reporter.bar {
             b.set_position(step);
         }
-        if let (true, None, Some(every)) = (lead, &bar, opts.progress_every) {
+        if let (true, None, Some(every)) = (lead, &reporter.bar, opts.progress_every) {
             if last_progress.elapsed() >= every || step == total_steps {
                 last_progress = Instant::now();
                 let elapsed = started.elapsed().as_secs_f64();
@@ -719,7 +715,7 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
     if last_saved != step {
         summary.last_checkpoint = Some(save(&optim, step, data_state, lr, loss_v)?);
     }
-    if let Some(b) = bar {
+    if let Some(b) = reporter.bar {
         b.finish_and_clear();
     }
     if lead && parts.projector_only() && !summary.interrupted {
