@@ -83,7 +83,9 @@ fn manifest_reconciles_and_rows_match_the_goldens() {
         let shard_rows = read_shard(&out.join(&shard.file));
         assert_eq!(shard_rows.len() as u64, shard.rows);
         assert!(
-            shard_rows.iter().all(|r| r.modality == shard.modality),
+            shard_rows
+                .iter()
+                .all(|r| r.modality == shard.modality.as_str()),
             "one modality per shard"
         );
         rows.extend(shard_rows);

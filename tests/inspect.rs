@@ -58,7 +58,11 @@ fn summary_numbers_equal_the_manifest() {
     assert_eq!(s.shards, m.shards.len());
     // Per modality: the sums of the manifest's shard entries.
     for modality in ["image", "text"] {
-        let shards: Vec<_> = m.shards.iter().filter(|s| s.modality == modality).collect();
+        let shards: Vec<_> = m
+            .shards
+            .iter()
+            .filter(|s| s.modality.as_str() == modality)
+            .collect();
         let c = &s
             .modalities
             .iter()
@@ -322,7 +326,11 @@ fn verify_finds_a_truncated_shard() {
 
 /// The id of an anyres sample with a `cols x rows` grid.
 fn sample_with_grid(out: &Path, m: &Manifest, cols: u32, rows: u32) -> String {
-    for shard in m.shards.iter().filter(|s| s.modality == "image") {
+    for shard in m
+        .shards
+        .iter()
+        .filter(|s| s.modality == llava_formats::manifest::Modality::Image)
+    {
         for r in read_shard(&out.join(&shard.file)) {
             if r.images.len() == 1
                 && (r.images[0].grid_cols, r.images[0].grid_rows) == (cols, rows)

@@ -8,8 +8,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// The recipe's anyres grid (width, height), as the reference scripts pass it.
-pub const RECIPE_PINPOINTS: &str = "[(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]";
+use crate::geometry::{pinpoints_text, MergeType, RECIPE_PINPOINTS};
 
 /// A config file's error: `file:line:column: key: message`, the message saying what to do.
 #[derive(Debug, Error)]
@@ -124,8 +123,8 @@ pub struct DatasetsConfig {
     #[serde(default = "default_pinpoints")]
     pub image_grid_pinpoints: Pinpoints,
     /// `spatial_unpad` (fine-tuning) or `flat` (pretraining): how many tokens an image becomes.
-    #[serde(default = "default_merge")]
-    pub mm_patch_merge_type: String,
+    #[serde(default)]
+    pub mm_patch_merge_type: MergeType,
     #[serde(default = "default_seed")]
     pub seed: u64,
     /// Shards are closed once their estimated size passes this many MiB.
@@ -297,10 +296,7 @@ fn default_max_len() -> usize {
     8192
 }
 fn default_pinpoints() -> Pinpoints {
-    Pinpoints::Text(RECIPE_PINPOINTS.to_string())
-}
-fn default_merge() -> String {
-    "spatial_unpad".into()
+    Pinpoints::Text(pinpoints_text(&RECIPE_PINPOINTS))
 }
 fn default_seed() -> u64 {
     42
@@ -343,7 +339,6 @@ pub const DATASETS_DOCS: &str = "the README's `datasets.toml` section";
 
 pub const TEMPLATES: [&str; 2] = ["llava_llama_3", "plain"];
 pub const ASPECTS: [&str; 3] = ["anyres", "pad", "square"];
-pub const MERGE_TYPES: [&str; 2] = ["spatial_unpad", "flat"];
 pub const TILE_ENCODINGS: [&str; 2] = ["raw", "jpeg"];
 
 impl DatasetsConfig {
@@ -385,11 +380,6 @@ impl DatasetsConfig {
                 Ok(())
             }
         };
-        one_of(
-            "mm_patch_merge_type",
-            &self.mm_patch_merge_type,
-            &MERGE_TYPES,
-        )?;
         one_of("tile_encoding", &self.tile_encoding, &TILE_ENCODINGS)?;
         positive("model_max_length", self.model_max_length)?;
         positive("batch_size", self.batch_size)?;

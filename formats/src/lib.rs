@@ -1,8 +1,10 @@
 //! The contract between `llava-data` (pipeline) and `llava-trainer`: the `datasets.toml` model,
-//! the shard schema and the manifest. Both halves depend on this crate and on nothing of each other.
+//! the shard schema and the manifest, and the anyres geometry that fixes an image's token count.
+//! Both halves depend on this crate and on nothing of each other.
 
 pub mod config;
 pub mod constants;
+pub mod geometry;
 pub mod located;
 pub mod manifest;
 pub mod normalize;

@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::geometry::MergeType;
+
 use crate::schema::SCHEMA_VERSION;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -69,7 +71,7 @@ pub struct BuildSettings {
     pub model_max_length: usize,
     /// (width, height) pairs, LLaVA-NeXT order.
     pub image_grid_pinpoints: Vec<[u32; 2]>,
-    pub mm_patch_merge_type: String,
+    pub mm_patch_merge_type: MergeType,
     pub tile_size: u32,
     /// `raw` (uint8 CHW) or `jpeg`.
     pub tile_encoding: String,
@@ -108,10 +110,42 @@ pub struct SourceStats {
     pub rejects_by_kind: BTreeMap<String, u64>,
 }
 
+/// A shard's (and so a batch's) modality; batches never mix them. Serialised `image` / `text`,
+/// as in the shards' `modality` column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Modality {
+    Image,
+    Text,
+}
+
+impl Modality {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "image" => Some(Self::Image),
+            "text" => Some(Self::Text),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Image => "image",
+            Self::Text => "text",
+        }
+    }
+}
+
+impl std::fmt::Display for Modality {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShardInfo {
     pub file: String,
-    pub modality: String,
+    pub modality: Modality,
     pub rows: u64,
     pub bytes: u64,
     pub sha256: String,

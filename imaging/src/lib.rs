@@ -1,12 +1,11 @@
 //! Pillow-exact decoding, resampling and anyres tiling for LLaVA-NeXT.
 //!
 //! `decode` -> `RgbImage` (Pillow `convert("RGB")`), `resample` (Pillow BICUBIC),
-//! `geometry` (anyres sizes and token counts), `tiles` (uint8 `(T, 3, 336, 336)` tiles),
+//! `geometry` (anyres sizes and token counts, from `llava_formats`), `tiles` (uint8 `(T, 3, 336, 336)` tiles),
 //! `normalize` (the CLIP processor's float32 values).
 
 mod bmp;
 pub mod decode;
-pub mod geometry;
 pub mod limits;
 pub mod normalize;
 pub mod probe;
@@ -23,6 +22,9 @@ pub use geometry::{
     single_tile_tokens, unpad_feature_hw, MergeType, PinpointsError, RECIPE_PINPOINTS, TILE,
 };
 pub use limits::{DecodeLimits, PILLOW_MAX_IMAGE_PIXELS};
+/// The anyres geometry lives in `llava_formats` (the trainer shares it); re-exported here
+/// because tiling is where it is used most.
+pub use llava_formats::geometry;
 pub use normalize::normalize_tiles;
 pub use probe::{probe_size, probe_size_file, probe_size_file_with, probe_size_with};
 pub use resample::resize_bicubic;

@@ -11,6 +11,8 @@ use std::time::Instant;
 use llava_data::inspect::summary::{summarize, SummaryOptions};
 use llava_data::inspect::{verify::verify, BuildDir};
 use llava_formats::constants::{IGNORE_INDEX, IMAGE_TOKEN_INDEX};
+use llava_formats::geometry::{MergeType, RECIPE_PINPOINTS};
+use llava_formats::manifest::Modality;
 use llava_formats::manifest::{
     BuildSettings, Grouping, Manifest, ShardInfo, SourceStats, Totals, FORMAT_NAME,
 };
@@ -131,7 +133,7 @@ fn main() -> anyhow::Result<()> {
             let mut cutter = RowGroupCutter::default();
             let mut info = ShardInfo {
                 file: file.clone(),
-                modality: modality.into(),
+                modality: Modality::parse(modality).expect("image or text"),
                 rows: rows_here as u64,
                 bytes: 0,
                 sha256: String::new(),
@@ -208,14 +210,8 @@ fn main() -> anyhow::Result<()> {
         tokenizer_sha256: String::new(),
         settings: BuildSettings {
             model_max_length: 8192,
-            image_grid_pinpoints: vec![
-                [336, 672],
-                [672, 336],
-                [672, 672],
-                [1008, 336],
-                [336, 1008],
-            ],
-            mm_patch_merge_type: "spatial_unpad".into(),
+            image_grid_pinpoints: RECIPE_PINPOINTS.iter().map(|&(w, h)| [w, h]).collect(),
+            mm_patch_merge_type: MergeType::SpatialUnpad,
             tile_size: 336,
             tile_encoding: "raw".into(),
             seed: 42,

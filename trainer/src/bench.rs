@@ -143,7 +143,7 @@ pub(crate) fn random_varmap(cfg: &LlavaNextConfig, dtype: DType, dev: &Device) -
         let mut data = varmap
             .data()
             .lock()
-            .map_err(|_| Error::Config("VarMap lock poisoned".into()))?;
+            .map_err(|_| Error::Poisoned("VarMap"))?;
         for (name, shape) in init::all_params(cfg) {
             let t = if shape.len() == 1 && name.ends_with(".bias") {
                 Tensor::zeros(shape.as_slice(), dtype, dev)?

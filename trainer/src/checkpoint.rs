@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::DataState;
 use crate::llava_next::{LlavaNextConfig, PROJECTOR_PREFIX};
-use crate::{weights, Error, Result};
+use crate::{json_file, weights, Error, Result};
 
 pub const STATE_JSON: &str = "trainer_state.json";
 pub const STATE_TENSORS: &str = "trainer_state.safetensors";
@@ -35,16 +35,13 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
-/// Pinpoints for HF (`(h, w)` semantics) from LLaVA-NeXT's `(w, h)` list: each pair swapped, in
-/// the same order, so HF's first-wins tie-break picks the grids LLaVA-NeXT picked (§8.4).
-pub fn hf_pinpoints(llava_wh: &[[u32; 2]]) -> Vec<[u32; 2]> {
-    llava_wh.iter().map(|[w, h]| [*h, *w]).collect()
-}
-
 /// `config.json` of HF `LlavaNextForConditionalGeneration`. `cfg.image_grid_pinpoints` is
 /// already in HF's (h, w) order.
 pub fn hf_config(cfg: &LlavaNextConfig, dtype: DType) -> Result<serde_json::Value> {
-    let mut v = serde_json::to_value(cfg).map_err(|e| Error::Config(e.to_string()))?;
+    let mut v = serde_json::to_value(cfg).map_err(|source| Error::Serialize {
+        what: "the model config",
+        source,
+    })?;
     let dtype = if dtype == DType::BF16 {
         "bfloat16"
     } else {
@@ -110,11 +107,6 @@ pub fn processor_config(cfg: &LlavaNextConfig) -> serde_json::Value {
     })
 }
 
-fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
-    let text = serde_json::to_string_pretty(v).map_err(|e| Error::Config(e.to_string()))?;
-    std::fs::write(path, text + "\n").map_err(io(path))
-}
-
 /// Writes an HF-loadable model directory (weights, config, processor files; when
 /// `tokenizer_dir` has a `tokenizer.json`, the tokenizer files with `<image>`, `<pad>` and the
 /// chat template that HF's processor needs, see [`crate::hf_tokenizer`]).
@@ -127,12 +119,12 @@ pub fn save_hf_model(
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let dtype = varmap.all_vars().first().map_or(DType::F32, |v| v.dtype());
     weights::save(varmap, &dir.join("model.safetensors"))?;
-    write_json(&dir.join("config.json"), &hf_config(cfg, dtype)?)?;
-    write_json(
+    json_file::write(&dir.join("config.json"), &hf_config(cfg, dtype)?)?;
+    json_file::write(
         &dir.join("preprocessor_config.json"),
         &preprocessor_config(cfg),
     )?;
-    write_json(&dir.join("processor_config.json"), &processor_config(cfg))?;
+    json_file::write(&dir.join("processor_config.json"), &processor_config(cfg))?;
     if let Some(src) = tokenizer_dir {
         let image_id = u32::try_from(cfg.image_token_index).map_err(|_| {
             ck_err(
@@ -154,7 +146,7 @@ pub fn save_projector(varmap: &VarMap, path: &Path) -> Result<()> {
     let data = varmap
         .data()
         .lock()
-        .map_err(|_| Error::Config("VarMap lock poisoned".into()))?;
+        .map_err(|_| Error::Poisoned("VarMap"))?;
     let mut out = HashMap::new();
     for (name, var) in data.iter() {
         let Some(rest) = name.strip_prefix(&format!("{PROJECTOR_PREFIX}.")) else {
@@ -165,7 +157,7 @@ pub fn save_projector(varmap: &VarMap, path: &Path) -> Result<()> {
             .replacen("linear_2.", "model.mm_projector.2.", 1);
         out.insert(key, var.as_tensor().clone());
     }
-    candle_core::safetensors::save(&out, path).map_err(|source| Error::Read {
+    candle_core::safetensors::save(&out, path).map_err(|source| Error::Write {
         path: path.into(),
         source,
     })
@@ -236,12 +228,12 @@ pub fn save_checkpoint(
         save_projector(varmap, &tmp.join(PROJECTOR_FILE))?;
     }
     let st = tmp.join(STATE_TENSORS);
-    candle_core::safetensors::save(&optimizer, &st).map_err(|source| Error::Read {
+    candle_core::safetensors::save(&optimizer, &st).map_err(|source| Error::Write {
         path: st.clone(),
         source,
     })?;
     // The JSON last: its presence marks a complete checkpoint.
-    write_json(&tmp.join(STATE_JSON), state)?;
+    json_file::write(&tmp.join(STATE_JSON), state)?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
     }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 /// Everything that can go wrong while building, loading or running the model.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -25,6 +26,26 @@ pub enum Error {
         path: PathBuf,
         source: candle_core::Error,
     },
+
+    #[error("{path}: cannot write tensors: {source}")]
+    Write {
+        path: PathBuf,
+        source: candle_core::Error,
+    },
+
+    /// A thread panicked while holding this lock; what it guarded may be half-updated.
+    #[error("{0} lock poisoned: a thread panicked while holding it")]
+    Poisoned(&'static str),
+
+    #[error("cannot serialise {what}: {source}")]
+    Serialize {
+        what: &'static str,
+        source: serde_json::Error,
+    },
+
+    /// The prefetching loader stopped before the epoch plan's last batch (a worker died).
+    #[error("the data loader ended before the planned batch {0}")]
+    LoaderEnded(u64),
 
     #[error("missing tensor `{name}` (searched: {searched})")]
     MissingTensor { name: String, searched: String },

@@ -26,7 +26,7 @@ pub struct InitSpec {
     #[serde(default)]
     pub text_config: Option<serde_json::Value>,
     /// Anyres grid as (width, height), LLaVA-NeXT order (as in `datasets.toml`); written to
-    /// `config.json` swapped, see [`crate::checkpoint::hf_pinpoints`].
+    /// `config.json` swapped, see [`llava_formats::geometry::hf_pinpoints`].
     #[serde(default)]
     pub image_grid_pinpoints: Option<Vec<[usize; 2]>>,
     #[serde(default)]
@@ -107,7 +107,7 @@ pub fn init_missing(
     let mut data = varmap
         .data()
         .lock()
-        .map_err(|_| Error::Config("VarMap lock poisoned".into()))?;
+        .map_err(|_| Error::Poisoned("VarMap"))?;
     let mut added = Vec::new();
     for (name, shape) in all_params(cfg) {
         if data.contains_key(&name) {
@@ -254,7 +254,7 @@ pub fn load_projector(cfg: &LlavaNextConfig, varmap: &VarMap, path: &Path) -> Re
     let data = varmap
         .data()
         .lock()
-        .map_err(|_| Error::Config("VarMap lock poisoned".into()))?;
+        .map_err(|_| Error::Poisoned("VarMap"))?;
     for (name, shape) in cfg.projector_config().param_shapes() {
         let name = format!("{PROJECTOR_PREFIX}.{name}");
         let t = found.get(&name).ok_or_else(|| Error::MissingTensor {
@@ -288,7 +288,7 @@ pub fn build_model(
     let data = varmap
         .data()
         .lock()
-        .map_err(|_| Error::Config("VarMap lock poisoned".into()))?;
+        .map_err(|_| Error::Poisoned("VarMap"))?;
     let mut tensors = HashMap::new();
     let mut vars = Vec::new();
     let (mut dtype, mut dev) = (DType::F32, Device::Cpu);

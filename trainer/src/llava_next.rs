@@ -20,27 +20,9 @@ use crate::ops;
 use crate::projector::{MultiModalProjector, ProjectorConfig};
 use crate::{Error, Result};
 
-/// How per-tile features become one image's token sequence (LLaVA `mm_patch_merge_type`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MergeType {
-    /// Pretraining: all tiles' tokens concatenated, no newline.
-    Flat,
-    /// Fine-tuning (HF LlavaNext): base tile, then the unpadded tile grid with a newline per row.
-    #[default]
-    SpatialUnpad,
-}
-
-/// Float rounding of `unpad_image`'s new size.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum UnpadRounding {
-    /// LLaVA-NeXT: `int(H * s)`.
-    #[default]
-    Truncate,
-    /// HF transformers: `int(round(H * s, 7))`.
-    HfRound7,
-}
+// One definition with the pipeline's token counts (`llava_formats::geometry`).
+use llava_formats::geometry::{hf_pinpoints, RECIPE_PINPOINTS};
+pub use llava_formats::geometry::{MergeType, UnpadRounding};
 
 /// HF `LlavaNextConfig` (`config.json`); defaults are llama3-llava-next-8b.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -106,10 +88,9 @@ impl LlavaNextConfig {
         let mut cfg: Self =
             serde_json::from_str("{}").unwrap_or_else(|_| unreachable!("all fields have defaults"));
         cfg.text_config.vocab_size = 128320;
-        // The recipe's (w, h) grids [(336,672),(672,336),(672,672),(1008,336),(336,1008)], each
-        // pair swapped into HF's (h, w) (spec §8.4: HF then picks the grids LLaVA-NeXT picks).
-        cfg.image_grid_pinpoints =
-            vec![[672, 336], [336, 672], [672, 672], [336, 1008], [1008, 336]];
+        // The recipe's (w, h) grids, each pair swapped into HF's (h, w) (spec §8.4: HF then
+        // picks the grids LLaVA-NeXT picks).
+        cfg.image_grid_pinpoints = hf_pinpoints(&RECIPE_PINPOINTS);
         cfg
     }
 
@@ -121,7 +102,7 @@ impl LlavaNextConfig {
     /// (`llava_llama`: flat Llama fields plus `mm_*`).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let value = read_json(path)?;
+        let value = crate::json_file::read(path)?;
         let json = |source| Error::Json {
             path: path.into(),
             source,
@@ -139,7 +120,7 @@ impl LlavaNextConfig {
                 .map(|dir| dir.join("config.json"))
                 .filter(|p| p.is_file());
             if let Some(clip) = tower {
-                let mut c = read_json(&clip)?;
+                let mut c = crate::json_file::read(&clip)?;
                 if let Some(v) = c.get("vision_config") {
                     c = v.clone();
                 }
@@ -199,7 +180,7 @@ impl LlavaNextConfig {
         vocab_size: Option<usize>,
     ) -> Result<Self> {
         let mut cfg = Self::llama3_llava_next_8b();
-        let l = read_json(llama)?;
+        let l = crate::json_file::read(llama)?;
         cfg.text_config = serde_json::from_value(l).map_err(|source| Error::Json {
             path: llama.into(),
             source,
@@ -207,7 +188,7 @@ impl LlavaNextConfig {
         if let Some(v) = vocab_size {
             cfg.text_config.vocab_size = v;
         }
-        let mut c = read_json(clip)?;
+        let mut c = crate::json_file::read(clip)?;
         if let Some(v) = c.get("vision_config") {
             c = v.clone();
         }
@@ -312,34 +293,17 @@ impl LlavaNextConfig {
         if w == 0 || h == 0 {
             return Err(Error::Batch(format!("image of size {w}x{h}")));
         }
-        let cut = |x: f64| -> usize {
-            match self.unpad_rounding {
-                UnpadRounding::Truncate => x as usize,
-                UnpadRounding::HfRound7 => ((x * 1e7).round() / 1e7) as usize,
-            }
+        let as_u32 = |v: usize| {
+            u32::try_from(v).map_err(|_| Error::Batch(format!("image dimension {v} too large")))
         };
-        // Same f64 expressions as the Python, so boundary cases agree.
-        if (w as f64 / h as f64) > (fw as f64 / fh as f64) {
-            let nh = cut(h as f64 * (fw as f64 / w as f64)).min(fh);
-            let pad = (fh - nh) / 2;
-            Ok((fh - 2 * pad, fw))
-        } else {
-            let nw = cut(w as f64 * (fh as f64 / h as f64)).min(fw);
-            let pad = (fw - nw) / 2;
-            Ok((fh, fw - 2 * pad))
-        }
+        let (kh, kw) = llava_formats::geometry::unpad_feature_hw_rounded(
+            as_u32(fh)?,
+            as_u32(fw)?,
+            (as_u32(w)?, as_u32(h)?),
+            self.unpad_rounding,
+        );
+        Ok((kh as usize, kw as usize))
     }
-}
-
-fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-        path: path.into(),
-        source,
-    })?;
-    serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: path.into(),
-        source,
-    })
 }
 
 /// Rows of `lm_head` logits per loss chunk: 1024 × 128320 × 4 B = 525 MB.

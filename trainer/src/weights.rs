@@ -369,7 +369,7 @@ pub fn load_varmap(
         varmap
             .data()
             .lock()
-            .map_err(|_| Error::Config("VarMap lock poisoned".into()))?
+            .map_err(|_| Error::Poisoned("VarMap"))?
             .insert(name.clone(), var);
         report.loaded.push(name.clone());
     }
@@ -394,7 +394,7 @@ pub fn check_complete(cfg: &LlavaNextConfig, varmap: &VarMap) -> Result<()> {
     let data = varmap
         .data()
         .lock()
-        .map_err(|_| Error::Config("VarMap lock poisoned".into()))?;
+        .map_err(|_| Error::Poisoned("VarMap"))?;
     let expected = cfg.param_shapes();
     for (name, shape) in &expected {
         match data.get(name) {
@@ -431,12 +431,12 @@ pub fn save(varmap: &VarMap, path: &Path) -> Result<()> {
     let data = varmap
         .data()
         .lock()
-        .map_err(|_| Error::Config("VarMap lock poisoned".into()))?;
+        .map_err(|_| Error::Poisoned("VarMap"))?;
     let tensors: HashMap<String, Tensor> = data
         .iter()
         .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
         .collect();
-    candle_core::safetensors::save(&tensors, path).map_err(|source| Error::Read {
+    candle_core::safetensors::save(&tensors, path).map_err(|source| Error::Write {
         path: path.into(),
         source,
     })

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::Path;
 
 use llava_formats::manifest::{
-    BuildSettings, Grouping, Manifest, RejectEntry, SourceStats, Totals, FORMAT_NAME,
+    BuildSettings, Grouping, Manifest, Modality, RejectEntry, SourceStats, Totals, FORMAT_NAME,
     MANIFEST_FILE, REJECTS_FILE,
 };
 use llava_formats::schema::SCHEMA_VERSION;
@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::group::Plan;
 use super::pass1::Pass1;
 use super::shard::{record_path, ShardRecord};
-use super::{io_err, BuildContext, BuildError, SHARDS_DIR, WORK_DIR};
+use super::{io_err, json_err, BuildContext, BuildError, SHARDS_DIR, WORK_DIR};
 
 const BUILD_RECORD: &str = "build.json";
 
@@ -61,7 +61,7 @@ pub fn write_pass1_and_plan(
         settings: BuildSettings {
             model_max_length: c.model_max_length,
             image_grid_pinpoints: ctx.pinpoints.iter().map(|&(w, h)| [w, h]).collect(),
-            mm_patch_merge_type: c.mm_patch_merge_type.clone(),
+            mm_patch_merge_type: c.mm_patch_merge_type,
             tile_size: llava_imaging::TILE,
             tile_encoding: c.tile_encoding.clone(),
             seed: c.seed,
@@ -88,7 +88,7 @@ pub fn write_pass1_and_plan(
 
 fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), BuildError> {
     let tmp = path.with_extension("json.tmp");
-    let json = serde_json::to_vec_pretty(value).map_err(|e| BuildError::Plan(e.to_string()))?;
+    let json = serde_json::to_vec_pretty(value).map_err(json_err(path))?;
     std::fs::write(&tmp, json).map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io_err(path))
 }
@@ -107,8 +107,7 @@ pub fn assemble_with_progress(output: &Path, terminal: bool) -> Result<Manifest,
 fn assemble_inner(output: &Path, progress: Option<bool>) -> Result<Manifest, BuildError> {
     let build_path = output.join(WORK_DIR).join(BUILD_RECORD);
     let text = std::fs::read_to_string(&build_path).map_err(io_err(&build_path))?;
-    let build: BuildRecord = serde_json::from_str(&text)
-        .map_err(|e| BuildError::Plan(format!("{}: {e}", build_path.display())))?;
+    let build: BuildRecord = serde_json::from_str(&text).map_err(json_err(&build_path))?;
     let mut manifest = build.base.clone();
     let source_index: BTreeMap<String, usize> = manifest
         .sources
@@ -147,7 +146,7 @@ fn assemble_inner(output: &Path, progress: Option<bool>) -> Result<Manifest, Bui
         }
         let info = &record.info;
         totals.samples += info.rows;
-        if info.modality == "image" {
+        if info.modality == Modality::Image {
             totals.image_samples += info.rows;
         } else {
             totals.text_samples += info.rows;
@@ -166,12 +165,11 @@ fn assemble_inner(output: &Path, progress: Option<bool>) -> Result<Manifest, Bui
         crate::progress::finish_progress(b);
     }
     if !missing.is_empty() {
-        return Err(BuildError::Plan(format!(
-            "{} of {} shards are not built yet (first: {}); run the missing partitions, then merge again",
-            missing.len(),
-            build.shard_files.len(),
-            missing[0]
-        )));
+        return Err(BuildError::Incomplete {
+            missing: missing.len(),
+            total: build.shard_files.len(),
+            first: missing[0].clone(),
+        });
     }
     // Rejects in source order, then file order, then record order: independent of which pass or
     // partition found them.
@@ -191,8 +189,8 @@ fn assemble_inner(output: &Path, progress: Option<bool>) -> Result<Manifest, Bui
     }
     for s in &manifest.sources {
         if s.written + s.rejected != s.read {
-            return Err(BuildError::Plan(format!(
-                "source {}: written {} + rejected {} != read {} (a bug: please report it)",
+            return Err(BuildError::Inconsistent(format!(
+                "source {}: written {} + rejected {} != read {}",
                 s.name, s.written, s.rejected, s.read
             )));
         }
@@ -203,7 +201,7 @@ fn assemble_inner(output: &Path, progress: Option<bool>) -> Result<Manifest, Bui
     let rejects_path = output.join(REJECTS_FILE);
     let mut out = Vec::new();
     for r in &rejects {
-        serde_json::to_writer(&mut out, r).map_err(|e| BuildError::Plan(e.to_string()))?;
+        serde_json::to_writer(&mut out, r).map_err(json_err(&rejects_path))?;
         out.write_all(b"\n").map_err(io_err(&rejects_path))?;
     }
     let tmp = rejects_path.with_extension("jsonl.tmp");

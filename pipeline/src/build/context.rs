@@ -42,10 +42,7 @@ impl BuildContext {
                 "needs at least one (width, height) pair of positive sizes".into(),
             ));
         }
-        let merge = match config.mm_patch_merge_type.as_str() {
-            "flat" => MergeType::Flat,
-            _ => MergeType::SpatialUnpad,
-        };
+        let merge = config.mm_patch_merge_type;
         if !config.tokenizer.is_file() {
             return Err(err(
                 "tokenizer",

@@ -28,6 +28,7 @@ pub const WORK_DIR: &str = ".work";
 pub const SHARDS_DIR: &str = "shards";
 
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum BuildError {
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -40,8 +41,34 @@ pub enum BuildError {
     Source(#[from] crate::record::SourceError),
     #[error("writing {path}: {reason}")]
     Parquet { path: PathBuf, reason: String },
+    /// The build's own records (plan, pass-1 cache, shard records, rejects) as JSON.
+    #[error("{path}: {source}")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    /// Shards of other partitions are not written yet: `merge` must wait for them.
+    #[error(
+        "{missing} of {total} shards are not built yet (first: {first}); run the missing \
+         partitions, then merge again"
+    )]
+    Incomplete {
+        missing: usize,
+        total: usize,
+        first: String,
+    },
+    /// Counts that must agree do not: a bug in the build.
+    #[error("{0} (a bug: please report it)")]
+    Inconsistent(String),
     #[error("{0}")]
     Plan(String),
+}
+
+pub(crate) fn json_err(path: &Path) -> impl FnOnce(serde_json::Error) -> BuildError + '_ {
+    move |source| BuildError::Json {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {

@@ -23,7 +23,7 @@ use llava_formats::manifest::RejectEntry;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::{io_err, BuildContext, BuildError, BuildOptions, WORK_DIR};
+use super::{io_err, json_err, BuildContext, BuildError, BuildOptions, WORK_DIR};
 use crate::convert::{prepare, Prepared};
 // Moved to crate::progress (merge and inspect --verify use them too).
 pub use crate::progress::{finish_progress, progress_bar, set_progress_log_interval};
@@ -378,7 +378,7 @@ fn compute_into(
         rejects: pass1.rejects.clone(),
     };
     let summary_path = tmp.join(SUMMARY_FILE);
-    let json = serde_json::to_vec(&summary).map_err(|e| BuildError::Plan(e.to_string()))?;
+    let json = serde_json::to_vec(&summary).map_err(json_err(&summary_path))?;
     std::fs::write(&summary_path, json).map_err(io_err(&summary_path))?;
     // Caches of another config or tokenizer are stale; ours replaces any incomplete one.
     if let Ok(entries) = std::fs::read_dir(work) {
@@ -513,7 +513,7 @@ impl Spill {
         file: usize,
         sample: &Prepared,
     ) -> Result<SampleMeta, BuildError> {
-        let mut line = serde_json::to_vec(sample).map_err(|e| BuildError::Plan(e.to_string()))?;
+        let mut line = serde_json::to_vec(sample).map_err(json_err(Path::new("(spill)")))?;
         line.push(b'\n');
         self.writer.write_all(&line).map_err(|e| BuildError::Io {
             path: PathBuf::from("(spill)"),

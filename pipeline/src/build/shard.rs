@@ -6,7 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use llava_formats::constants::IGNORE_INDEX;
-use llava_formats::manifest::{RejectEntry, ShardInfo};
+use llava_formats::manifest::{Modality, RejectEntry, ShardInfo};
 use llava_formats::schema::RowGroupCutter;
 use llava_formats::schema::{rows_to_batch, shard_schema, ImageMeta, ShardRow};
 use parquet::arrow::ArrowWriter;
@@ -216,7 +216,11 @@ fn write_shard(
         config_sha256: ctx.config_sha256.clone(),
         info: ShardInfo {
             file: format!("{SHARDS_DIR}/{}", shard.file),
-            modality: if shard.is_image { "image" } else { "text" }.to_string(),
+            modality: if shard.is_image {
+                Modality::Image
+            } else {
+                Modality::Text
+            },
             rows: stats.rows,
             bytes,
             sha256,

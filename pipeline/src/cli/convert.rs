@@ -10,6 +10,7 @@ use llava_data::record::{entry_id, parse_record, read_entries, RawEntry};
 use llava_data::reject::Reject;
 use llava_data::template::Template;
 use llava_data::tokenizer::TextTokenizer;
+use llava_formats::geometry::{pinpoints_text, RECIPE_PINPOINTS};
 use llava_imaging::{parse_pinpoints, AspectMode, MergeType};
 use rayon::prelude::*;
 use serde_json::json;
@@ -36,15 +37,12 @@ pub struct ConvertArgs {
     #[arg(long, default_value = "anyres")]
     aspect: String,
     /// Anyres grid pinpoints as (width, height) pairs, or the range syntax `(1x1),...,(3x3)`.
-    #[arg(
-        long,
-        default_value = "[(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]"
-    )]
+    #[arg(long, default_value_t = pinpoints_text(&RECIPE_PINPOINTS))]
     pinpoints: String,
     /// The model's merge type: `spatial_unpad` (fine-tuning) or `flat` (pretraining); it decides
     /// how many tokens an image becomes.
-    #[arg(long, default_value = "spatial_unpad")]
-    merge: String,
+    #[arg(long, default_value_t = MergeType::SpatialUnpad)]
+    merge: MergeType,
     /// Maximum sequence length after image expansion (`model_max_length`).
     #[arg(long, default_value_t = 8192)]
     max_len: usize,
@@ -71,14 +69,6 @@ pub fn parse_aspect(aspect: &str, pinpoints: &str) -> Result<AspectMode> {
     })
 }
 
-pub fn parse_merge(merge: &str) -> Result<MergeType> {
-    match merge {
-        "spatial_unpad" => Ok(MergeType::SpatialUnpad),
-        "flat" => Ok(MergeType::Flat),
-        other => anyhow::bail!("merge type {other:?}: expected spatial_unpad or flat"),
-    }
-}
-
 pub fn run(args: ConvertArgs) -> Result<()> {
     let template: Template = args
         .template
@@ -91,7 +81,7 @@ pub fn run(args: ConvertArgs) -> Result<()> {
     let config = ConvertConfig {
         template,
         aspect: parse_aspect(&args.aspect, &args.pinpoints)?,
-        merge: parse_merge(&args.merge)?,
+        merge: args.merge,
         model_max_length: args.max_len,
         budget: ConvertConfig::budget_for(&limits),
         limits,

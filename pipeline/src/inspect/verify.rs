@@ -220,7 +220,7 @@ fn verify_shard(build: &BuildDir, shard: &ShardInfo, problems: &mut Vec<Problem>
         };
         for r in shard_rows {
             let at = || format!("row {rows} (id {:?})", r.id);
-            if r.modality != shard.modality {
+            if r.modality != shard.modality.as_str() {
                 issues[0].add(|| {
                     format!(
                         "{}: modality {:?} in a {} shard",

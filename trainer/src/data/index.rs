@@ -22,35 +22,11 @@ use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
 };
 use parquet::arrow::ProjectionMask;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::error::{DataError, DataResult};
 
-/// A shard's (and so a batch's) modality; batches never mix them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Modality {
-    Image,
-    Text,
-}
-
-impl Modality {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "image" => Some(Self::Image),
-            "text" => Some(Self::Text),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Image => "image",
-            Self::Text => "text",
-        }
-    }
-}
+pub use llava_formats::manifest::Modality;
 
 /// One sample as the plan sees it. `source` indexes [`ShardIndex::sources`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -362,8 +338,7 @@ fn open_shard(dir: &Path, info: &ShardInfo, options: &IndexOptions) -> DataResul
         row_group: None,
         detail,
     };
-    let modality = Modality::parse(&info.modality)
-        .ok_or_else(|| corrupt(format!("unknown modality {:?}", info.modality)))?;
+    let modality = info.modality;
     let metadata =
         ArrowReaderMetadata::load(&file, ArrowReaderOptions::new()).map_err(|source| {
             DataError::Parquet {

@@ -8,8 +8,9 @@ use std::io::Read;
 use std::path::Path;
 
 use llava_formats::constants::{IGNORE_INDEX, IMAGE_TOKEN_INDEX, TOKENS_PER_TILE};
+use llava_formats::geometry::{MergeType, RECIPE_PINPOINTS};
 use llava_formats::manifest::{
-    BuildSettings, Grouping, Manifest, ShardInfo, Totals, FORMAT_NAME, MANIFEST_FILE,
+    BuildSettings, Grouping, Manifest, Modality, ShardInfo, Totals, FORMAT_NAME, MANIFEST_FILE,
 };
 use llava_formats::schema::{
     rows_to_batch, shard_schema, writer_properties, ImageMeta, RowGroupCutter, ShardRow,
@@ -75,7 +76,7 @@ fn parquet_err(path: &Path) -> impl Fn(parquet::errors::ParquetError) -> DataErr
 pub fn write_shard(
     dir: &Path,
     file: &str,
-    modality: &str,
+    modality: Modality,
     batches: impl IntoIterator<Item = Vec<ShardRow>>,
 ) -> DataResult<ShardInfo> {
     write_shard_with(dir, file, modality, batches, RowGroupCutter::default())
@@ -85,7 +86,7 @@ pub fn write_shard(
 pub fn write_shard_with(
     dir: &Path,
     file: &str,
-    modality: &str,
+    modality: Modality,
     batches: impl IntoIterator<Item = Vec<ShardRow>>,
     mut cutter: RowGroupCutter,
 ) -> DataResult<ShardInfo> {
@@ -97,7 +98,7 @@ pub fn write_shard_with(
         ArrowWriter::try_new(out, schema.clone(), Some(props)).map_err(parquet_err(&path))?;
     let mut info = ShardInfo {
         file: file.to_string(),
-        modality: modality.to_string(),
+        modality,
         rows: 0,
         bytes: 0,
         sha256: String::new(),
@@ -175,14 +176,8 @@ pub fn manifest(
         tokenizer_sha256: String::new(),
         settings: BuildSettings {
             model_max_length: 8192,
-            image_grid_pinpoints: vec![
-                [336, 672],
-                [672, 336],
-                [672, 672],
-                [1008, 336],
-                [336, 1008],
-            ],
-            mm_patch_merge_type: "spatial_unpad".to_string(),
+            image_grid_pinpoints: RECIPE_PINPOINTS.iter().map(|&(w, h)| [w, h]).collect(),
+            mm_patch_merge_type: MergeType::SpatialUnpad,
             tile_size,
             tile_encoding: "raw".to_string(),
             seed: 0,
@@ -314,7 +309,10 @@ pub fn write_synthetic(dir: &Path, spec: &SynthSpec) -> DataResult<Manifest> {
     let mut rng = SplitMix64::new(spec.seed);
     let mut shards = Vec::new();
     let mut next_group = 0u32;
-    for (modality, count) in [("image", spec.image_samples), ("text", spec.text_samples)] {
+    for (modality, count) in [
+        (Modality::Image, spec.image_samples),
+        (Modality::Text, spec.text_samples),
+    ] {
         // Lengths first (cheap), then shuffle, cut into groups, sort each group by length.
         let seeds: Vec<u64> = {
             let mut r = SplitMix64::new(spec.seed ^ 0xabcdef ^ count as u64);
@@ -328,7 +326,7 @@ pub fn write_synthetic(dir: &Path, spec: &SynthSpec) -> DataResult<Manifest> {
                     ..spec.clone()
                 };
                 synth_sample(
-                    modality == "image",
+                    modality == Modality::Image,
                     n,
                     &cheap,
                     &mut SplitMix64::new(seeds[n]),
@@ -361,7 +359,7 @@ pub fn write_synthetic(dir: &Path, spec: &SynthSpec) -> DataResult<Manifest> {
                     .iter()
                     .map(|&n| {
                         let mut row = synth_sample(
-                            modality == "image",
+                            modality == Modality::Image,
                             n,
                             spec,
                             &mut SplitMix64::new(seeds[n]),

@@ -9,7 +9,7 @@ use super::config::{TrainConfig, TunableParts};
 use crate::attention::AttentionKind;
 use crate::data::{self, Pixels, ShardIndex};
 use crate::init::ModelSource;
-use crate::llava_next::{LlavaNextConfig, MergeType};
+use crate::llava_next::LlavaNextConfig;
 use crate::memory::{MemoryPlan, PlanInput};
 use crate::{Batch, Error, ImageMeta, Result};
 
@@ -21,15 +21,11 @@ pub fn check_compatible(
 ) -> Result<()> {
     let s = &index.manifest.settings;
     let mut problems = Vec::new();
-    let merge = match cfg.mm_patch_merge_type {
-        MergeType::Flat => "flat",
-        MergeType::SpatialUnpad => "spatial_unpad",
-    };
-    if s.mm_patch_merge_type != merge {
+    if s.mm_patch_merge_type != cfg.mm_patch_merge_type {
         problems.push(format!(
-            "the shards were built for mm_patch_merge_type {:?}, the model uses {merge:?} \
-             (set merge_type / --merge-type {})",
-            s.mm_patch_merge_type, s.mm_patch_merge_type
+            "the shards were built for mm_patch_merge_type \"{0}\", the model uses \"{1}\" \
+             (set merge_type / --merge-type {0})",
+            s.mm_patch_merge_type, cfg.mm_patch_merge_type
         ));
     }
     if s.tile_size as usize != cfg.vision_config.image_size {

@@ -55,7 +55,7 @@ impl Stream {
             let t = Instant::now();
             let b = loader
                 .next()
-                .ok_or_else(|| Error::Config("the loader ended early".into()))??;
+                .ok_or(Error::LoaderEnded(self.state.position))??;
             wait += t.elapsed();
             self.left -= 1;
             self.state = b.next_state;

@@ -1,17 +1,36 @@
 //! Anyres geometry of the reference (`llava/mm_utils.py`, `llava_arch.py`; spec §3.1-3.4,
-//! §4.4-4.5). Sizes are `(W, H)` as in PIL and LLaVA-NeXT. All float arithmetic is f64 in
-//! the reference's operation order, and `int()` truncates, so integers come out identical.
+//! §4.4-4.5): the one definition that the pipeline (tiles, token counts in the shards) and the
+//! trainer (the model's feature layout) share, so the two can never disagree on an image's
+//! length. Sizes are `(W, H)` as in PIL and LLaVA-NeXT. All float arithmetic is f64 in the
+//! reference's operation order, and `int()` truncates, so integers come out identical.
 
-/// Side of a CLIP ViT-L/14-336 tile.
-pub const TILE: u32 = 336;
-/// Patch tokens per tile (24 x 24).
-pub const TOKENS_PER_TILE: usize = 576;
-/// Patches per tile side.
-pub const PATCHES_PER_SIDE: u32 = 24;
+use serde::{Deserialize, Serialize};
 
-/// The recipe's `--image_grid_pinpoints`.
+use crate::constants::TOKENS_PER_TILE;
+pub use crate::constants::{PATCHES_PER_SIDE, TILE_SIZE as TILE};
+
+/// The recipe's `--image_grid_pinpoints`, `(W, H)` as the reference writes them. HF configs
+/// hold the same grids as `[H, W]`: see [`hf_pinpoints`].
 pub const RECIPE_PINPOINTS: [(u32, u32); 5] =
     [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)];
+
+/// Pinpoints as the reference's command line and `datasets.toml` write them:
+/// `"[(336, 672), (672, 336), ...]"`.
+pub fn pinpoints_text(pinpoints: &[(u32, u32)]) -> String {
+    let pairs: Vec<String> = pinpoints
+        .iter()
+        .map(|(w, h)| format!("({w}, {h})"))
+        .collect();
+    format!("[{}]", pairs.join(", "))
+}
+
+/// `(W, H)` pinpoints in HF's `image_grid_pinpoints` order, `[H, W]`.
+pub fn hf_pinpoints(pinpoints: &[(u32, u32)]) -> Vec<[usize; 2]> {
+    pinpoints
+        .iter()
+        .map(|&(w, h)| [h as usize, w as usize])
+        .collect()
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PinpointsError {
@@ -186,20 +205,48 @@ pub fn anyres_grid(original: (u32, u32), pinpoints: &[(u32, u32)], tile: u32) ->
     }
 }
 
-/// `unpad_image` on a `fh x fw` feature grid for an original `(W, H)`: the kept `(h', w')`.
+/// Float rounding of `unpad_image`'s new size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnpadRounding {
+    /// LLaVA-NeXT: `int(H * s)`.
+    #[default]
+    Truncate,
+    /// HF transformers: `int(round(H * s, 7))`.
+    HfRound7,
+}
+
+/// `unpad_image` on a `fh x fw` feature grid for an original `(W, H)`: the kept `(h', w')`
+/// (LLaVA-NeXT's truncation).
 pub fn unpad_feature_hw(fh: u32, fw: u32, original: (u32, u32)) -> (u32, u32) {
+    unpad_feature_hw_rounded(fh, fw, original, UnpadRounding::Truncate)
+}
+
+/// [`unpad_feature_hw`] with the rounding of the implementation being matched.
+pub fn unpad_feature_hw_rounded(
+    fh: u32,
+    fw: u32,
+    original: (u32, u32),
+    rounding: UnpadRounding,
+) -> (u32, u32) {
+    let cut = |x: f64| -> i64 {
+        match rounding {
+            UnpadRounding::Truncate => x as i64,
+            UnpadRounding::HfRound7 => ((x * 1e7).round() / 1e7) as i64,
+        }
+    };
     let (ow, oh) = (f64::from(original.0), f64::from(original.1));
     let orig_ratio = ow / oh;
     let cur_ratio = f64::from(fw) / f64::from(fh);
     if orig_ratio > cur_ratio {
         let s = f64::from(fw) / ow;
-        let nh = (oh * s) as i64;
+        let nh = cut(oh * s);
         let pad = (i64::from(fh) - nh).div_euclid(2);
         // Python slice [pad : fh - pad] on fh rows.
         (slice_len(fh, pad), fw)
     } else {
         let s = f64::from(fh) / oh;
-        let nw = (ow * s) as i64;
+        let nw = cut(ow * s);
         let pad = (i64::from(fw) - nw).div_euclid(2);
         (fh, slice_len(fw, pad))
     }
@@ -217,23 +264,56 @@ fn slice_len(n: u32, pad: i64) -> u32 {
 pub fn anyres_image_tokens(original: (u32, u32), pinpoints: &[(u32, u32)]) -> usize {
     let (cols, rows) = anyres_grid(original, pinpoints, TILE);
     let (h, w) = unpad_feature_hw(rows * PATCHES_PER_SIDE, cols * PATCHES_PER_SIDE, original);
-    TOKENS_PER_TILE + h as usize * (w as usize + 1)
+    TOKENS_PER_TILE as usize + h as usize * (w as usize + 1)
 }
 
-/// Model-side merge type, for single-tile (square / pad / multi-image) token counts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How per-tile features become one image's token sequence (LLaVA `mm_patch_merge_type`);
+/// serialised as the reference's names, `flat` and `spatial_unpad`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum MergeType {
-    /// Pretraining default: 576 tokens, no newline.
+    /// Pretraining: all tiles' tokens concatenated, no newline (576 per tile).
     Flat,
-    /// 576 + one `image_newline`.
+    /// Fine-tuning (HF LlavaNext): base tile, then the unpadded tile grid with an
+    /// `image_newline` per row (576 + 1 for a single tile).
+    #[default]
     SpatialUnpad,
+}
+
+impl MergeType {
+    pub fn name(self) -> &'static str {
+        match self {
+            MergeType::Flat => "flat",
+            MergeType::SpatialUnpad => "spatial_unpad",
+        }
+    }
+}
+
+impl std::str::FromStr for MergeType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "flat" => Ok(MergeType::Flat),
+            "spatial_unpad" => Ok(MergeType::SpatialUnpad),
+            _ => Err(format!(
+                "{s:?} is not a merge type: use spatial_unpad or flat"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for MergeType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// Tokens of a single-tile image: 576 (`flat`) or 577 (`spatial_unpad`).
 pub fn single_tile_tokens(merge: MergeType) -> usize {
     match merge {
-        MergeType::Flat => TOKENS_PER_TILE,
-        MergeType::SpatialUnpad => TOKENS_PER_TILE + 1,
+        MergeType::Flat => TOKENS_PER_TILE as usize,
+        MergeType::SpatialUnpad => TOKENS_PER_TILE as usize + 1,
     }
 }
 
@@ -254,6 +334,26 @@ pub fn clip_resize_size(original: (u32, u32), size: u32) -> (u32, u32) {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn recipe_pinpoints_in_text_and_hf_order() {
+        let text = pinpoints_text(&RECIPE_PINPOINTS);
+        assert_eq!(
+            text,
+            "[(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]"
+        );
+        assert_eq!(parse_pinpoints(&text).unwrap(), RECIPE_PINPOINTS.to_vec());
+        assert_eq!(hf_pinpoints(&RECIPE_PINPOINTS)[3], [336, 1008]);
+    }
+
+    #[test]
+    fn hf_rounding_differs_only_where_the_product_is_a_hair_below_an_integer() {
+        // 47x752 on a 48x24 grid: 47 * (48 / 752) = 2.9999999999999996 in f64 (Python agrees:
+        // the reference keeps 2 columns, HF's round(x, 7) keeps 4).
+        assert_eq!(unpad_feature_hw(48, 24, (47, 752)), (48, 2));
+        let hf = unpad_feature_hw_rounded(48, 24, (47, 752), UnpadRounding::HfRound7);
+        assert_eq!(hf, (48, 4));
+    }
 
     #[test]
     fn parses_recipe_and_list_forms() {
