@@ -174,7 +174,7 @@ for name in ("parity_cuda_f32", "parity_cuda_bf16", "parity_cpu_f32"):
             "gradient_mismatches": r["gradient_mismatches"],
         })
         if not r.get("bf16"):
-            # trainer/tests/parity.rs's CPU tolerances (logits 1e-4, loss 1e-5, gradients rtol 1e-3).
+            # trainer/tests/integration/parity.rs's CPU tolerances (logits 1e-4, loss 1e-5, gradients rtol 1e-3).
             p["within_cpu_test_tolerance"] = (
                 r["logits"]["max_abs"] <= 1e-4 and r["loss_abs_error"] <= 1e-5
                 and r["gradients"]["max_rel"] <= 1e-3 and not r["gradient_mismatches"])

@@ -6,50 +6,9 @@ use std::path::{Path, PathBuf};
 use llava_formats::schema::{batch_to_rows, ShardRow};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
-}
-
-pub fn fixtures() -> PathBuf {
-    repo_root().join("fixtures")
-}
-
-pub fn tokenizer_path() -> PathBuf {
-    let path = std::env::var_os("LLAVA_TOKENIZER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".cache/tokenizer/tokenizer.json"));
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-tokenizer.sh (the README's test command does)",
-        path.display()
-    );
-    path
-}
-
-/// A fresh, empty folder under the target dir (kept on failure for a look).
-pub fn scratch(name: &str) -> PathBuf {
-    let dir = repo_root()
-        .join("target/e2e-scratch")
-        .join(format!("{name}-{}", std::process::id()));
-    std::fs::remove_dir_all(&dir).ok();
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
-}
-
-/// Removes a scratch folder when the test ends without panicking (a failed test keeps it for a
-/// look): the heavy end-to-end tests leave gigabytes of checkpoints otherwise.
-pub struct RemoveOnSuccess(pub PathBuf);
-
-impl Drop for RemoveOnSuccess {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
+pub use llava_test_support::{
+    fixtures, repo_root, scratch, scratch_removed_on_success, tokenizer_path, RemoveOnSuccess,
+};
 
 /// Bad records, one per reason, plus one good text record (index 4), in JSONL.
 pub const BAD_JSONL: &str = r#"{"id": "broken", "conversations": [

@@ -167,7 +167,7 @@ def test_processor_ids_equal_ours_with_every_image_expanded(processor, converted
 
 # HF's processor differs from the reference on these tiles (spec section 9 lists the known
 # differences between the two pipelines); ours equal the reference's goldens
-# (pipeline/tests/golden_convert.rs). Each must stay within the stated bound.
+# (pipeline/tests/integration/golden_convert.rs). Each must stay within the stated bound.
 # (source, record index, tile) -> largest allowed |difference| of a uint8 value.
 KNOWN_HF_DIFFERENCES = {
     # The base tile (the whole image squashed to 336x336) of a 430x750 RGBA PNG: transformers

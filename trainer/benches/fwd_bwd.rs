@@ -1,6 +1,6 @@
 //! Forward + backward of the tiny fixture model on CPU (f32): `cargo bench -p llava-trainer`.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/integration/common.rs"]
 mod common;
 
 use criterion::{criterion_group, criterion_main, Criterion};

@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 
+use llava_test_support::RemoveOnSuccess;
+
 use llava_trainer::checkpoint;
 use llava_trainer::data::synthetic::{write_synthetic, SynthSpec};
 
@@ -21,12 +23,14 @@ const BIN: &str = env!("CARGO_BIN_EXE_llava-trainer");
 const STEPS: u64 = 8;
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/e2e-scratch")
-        .join(format!("signals-{name}-{}", std::process::id()));
-    std::fs::remove_dir_all(&dir).ok();
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
+    llava_test_support::scratch(&format!("signals-{name}"))
+}
+
+/// `run` in a fresh scratch folder that is removed when the test passes (each run's
+/// checkpoints take ~190 MB).
+fn run_dir(name: &str) -> (PathBuf, RemoveOnSuccess) {
+    let dir = scratch(name);
+    (dir.join("run"), RemoveOnSuccess(dir))
 }
 
 /// Text-only synthetic shards and the README's tiny model, made once per test binary.
@@ -159,6 +163,7 @@ fn final_bytes(output: &Path) -> Vec<(String, Vec<u8>)> {
 fn reference() -> &'static PathBuf {
     static REF: OnceLock<PathBuf> = OnceLock::new();
     REF.get_or_init(|| {
+        // Shared by several tests, so kept (one run, ~190 MB).
         let output = scratch("reference").join("run");
         let status = spawn_run(&output, STEPS).wait().expect("wait");
         assert!(status.success(), "reference run: {}", stderr_of(&output));
@@ -168,7 +173,7 @@ fn reference() -> &'static PathBuf {
 
 #[test]
 fn sigterm_checkpoints_exits_143_and_resumes_bit_identical() {
-    let output = scratch("sigterm").join("run");
+    let (output, _removed) = run_dir("sigterm");
     let (status, stdout) = signal_after_first_step(spawn_run(&output, STEPS), "TERM");
     assert_eq!(
         status.code(),
@@ -202,7 +207,7 @@ fn sigterm_checkpoints_exits_143_and_resumes_bit_identical() {
 
 #[test]
 fn sigint_checkpoints_and_exits_130() {
-    let output = scratch("sigint").join("run");
+    let (output, _removed) = run_dir("sigint");
     // Far more steps than the test waits for: the run is always still training at the signal.
     let (status, stdout) = signal_after_first_step(spawn_run(&output, 1_000_000), "INT");
     assert_eq!(
@@ -218,7 +223,7 @@ fn sigint_checkpoints_and_exits_130() {
 
 #[test]
 fn sigusr1_checkpoints_and_goes_on_to_the_end() {
-    let output = scratch("sigusr1").join("run");
+    let (output, _removed) = run_dir("sigusr1");
     let (status, stdout) = signal_after_first_step(spawn_run(&output, STEPS), "USR1");
     assert!(
         status.success(),
@@ -268,7 +273,7 @@ fn wait_delivered(pid: u32, signal: u32) {
 
 #[test]
 fn a_second_sigterm_exits_at_once_with_143() {
-    let output = scratch("sigterm2").join("run");
+    let (output, _removed) = run_dir("sigterm2");
     let mut child = spawn_run(&output, 1_000_000);
     let stdout = child.stdout.take().expect("piped stdout");
     let mut lines = BufReader::new(stdout).lines();
@@ -298,7 +303,7 @@ fn a_second_sigterm_exits_at_once_with_143() {
 
 #[test]
 fn without_a_terminal_run_logs_progress_lines_and_no_escape_codes() {
-    let output = scratch("progress").join("run");
+    let (output, _removed) = run_dir("progress");
     let log = output.with_extension("stderr");
     let stdout_file = output.with_extension("stdout");
     let status = run_command(&output)

@@ -1,7 +1,7 @@
 //! Parity with the HF transformers goldens of the fixture (`LLAVA_PARITY_FIXTURE`).
 //! Run with `--nocapture` for the error table.
 
-mod common;
+use crate::common;
 
 use candle_core::Tensor;
 use common::{check, load_fixture};

@@ -5,21 +5,14 @@
 //! `inspect --verify` log progress lines without a terminal; datasets.toml errors name the file,
 //! line and key, once.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 const BIN: &str = env!("CARGO_BIN_EXE_llava-data");
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = common::repo_root()
-        .join("target/e2e-scratch")
-        .join(format!("{name}-{}", std::process::id()));
-    std::fs::remove_dir_all(&dir).ok();
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
-}
+use llava_test_support::scratch;
 
 /// The bundled example's five sources, three times over (126 samples), in ~1 MB shards: many
 /// shards, so that a build killed after its first one has work left.
@@ -215,118 +208,17 @@ fn a_build_killed_by_sigterm_leaves_complete_shards_and_resumes_identical() {
     );
 }
 
-fn help(args: &[&str]) -> String {
-    let out = Command::new(BIN)
-        .args(args)
-        .arg("--help")
-        .output()
-        .expect("llava-data starts");
-    assert!(out.status.success(), "{args:?} --help failed");
-    String::from_utf8(out.stdout).expect("UTF-8 help")
-}
-
-/// The subcommands listed under `Commands:` (without `help`).
-fn subcommands(top: &str) -> Vec<String> {
-    top.lines()
-        .skip_while(|l| !l.starts_with("Commands:"))
-        .skip(1)
-        .take_while(|l| l.starts_with("  "))
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|c| *c != "help")
-        .map(str::to_string)
-        .collect()
-}
-
-/// Flags and arguments of a help text that have no description: an entry line (`  -x`,
-/// `  --flag`, `  <ARG>`, `  [ARG]`) with no text after its name and value and no indented
-/// line under it. (The same checker as trainer/tests/cli.rs.)
-fn undescribed(text: &str) -> Vec<String> {
-    let lines: Vec<&str> = text.lines().collect();
-    let mut missing = Vec::new();
-    let mut in_section = false;
-    for (i, line) in lines.iter().enumerate() {
-        if !line.starts_with(' ') && !line.is_empty() {
-            in_section = line.starts_with("Options:") || line.starts_with("Arguments:");
-            continue;
-        }
-        if !in_section {
-            continue;
-        }
-        let t = line.trim_start();
-        let indent = line.len() - t.len();
-        let is_entry = indent <= 6
-            && (t.starts_with('-') || t.starts_with('<') || t.starts_with('['))
-            && !t.starts_with("[default");
-        if !is_entry || t.contains("  ") {
-            continue;
-        }
-        let next = lines[i + 1..].iter().find(|l| !l.trim().is_empty());
-        let described = next.is_some_and(|n| {
-            let nt = n.trim_start();
-            n.len() - nt.len() > indent && !nt.starts_with('-')
-        });
-        if !described {
-            missing.push(t.to_string());
-        }
-    }
-    missing
-}
-
+/// Descriptions, examples, and README sections that exist (the checker is shared with
+/// llava-trainer's CLI test).
 #[test]
 fn every_flag_of_every_subcommand_has_a_description_and_each_an_example() {
-    let top = help(&[]);
-    let subs = subcommands(&top);
+    let readme = common::repo_root().join("README.md");
+    let (problems, subs) = llava_test_support::help::problems("llava-data", BIN, &readme);
     assert!(
         subs.len() >= 5 && subs.iter().any(|s| s == "build"),
-        "subcommands found: {subs:?}\n{top}"
+        "subcommands found: {subs:?}"
     );
-    let mut problems = Vec::new();
-    for sub in &subs {
-        let text = help(&[sub]);
-        for flag in undescribed(&text) {
-            problems.push(format!("llava-data {sub}: {flag} has no description"));
-        }
-        if !text.contains("Examples:") {
-            problems.push(format!("llava-data {sub}: no Examples: section"));
-        }
-    }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
-}
-
-/// Every README section the help texts point at (`README, "…"` or `README's "…"`) exists.
-#[test]
-fn help_texts_name_only_readme_sections_that_exist() {
-    let readme = std::fs::read_to_string(common::repo_root().join("README.md")).expect("README.md");
-    let headings: Vec<String> = readme
-        .lines()
-        .filter(|l| l.starts_with('#'))
-        .map(|l| l.trim_start_matches('#').trim().replace('`', ""))
-        .collect();
-    let top = help(&[]);
-    let mut problems = Vec::new();
-    for sub in subcommands(&top) {
-        let text = help(&[&sub]);
-        for part in text.split("README").skip(1) {
-            let Some(rest) = part
-                .trim_start_matches(['\'', 's', ',', ':', ' '])
-                .strip_prefix('"')
-            else {
-                continue;
-            };
-            let Some(end) = rest.find('"') else { continue };
-            let section = rest[..end].replace('`', "");
-            if !headings.contains(&section) {
-                problems.push(format!(
-                    "llava-data {sub}: README section \"{section}\" does not exist"
-                ));
-            }
-        }
-    }
-    assert!(
-        problems.is_empty(),
-        "{}\nheadings: {headings:?}",
-        problems.join("\n")
-    );
 }
 
 /// `llava-data ARGS` without a terminal: (success, stdout, stderr).

@@ -3,7 +3,7 @@
 //! and a token's output does not depend on the other samples of its row. Run with
 //! `--nocapture` for the measured differences.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

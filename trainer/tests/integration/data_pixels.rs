@@ -130,7 +130,13 @@ fn collated_tiles_match_golden_float32_pixels() {
         })
         .collect();
     let dir = tempfile::tempdir().expect("tempdir");
-    let info = write_shard(dir.path(), "image-00000.parquet", "image", batches).expect("shard");
+    let info = write_shard(
+        dir.path(),
+        "image-00000.parquet",
+        llava_trainer::data::Modality::Image,
+        batches,
+    )
+    .expect("shard");
     write_manifest(dir.path(), &manifest(vec![info], 4, 64, 336)).expect("manifest");
     let index = ShardIndex::open(dir.path(), &IndexOptions::default()).expect("index");
     let golden_by_key: HashMap<(String, u64), &Value> = goldens

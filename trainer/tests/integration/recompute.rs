@@ -3,7 +3,7 @@
 //! loss equals the full-logits loss, blockwise attention inside the model equals dense, and a
 //! bf16 model tracks the f32 one. Run with `--nocapture` for the measured differences.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

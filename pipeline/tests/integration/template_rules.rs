@@ -1,6 +1,6 @@
 //! The spec's worked example (§2.5) and every reject reason of the conversion.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

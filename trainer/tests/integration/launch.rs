@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -202,13 +201,17 @@ const PARENT_LIMIT: Duration = Duration::from_secs(10);
 
 /// A port that was free a moment ago (the OS hands out fresh ephemeral ports in order).
 fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr").port()
+    llava_trainer::dist::spawn::free_port().expect("bind 127.0.0.1:0")
 }
 
 fn spawn_rank(scenario: &str, rank: usize, world: usize, port: u16) -> Child {
     Command::new(std::env::current_exe().expect("current exe"))
-        .args(["--exact", "child_rank", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "launch::child_rank",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_VAR, scenario)
         .env("RANK", rank.to_string())
         .env("WORLD_SIZE", world.to_string())

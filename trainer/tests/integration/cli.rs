@@ -7,93 +7,15 @@ use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_llava-trainer");
 
-fn help(args: &[&str]) -> String {
-    let out = Command::new(BIN)
-        .args(args)
-        .arg("--help")
-        .output()
-        .expect("llava-trainer starts");
-    assert!(out.status.success(), "{args:?} --help failed");
-    String::from_utf8(out.stdout).expect("UTF-8 help")
-}
-
-/// The subcommands listed under `Commands:` (without `help`).
-fn subcommands(top: &str) -> Vec<String> {
-    top.lines()
-        .skip_while(|l| !l.starts_with("Commands:"))
-        .skip(1)
-        .take_while(|l| l.starts_with("  "))
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|c| *c != "help")
-        .map(str::to_string)
-        .collect()
-}
-
-/// Flags and arguments of a help text that have no description: an entry line (`  -x`,
-/// `  --flag`, `  <ARG>`, `  [ARG]`) whose text ends with its name and value, with no indented
-/// line under it.
-fn undescribed(text: &str) -> Vec<String> {
-    let lines: Vec<&str> = text.lines().collect();
-    let mut missing = Vec::new();
-    let mut in_section = false;
-    for (i, line) in lines.iter().enumerate() {
-        if !line.starts_with(' ') && !line.is_empty() {
-            in_section = line.starts_with("Options:") || line.starts_with("Arguments:");
-            continue;
-        }
-        if !in_section {
-            continue;
-        }
-        let t = line.trim_start();
-        let indent = line.len() - t.len();
-        let is_entry = indent <= 6
-            && (t.starts_with('-') || t.starts_with('<') || t.starts_with('['))
-            && !t.starts_with("[default");
-        if !is_entry {
-            continue;
-        }
-        // Same-line description: two spaces after the flag spec.
-        if t.contains("  ") {
-            continue;
-        }
-        // Next-line description: the next non-empty line is indented further.
-        let next = lines[i + 1..].iter().find(|l| !l.trim().is_empty());
-        let described = next.is_some_and(|n| {
-            let nt = n.trim_start();
-            n.len() - nt.len() > indent && !nt.starts_with('-')
-        });
-        if !described {
-            missing.push(t.to_string());
-        }
-    }
-    missing
-}
-
 #[test]
 fn every_flag_of_every_subcommand_has_a_description_and_each_an_example() {
-    let top = help(&[]);
-    let subs = subcommands(&top);
+    let readme = llava_test_support::repo_root().join("README.md");
+    let (problems, subs) = llava_test_support::help::problems("llava-trainer", BIN, &readme);
     assert!(
         subs.len() >= 6 && subs.iter().any(|s| s == "run"),
-        "subcommands found: {subs:?}\n{top}"
+        "subcommands found: {subs:?}"
     );
-    let mut problems = Vec::new();
-    for sub in &subs {
-        let text = help(&[sub]);
-        for flag in undescribed(&text) {
-            problems.push(format!("llava-trainer {sub}: {flag} has no description"));
-        }
-        if !text.contains("Examples:") {
-            problems.push(format!("llava-trainer {sub}: no Examples: section"));
-        }
-    }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
-}
-
-#[test]
-fn the_help_checker_sees_a_missing_description() {
-    let text = "Usage: x\n\nOptions:\n      --shards <SHARDS>\n      --lr <LR>  Peak learning rate\n      --output <DIR>\n          Output folder\n  -h, --help\n          Print help\n";
-    assert_eq!(undescribed(text), ["--shards <SHARDS>"]);
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! Token ids and labels of every `ok` golden row equal the reference's (`fixtures/golden`).
 
-mod common;
+use crate::common;
 
 use common::*;
 use llava_data::record::{parse_record, read_entries};

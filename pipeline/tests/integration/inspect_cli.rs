@@ -1,6 +1,6 @@
 //! `llava-data inspect` through the binary, on a small build of two fixture sources.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

@@ -5,30 +5,7 @@ use std::path::PathBuf;
 
 use llava_data::tokenizer::TextTokenizer;
 
-pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("pipeline/ has a parent")
-        .to_path_buf()
-}
-
-pub fn fixtures() -> PathBuf {
-    repo_root().join("fixtures")
-}
-
-/// The patched Llama-3-Instruct tokenizer that `scripts/fetch-tokenizer.sh` writes (or
-/// `LLAVA_TOKENIZER`). Missing is a failure, not a skip: the goldens are meaningless without it.
-pub fn tokenizer_path() -> PathBuf {
-    let path = std::env::var_os("LLAVA_TOKENIZER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".cache/tokenizer/tokenizer.json"));
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-tokenizer.sh (the README's test command does)",
-        path.display()
-    );
-    path
-}
+pub use llava_test_support::{fixtures, repo_root, tokenizer_path};
 
 /// Loaded once per test binary (a 9 MB JSON).
 pub fn tokenizer() -> &'static TextTokenizer {

@@ -1,7 +1,7 @@
 //! Weight loading from every supported key layout, sharded checkpoints, separate LLM / CLIP /
 //! projector files, clear errors, and the save → load round trip.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! counts, tile hashes and the exact expanded length, for every `ok` row of `golden.jsonl`
 //! (anyres), `golden_square.jsonl` and `golden_pad.jsonl` (both merge types).
 
-mod common;
+use crate::common;
 
 use common::*;
 use llava_data::convert::{convert, ConvertConfig};

@@ -2,7 +2,7 @@
 //! every recorded variant, plus schedule and clipping unit checks. Honours
 //! `LLAVA_PARITY_FIXTURE`. Run with `--nocapture` for the error table.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

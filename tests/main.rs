@@ -1,0 +1,9 @@
+//! The end-to-end tests across `llava-data` and `llava-trainer`, as one test binary (see
+//! Cargo.toml; `pass1_cache.rs` has a binary of its own). Run one file's tests with a filter:
+//! `cargo test -p llava-e2e --test e2e train::`.
+
+mod build_to_loader;
+mod data_build;
+mod inspect;
+mod recipe;
+mod train;

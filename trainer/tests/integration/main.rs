@@ -1,0 +1,19 @@
+//! The trainer's integration tests, as one test binary: each binary links candle and the whole
+//! trainer (~100 MB+), so one binary instead of fourteen saves gigabytes of `target/` and a dozen
+//! links per build. Run one file's tests with a filter: `cargo test -p llava-trainer --test
+//! integration parity::`.
+
+mod attention;
+mod cli;
+mod common;
+mod data_loader;
+mod data_pixels;
+mod data_plan;
+mod launch;
+mod optim_parity;
+mod packing;
+mod param_counts;
+mod parity;
+mod recompute;
+mod signals;
+mod weights;
