@@ -1,7 +1,8 @@
 //! `llava-data inspect`: see and verify what a build wrote.
 //!
 //! - [`summary`]: per source and modality counts, length percentiles, grid shapes, rejects, read
-//!   through polars from the small columns only (never `tiles`).
+//!   through polars from the small columns only (never `tiles`). With the `inspect` feature
+//!   (default), as is [`plot`].
 //! - [`padding`]: padding efficiency of the build's grouping vs random batching.
 //! - [`sample`]: one sample decoded back to text with its trained spans, and its tiles as a PNG.
 //! - [`verify`]: every shard against the manifest.
@@ -9,8 +10,10 @@
 
 pub mod font;
 pub mod padding;
+#[cfg(feature = "inspect")]
 pub mod plot;
 pub mod sample;
+#[cfg(feature = "inspect")]
 pub mod summary;
 pub mod verify;
 
@@ -34,8 +37,13 @@ pub enum InspectError {
         line: usize,
         reason: String,
     },
-    #[error("reading shards with polars: {0}")]
-    Polars(String),
+    #[cfg(feature = "inspect")]
+    /// polars failed reading a shard (`context` names it) or aggregating the summary.
+    #[error("{context}: {source}")]
+    Polars {
+        context: String,
+        source: polars::prelude::PolarsError,
+    },
     #[error("{path}: {reason}")]
     Parquet { path: PathBuf, reason: String },
     #[error("no sample matches {0:?} (give its id, or source:index as in rejects.jsonl)")]
@@ -48,9 +56,13 @@ pub enum InspectError {
     Usage(String),
 }
 
+#[cfg(feature = "inspect")]
 impl From<polars::prelude::PolarsError> for InspectError {
     fn from(e: polars::prelude::PolarsError) -> Self {
-        InspectError::Polars(e.to_string())
+        InspectError::Polars {
+            context: "aggregating the summary with polars".into(),
+            source: e,
+        }
     }
 }
 

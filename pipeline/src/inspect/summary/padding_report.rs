@@ -1,0 +1,94 @@
+//! Padding efficiency per modality: the build's grouped batches against seeded random batches of
+//! the same samples (and, with `--packing`, the grouped batches packed into rows), plus the total.
+
+use llava_formats::schema::col as c;
+use polars::prelude::*;
+
+use super::counts::histogram;
+use super::report::{Counts, ModalityPadding, ModalitySummary, PaddingReport, SummaryOptions};
+use super::rows::{strings, u64s};
+use crate::inspect::padding::{grouped_batches, random_batches, Packed, Padding};
+use crate::inspect::{BuildDir, InspectError};
+
+/// The per-modality summaries (counts with a histogram) and the padding report.
+pub(super) fn modality_sections(
+    build: &BuildDir,
+    rows: &DataFrame,
+    per_modality: Vec<Counts>,
+    options: &SummaryOptions,
+) -> Result<(Vec<ModalitySummary>, PaddingReport), InspectError> {
+    let m = &build.manifest;
+    // Per modality: lengths in row order (histogram, padding) and group ids (padding).
+    let modality = strings(rows, c::MODALITY)?;
+    let length = u64s(rows, c::LENGTH)?;
+    let group = u64s(rows, c::GROUP)?;
+    let batch_size = options.batch_size.unwrap_or(m.grouping.batch_size).max(1);
+    let world_size = options.world_size.max(1);
+    let mut modalities = Vec::new();
+    let mut paddings = Vec::new();
+    for counts in per_modality {
+        let idx: Vec<usize> = (0..rows.height())
+            .filter(|&i| modality[i] == counts.modality)
+            .collect();
+        let lengths: Vec<u64> = idx.iter().map(|&i| length[i]).collect();
+        let pairs: Vec<(u32, u32)> = idx
+            .iter()
+            .map(|&i| (group[i] as u32, length[i] as u32))
+            .collect();
+        let lengths32: Vec<u32> = pairs.iter().map(|p| p.1).collect();
+        let grouped = grouped_batches(&pairs, batch_size);
+        let packed = match options.pack_length {
+            Some(n) => Some(Packed::of(&grouped, n, world_size).map_err(|e| {
+                InspectError::Usage(format!(
+                    "{}: {e}; samples are never split (the build's model_max_length is {})",
+                    counts.modality, m.settings.model_max_length
+                ))
+            })?),
+            None => None,
+        };
+        paddings.push(ModalityPadding {
+            modality: counts.modality.clone(),
+            packed,
+            grouped: Padding::of(&grouped, world_size),
+            random: Padding::of(
+                &random_batches(&lengths32, batch_size, m.settings.seed, &counts.modality),
+                world_size,
+            ),
+        });
+        modalities.push(ModalitySummary {
+            histogram: histogram(&lengths, options.bins),
+            counts,
+        });
+    }
+    let total = paddings.iter().fold(
+        ModalityPadding {
+            modality: "*".into(),
+            grouped: Padding::default(),
+            random: Padding::default(),
+            packed: options.pack_length.map(|n| Packed {
+                pack_length: n,
+                ..Packed::default()
+            }),
+        },
+        |acc, p| ModalityPadding {
+            modality: acc.modality,
+            grouped: acc.grouped.add(&p.grouped),
+            random: acc.random.add(&p.random),
+            packed: match (&acc.packed, &p.packed) {
+                (Some(a), Some(b)) => Some(a.add(b)),
+                _ => None,
+            },
+        },
+    );
+    let report = PaddingReport {
+        batch_size,
+        world_size,
+        random: format!(
+            "seeded shuffle within each modality (SplitMix64, seed {}, purpose inspect:random:<modality>), cut into batches of {batch_size}",
+            m.settings.seed
+        ),
+        modalities: paddings,
+        total,
+    };
+    Ok((modalities, report))
+}
