@@ -49,8 +49,7 @@ fn read_shard(path: &Path) -> Result<DataFrame, InspectError> {
         .finish()
         .map_err(polars_at(path))?;
     let u64_ = DataType::UInt64;
-    Ok(df
-        .lazy()
+    df.lazy()
         .select([
             col(c::SOURCE),
             col(c::MODALITY),
@@ -82,7 +81,7 @@ fn read_shard(path: &Path) -> Result<DataFrame, InspectError> {
             col(c::IMAGE_GRID_ROWS),
         ])
         .collect()
-        .map_err(polars_at(path))?)
+        .map_err(polars_at(path))
 }
 
 /// All shards' rows (small columns), in manifest shard order and file row order.
