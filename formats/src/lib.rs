@@ -2,6 +2,8 @@
 //! the shard schema and the manifest, and the anyres geometry that fixes an image's token count.
 //! Both halves depend on this crate and on nothing of each other.
 
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod config;
 pub mod constants;
 pub mod geometry;

@@ -36,19 +36,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        // Log lines go to stderr with any progress bar cleared first: never on a bar's line.
-        .with_writer(llava_formats::progress::LogWriter::default)
-        // Colours only on a terminal, and never with NO_COLOR (https://no-color.org).
-        .with_ansi(
-            std::io::IsTerminal::is_terminal(&std::io::stderr())
-                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
-        )
-        .init();
+    llava_formats::cli::init_logging();
     let result = match Cli::parse().command {
         Command::LoaderBench(args) => cli::loader_bench::run(args),
         Command::Run(args) => cli::run::run(*args),
@@ -57,12 +45,5 @@ fn main() -> std::process::ExitCode {
         Command::Plan(args) => cli::plan::run(*args),
         Command::Parity(args) => cli::parity::run(args),
     };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            // Each cause once: wrappers that already print their source are not repeated.
-            eprintln!("{}", llava_formats::located::error_report(e.as_ref()));
-            std::process::ExitCode::FAILURE
-        }
-    }
+    llava_formats::cli::exit_code(result)
 }
