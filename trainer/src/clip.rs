@@ -22,55 +22,17 @@ pub enum ClipActivation {
 
 /// `vision_config` of an HF LLaVA-NeXT / CLIP config; defaults are CLIP ViT-L/14-336.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ClipVisionConfig {
-    #[serde(default = "defaults::hidden_size")]
     pub hidden_size: usize,
-    #[serde(default = "defaults::intermediate_size")]
     pub intermediate_size: usize,
-    #[serde(default = "defaults::num_hidden_layers")]
     pub num_hidden_layers: usize,
-    #[serde(default = "defaults::num_attention_heads")]
     pub num_attention_heads: usize,
-    #[serde(default = "defaults::num_channels")]
     pub num_channels: usize,
-    #[serde(default = "defaults::image_size")]
     pub image_size: usize,
-    #[serde(default = "defaults::patch_size")]
     pub patch_size: usize,
-    #[serde(default = "defaults::layer_norm_eps")]
     pub layer_norm_eps: f64,
-    #[serde(default = "defaults::hidden_act")]
     pub hidden_act: ClipActivation,
-}
-
-mod defaults {
-    pub fn hidden_size() -> usize {
-        1024
-    }
-    pub fn intermediate_size() -> usize {
-        4096
-    }
-    pub fn num_hidden_layers() -> usize {
-        24
-    }
-    pub fn num_attention_heads() -> usize {
-        16
-    }
-    pub fn num_channels() -> usize {
-        3
-    }
-    pub fn image_size() -> usize {
-        336
-    }
-    pub fn patch_size() -> usize {
-        14
-    }
-    pub fn layer_norm_eps() -> f64 {
-        1e-5
-    }
-    pub fn hidden_act() -> super::ClipActivation {
-        super::ClipActivation::QuickGelu
-    }
 }
 
 impl Default for ClipVisionConfig {
@@ -82,7 +44,17 @@ impl Default for ClipVisionConfig {
 impl ClipVisionConfig {
     /// `openai/clip-vit-large-patch14-336`.
     pub fn clip_vit_l_14_336() -> Self {
-        serde_json::from_str("{}").unwrap_or_else(|_| unreachable!("all fields have defaults"))
+        ClipVisionConfig {
+            hidden_size: 1024,
+            intermediate_size: 4096,
+            num_hidden_layers: 24,
+            num_attention_heads: 16,
+            num_channels: 3,
+            image_size: 336,
+            patch_size: 14,
+            layer_norm_eps: 1e-5,
+            hidden_act: ClipActivation::QuickGelu,
+        }
     }
 
     pub fn validate(&self) -> std::result::Result<(), String> {

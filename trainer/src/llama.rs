@@ -26,31 +26,24 @@ pub struct RopeParameters {
 }
 
 /// `text_config` of an HF LLaVA-NeXT config (or a Llama `config.json`); defaults are Llama-3-8B.
+/// HF `LlamaConfig` (`text_config`); a missing field takes its Llama-3-8B value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct LlamaConfig {
-    #[serde(default = "defaults::vocab_size")]
     pub vocab_size: usize,
-    #[serde(default = "defaults::hidden_size")]
     pub hidden_size: usize,
-    #[serde(default = "defaults::intermediate_size")]
     pub intermediate_size: usize,
-    #[serde(default = "defaults::num_hidden_layers")]
     pub num_hidden_layers: usize,
-    #[serde(default = "defaults::num_attention_heads")]
     pub num_attention_heads: usize,
-    #[serde(default = "defaults::num_key_value_heads")]
     pub num_key_value_heads: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
-    #[serde(default = "defaults::rms_norm_eps")]
     pub rms_norm_eps: f64,
-    #[serde(default = "defaults::rope_theta")]
     pub rope_theta: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeParameters>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<RopeParameters>,
-    #[serde(default = "defaults::max_position_embeddings")]
     pub max_position_embeddings: usize,
     #[serde(default)]
     pub tie_word_embeddings: bool,
@@ -58,36 +51,6 @@ pub struct LlamaConfig {
     pub attention_bias: bool,
     #[serde(default)]
     pub mlp_bias: bool,
-}
-
-mod defaults {
-    pub fn vocab_size() -> usize {
-        128256
-    }
-    pub fn hidden_size() -> usize {
-        4096
-    }
-    pub fn intermediate_size() -> usize {
-        14336
-    }
-    pub fn num_hidden_layers() -> usize {
-        32
-    }
-    pub fn num_attention_heads() -> usize {
-        32
-    }
-    pub fn num_key_value_heads() -> usize {
-        8
-    }
-    pub fn rms_norm_eps() -> f64 {
-        1e-5
-    }
-    pub fn rope_theta() -> f64 {
-        500000.0
-    }
-    pub fn max_position_embeddings() -> usize {
-        8192
-    }
 }
 
 impl Default for LlamaConfig {
@@ -99,7 +62,23 @@ impl Default for LlamaConfig {
 impl LlamaConfig {
     /// `meta-llama/Meta-Llama-3-8B(-Instruct)`.
     pub fn llama3_8b() -> Self {
-        serde_json::from_str("{}").unwrap_or_else(|_| unreachable!("all fields have defaults"))
+        LlamaConfig {
+            vocab_size: 128256,
+            hidden_size: 4096,
+            intermediate_size: 14336,
+            num_hidden_layers: 32,
+            num_attention_heads: 32,
+            num_key_value_heads: 8,
+            head_dim: None,
+            rms_norm_eps: 1e-5,
+            rope_theta: 500000.0,
+            rope_scaling: None,
+            rope_parameters: None,
+            max_position_embeddings: 8192,
+            tie_word_embeddings: false,
+            attention_bias: false,
+            mlp_bias: false,
+        }
     }
 
     pub fn head_dim(&self) -> usize {

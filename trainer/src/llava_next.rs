@@ -85,13 +85,24 @@ impl LlavaNextConfig {
     /// CLIP ViT-L/14-336 + mlp2x_gelu + Llama-3-8B with the vocabulary grown to 128320
     /// (`<image>`, `<pad>`, rounded up to a multiple of 64; spec §8.3).
     pub fn llama3_llava_next_8b() -> Self {
-        let mut cfg: Self =
-            serde_json::from_str("{}").unwrap_or_else(|_| unreachable!("all fields have defaults"));
-        cfg.text_config.vocab_size = 128320;
-        // The recipe's (w, h) grids, each pair swapped into HF's (h, w) (spec §8.4: HF then
-        // picks the grids LLaVA-NeXT picks).
-        cfg.image_grid_pinpoints = hf_pinpoints(&RECIPE_PINPOINTS);
-        cfg
+        LlavaNextConfig {
+            vision_config: ClipVisionConfig::clip_vit_l_14_336(),
+            text_config: LlamaConfig {
+                vocab_size: 128320,
+                ..LlamaConfig::llama3_8b()
+            },
+            image_token_index: defaults::image_token_index(),
+            vision_feature_layer: defaults::vision_feature_layer(),
+            vision_feature_select_strategy: defaults::vision_feature_select_strategy(),
+            projector_hidden_act: defaults::projector_hidden_act(),
+            multimodal_projector_bias: defaults::multimodal_projector_bias(),
+            // The recipe's (w, h) grids, each pair swapped into HF's (h, w) (spec §8.4: HF then
+            // picks the grids LLaVA-NeXT picks).
+            image_grid_pinpoints: hf_pinpoints(&RECIPE_PINPOINTS),
+            mm_patch_merge_type: MergeType::SpatialUnpad,
+            unpad_rounding: UnpadRounding::Truncate,
+            tokenizer_model_max_length: None,
+        }
     }
 
     pub fn from_json_str(s: &str) -> std::result::Result<Self, serde_json::Error> {
