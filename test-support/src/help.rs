@@ -118,6 +118,17 @@ pub fn problems(name: &str, bin: &str, readme: &Path) -> (Vec<String>, Vec<Strin
     (problems, subs)
 }
 
+/// Fails the test on any of [`problems`], or when fewer than `at_least` subcommands (one of them
+/// `must_have`) were found.
+pub fn assert_complete(name: &str, bin: &str, readme: &Path, at_least: usize, must_have: &str) {
+    let (problems, subs) = problems(name, bin, readme);
+    assert!(
+        subs.len() >= at_least && subs.iter().any(|s| s == must_have),
+        "{name}: subcommands found: {subs:?}"
+    );
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

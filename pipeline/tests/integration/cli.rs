@@ -213,12 +213,7 @@ fn a_build_killed_by_sigterm_leaves_complete_shards_and_resumes_identical() {
 #[test]
 fn every_flag_of_every_subcommand_has_a_description_and_each_an_example() {
     let readme = common::repo_root().join("README.md");
-    let (problems, subs) = llava_test_support::help::problems("llava-data", BIN, &readme);
-    assert!(
-        subs.len() >= 5 && subs.iter().any(|s| s == "build"),
-        "subcommands found: {subs:?}"
-    );
-    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    llava_test_support::help::assert_complete("llava-data", BIN, &readme, 5, "build");
 }
 
 /// `llava-data ARGS` without a terminal: (success, stdout, stderr).

@@ -28,15 +28,8 @@ pub struct Args {
     /// LlavaNext one (instead of --config / --llm).
     #[arg(long, value_name = "DIR")]
     from: Option<PathBuf>,
-    /// Llama-3 checkpoint directory (instead of --config; with --vision).
-    #[arg(long)]
-    llm: Option<PathBuf>,
-    /// CLIP vision checkpoint directory.
-    #[arg(long)]
-    vision: Option<PathBuf>,
-    /// Projector weights to include (otherwise a fresh one).
-    #[arg(long)]
-    projector: Option<PathBuf>,
+    #[command(flatten)]
+    parts: super::model_parts::ModelParts,
     /// Folder to write the model into (model.safetensors, config.json, processor files); created
     /// if missing. An existing model there is kept unless --force.
     #[arg(long, value_name = "DIR")]
@@ -67,10 +60,10 @@ pub fn run(args: Args) -> Result<()> {
             );
         }
     }
-    let (cfg, varmap, tok) = match (&args.config, &args.llm, &args.vision) {
+    let (cfg, varmap, tok) = match (&args.config, &args.parts.llm, &args.parts.vision) {
         (None, None, None) if args.from.is_some() => {
             let dir = args.from.clone().unwrap_or_default();
-            if args.projector.is_some() {
+            if args.parts.projector.is_some() {
                 bail!("--projector does not go with --from (the model has its projector)");
             }
             let (cfg, varmap) = init::load_for_export(&dir, args.seed)
@@ -83,7 +76,7 @@ pub fn run(args: Args) -> Result<()> {
             let spec: InitSpec =
                 serde_json::from_str(&text).with_context(|| format!("parsing {}", c.display()))?;
             let (cfg, varmap) = init::random_model(&spec)?;
-            if let Some(p) = &args.projector {
+            if let Some(p) = &args.parts.projector {
                 init::load_projector(&cfg, &varmap, p)?;
             }
             (cfg, varmap, None)
@@ -91,12 +84,12 @@ pub fn run(args: Args) -> Result<()> {
         (None, Some(_), Some(_)) if args.from.is_none() => {
             let src = ModelSource {
                 model: None,
-                llm: args.llm.clone(),
-                vision: args.vision.clone(),
-                projector: args.projector.clone(),
+                llm: args.parts.llm.clone(),
+                vision: args.parts.vision.clone(),
+                projector: args.parts.projector.clone(),
             };
             let (cfg, varmap) = init::load_source(&src, args.seed, DType::F32, &Device::Cpu)?;
-            (cfg, varmap, args.llm.clone())
+            (cfg, varmap, args.parts.llm.clone())
         }
         _ => bail!(
             "give one of: --config model.json; --llm DIR --vision DIR [--projector FILE]; \

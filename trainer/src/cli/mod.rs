@@ -4,6 +4,7 @@ pub mod bench;
 pub mod device;
 pub mod init;
 pub mod loader_bench;
+pub mod model_parts;
 pub mod parity;
 pub mod plan;
 pub mod run;

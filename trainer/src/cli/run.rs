@@ -35,15 +35,8 @@ pub struct Args {
     /// HF LlavaNext model directory.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Separate Llama-3 directory (with --vision, instead of --model).
-    #[arg(long)]
-    llm: Option<PathBuf>,
-    /// Separate CLIP vision directory.
-    #[arg(long)]
-    vision: Option<PathBuf>,
-    /// Pretrained projector (stage 2): mm_projector.safetensors / .bin.
-    #[arg(long)]
-    projector: Option<PathBuf>,
+    #[command(flatten)]
+    parts: super::model_parts::ModelParts,
     /// Run folder: checkpoint-<step>/ and log.jsonl go there; a rerun resumes from it. Required.
     #[arg(long, value_name = "DIR")]
     output: Option<PathBuf>,
@@ -230,9 +223,9 @@ pub(crate) fn merged(args: Args) -> Result<TrainConfig> {
     };
     set("shards", args.shards.map(path));
     set("model", args.model.map(path));
-    set("llm", args.llm.map(path));
-    set("vision", args.vision.map(path));
-    set("projector", args.projector.map(path));
+    set("llm", args.parts.llm.map(path));
+    set("vision", args.parts.vision.map(path));
+    set("projector", args.parts.projector.map(path));
     set("output", args.output.map(path));
     set("tunable_parts", args.tunable_parts.map(toml::Value::String));
     set("lr", args.lr.map(toml::Value::Float));

@@ -10,12 +10,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_llava-trainer");
 #[test]
 fn every_flag_of_every_subcommand_has_a_description_and_each_an_example() {
     let readme = llava_test_support::repo_root().join("README.md");
-    let (problems, subs) = llava_test_support::help::problems("llava-trainer", BIN, &readme);
-    assert!(
-        subs.len() >= 6 && subs.iter().any(|s| s == "run"),
-        "subcommands found: {subs:?}"
-    );
-    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    llava_test_support::help::assert_complete("llava-trainer", BIN, &readme, 6, "run");
 }
 
 #[test]

@@ -1,11 +1,10 @@
 //! Shared helpers of the fixture tests.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use llava_trainer::{weights, Batch, ImageMeta, LlavaNext, LlavaNextConfig};
+use llava_trainer::{weights, Batch, LlavaNext};
 
 /// Fixture directory: `$LLAVA_PARITY_FIXTURE`, else the bundled tiny-llava-next-a.
 pub fn fixture_dir() -> PathBuf {
@@ -16,60 +15,23 @@ pub fn fixture_dir() -> PathBuf {
         })
 }
 
-pub struct Fixture {
-    pub dir: PathBuf,
-    pub cfg: LlavaNextConfig,
-    pub inputs: HashMap<String, Tensor>,
-    pub expected: HashMap<String, Tensor>,
-    pub images: Vec<ImageMeta>,
-    pub num_patches: Vec<usize>,
+/// The library's fixture reader ([`llava_trainer::parity::Fixture`]), with the conveniences the
+/// tests use (tensors on the CPU, panics instead of errors).
+pub struct Fixture(pub llava_trainer::parity::Fixture);
+
+impl std::ops::Deref for Fixture {
+    type Target = llava_trainer::parity::Fixture;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 pub fn load_fixture() -> Fixture {
     let dir = fixture_dir();
-    let mut cfg = LlavaNextConfig::from_file(dir.join("model/config.json")).expect("config");
-    // The goldens come from HF, which rounds unpad sizes to 7 decimals before truncating.
-    cfg.unpad_rounding = llava_trainer::llava_next::UnpadRounding::HfRound7;
-    let inputs = candle_core::safetensors::load(dir.join("inputs.safetensors"), &Device::Cpu)
-        .expect("inputs.safetensors");
-    let expected = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)
-        .expect("expected.safetensors");
-    let fixture: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("fixture.json")).expect("fixture.json"),
+    Fixture(
+        llava_trainer::parity::Fixture::load(&dir)
+            .unwrap_or_else(|e| panic!("fixture {}: {e}", dir.display())),
     )
-    .expect("fixture.json parses");
-    let num_patches: Vec<usize> = expected["num_patches"]
-        .to_vec1::<i64>()
-        .expect("num_patches")
-        .into_iter()
-        .map(|x| x as usize)
-        .collect();
-    let sizes = inputs["image_sizes"].to_vec2::<i64>().expect("image_sizes");
-    let samples = fixture["batch"]["samples"].as_array().expect("samples");
-    let images = samples
-        .iter()
-        .zip(&sizes)
-        .zip(&num_patches)
-        .map(|((s, hw), &n)| {
-            let rc = &s["tiles_rows_cols"];
-            let rows = rc[0].as_u64().expect("rows") as usize;
-            let cols = rc[1].as_u64().expect("cols") as usize;
-            ImageMeta {
-                // HF gives (H, W); the model takes PIL's (W, H).
-                orig_size: (hw[1] as usize, hw[0] as usize),
-                grid: (cols, rows),
-                num_tiles: n,
-            }
-        })
-        .collect();
-    Fixture {
-        dir,
-        cfg,
-        inputs,
-        expected,
-        images,
-        num_patches,
-    }
 }
 
 impl Fixture {
@@ -82,30 +44,15 @@ impl Fixture {
 
     /// Used tiles of every sample, concatenated: `[sum(num_patches), 3, S, S]`.
     pub fn pixel_values(&self) -> Tensor {
-        let px = &self.inputs["pixel_values"];
-        let parts: Vec<Tensor> = self
-            .num_patches
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| px.get(i).and_then(|p| p.narrow(0, 0, n)).expect("tiles"))
-            .collect();
-        Tensor::cat(&parts, 0).expect("cat")
+        self.batch().pixel_values.expect("the fixture has images")
     }
 
     pub fn lengths(&self) -> Vec<usize> {
-        llava_trainer::llava_next::lengths_from_attention_mask(&self.inputs["attention_mask"])
-            .expect("lengths")
+        self.batch().lengths
     }
 
     pub fn batch(&self) -> Batch {
-        Batch {
-            input_ids: self.inputs["input_ids"].clone(),
-            labels: Some(self.inputs["labels"].clone()),
-            lengths: self.lengths(),
-            pixel_values: Some(self.pixel_values()),
-            images: self.images.clone(),
-            segments: None,
-        }
+        self.0.batch(&Device::Cpu).expect("fixture batch")
     }
 }
 
