@@ -47,6 +47,19 @@ fn pass1_runs_once_per_build_for_resume_and_partitions() {
         "the cache is removed once the manifest is written"
     );
     std::fs::remove_dir_all(&out).unwrap();
+    // After the partitions: pass 1 ran once in total since `before`, and the merge equals the
+    // single build (and leaves no cache).
+    let merged_equals_reference = |before: u64| {
+        assert_eq!(
+            encode_calls() - before,
+            per_pass1,
+            "pass 1 ran once in total"
+        );
+        assemble(&out).expect("merge");
+        assert_eq!(output_files(&out), reference, "merged output differs");
+        assert!(caches(&out).is_empty());
+        std::fs::remove_dir_all(&out).unwrap();
+    };
 
     // Partitions one after the other (as array jobs that do not overlap): only the first
     // tokenizes; the rest reuse its cache.
@@ -64,15 +77,7 @@ fn pass1_runs_once_per_build_for_resume_and_partitions() {
         let part = build(&config, &options(i, 3)).expect("partition");
         assert!(part.pass1_reused, "partition {i} reuses pass 1");
     }
-    assert_eq!(
-        encode_calls() - before,
-        per_pass1,
-        "pass 1 ran once in total"
-    );
-    assemble(&out).expect("merge");
-    assert_eq!(output_files(&out), reference, "merged output differs");
-    assert!(caches(&out).is_empty());
-    std::fs::remove_dir_all(&out).unwrap();
+    merged_equals_reference(before);
 
     // Partitions started together (one thread each): one computes, the others wait for it.
     let before = encode_calls();
@@ -93,14 +98,7 @@ fn pass1_runs_once_per_build_for_resume_and_partitions() {
         1,
         "exactly one partition computed pass 1: {outcomes:?}"
     );
-    assert_eq!(
-        encode_calls() - before,
-        per_pass1,
-        "pass 1 ran once in total"
-    );
-    assemble(&out).expect("merge");
-    assert_eq!(output_files(&out), reference, "merged output differs");
-    std::fs::remove_dir_all(&out).unwrap();
+    merged_equals_reference(before);
 
     // A killed build (here: half its shards written by partition 0/2, no manifest) resumes with
     // the cached pass 1 and writes only the rest.
