@@ -116,8 +116,10 @@ fn gradient(a: u8, b: u8, c: u8) -> u8 {
     (i16::from(a) + i16::from(b) - i16::from(c)).clamp(0, 255) as u8
 }
 
-/// Residuals of one plane (see the module doc). Written so that the compiler vectorises it: all
+/// Residuals of one plane (see the module doc).
+// Indexed loops: `x - 1` and `x` of two rows read as the formula does. Written so that the compiler vectorises it: all
 /// predictions come from the source pixels.
+#[allow(clippy::needless_range_loop)]
 fn predict_plane(src: &[u8], side: usize, out: &mut [u8]) {
     out[0] = src[0];
     for x in 1..side {
@@ -139,6 +141,7 @@ fn predict_plane(src: &[u8], side: usize, out: &mut [u8]) {
 /// The inverse of [`predict_plane`] for the three planes, in place. Each pixel needs its
 /// reconstructed left neighbour, so a row is one dependency chain; the three planes' rows are
 /// undone in one loop so that their chains overlap (about 3x faster than plane after plane).
+#[allow(clippy::needless_range_loop)]
 fn unpredict_planes(buf: &mut [u8], side: usize) {
     let plane = side * side;
     let (r, rest) = buf.split_at_mut(plane);
@@ -222,12 +225,12 @@ mod tests {
             vec![0; n],
             vec![255; n],
             (0..n).map(|_| noise()).collect(),
-            (0..n).map(|i| (i % side * 7 + i / side) as u8).collect(),
+            (0..n).map(|i| ((i % side) * 7 + i / side) as u8).collect(),
             (0..n)
                 .map(|i| if (i % side) % 3 == 0 { 255 } else { 0 })
                 .collect(),
             (0..n)
-                .map(|i| ((i % side) as u8).wrapping_mul(37) ^ noise() & 3)
+                .map(|i| ((i % side) as u8).wrapping_mul(37) ^ (noise() & 3))
                 .collect(),
         ]
     }

@@ -1,4 +1,4 @@
-//! Synthetic shards in the real format (schema v2: row groups of whole batches, manifest), for the
+//! Synthetic shards in the real format (schema v3: `raw` tiles, row groups of whole batches, manifest), for the
 //! loader's tests and `loader-bench`. Not a builder: lengths and pixels are made up, but the
 //! layout rules (one modality per shard, whole groups, groups sorted by length, consecutive
 //! batches) are the ones `llava-data build` follows.
