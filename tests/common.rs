@@ -85,14 +85,28 @@ template = "llava_llama_3"
 }
 
 /// Every row of a shard, in file order.
+/// Every row of a shard, read with Parquet alone; `raw` tiles are decoded to their CHW bytes
+/// (`tile_codec::decode_raw`), so the rows hold what the loader hands over.
 pub fn read_shard(path: &Path) -> Vec<ShardRow> {
     let file = File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap();
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+    let encoding = builder
+        .schema()
+        .metadata()
+        .get(llava_formats::schema::META_TILE_ENCODING)
+        .cloned()
+        .expect("shards record their tile encoding");
+    let reader = builder.build().unwrap();
     reader
         .flat_map(|b| batch_to_rows(&b.unwrap()).unwrap())
+        .map(|mut row| {
+            if encoding == llava_formats::tile_codec::RAW {
+                for t in &mut row.tiles {
+                    *t = llava_formats::tile_codec::decode_raw(t, 336).expect("raw tile decodes");
+                }
+            }
+            row
+        })
         .collect()
 }
 

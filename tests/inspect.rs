@@ -355,7 +355,9 @@ fn tile_picture_has_the_expected_size() {
         (TILE_SIZE + GAP + 2 * TILE_SIZE, 2 * TILE_SIZE)
     );
     // The base tile is at the top left, pixel for pixel (raw CHW tile → RGB).
-    let base = &found.row.tiles[0];
+    assert_eq!(m.settings.tile_encoding, llava_formats::tile_codec::RAW);
+    let base = &llava_formats::tile_codec::decode_raw(&found.row.tiles[0], TILE_SIZE as usize)
+        .expect("raw tile decodes");
     let plane = (TILE_SIZE * TILE_SIZE) as usize;
     let px = picture.get_pixel(5, 7).0;
     let at = 7 * TILE_SIZE as usize + 5;

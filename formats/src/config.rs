@@ -139,7 +139,8 @@ pub struct DatasetsConfig {
     /// Groups per length-sorting pool: larger pools give groups of more similar length.
     #[serde(default = "default_pool_groups")]
     pub length_pool_groups: usize,
-    /// `raw` (exact uint8, default) or `jpeg` (lossy, ~20x smaller).
+    /// `raw` (exact uint8, predicted + zstd per tile, default), `raw-plain` (exact, the CHW bytes
+    /// under Parquet zstd: no decoding cost in the loader) or `jpeg` (lossy).
     #[serde(default = "default_tile_encoding")]
     pub tile_encoding: String,
     #[serde(default = "default_jpeg_quality")]
@@ -319,8 +320,9 @@ fn default_tile_encoding() -> String {
 fn default_jpeg_quality() -> u8 {
     95
 }
+/// Measured (README, `bench`): at 1, `raw` tiles are as small as at 3 and the build is faster.
 fn default_zstd_level() -> i32 {
-    3
+    1
 }
 /// Pillow's `2 * Image.MAX_IMAGE_PIXELS` (`2 * (1024 * 1024 * 1024 // 4 // 3)`).
 pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 178_956_970;
@@ -339,7 +341,7 @@ pub const DATASETS_DOCS: &str = "the README's `datasets.toml` section";
 
 pub const TEMPLATES: [&str; 2] = ["llava_llama_3", "plain"];
 pub const ASPECTS: [&str; 3] = ["anyres", "pad", "square"];
-pub const TILE_ENCODINGS: [&str; 2] = ["raw", "jpeg"];
+pub use crate::tile_codec::TILE_ENCODINGS;
 
 impl DatasetsConfig {
     /// Reads and validates `path`; relative paths in it are resolved against its folder.

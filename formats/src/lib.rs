@@ -14,3 +14,4 @@ pub mod packing;
 pub mod progress;
 pub mod rng;
 pub mod schema;
+pub mod tile_codec;

@@ -15,8 +15,11 @@
 //! - No column statistics and no page index are written (no reader uses them).
 //! - A shard holds one modality (`image` or `text`) and whole groups only.
 //! - `tiles`: one binary value per tile, image by image, base tile first then the grid row-major.
-//!   `raw` encoding: 3·336·336 uint8 bytes in (channel RGB, row, column) order (CHW), exactly the
-//!   reference's pixels before normalisation. `jpeg` encoding: one baseline JPEG per tile (HWC RGB).
+//!   Every encoding gives back 3·336·336 uint8 bytes in (channel RGB, row, column) order (CHW),
+//!   exactly the reference's pixels before normalisation (`jpeg`: approximately). How each value
+//!   is stored is [`crate::tile_codec`]'s: `raw` one zstd frame of predicted residuals per tile
+//!   (the column itself uncompressed), `raw-plain` the CHW bytes (column under Parquet zstd),
+//!   `jpeg` one baseline JPEG per tile (HWC RGB, column uncompressed).
 //! - `image_*` columns are parallel lists, one element per image of the sample.
 
 use std::collections::HashMap;
@@ -35,7 +38,9 @@ use thiserror::Error;
 
 /// Bumped on any change of columns, their meaning or the layout above.
 /// 1: one row group per batch. 2: row groups of several whole batches, no statistics.
-pub const SCHEMA_VERSION: u32 = 2;
+/// 3: `raw` tiles stored as predicted residuals in zstd frames ([`crate::tile_codec`]), the
+/// `tiles` column uncompressed by Parquet except for `raw-plain` (the version 2 bytes).
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// A row group is closed once its rows' estimated raw bytes ([`row_raw_bytes`]) reach this.
 pub const ROW_GROUP_TARGET_BYTES: u64 = 1 << 20;
@@ -97,9 +102,12 @@ impl RowGroupCutter {
 }
 
 /// Parquet writer settings of a shard: zstd at `zstd_level`, row groups cut by the writer's caller
-/// (never by row count), no statistics or page index, no dictionary for `tiles`.
+/// (never by row count), no statistics or page index, no dictionary for `tiles`, and `tiles`
+/// uncompressed unless `tile_encoding` is `raw-plain` (`raw` and `jpeg` values are compressed
+/// already: zstd again would only cost time on the writer thread).
 pub fn writer_properties(
     zstd_level: i32,
+    tile_encoding: &str,
 ) -> Result<parquet::file::properties::WriterProperties, parquet::errors::ParquetError> {
     use parquet::basic::{Compression, ZstdLevel};
     use parquet::file::properties::{EnabledStatistics, WriterProperties};
@@ -109,14 +117,17 @@ pub fn writer_properties(
         "list".to_string(),
         "item".to_string(),
     ]);
-    Ok(WriterProperties::builder()
+    let mut builder = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(zstd_level)?))
         .set_max_row_group_row_count(None)
         .set_statistics_enabled(EnabledStatistics::None)
         .set_write_page_header_statistics(false)
         .set_offset_index_disabled(true)
-        .set_column_dictionary_enabled(tiles, false)
-        .build())
+        .set_column_dictionary_enabled(tiles.clone(), false);
+    if tile_encoding != crate::tile_codec::RAW_PLAIN {
+        builder = builder.set_column_compression(tiles, Compression::UNCOMPRESSED);
+    }
+    Ok(builder.build())
 }
 
 /// Parquet key-value metadata keys.
@@ -200,7 +211,7 @@ pub enum SchemaError {
         found: String,
         expected: String,
     },
-    #[error("shard schema version {found} is not supported (this build reads version {SCHEMA_VERSION}{}); rebuild the shards with this llava-data (`llava-data build`)", if found == "1" { ", which stores several batches per row group" } else { "" })]
+    #[error("shard schema version {found} is not supported (this build reads version {SCHEMA_VERSION}{}); rebuild the shards with this llava-data (`llava-data build`)", match found.as_str() { "1" => ", which stores several batches per row group", "2" => ", which stores `raw` tiles as predicted zstd frames", _ => "" })]
     Version { found: String },
 }
 
@@ -241,7 +252,9 @@ pub fn shard_schema(tile_encoding: &str) -> SchemaRef {
         (META_TILE_ENCODING.to_string(), tile_encoding.to_string()),
         (
             META_TILE_LAYOUT.to_string(),
-            "tile-major; raw: uint8 CHW 3x336x336; jpeg: baseline JPEG HWC RGB".to_string(),
+            "tile-major; decoded: uint8 CHW 3x336x336; raw: zstd frame of gradient+colour \
+             residuals (llava_formats::tile_codec); raw-plain: CHW bytes; jpeg: baseline JPEG HWC RGB"
+                .to_string(),
         ),
     ]);
     Arc::new(Schema::new_with_metadata(fields, metadata))

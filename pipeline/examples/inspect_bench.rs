@@ -109,7 +109,7 @@ fn main() -> anyhow::Result<()> {
 
     let started = Instant::now();
     let schema = shard_schema("raw");
-    let props = writer_properties(3)?;
+    let props = writer_properties(3, "raw")?;
     let mut rng = Lcg(42);
     let mut shards = Vec::new();
     let mut totals = Totals::default();

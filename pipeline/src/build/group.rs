@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::pass1::SampleMeta;
 use super::BuildContext;
 use llava_formats::rng::{shuffle, SplitMix64};
+use llava_formats::tile_codec;
 
 /// One group: `len` consecutive entries of [`Plan::order`] from `start`, cut into batches of
 /// `batch_size` (the last may be short).
@@ -56,9 +57,12 @@ impl Plan {
     }
 }
 
-/// Bytes of one raw tile (3 × 336 × 336).
-const RAW_TILE_BYTES: u64 = 3 * 336 * 336;
-/// A conservative estimate of a JPEG tile (q95), for shard sizing only.
+/// Shard sizing only (the plan is made before any pixel exists), per stored tile:
+/// `raw-plain`: the uncompressed bytes (3 × 336 × 336), as the version 2 layout did.
+const RAW_PLAIN_TILE_BYTES: u64 = 3 * 336 * 336;
+/// `raw` (predicted + zstd): conservative; the fixtures' photographs take 85–100 KB a tile.
+const RAW_TILE_BYTES: u64 = 160_000;
+/// A conservative estimate of a JPEG tile (q95).
 const JPEG_TILE_BYTES: u64 = 40_000;
 
 pub fn plan(ctx: &BuildContext, samples: &[SampleMeta]) -> Plan {
@@ -98,10 +102,10 @@ pub fn plan(ctx: &BuildContext, samples: &[SampleMeta]) -> Plan {
         batch_size: c.batch_size,
     };
 
-    let tile_bytes = if c.tile_encoding == "jpeg" {
-        JPEG_TILE_BYTES
-    } else {
-        RAW_TILE_BYTES
+    let tile_bytes = match c.tile_encoding.as_str() {
+        tile_codec::JPEG => JPEG_TILE_BYTES,
+        tile_codec::RAW_PLAIN => RAW_PLAIN_TILE_BYTES,
+        _ => RAW_TILE_BYTES,
     };
     let target = c.shard_target_mb * 1024 * 1024;
     let mut shards: Vec<ShardPlan> = Vec::new();

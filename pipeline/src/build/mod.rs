@@ -39,8 +39,17 @@ pub enum BuildError {
     },
     #[error("{0}")]
     Source(#[from] crate::record::SourceError),
-    #[error("writing {path}: {reason}")]
-    Parquet { path: PathBuf, reason: String },
+    #[error("writing {path}: {source}")]
+    Parquet {
+        path: PathBuf,
+        source: parquet::errors::ParquetError,
+    },
+    /// `zstd_level` (or the tile encoding) that the Parquet writer does not accept.
+    #[error("zstd_level: {0}")]
+    WriterSettings(parquet::errors::ParquetError),
+    /// A shard writer thread panicked (a bug: the message above it says where).
+    #[error("the writer of {shard} panicked (a bug: please report it)")]
+    WriterPanicked { shard: String },
     /// The build's own records (plan, pass-1 cache, shard records, rejects) as JSON.
     #[error("{path}: {source}")]
     Json {
@@ -60,8 +69,6 @@ pub enum BuildError {
     /// Counts that must agree do not: a bug in the build.
     #[error("{0} (a bug: please report it)")]
     Inconsistent(String),
-    #[error("{0}")]
-    Plan(String),
 }
 
 pub(crate) fn json_err(path: &Path) -> impl FnOnce(serde_json::Error) -> BuildError + '_ {
@@ -118,6 +125,22 @@ pub struct BuildOptions {
     pub progress: bool,
 }
 
+/// Where a build's time went (seconds; `render`, `encode` and `write` summed over threads, so on
+/// several threads they can exceed the wall time). For `llava-data bench`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BuildTimes {
+    /// Pass 1 (tokenize, read image headers, spill), or loading its cache.
+    pub pass1_s: f64,
+    /// Pass 2's wall time (pixels + write, every shard).
+    pub pass2_s: f64,
+    /// Reading spilled samples, decoding and tiling images (all threads).
+    pub render_s: f64,
+    /// Encoding tiles as stored: predictor + zstd, or JPEG (all threads).
+    pub encode_s: f64,
+    /// The writer thread: Arrow batches, Parquet encoding and compression, SHA-256, file writes.
+    pub write_s: f64,
+}
+
 /// What a build run did.
 #[derive(Debug)]
 pub struct BuildOutcome {
@@ -128,16 +151,29 @@ pub struct BuildOutcome {
     pub pass1_reused: bool,
     /// `Some` when this run completed the build (a whole build, or the last missing partition).
     pub manifest: Option<Manifest>,
+    pub times: BuildTimes,
 }
 
 /// Runs a build (or one partition of it).
 pub fn build(config_path: &Path, options: &BuildOptions) -> Result<BuildOutcome, BuildError> {
     let ctx = BuildContext::load(config_path, options.output.as_deref())?;
-    let pass1 = pass1::run(&ctx, options)?;
-    let plan = group::plan(&ctx, &pass1.samples);
+    build_with(&ctx, options)
+}
+
+/// [`build`] with a loaded context (`llava-data bench` changes its output settings).
+pub fn build_with(ctx: &BuildContext, options: &BuildOptions) -> Result<BuildOutcome, BuildError> {
+    let started = std::time::Instant::now();
+    let pass1 = pass1::run(ctx, options)?;
+    let mut times = BuildTimes {
+        pass1_s: started.elapsed().as_secs_f64(),
+        ..BuildTimes::default()
+    };
+    let plan = group::plan(ctx, &pass1.samples);
     let work = ctx.output.join(WORK_DIR);
-    assemble::write_pass1_and_plan(&work, &ctx, &pass1, &plan)?;
-    let (written, skipped) = shard::write_owned(&ctx, &pass1, &plan, options)?;
+    assemble::write_pass1_and_plan(&work, ctx, &pass1, &plan)?;
+    let started = std::time::Instant::now();
+    let (written, skipped) = shard::write_owned(ctx, &pass1, &plan, options, &mut times)?;
+    times.pass2_s = started.elapsed().as_secs_f64();
     let manifest = if options.partition == Partition::WHOLE {
         Some(assemble::assemble(&ctx.output)?)
     } else {
@@ -149,5 +185,6 @@ pub fn build(config_path: &Path, options: &BuildOptions) -> Result<BuildOutcome,
         shards_skipped: skipped,
         pass1_reused: pass1.reused,
         manifest,
+        times,
     })
 }

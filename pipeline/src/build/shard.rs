@@ -4,11 +4,14 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
+use llava_formats::config::DatasetsConfig;
 use llava_formats::constants::IGNORE_INDEX;
 use llava_formats::manifest::{Modality, RejectEntry, ShardInfo};
 use llava_formats::schema::RowGroupCutter;
 use llava_formats::schema::{rows_to_batch, shard_schema, ImageMeta, ShardRow};
+use llava_formats::tile_codec;
 use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
 use rayon::prelude::*;
@@ -17,7 +20,9 @@ use sha2::{Digest, Sha256};
 
 use super::group::{Plan, ShardPlan};
 use super::pass1::{progress_bar, Pass1, SampleMeta};
-use super::{io_err, BuildContext, BuildError, BuildOptions, SHARDS_DIR, WORK_DIR};
+use super::{
+    io_err, json_err, BuildContext, BuildError, BuildOptions, BuildTimes, SHARDS_DIR, WORK_DIR,
+};
 use crate::convert::{render, Prepared, Sample};
 
 /// What a finished shard holds, written beside the work files; `assemble` builds the manifest
@@ -48,6 +53,7 @@ pub fn write_owned(
     pass1: &Pass1,
     plan: &Plan,
     options: &BuildOptions,
+    times: &mut BuildTimes,
 ) -> Result<(usize, usize), BuildError> {
     let shards_dir = ctx.output.join(SHARDS_DIR);
     let records_dir = ctx.output.join(WORK_DIR).join(SHARDS_DIR);
@@ -73,13 +79,38 @@ pub fn write_owned(
         .sum();
     let bar = progress_bar(options.progress, samples_todo, "pass 2/2: pixels + write");
     let mut rejected = 0usize;
+    let clocks = Clocks::default();
     for shard in &todo {
-        let record = write_shard(ctx, pass1, plan, shard, &spill, &bar)?;
+        let record = write_shard(ctx, pass1, plan, shard, &spill, &bar, &clocks)?;
         rejected += record.rejects.len();
         bar.set_message(format!("{rejected} rejected"));
     }
     super::pass1::finish_progress(&bar);
+    times.render_s = clocks.render.seconds();
+    times.encode_s = clocks.encode.seconds();
+    times.write_s = clocks.write.seconds();
     Ok((todo.len(), owned.len() - todo.len()))
+}
+
+/// Time spent per stage of pass 2, summed over threads (for `BuildTimes`).
+#[derive(Default)]
+struct Clocks {
+    render: Clock,
+    encode: Clock,
+    write: Clock,
+}
+
+#[derive(Default)]
+struct Clock(std::sync::atomic::AtomicU64);
+
+impl Clock {
+    fn add(&self, since: Instant) {
+        let ns = since.elapsed().as_nanos() as u64;
+        self.0.fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn seconds(&self) -> f64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9
+    }
 }
 
 fn shard_groups<'a>(plan: &'a Plan, shard: &ShardPlan) -> &'a [super::group::Group] {
@@ -101,8 +132,8 @@ fn is_finished(ctx: &BuildContext, shard: &ShardPlan) -> bool {
 }
 
 fn writer_properties(ctx: &BuildContext) -> Result<WriterProperties, BuildError> {
-    llava_formats::schema::writer_properties(ctx.config.zstd_level)
-        .map_err(|e| BuildError::Plan(format!("zstd_level: {e}")))
+    llava_formats::schema::writer_properties(ctx.config.zstd_level, &ctx.config.tile_encoding)
+        .map_err(BuildError::WriterSettings)
 }
 
 fn write_shard(
@@ -112,14 +143,15 @@ fn write_shard(
     shard: &ShardPlan,
     spill: &File,
     bar: &indicatif::ProgressBar,
+    clocks: &Clocks,
 ) -> Result<ShardRecord, BuildError> {
     let final_path = ctx.output.join(SHARDS_DIR).join(&shard.file);
     let tmp_path = final_path.with_extension("parquet.tmp");
-    let file = File::create(&tmp_path).map_err(io_err(&tmp_path))?;
+    let file = HashingWriter::new(File::create(&tmp_path).map_err(io_err(&tmp_path))?);
     let schema = shard_schema(&ctx.config.tile_encoding);
-    let parquet_err = |e: parquet::errors::ParquetError| BuildError::Parquet {
+    let parquet_err = |source: parquet::errors::ParquetError| BuildError::Parquet {
         path: tmp_path.clone(),
-        reason: e.to_string(),
+        source,
     };
     let writer = ArrowWriter::try_new(file, schema.clone(), Some(writer_properties(ctx)?))
         .map_err(parquet_err)?;
@@ -134,27 +166,34 @@ fn write_shard(
             batch_id += 1;
         }
     }
-    // Encoding and zstd run on their own thread, overlapping the rendering of the next window;
-    // batches reach it in order through a small bounded channel (memory stays bounded: the
-    // writer holds the row group being filled, at most ~ROW_GROUP_TARGET_BYTES + one batch).
+    // Tiles are encoded (predictor + zstd, or JPEG) while rendering, in parallel. Parquet
+    // encoding, the small columns' zstd and the SHA-256 of the bytes run on their own thread,
+    // overlapping the rendering of the next window; batches reach it in order through a small
+    // bounded channel (memory stays bounded: the writer holds the row group being filled, at
+    // most ~ROW_GROUP_TARGET_BYTES + one batch).
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<ShardRow>>(2);
-    let file = std::thread::scope(|scope| -> Result<(File, u64), BuildError> {
+    let file = std::thread::scope(|scope| -> Result<(HashingWriter, u64), BuildError> {
         let writer_schema = schema.clone();
-        let handle = scope.spawn(move || -> parquet::errors::Result<(File, u64)> {
+        let handle = scope.spawn(move || -> parquet::errors::Result<(HashingWriter, u64)> {
             let mut writer = writer;
             let mut cutter = RowGroupCutter::default();
             let mut row_groups = 0u64;
             for rows in rx {
+                let t = Instant::now();
                 writer.write(&rows_to_batch(&rows, &writer_schema))?;
                 if cutter.add_batch(&rows) {
                     writer.flush()?;
                     row_groups += 1;
                 }
+                clocks.write.add(t);
             }
             if cutter.pending_rows() > 0 {
                 row_groups += 1;
             }
-            Ok((writer.into_inner()?, row_groups))
+            let t = Instant::now();
+            let file = writer.into_inner()?;
+            clocks.write.add(t);
+            Ok((file, row_groups))
         });
         // Render a window of whole batches in parallel (enough samples to keep every thread
         // busy), then send its batches in order: the output does not depend on the thread count.
@@ -175,7 +214,7 @@ fn write_shard(
                 .par_iter()
                 .map(|&(group, batch, ordinal)| {
                     let meta = &pass1.samples[ordinal as usize];
-                    render_row(ctx, meta, spill, &pass1.spill_path, group, batch)
+                    render_row(ctx, meta, spill, &pass1.spill_path, group, batch, clocks)
                 })
                 .collect();
             let mut results = rendered.into_iter();
@@ -205,13 +244,15 @@ fn write_shard(
         drop(tx);
         handle
             .join()
-            .map_err(|_| BuildError::Plan(format!("the writer of {} panicked", shard.file)))?
+            .map_err(|_| BuildError::WriterPanicked {
+                shard: shard.file.clone(),
+            })?
             .map_err(parquet_err)
     })?;
     let (file, row_groups) = file;
+    let (file, bytes, sha256) = file.finish();
     file.sync_all().map_err(io_err(&tmp_path))?;
     drop(file);
-    let (bytes, sha256) = hash_file(&tmp_path)?;
     let record = ShardRecord {
         config_sha256: ctx.config_sha256.clone(),
         info: ShardInfo {
@@ -243,7 +284,7 @@ fn write_shard(
     // The record first, the rename last: a shard file under its final name is always complete.
     let record_file = record_path(&ctx.output, &shard.file);
     let record_tmp = record_file.with_extension("json.tmp");
-    let json = serde_json::to_vec_pretty(&record).map_err(|e| BuildError::Plan(e.to_string()))?;
+    let json = serde_json::to_vec_pretty(&record).map_err(json_err(&record_tmp))?;
     std::fs::write(&record_tmp, json).map_err(io_err(&record_tmp))?;
     std::fs::rename(&record_tmp, &record_file).map_err(io_err(&record_file))?;
     std::fs::rename(&tmp_path, &final_path).map_err(io_err(&final_path))?;
@@ -257,7 +298,9 @@ fn render_row(
     spill_path: &Path,
     group: u32,
     batch: u32,
+    clocks: &Clocks,
 ) -> Result<ShardRow, Box<RejectEntry>> {
+    let t = Instant::now();
     let s = meta.source as usize;
     let source = &ctx.config.sources[s];
     let mut buf = vec![0u8; meta.bytes as usize];
@@ -280,8 +323,10 @@ fn render_row(
     let id = prepared.id.clone();
     let sample = render(prepared, ctx.image_folder(s), &ctx.convert[s])
         .map_err(|r| reject(&id, r.kind(), r.to_string()))?;
-    let tiles = encode_tiles(&sample, &ctx.config.tile_encoding, ctx.config.jpeg_quality)
-        .map_err(|e| reject(&id, "tile_encoding", e))?;
+    clocks.render.add(t);
+    let t = Instant::now();
+    let tiles = encode_tiles(&sample, &ctx.config).map_err(|e| reject(&id, "tile_encoding", e))?;
+    clocks.encode.add(t);
     Ok(ShardRow {
         id: sample.id,
         source: source.name.clone(),
@@ -320,47 +365,71 @@ fn render_row(
     })
 }
 
-/// Each tile as stored: raw CHW bytes, or a JPEG of the tile.
-fn encode_tiles(sample: &Sample, encoding: &str, quality: u8) -> Result<Vec<Vec<u8>>, String> {
+/// Each tile as stored (`llava_formats::tile_codec`): predicted residuals in a zstd frame
+/// (`raw`), the CHW bytes (`raw-plain`) or a JPEG of the tile (`jpeg`).
+fn encode_tiles(sample: &Sample, config: &DatasetsConfig) -> Result<Vec<Vec<u8>>, String> {
+    let side = llava_imaging::TILE as usize;
     let mut out = Vec::new();
     for img in &sample.images {
         for t in 0..img.tiles.num_tiles {
-            if encoding == "jpeg" {
-                let hwc = img.tiles.tile_hwc(t);
-                let image = turbojpeg::Image {
-                    pixels: hwc.as_slice(),
-                    width: llava_imaging::TILE as usize,
-                    pitch: 3 * llava_imaging::TILE as usize,
-                    height: llava_imaging::TILE as usize,
-                    format: turbojpeg::PixelFormat::RGB,
-                };
-                let jpeg = turbojpeg::compress(image, i32::from(quality), turbojpeg::Subsamp::None)
-                    .map_err(|e| e.to_string())?;
-                out.push(jpeg.to_vec());
-            } else {
-                out.push(img.tiles.tile(t).to_vec());
-            }
+            out.push(match config.tile_encoding.as_str() {
+                tile_codec::JPEG => {
+                    let hwc = img.tiles.tile_hwc(t);
+                    let image = turbojpeg::Image {
+                        pixels: hwc.as_slice(),
+                        width: side,
+                        pitch: 3 * side,
+                        height: side,
+                        format: turbojpeg::PixelFormat::RGB,
+                    };
+                    let quality = i32::from(config.jpeg_quality);
+                    turbojpeg::compress(image, quality, turbojpeg::Subsamp::None)
+                        .map_err(|e| e.to_string())?
+                        .to_vec()
+                }
+                tile_codec::RAW_PLAIN => img.tiles.tile(t).to_vec(),
+                _ => tile_codec::encode_raw(img.tiles.tile(t), side, config.zstd_level)
+                    .map_err(|e| e.to_string())?,
+            });
         }
     }
     Ok(out)
 }
 
-/// Size and SHA-256 of a file, read in 1 MiB pieces.
-fn hash_file(path: &Path) -> Result<(u64, String), BuildError> {
-    use std::io::Read;
-    let mut file = File::open(path).map_err(io_err(path))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        let n = file.read(&mut buf).map_err(io_err(path))?;
-        if n == 0 {
-            break;
+/// The shard file, hashed and counted as the Parquet writer writes it (sequentially), so the
+/// SHA-256 needs no second read of the file and runs on the writer thread.
+struct HashingWriter {
+    file: File,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl HashingWriter {
+    fn new(file: File) -> Self {
+        Self {
+            file,
+            hasher: Sha256::new(),
+            bytes: 0,
         }
-        hasher.update(&buf[..n]);
-        total += n as u64;
     }
-    Ok((total, hex::encode(hasher.finalize())))
+
+    /// (file, size, SHA-256 hex) of everything written.
+    fn finish(self) -> (File, u64, String) {
+        (self.file, self.bytes, hex::encode(self.hasher.finalize()))
+    }
+}
+
+impl std::io::Write for HashingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
 }
 
 struct Stats {

@@ -333,6 +333,14 @@ fn decode_tile(bytes: &[u8], tile_encoding: &str) -> Result<RgbImage, InspectErr
         return RgbImage::from_raw(img.width as u32, img.height as u32, packed)
             .ok_or_else(|| InspectError::Image("JPEG tile of an odd size".into()));
     }
+    let decoded;
+    let bytes = if tile_encoding == llava_formats::tile_codec::RAW {
+        decoded = llava_formats::tile_codec::decode_raw(bytes, t)
+            .map_err(|e| InspectError::Image(format!("decoding a raw tile: {e}")))?;
+        &decoded[..]
+    } else {
+        bytes
+    };
     if bytes.len() != 3 * t * t {
         return Err(InspectError::Image(format!(
             "raw tile has {} bytes, expected 3x{t}x{t} = {}",

@@ -133,7 +133,9 @@ impl ShardIndex {
                 manifest.schema_version
             )));
         }
-        if !["raw", "jpeg"].contains(&manifest.settings.tile_encoding.as_str()) {
+        if !llava_formats::tile_codec::TILE_ENCODINGS
+            .contains(&manifest.settings.tile_encoding.as_str())
+        {
             return Err(DataError::UnsupportedTileEncoding(
                 manifest.settings.tile_encoding.clone(),
             ));

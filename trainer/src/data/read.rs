@@ -10,6 +10,7 @@ use std::sync::Arc;
 use bytes::{Buf, Bytes};
 use llava_formats::constants::IMAGE_TOKEN_INDEX;
 use llava_formats::schema::{batch_to_rows, ShardRow};
+use llava_formats::tile_codec;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
 use parquet::errors::ParquetError;
 use parquet::file::reader::{ChunkReader, Length};
@@ -246,15 +247,26 @@ impl ShardReader {
                 ));
             }
             let mut row = row;
-            if index.manifest.settings.tile_encoding == "jpeg" {
-                decode_jpeg_tiles(&mut row, index.tile_size())
-                    .map_err(|d| corrupt(rg, format!("row {i}: {d}")))?;
+            match index.manifest.settings.tile_encoding.as_str() {
+                tile_codec::JPEG => decode_jpeg_tiles(&mut row, index.tile_size())
+                    .map_err(|d| corrupt(rg, format!("row {i}: {d}")))?,
+                tile_codec::RAW => decode_raw_tiles(&mut row, index.tile_size())
+                    .map_err(|d| corrupt(rg, format!("row {i}: {d}")))?,
+                _ => {}
             }
             check_row(&row, index.tile_size()).map_err(|d| corrupt(rg, format!("row {i}: {d}")))?;
             out.push(row);
         }
         Ok((out, bytes_read))
     }
+}
+
+/// `raw` shards store each tile as predicted residuals in a zstd frame: undo both (exact).
+fn decode_raw_tiles(row: &mut ShardRow, tile_size: usize) -> Result<(), String> {
+    for tile in &mut row.tiles {
+        *tile = tile_codec::decode_raw(tile, tile_size).map_err(|e| format!("a raw tile: {e}"))?;
+    }
+    Ok(())
 }
 
 /// `jpeg` shards store one baseline JPEG (HWC RGB) per tile: decode each into the raw CHW layout.

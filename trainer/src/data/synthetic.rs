@@ -1,4 +1,4 @@
-//! Synthetic shards in the real format (schema v2: row groups of whole batches, manifest), for the
+//! Synthetic shards in the real format (schema v3: `raw` tiles, row groups of whole batches, manifest), for the
 //! loader's tests and `loader-bench`. Not a builder: lengths and pixels are made up, but the
 //! layout rules (one modality per shard, whole groups, groups sorted by length, consecutive
 //! batches) are the ones `llava-data build` follows.
@@ -16,6 +16,7 @@ use llava_formats::schema::{
     rows_to_batch, shard_schema, writer_properties, ImageMeta, RowGroupCutter, ShardRow,
     SCHEMA_VERSION,
 };
+use llava_formats::tile_codec;
 use parquet::arrow::ArrowWriter;
 use sha2::{Digest, Sha256};
 
@@ -92,7 +93,7 @@ pub fn write_shard_with(
 ) -> DataResult<ShardInfo> {
     let path = dir.join(file);
     let schema = shard_schema("raw");
-    let props = writer_properties(1).map_err(parquet_err(&path))?;
+    let props = writer_properties(1, tile_codec::RAW).map_err(parquet_err(&path))?;
     let out = File::create(&path).map_err(io_err(&path))?;
     let mut writer =
         ArrowWriter::try_new(out, schema.clone(), Some(props)).map_err(parquet_err(&path))?;
@@ -129,7 +130,7 @@ pub fn write_shard_with(
             }
         }
         writer
-            .write(&rows_to_batch(&rows, &schema))
+            .write(&rows_to_batch(&encode_tiles(&rows, &path)?, &schema))
             .map_err(parquet_err(&path))?;
         info.batches += 1;
         if cutter.add_batch(&rows) {
@@ -203,6 +204,27 @@ pub fn write_manifest(dir: &Path, manifest: &Manifest) -> DataResult<()> {
         source,
     })?;
     std::fs::write(&path, text).map_err(io_err(&path))
+}
+
+/// The rows with their CHW tiles stored as `raw` tiles are (`tile_codec::encode_raw`, zstd 1).
+fn encode_tiles(rows: &[ShardRow], path: &Path) -> DataResult<Vec<ShardRow>> {
+    rows.iter()
+        .map(|r| {
+            let tiles = r
+                .tiles
+                .iter()
+                .map(|t| {
+                    let side = ((t.len() / 3) as f64).sqrt() as usize;
+                    tile_codec::encode_raw(t, side, 1).map_err(|e| DataError::Corrupt {
+                        path: path.to_path_buf(),
+                        row_group: None,
+                        detail: format!("cannot store a synthetic tile: {e}"),
+                    })
+                })
+                .collect::<DataResult<Vec<_>>>()?;
+            Ok(ShardRow { tiles, ..r.clone() })
+        })
+        .collect()
 }
 
 /// A deterministic tile with some structure (gradients) and noise, so zstd sees image-like data.

@@ -54,7 +54,11 @@ fn stored_rows(index: &ShardIndex) -> HashMap<(String, u64), ShardRow> {
             .build()
             .expect("build");
         for batch in reader {
-            for row in batch_to_rows(&batch.expect("batch")).expect("rows") {
+            for mut row in batch_to_rows(&batch.expect("batch")).expect("rows") {
+                // Synthetic shards store `raw` tiles: the CHW bytes are what the loader gives.
+                for t in &mut row.tiles {
+                    *t = llava_formats::tile_codec::decode_raw(t, TILE as usize).expect("raw tile");
+                }
                 out.insert((row.source.clone(), row.index), row);
             }
         }
