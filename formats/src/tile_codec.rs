@@ -227,7 +227,7 @@ mod tests {
             (0..n).map(|_| noise()).collect(),
             (0..n).map(|i| ((i % side) * 7 + i / side) as u8).collect(),
             (0..n)
-                .map(|i| if (i % side) % 3 == 0 { 255 } else { 0 })
+                .map(|i| if (i % side).is_multiple_of(3) { 255 } else { 0 })
                 .collect(),
             (0..n)
                 .map(|i| ((i % side) as u8).wrapping_mul(37) ^ (noise() & 3))
