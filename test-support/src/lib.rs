@@ -60,3 +60,26 @@ pub fn scratch_removed_on_success(name: &str) -> (PathBuf, RemoveOnSuccess) {
     let dir = scratch(name);
     (dir.clone(), RemoveOnSuccess(dir))
 }
+
+/// A config error on stderr names `CONFIG` at `at` (`:line:column: `) and `key`, and says `says`
+/// exactly once (the error is never printed twice).
+pub fn assert_located_once(
+    case: &str,
+    stderr: &str,
+    config: &Path,
+    at: &str,
+    key: &str,
+    says: &str,
+) {
+    let located = format!("{}{at}{key}: ", config.display());
+    assert!(
+        stderr.contains(&located),
+        "{case}: no `{located}` in:\n{stderr}"
+    );
+    assert!(stderr.contains(says), "{case}: no `{says}` in:\n{stderr}");
+    assert_eq!(
+        stderr.matches(says).count(),
+        1,
+        "{case}: printed twice:\n{stderr}"
+    );
+}

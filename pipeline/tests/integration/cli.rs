@@ -274,14 +274,7 @@ fn datasets_toml_errors_name_the_file_line_and_key_once() {
         std::fs::write(&config, text).unwrap();
         let (ok, _, err) = run_data(&["build".as_ref(), config.as_os_str()]);
         assert!(!ok, "{name}: the build ran");
-        let located = format!("{}{at}{key}: ", config.display());
-        assert!(err.contains(&located), "{name}: no `{located}` in:\n{err}");
-        assert!(err.contains(says), "{name}: no `{says}` in:\n{err}");
-        assert_eq!(
-            err.matches(says).count(),
-            1,
-            "{name}: printed twice:\n{err}"
-        );
+        llava_test_support::assert_located_once(name, &err, &config, at, key, says);
     }
 }
 

@@ -163,14 +163,7 @@ fn train_toml_errors_name_the_file_line_and_key_once() {
     for (name, text, at, key, says) in cases {
         let (ok, err, config) = run_with_config(name, &text);
         assert!(!ok, "{name}: the run started");
-        let located = format!("{}{at}{key}: ", config.display());
-        assert!(err.contains(&located), "{name}: no `{located}` in:\n{err}");
-        assert!(err.contains(says), "{name}: no `{says}` in:\n{err}");
-        assert_eq!(
-            err.matches(says).count(),
-            1,
-            "{name}: printed twice:\n{err}"
-        );
+        llava_test_support::assert_located_once(name, &err, &config, at, key, says);
         assert!(!err.contains('\x1b'), "{name}: escape codes:\n{err}");
     }
     // A value that parses but cannot be used: the key's line too.
