@@ -101,8 +101,10 @@ fn format_is_sniffed_from_magic_not_extension() {
     assert_eq!(sniff_format(&bytes), Some(Format::Jpeg));
 }
 
+/// A folder per test thread under cargo's scratch dir for tests (`target/tmp`, removed by
+/// `cargo clean`), never in the system's /tmp.
 fn tempdir() -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!(
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
         "llava-imaging-test-{}-{:?}",
         std::process::id(),
         std::thread::current().id()
