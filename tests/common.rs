@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use llava_formats::constants::TILE_SIZE;
 use llava_formats::schema::{batch_to_rows, ShardRow};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
@@ -84,8 +85,7 @@ template = "llava_llama_3"
     path
 }
 
-/// Every row of a shard, in file order.
-/// Every row of a shard, read with Parquet alone; `raw` tiles are decoded to their CHW bytes
+/// Every row of a shard in file order, read with Parquet alone; `raw` tiles are decoded to their CHW bytes
 /// (`tile_codec::decode_raw`), so the rows hold what the loader hands over.
 pub fn read_shard(path: &Path) -> Vec<ShardRow> {
     let file = File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -102,7 +102,8 @@ pub fn read_shard(path: &Path) -> Vec<ShardRow> {
         .map(|mut row| {
             if encoding == llava_formats::tile_codec::RAW {
                 for t in &mut row.tiles {
-                    *t = llava_formats::tile_codec::decode_raw(t, 336).expect("raw tile decodes");
+                    *t = llava_formats::tile_codec::decode_raw(t, TILE_SIZE as usize)
+                        .expect("raw tile decodes");
                 }
             }
             row

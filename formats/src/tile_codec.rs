@@ -116,9 +116,9 @@ fn gradient(a: u8, b: u8, c: u8) -> u8 {
     (i16::from(a) + i16::from(b) - i16::from(c)).clamp(0, 255) as u8
 }
 
-/// Residuals of one plane (see the module doc).
-// Indexed loops: `x - 1` and `x` of two rows read as the formula does. Written so that the compiler vectorises it: all
-/// predictions come from the source pixels.
+/// Residuals of one plane (see the module doc). Every prediction reads source pixels only, so
+/// the compiler can vectorise the row loop.
+// Indexed loops: `x - 1` and `x` of two rows read as the formula does.
 #[allow(clippy::needless_range_loop)]
 fn predict_plane(src: &[u8], side: usize, out: &mut [u8]) {
     out[0] = src[0];

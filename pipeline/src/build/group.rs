@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::pass1::SampleMeta;
 use super::BuildContext;
+use llava_formats::constants::TILE_SIZE;
 use llava_formats::rng::{shuffle, SplitMix64};
 use llava_formats::tile_codec;
 
@@ -59,7 +60,7 @@ impl Plan {
 
 /// Shard sizing only (the plan is made before any pixel exists), per stored tile:
 /// `raw-plain`: the uncompressed bytes (3 × 336 × 336), as the version 2 layout did.
-const RAW_PLAIN_TILE_BYTES: u64 = 3 * 336 * 336;
+const RAW_PLAIN_TILE_BYTES: u64 = 3 * TILE_SIZE as u64 * TILE_SIZE as u64;
 /// `raw` (predicted + zstd): conservative; the fixtures' photographs take 85–100 KB a tile.
 const RAW_TILE_BYTES: u64 = 160_000;
 /// A conservative estimate of a JPEG tile (q95).
