@@ -14,6 +14,7 @@ pub mod context;
 pub mod group;
 pub mod pass1;
 pub mod shard;
+mod stage_clock;
 
 use std::path::{Path, PathBuf};
 
@@ -133,12 +134,15 @@ pub struct BuildTimes {
     pub pass1_s: f64,
     /// Pass 2's wall time (pixels + write, every shard).
     pub pass2_s: f64,
-    /// Reading spilled samples, decoding and tiling images (all threads).
+    /// Reading spilled samples, decoding and tiling images (CPU time, all threads).
     pub render_s: f64,
-    /// Encoding tiles as stored: predictor + zstd, or JPEG (all threads).
+    /// Encoding tiles as stored: predictor + zstd, or JPEG (CPU time, all threads).
     pub encode_s: f64,
-    /// The writer thread: Arrow batches, Parquet encoding and compression, SHA-256, file writes.
+    /// The writer thread: Arrow batches, Parquet encoding and compression, SHA-256, file writes
+    /// (CPU time).
     pub write_s: f64,
+    /// Waiting for finished shards to reach the disk (wall time of their fsync).
+    pub sync_s: f64,
 }
 
 /// What a build run did.

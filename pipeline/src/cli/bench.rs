@@ -96,6 +96,21 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// CPU seconds used by this process so far (all threads, user + system). A ratio of CPU times
+/// is steadier than one of wall times on a shared machine: another process's load stretches the
+/// wall clock of whichever phase it overlaps, not the CPU time of ours.
+fn process_cpu_s() -> f64 {
+    // SAFETY: an all-zero `rusage` is a valid value, and getrusage only writes the struct it is
+    // given, which lives on this stack.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return f64::NAN;
+    }
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
 /// Image files under `dir`, sorted (what `--images` cycles).
 fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
@@ -192,6 +207,7 @@ struct Run {
     encoding: String,
     level: i32,
     seconds: f64,
+    cpu_seconds: f64,
     samples: u64,
     records: u64,
     bytes: u64,
@@ -258,6 +274,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     // 2. Conversion alone: tokens + tiles, nothing written.
     let t = Instant::now();
+    let cpu = process_cpu_s();
     records.par_iter().for_each(|(s, e)| {
         let (folder, convert) = (ctx.image_folder(*s), &ctx.convert[*s]);
         let _ = parse_record(e)
@@ -265,6 +282,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .and_then(|p| render(p, folder, convert));
     });
     let convert_s = t.elapsed().as_secs_f64();
+    let convert_cpu_s = process_cpu_s() - cpu;
     let rss_convert = peak_rss_mib();
 
     // 3. The whole build (pass 1, grouping, pixels, tile encoding, Parquet, SHA-256, manifest)
@@ -286,6 +304,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             ctx.config_sha256 =
                 hex::encode(Sha256::digest(format!("{base_sha} {encoding} {level}")));
             let t = Instant::now();
+            let cpu = process_cpu_s();
             let outcome = build_with(
                 &ctx,
                 &BuildOptions {
@@ -295,11 +314,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 },
             )?;
             let seconds = t.elapsed().as_secs_f64();
+            let cpu_seconds = process_cpu_s() - cpu;
             let m = outcome.manifest.context("whole build writes a manifest")?;
             runs.push(Run {
                 encoding: encoding.clone(),
                 level,
                 seconds,
+                cpu_seconds,
                 samples: m.totals.samples,
                 records: m.sources.iter().map(|s| s.read).sum(),
                 bytes: m.totals.bytes,
@@ -318,6 +339,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let rss_build = peak_rss_mib();
     let convert_per_record = convert_s / n;
+    let convert_cpu_per_record = convert_cpu_s / n;
     let report = json!({
         "config": args.config.as_ref().map(|c| c.display().to_string()),
         "records": records.len(),
@@ -325,6 +347,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "decode_samples_per_s": n / decode_s,
         "convert_samples_per_s": n / convert_s,
         "convert_over_decode_time": convert_s / decode_s,
+        "convert_cpu_s": convert_cpu_s,
         "builds": runs.iter().map(|r| json!({
             "tile_encoding": r.encoding,
             "zstd_level": r.level,
@@ -334,6 +357,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "image_samples": r.image_samples,
             "build_samples_per_s": r.records as f64 / r.seconds,
             "build_over_convert_time": r.seconds / r.records as f64 / convert_per_record,
+            "cpu_seconds": r.cpu_seconds,
+            "build_over_convert_cpu_time":
+                r.cpu_seconds / r.records as f64 / convert_cpu_per_record,
             "bytes": r.bytes,
             "bytes_per_sample": r.bytes as f64 / r.samples.max(1) as f64,
             "pass1_s": r.times.pass1_s,
@@ -341,6 +367,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "render_s": r.times.render_s,
             "encode_s": r.times.encode_s,
             "write_s": r.times.write_s,
+            "sync_s": r.times.sync_s,
         })).collect::<Vec<_>>(),
         "peak_rss_mib_after_convert": rss_convert,
         "peak_rss_mib_after_build": rss_build,
@@ -354,8 +381,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         };
         println!("{what}: {} records, {threads} threads", records.len());
         println!(
-            "{:<30} {:>8} {:>10} {:>8} {:>12}",
-            "phase", "seconds", "samples/s", "ratio", "bytes/sample"
+            "{:<30} {:>8} {:>10} {:>8} {:>8} {:>12}",
+            "phase", "seconds", "samples/s", "ratio", "cpu ratio", "bytes/sample"
         );
         println!(
             "{:<30} {:>8.2} {:>10.1} {:>8}",
@@ -373,31 +400,34 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
         for r in &runs {
             println!(
-                "{:<30} {:>8.2} {:>10.1} {:>7.2}x {:>12.0}",
+                "{:<30} {:>8.2} {:>10.1} {:>7.2}x {:>8.2}x {:>12.0}",
                 format!("build {} zstd {}", r.encoding, r.level),
                 r.seconds,
                 r.records as f64 / r.seconds,
                 r.seconds / r.records as f64 / convert_per_record,
+                r.cpu_seconds / r.records as f64 / convert_cpu_per_record,
                 r.bytes as f64 / r.samples.max(1) as f64
             );
         }
         println!(
-            "\nwhere build time went (seconds; render, encode and write summed over threads):"
+            "\nwhere build time went (seconds; render, encode and write: CPU time summed over \
+             threads; sync: waiting for the disk):"
         );
         println!(
-            "{:<30} {:>8} {:>8} {:>8} {:>8} {:>8}",
-            "build", "pass 1", "pass 2", "render", "encode", "write"
+            "{:<30} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+            "build", "pass 1", "pass 2", "render", "encode", "write", "sync"
         );
         for r in &runs {
             let t = &r.times;
             println!(
-                "{:<30} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+                "{:<30} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
                 format!("{} zstd {}", r.encoding, r.level),
                 t.pass1_s,
                 t.pass2_s,
                 t.render_s,
                 t.encode_s,
-                t.write_s
+                t.write_s,
+                t.sync_s
             );
         }
         println!(
@@ -406,7 +436,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             rss_build.unwrap_or(f64::NAN)
         );
         println!(
-            "ratios: convert / decode time; build / convert time per record (the cost of writing)."
+            "ratios: convert / decode time; build / convert time per record (the cost of writing); \
+             cpu ratio: the same with process CPU time (steadier on a shared machine)."
         );
         println!("bytes/sample: shard bytes / samples written (text samples included).");
     }
