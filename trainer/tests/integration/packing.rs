@@ -160,12 +160,22 @@ fn a_token_does_not_see_the_other_samples_of_its_row() {
     let first = segs[0];
     // Change every text token of the second and later samples (images stay: they are per tile).
     let mut ids = packed.input_ids.to_vec2::<i64>().expect("ids");
-    // (The fixture's vocabulary is 320 with the image token at 319: keep ids below 300.)
+    // Word ids (3.., below the vocabulary; pad/BOS/EOS and the image token stay) move to another
+    // word id, from the fixture's config: the image token may sit anywhere in the vocabulary.
+    let vocab = fx.cfg.text_config.vocab_size as i64;
+    let image = fx.cfg.image_token_index;
+    let shift = |id: i64| {
+        let mut new = 3 + (id - 3 + 7) % (vocab - 3);
+        if new == image {
+            new = 3 + (new - 3 + 1) % (vocab - 3);
+        }
+        new
+    };
     for id in ids[0][first..]
         .iter_mut()
-        .filter(|id| (0..300).contains(*id))
+        .filter(|id| (3..vocab).contains(*id) && **id != image)
     {
-        *id = (*id + 7) % 300;
+        *id = shift(*id);
     }
     let changed = Batch {
         input_ids: Tensor::from_vec(ids.concat(), (1, packed.lengths[0]), &Device::Cpu)
