@@ -100,7 +100,7 @@ pub fn read_shard(path: &Path) -> Vec<ShardRow> {
     reader
         .flat_map(|b| batch_to_rows(&b.unwrap()).unwrap())
         .map(|mut row| {
-            if encoding == llava_formats::tile_codec::RAW {
+            if encoding == llava_formats::tile_codec::TileEncoding::Raw.name() {
                 for t in &mut row.tiles {
                     *t = llava_formats::tile_codec::decode_raw(t, TILE_SIZE as usize)
                         .expect("raw tile decodes");

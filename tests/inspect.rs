@@ -349,13 +349,16 @@ fn tile_picture_has_the_expected_size() {
     let b = BuildDir::open(out).unwrap();
     let id = sample_with_grid(out, m, 2, 2);
     let found = sample::find(&b, &id, true).unwrap();
-    let picture = sample::tiles_picture(&found.row, &m.settings.tile_encoding).unwrap();
+    let picture = sample::tiles_picture(&found.row, m.settings.tile_encoding).unwrap();
     assert_eq!(
         (picture.width(), picture.height()),
         (TILE_SIZE + GAP + 2 * TILE_SIZE, 2 * TILE_SIZE)
     );
     // The base tile is at the top left, pixel for pixel (raw CHW tile → RGB).
-    assert_eq!(m.settings.tile_encoding, llava_formats::tile_codec::RAW);
+    assert_eq!(
+        m.settings.tile_encoding,
+        llava_formats::tile_codec::TileEncoding::Raw
+    );
     let base = &llava_formats::tile_codec::decode_raw(&found.row.tiles[0], TILE_SIZE as usize)
         .expect("raw tile decodes");
     let plane = (TILE_SIZE * TILE_SIZE) as usize;

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::geometry::{pinpoints_text, MergeType, RECIPE_PINPOINTS};
+use crate::tile_codec::TileEncoding;
 
 /// A config file's error: `file:line:column: key: message`, the message saying what to do.
 #[derive(Debug, Error)]
@@ -141,8 +142,8 @@ pub struct DatasetsConfig {
     pub length_pool_groups: usize,
     /// `raw` (exact uint8, predicted + zstd per tile, default), `raw-plain` (exact, the CHW bytes
     /// under Parquet zstd: no decoding cost in the loader) or `jpeg` (lossy).
-    #[serde(default = "default_tile_encoding")]
-    pub tile_encoding: String,
+    #[serde(default)]
+    pub tile_encoding: TileEncoding,
     #[serde(default = "default_jpeg_quality")]
     pub jpeg_quality: u8,
     #[serde(default = "default_zstd_level")]
@@ -314,9 +315,6 @@ fn default_group_size() -> usize {
 fn default_pool_groups() -> usize {
     50
 }
-fn default_tile_encoding() -> String {
-    "raw".into()
-}
 fn default_jpeg_quality() -> u8 {
     95
 }
@@ -341,7 +339,6 @@ pub const DATASETS_DOCS: &str = "the README's `datasets.toml` section";
 
 pub const TEMPLATES: [&str; 2] = ["llava_llama_3", "plain"];
 pub const ASPECTS: [&str; 3] = ["anyres", "pad", "square"];
-pub use crate::tile_codec::TILE_ENCODINGS;
 
 impl DatasetsConfig {
     /// Reads and validates `path`; relative paths in it are resolved against its folder.
@@ -382,7 +379,6 @@ impl DatasetsConfig {
                 Ok(())
             }
         };
-        one_of("tile_encoding", &self.tile_encoding, &TILE_ENCODINGS)?;
         positive("model_max_length", self.model_max_length)?;
         positive("batch_size", self.batch_size)?;
         positive("group_size", self.group_size)?;
@@ -532,5 +528,14 @@ sampling = "first:3"
         assert_eq!(e.key, "max_image_pixels", "{e}");
         let e = load_str(&format!("group_size = 6\nbatch_size = 4\n{GOOD}")).unwrap_err();
         assert_eq!(e.key, "group_size", "{e}");
+        // A typed setting: serde's message lists the accepted names, and the key is located.
+        let e = load_str(&format!("tile_encoding = \"png\"\n{GOOD}")).unwrap_err();
+        assert!(e.to_string().contains("datasets.toml"), "{e}");
+        assert!(
+            e.message.contains("png") && e.message.contains("raw-plain"),
+            "{e}"
+        );
+        let c = load_str(&format!("tile_encoding = \"raw-plain\"\n{GOOD}")).unwrap();
+        assert_eq!(c.tile_encoding, TileEncoding::RawPlain);
     }
 }

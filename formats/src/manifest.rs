@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::geometry::MergeType;
+use crate::tile_codec::TileEncoding;
 
 use crate::schema::SCHEMA_VERSION;
 
@@ -73,8 +74,7 @@ pub struct BuildSettings {
     pub image_grid_pinpoints: Vec<[u32; 2]>,
     pub mm_patch_merge_type: MergeType,
     pub tile_size: u32,
-    /// `raw` (uint8 CHW) or `jpeg`.
-    pub tile_encoding: String,
+    pub tile_encoding: TileEncoding,
     pub seed: u64,
 }
 

@@ -107,7 +107,7 @@ impl RowGroupCutter {
 /// already: zstd again would only cost time on the writer thread).
 pub fn writer_properties(
     zstd_level: i32,
-    tile_encoding: &str,
+    tile_encoding: crate::tile_codec::TileEncoding,
 ) -> Result<parquet::file::properties::WriterProperties, parquet::errors::ParquetError> {
     use parquet::basic::{Compression, ZstdLevel};
     use parquet::file::properties::{EnabledStatistics, WriterProperties};
@@ -124,7 +124,7 @@ pub fn writer_properties(
         .set_write_page_header_statistics(false)
         .set_offset_index_disabled(true)
         .set_column_dictionary_enabled(tiles.clone(), false);
-    if tile_encoding != crate::tile_codec::RAW_PLAIN {
+    if tile_encoding != crate::tile_codec::TileEncoding::RawPlain {
         builder = builder.set_column_compression(tiles, Compression::UNCOMPRESSED);
     }
     Ok(builder.build())
@@ -220,7 +220,7 @@ fn list_of(item: DataType) -> DataType {
 }
 
 /// The Arrow schema of a shard, with the version and tile encoding in its metadata.
-pub fn shard_schema(tile_encoding: &str) -> SchemaRef {
+pub fn shard_schema(tile_encoding: crate::tile_codec::TileEncoding) -> SchemaRef {
     use DataType::*;
     let fields = vec![
         Field::new(col::ID, Utf8, false),
@@ -249,7 +249,7 @@ pub fn shard_schema(tile_encoding: &str) -> SchemaRef {
     ];
     let metadata = HashMap::from([
         (META_SCHEMA_VERSION.to_string(), SCHEMA_VERSION.to_string()),
-        (META_TILE_ENCODING.to_string(), tile_encoding.to_string()),
+        (META_TILE_ENCODING.to_string(), tile_encoding.name().to_string()),
         (
             META_TILE_LAYOUT.to_string(),
             "tile-major; decoded: uint8 CHW 3x336x336; raw: zstd frame of gradient+colour \
@@ -511,7 +511,7 @@ mod tests {
             modality: "text".into(),
             ..row.clone()
         };
-        let schema = shard_schema("raw");
+        let schema = shard_schema(crate::tile_codec::TileEncoding::Raw);
         let batch = rows_to_batch(&[row.clone(), text.clone()], &schema);
         assert_eq!(batch_to_rows(&batch).unwrap(), vec![row, text]);
     }

@@ -31,13 +31,60 @@
 
 use std::cell::RefCell;
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// `tile_encoding` values.
-pub const RAW: &str = "raw";
-pub const RAW_PLAIN: &str = "raw-plain";
-pub const JPEG: &str = "jpeg";
-pub const TILE_ENCODINGS: [&str; 3] = [RAW, RAW_PLAIN, JPEG];
+/// How a shard stores its tiles (`tile_encoding` in `datasets.toml` and the manifest), serialised
+/// as `raw`, `raw-plain` and `jpeg`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TileEncoding {
+    /// Exact: predicted residuals in zstd frames (this module).
+    #[default]
+    Raw,
+    /// Exact: the CHW bytes, compressed by Parquet (the schema v2 layout).
+    RawPlain,
+    /// Lossy: one baseline JPEG per tile.
+    Jpeg,
+}
+
+impl TileEncoding {
+    pub const ALL: [TileEncoding; 3] = [
+        TileEncoding::Raw,
+        TileEncoding::RawPlain,
+        TileEncoding::Jpeg,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TileEncoding::Raw => "raw",
+            TileEncoding::RawPlain => "raw-plain",
+            TileEncoding::Jpeg => "jpeg",
+        }
+    }
+
+    /// Whether a reader gets the exact uint8 tile back.
+    pub fn is_exact(self) -> bool {
+        self != TileEncoding::Jpeg
+    }
+}
+
+impl std::str::FromStr for TileEncoding {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        TileEncoding::ALL
+            .into_iter()
+            .find(|e| e.name() == s)
+            .ok_or_else(|| format!("{s:?} is not a tile encoding: use raw, raw-plain or jpeg"))
+    }
+}
+
+impl std::fmt::Display for TileEncoding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum TileCodecError {
@@ -309,6 +356,19 @@ mod tests {
                 .map(|i| ((i % side) as u8).wrapping_mul(37) ^ (noise() & 3))
                 .collect(),
         ]
+    }
+
+    #[test]
+    fn tile_encoding_names_are_the_serialised_ones() {
+        for e in TileEncoding::ALL {
+            assert_eq!(e.name().parse::<TileEncoding>(), Ok(e));
+            assert_eq!(
+                serde_json::to_string(&e).unwrap(),
+                format!("\"{}\"", e.name())
+            );
+        }
+        assert_eq!(TileEncoding::default(), TileEncoding::Raw);
+        assert!("raw_plain".parse::<TileEncoding>().is_err());
     }
 
     #[test]

@@ -20,6 +20,7 @@ use llava_formats::schema::{
     rows_to_batch, shard_schema, writer_properties, ImageMeta, RowGroupCutter, ShardRow,
     SCHEMA_VERSION,
 };
+use llava_formats::tile_codec::TileEncoding;
 use parquet::arrow::ArrowWriter;
 use sha2::{Digest, Sha256};
 
@@ -108,8 +109,8 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(dir.join("shards"))?;
 
     let started = Instant::now();
-    let schema = shard_schema("raw");
-    let props = writer_properties(3, "raw")?;
+    let schema = shard_schema(TileEncoding::Raw);
+    let props = writer_properties(3, TileEncoding::Raw)?;
     let mut rng = Lcg(42);
     let mut shards = Vec::new();
     let mut totals = Totals::default();
@@ -213,7 +214,7 @@ fn main() -> anyhow::Result<()> {
             image_grid_pinpoints: RECIPE_PINPOINTS.iter().map(|&(w, h)| [w, h]).collect(),
             mm_patch_merge_type: MergeType::SpatialUnpad,
             tile_size: 336,
-            tile_encoding: "raw".into(),
+            tile_encoding: TileEncoding::Raw,
             seed: 42,
         },
         grouping: Grouping {

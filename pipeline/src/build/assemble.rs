@@ -63,7 +63,7 @@ pub fn write_pass1_and_plan(
             image_grid_pinpoints: ctx.pinpoints.iter().map(|&(w, h)| [w, h]).collect(),
             mm_patch_merge_type: c.mm_patch_merge_type,
             tile_size: llava_imaging::TILE,
-            tile_encoding: c.tile_encoding.clone(),
+            tile_encoding: c.tile_encoding,
             seed: c.seed,
         },
         grouping: Grouping {

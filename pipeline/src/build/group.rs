@@ -12,7 +12,7 @@ use super::pass1::SampleMeta;
 use super::BuildContext;
 use llava_formats::constants::TILE_SIZE;
 use llava_formats::rng::{shuffle, SplitMix64};
-use llava_formats::tile_codec;
+use llava_formats::tile_codec::TileEncoding;
 
 /// One group: `len` consecutive entries of [`Plan::order`] from `start`, cut into batches of
 /// `batch_size` (the last may be short).
@@ -103,10 +103,10 @@ pub fn plan(ctx: &BuildContext, samples: &[SampleMeta]) -> Plan {
         batch_size: c.batch_size,
     };
 
-    let tile_bytes = match c.tile_encoding.as_str() {
-        tile_codec::JPEG => JPEG_TILE_BYTES,
-        tile_codec::RAW_PLAIN => RAW_PLAIN_TILE_BYTES,
-        _ => RAW_TILE_BYTES,
+    let tile_bytes = match c.tile_encoding {
+        TileEncoding::Jpeg => JPEG_TILE_BYTES,
+        TileEncoding::RawPlain => RAW_PLAIN_TILE_BYTES,
+        TileEncoding::Raw => RAW_TILE_BYTES,
     };
     let target = c.shard_target_mb * 1024 * 1024;
     let mut shards: Vec<ShardPlan> = Vec::new();

@@ -11,7 +11,7 @@ use llava_formats::constants::IGNORE_INDEX;
 use llava_formats::manifest::{Modality, RejectEntry, ShardInfo};
 use llava_formats::schema::RowGroupCutter;
 use llava_formats::schema::{rows_to_batch, shard_schema, ImageMeta, ShardRow};
-use llava_formats::tile_codec;
+use llava_formats::tile_codec::{self, TileEncoding};
 use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
 use rayon::prelude::*;
@@ -113,7 +113,7 @@ fn is_finished(ctx: &BuildContext, shard: &ShardPlan) -> bool {
 }
 
 fn writer_properties(ctx: &BuildContext) -> Result<WriterProperties, BuildError> {
-    llava_formats::schema::writer_properties(ctx.config.zstd_level, &ctx.config.tile_encoding)
+    llava_formats::schema::writer_properties(ctx.config.zstd_level, ctx.config.tile_encoding)
         .map_err(BuildError::WriterSettings)
 }
 
@@ -129,7 +129,7 @@ fn write_shard(
     let final_path = ctx.output.join(SHARDS_DIR).join(&shard.file);
     let tmp_path = final_path.with_extension("parquet.tmp");
     let file = HashingWriter::new(File::create(&tmp_path).map_err(io_err(&tmp_path))?);
-    let schema = shard_schema(&ctx.config.tile_encoding);
+    let schema = shard_schema(ctx.config.tile_encoding);
     let parquet_err = |source: parquet::errors::ParquetError| BuildError::Parquet {
         path: tmp_path.clone(),
         source,
@@ -355,8 +355,8 @@ fn encode_tiles(sample: &Sample, config: &DatasetsConfig) -> Result<Vec<Vec<u8>>
     let mut out = Vec::new();
     for img in &sample.images {
         for t in 0..img.tiles.num_tiles {
-            out.push(match config.tile_encoding.as_str() {
-                tile_codec::JPEG => {
+            out.push(match config.tile_encoding {
+                TileEncoding::Jpeg => {
                     let hwc = img.tiles.tile_hwc(t);
                     let image = turbojpeg::Image {
                         pixels: hwc.as_slice(),
@@ -370,9 +370,11 @@ fn encode_tiles(sample: &Sample, config: &DatasetsConfig) -> Result<Vec<Vec<u8>>
                         .map_err(|e| e.to_string())?
                         .to_vec()
                 }
-                tile_codec::RAW_PLAIN => img.tiles.tile(t).to_vec(),
-                _ => tile_codec::encode_raw(img.tiles.tile(t), side, config.zstd_level)
-                    .map_err(|e| e.to_string())?,
+                TileEncoding::RawPlain => img.tiles.tile(t).to_vec(),
+                TileEncoding::Raw => {
+                    tile_codec::encode_raw(img.tiles.tile(t), side, config.zstd_level)
+                        .map_err(|e| e.to_string())?
+                }
             });
         }
     }

@@ -11,7 +11,7 @@ use clap::Args;
 use llava_data::build::{build_with, BuildContext, BuildOptions, BuildTimes, Partition};
 use llava_data::convert::{prepare, render};
 use llava_data::record::{parse_record, read_entries};
-use llava_formats::tile_codec::{JPEG, TILE_ENCODINGS};
+use llava_formats::tile_codec::TileEncoding;
 use rayon::prelude::*;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -51,14 +51,14 @@ pub struct BenchArgs {
     /// Tile encodings to build, comma-separated, in this order (`raw-plain` is the schema v2
     /// layout: the baseline for `raw`).
     #[arg(long, value_delimiter = ',', default_value = "raw-plain,raw,jpeg")]
-    encodings: Vec<String>,
+    encodings: Vec<TileEncoding>,
     /// zstd levels to build each exact encoding at, comma-separated (`jpeg` is built once, at
     /// the first).
     #[arg(long, value_delimiter = ',', default_value = "1,3")]
     levels: Vec<i32>,
     /// `--scale` only: the tile encoding of the generated build.
     #[arg(long, default_value = "raw")]
-    tile_encoding: String,
+    tile_encoding: TileEncoding,
     /// Worker threads [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
@@ -204,7 +204,7 @@ fn all_records(ctx: &BuildContext) -> Result<Vec<(usize, llava_data::record::Raw
 
 /// One build of the bench: its settings and what it measured.
 struct Run {
-    encoding: String,
+    encoding: TileEncoding,
     level: i32,
     seconds: f64,
     cpu_seconds: f64,
@@ -223,7 +223,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             fixtures: &args.fixtures,
             tokenizer: &args.tokenizer,
             work: args.work.as_deref(),
-            tile_encoding: &args.tile_encoding,
+            tile_encoding: args.tile_encoding.name(),
             threads: args.threads,
             builder: args.builder.as_deref(),
             trainer: args.trainer.as_deref(),
@@ -235,11 +235,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()?;
-    }
-    for e in &args.encodings {
-        if !TILE_ENCODINGS.contains(&e.as_str()) {
-            bail!("--encodings: {e:?} is not one of {TILE_ENCODINGS:?}");
-        }
     }
     if args.levels.is_empty() || args.levels.iter().any(|l| !(1..=22).contains(l)) {
         bail!("--levels: zstd levels are 1..=22");
@@ -289,14 +284,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     // once per encoding and level, each into its own folder.
     let base_sha = ctx.config_sha256.clone();
     let mut runs = Vec::new();
-    for encoding in &args.encodings {
-        let levels = if encoding == JPEG {
+    for &encoding in &args.encodings {
+        let levels = if encoding == TileEncoding::Jpeg {
             &args.levels[..1]
         } else {
             &args.levels[..]
         };
         for &level in levels {
-            ctx.config.tile_encoding = encoding.clone();
+            ctx.config.tile_encoding = encoding;
             ctx.config.zstd_level = level;
             ctx.output = work.join(format!("out-{encoding}-zstd{level}"));
             std::fs::remove_dir_all(&ctx.output).ok();
@@ -317,7 +312,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let cpu_seconds = process_cpu_s() - cpu;
             let m = outcome.manifest.context("whole build writes a manifest")?;
             runs.push(Run {
-                encoding: encoding.clone(),
+                encoding,
                 level,
                 seconds,
                 cpu_seconds,
@@ -349,7 +344,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "convert_over_decode_time": convert_s / decode_s,
         "convert_cpu_s": convert_cpu_s,
         "builds": runs.iter().map(|r| json!({
-            "tile_encoding": r.encoding,
+            "tile_encoding": r.encoding.name(),
             "zstd_level": r.level,
             "seconds": r.seconds,
             "records": r.records,

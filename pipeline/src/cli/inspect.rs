@@ -158,7 +158,7 @@ fn run_sample(build: &BuildDir, key: &str, args: &InspectArgs) -> Result<()> {
     }
     let found = sample::find(build, key, args.tiles.is_some())?;
     if let Some(path) = &args.tiles {
-        let picture = sample::tiles_picture(&found.row, &build.manifest.settings.tile_encoding)?;
+        let picture = sample::tiles_picture(&found.row, build.manifest.settings.tile_encoding)?;
         picture
             .save(path)
             .with_context(|| format!("writing {}", path.display()))?;

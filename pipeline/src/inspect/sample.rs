@@ -7,6 +7,7 @@ use std::path::Path;
 use image::{Rgb, RgbImage};
 use llava_formats::constants::{IGNORE_INDEX, IMAGE_TOKEN_INDEX, TILE_SIZE};
 use llava_formats::schema::{batch_to_rows, col as c, ImageMeta, ShardRow};
+use llava_formats::tile_codec::TileEncoding;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 
@@ -321,9 +322,9 @@ pub fn picture_size(img: &ImageMeta) -> (u32, u32) {
 }
 
 /// One tile's bytes → an RGB picture.
-fn decode_tile(bytes: &[u8], tile_encoding: &str) -> Result<RgbImage, InspectError> {
+fn decode_tile(bytes: &[u8], tile_encoding: TileEncoding) -> Result<RgbImage, InspectError> {
     let t = TILE_SIZE as usize;
-    if tile_encoding == "jpeg" {
+    if tile_encoding == TileEncoding::Jpeg {
         let img = turbojpeg::decompress(bytes, turbojpeg::PixelFormat::RGB)
             .map_err(|e| InspectError::Image(format!("decoding a JPEG tile: {e}")))?;
         let mut packed = Vec::with_capacity(img.width * img.height * 3);
@@ -334,7 +335,7 @@ fn decode_tile(bytes: &[u8], tile_encoding: &str) -> Result<RgbImage, InspectErr
             .ok_or_else(|| InspectError::Image("JPEG tile of an odd size".into()));
     }
     let decoded;
-    let bytes = if tile_encoding == llava_formats::tile_codec::RAW {
+    let bytes = if tile_encoding == TileEncoding::Raw {
         decoded = llava_formats::tile_codec::decode_raw(bytes, t)
             .map_err(|e| InspectError::Image(format!("decoding a raw tile: {e}")))?;
         &decoded[..]
@@ -357,7 +358,10 @@ fn decode_tile(bytes: &[u8], tile_encoding: &str) -> Result<RgbImage, InspectErr
 
 /// The picture of a sample's tiles: per image, the base tile on the left and the grid (rows ×
 /// cols, row-major) on the right, `GAP` px apart; images one under the other. White background.
-pub fn tiles_picture(row: &ShardRow, tile_encoding: &str) -> Result<RgbImage, InspectError> {
+pub fn tiles_picture(
+    row: &ShardRow,
+    tile_encoding: TileEncoding,
+) -> Result<RgbImage, InspectError> {
     if row.images.is_empty() {
         return Err(InspectError::Usage(format!(
             "sample {:?} has no image",

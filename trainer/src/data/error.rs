@@ -64,9 +64,6 @@ pub enum DataError {
         detail: String,
     },
 
-    #[error("tile encoding {0:?} is not supported by this loader (only \"raw\", \"raw-plain\" and \"jpeg\"); rebuild the shards with this llava-data")]
-    UnsupportedTileEncoding(String),
-
     #[error("per-device batch size {requested} is not supported for shards built with batch size {built}: use a divisor or a multiple of {built}, or rebuild the shards")]
     BatchSize { requested: usize, built: usize },
 

@@ -133,13 +133,6 @@ impl ShardIndex {
                 manifest.schema_version
             )));
         }
-        if !llava_formats::tile_codec::TILE_ENCODINGS
-            .contains(&manifest.settings.tile_encoding.as_str())
-        {
-            return Err(DataError::UnsupportedTileEncoding(
-                manifest.settings.tile_encoding.clone(),
-            ));
-        }
         if manifest.grouping.batch_size == 0 {
             return Err(bad_manifest("grouping.batch_size is 0".into()));
         }
@@ -360,7 +353,8 @@ fn open_shard(dir: &Path, info: &ShardInfo, options: &IndexOptions) -> DataResul
         path: path.clone(),
         source,
     })?;
-    let expected = shard_schema("raw");
+    // Fields only: the same for every tile encoding.
+    let expected = shard_schema(llava_formats::tile_codec::TileEncoding::Raw);
     let found = metadata.schema();
     let same_fields = expected.fields().len() == found.fields().len()
         && expected

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use bytes::{Buf, Bytes};
 use llava_formats::constants::IMAGE_TOKEN_INDEX;
 use llava_formats::schema::{batch_to_rows, ShardRow};
-use llava_formats::tile_codec;
+use llava_formats::tile_codec::{self, TileEncoding};
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
 use parquet::errors::ParquetError;
 use parquet::file::reader::{ChunkReader, Length};
@@ -247,12 +247,12 @@ impl ShardReader {
                 ));
             }
             let mut row = row;
-            match index.manifest.settings.tile_encoding.as_str() {
-                tile_codec::JPEG => decode_jpeg_tiles(&mut row, index.tile_size())
+            match index.manifest.settings.tile_encoding {
+                TileEncoding::Jpeg => decode_jpeg_tiles(&mut row, index.tile_size())
                     .map_err(|d| corrupt(rg, format!("row {i}: {d}")))?,
-                tile_codec::RAW => decode_raw_tiles(&mut row, index.tile_size())
+                TileEncoding::Raw => decode_raw_tiles(&mut row, index.tile_size())
                     .map_err(|d| corrupt(rg, format!("row {i}: {d}")))?,
-                _ => {}
+                TileEncoding::RawPlain => {}
             }
             check_row(&row, index.tile_size()).map_err(|d| corrupt(rg, format!("row {i}: {d}")))?;
             out.push(row);

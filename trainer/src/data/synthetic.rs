@@ -16,7 +16,7 @@ use llava_formats::schema::{
     rows_to_batch, shard_schema, writer_properties, ImageMeta, RowGroupCutter, ShardRow,
     SCHEMA_VERSION,
 };
-use llava_formats::tile_codec;
+use llava_formats::tile_codec::{self, TileEncoding};
 use parquet::arrow::ArrowWriter;
 use sha2::{Digest, Sha256};
 
@@ -92,8 +92,8 @@ pub fn write_shard_with(
     mut cutter: RowGroupCutter,
 ) -> DataResult<ShardInfo> {
     let path = dir.join(file);
-    let schema = shard_schema("raw");
-    let props = writer_properties(1, tile_codec::RAW).map_err(parquet_err(&path))?;
+    let schema = shard_schema(TileEncoding::Raw);
+    let props = writer_properties(1, TileEncoding::Raw).map_err(parquet_err(&path))?;
     let out = File::create(&path).map_err(io_err(&path))?;
     let mut writer =
         ArrowWriter::try_new(out, schema.clone(), Some(props)).map_err(parquet_err(&path))?;
@@ -180,7 +180,7 @@ pub fn manifest(
             image_grid_pinpoints: RECIPE_PINPOINTS.iter().map(|&(w, h)| [w, h]).collect(),
             mm_patch_merge_type: MergeType::SpatialUnpad,
             tile_size,
-            tile_encoding: "raw".to_string(),
+            tile_encoding: TileEncoding::Raw,
             seed: 0,
         },
         grouping: Grouping {
