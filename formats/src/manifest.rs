@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use crate::geometry::MergeType;
 use crate::tile_codec::TileEncoding;
 
-use crate::schema::SCHEMA_VERSION;
+use crate::constants::IGNORE_INDEX;
+use crate::schema::{ShardRow, SCHEMA_VERSION};
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const REJECTS_FILE: &str = "rejects.jsonl";
@@ -161,6 +162,47 @@ pub struct ShardInfo {
     pub tokens: u64,
     pub supervised_tokens: u64,
     pub tiles: u64,
+}
+
+impl ShardInfo {
+    /// An entry for `file` with nothing counted yet: [`ShardInfo::count_row`] adds the rows;
+    /// `bytes`, `sha256`, `row_groups` and `batches` are the writer's to fill in.
+    pub fn empty(file: impl Into<String>, modality: Modality) -> Self {
+        Self {
+            file: file.into(),
+            modality,
+            rows: 0,
+            bytes: 0,
+            sha256: String::new(),
+            min_length: 0,
+            max_length: 0,
+            row_groups: 0,
+            batches: 0,
+            first_group: 0,
+            groups: 0,
+            tokens: 0,
+            supervised_tokens: 0,
+            tiles: 0,
+        }
+    }
+
+    /// Counts one row, in file order: rows, lengths, tokens, supervised tokens (labels other
+    /// than `IGNORE_INDEX`), tiles and the group range (a shard's groups are consecutive ids).
+    pub fn count_row(&mut self, row: &ShardRow) {
+        if self.rows == 0 {
+            self.min_length = row.length;
+            self.first_group = row.group;
+        }
+        self.rows += 1;
+        self.min_length = self.min_length.min(row.length);
+        self.max_length = self.max_length.max(row.length);
+        self.tokens += u64::from(row.length);
+        self.supervised_tokens += row.labels.iter().filter(|&&l| l != IGNORE_INDEX).count() as u64;
+        self.tiles += row.tiles.len() as u64;
+        self.groups = self
+            .groups
+            .max(row.group.saturating_sub(self.first_group) + 1);
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -130,24 +130,9 @@ fn main() -> anyhow::Result<()> {
             let path = dir.join(&file);
             let mut writer =
                 ArrowWriter::try_new(File::create(&path)?, schema.clone(), Some(props.clone()))?;
-            let first_group = group;
             let mut cutter = RowGroupCutter::default();
-            let mut info = ShardInfo {
-                file: file.clone(),
-                modality: Modality::parse(modality).expect("image or text"),
-                rows: rows_here as u64,
-                bytes: 0,
-                sha256: String::new(),
-                min_length: u32::MAX,
-                max_length: 0,
-                row_groups: 0,
-                batches: 0,
-                first_group,
-                groups: 0,
-                tokens: 0,
-                supervised_tokens: 0,
-                tiles: 0,
-            };
+            let modality_of_shard = Modality::parse(modality).expect("image or text");
+            let mut info = ShardInfo::empty(file.clone(), modality_of_shard);
             for g in (0..rows_here).collect::<Vec<_>>().chunks(GROUP) {
                 let mut rows: Vec<ShardRow> = g
                     .iter()
@@ -157,12 +142,7 @@ fn main() -> anyhow::Result<()> {
                 for b in rows.chunks_mut(BATCH) {
                     for r in b.iter_mut() {
                         r.batch = batch;
-                        info.tokens += u64::from(r.length);
-                        info.supervised_tokens +=
-                            r.labels.iter().filter(|&&l| l != IGNORE_INDEX).count() as u64;
-                        info.tiles += r.tiles.len() as u64;
-                        info.min_length = info.min_length.min(r.length);
-                        info.max_length = info.max_length.max(r.length);
+                        info.count_row(r);
                         totals.images += r.images.len() as u64;
                         totals.image_tokens += u64::from(r.num_image_tokens);
                         *per_source
@@ -181,7 +161,6 @@ fn main() -> anyhow::Result<()> {
                     info.batches += 1;
                     batch += 1;
                 }
-                info.groups += 1;
                 group += 1;
             }
             if cutter.pending_rows() > 0 {

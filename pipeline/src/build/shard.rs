@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use llava_formats::config::DatasetsConfig;
-use llava_formats::constants::IGNORE_INDEX;
 use llava_formats::manifest::{Modality, RejectEntry, ShardInfo};
 use llava_formats::schema::RowGroupCutter;
 use llava_formats::schema::{rows_to_batch, shard_schema, ImageMeta, ShardRow};
@@ -137,7 +136,16 @@ fn write_shard(
     let writer = ArrowWriter::try_new(file, schema.clone(), Some(writer_properties(ctx)?))
         .map_err(parquet_err)?;
 
-    let mut stats = Stats::new(ctx.config.sources.len());
+    let modality = if shard.is_image {
+        Modality::Image
+    } else {
+        Modality::Text
+    };
+    let mut stats = Stats::new(
+        format!("{SHARDS_DIR}/{}", shard.file),
+        modality,
+        ctx.config.sources.len(),
+    );
     // Batches with their global ids, in order.
     let mut batches = Vec::new();
     let mut batch_id = shard.first_batch;
@@ -214,7 +222,7 @@ fn write_shard(
                 for (row, ordinal) in rows.iter().zip(ords) {
                     stats.add(row, pass1.samples[*ordinal as usize].source as usize);
                 }
-                stats.batches += 1;
+                stats.info.batches += 1;
                 // A closed channel means the writer failed: its error is reported below.
                 if tx.send(rows).is_err() {
                     break 'windows;
@@ -239,24 +247,13 @@ fn write_shard(
     let record = ShardRecord {
         config_sha256: ctx.config_sha256.clone(),
         info: ShardInfo {
-            file: format!("{SHARDS_DIR}/{}", shard.file),
-            modality: if shard.is_image {
-                Modality::Image
-            } else {
-                Modality::Text
-            },
-            rows: stats.rows,
             bytes,
             sha256,
-            min_length: stats.min_length.unwrap_or(0),
-            max_length: stats.max_length,
             row_groups,
-            batches: stats.batches,
+            // The plan's range: a group whose every sample was rejected still belongs here.
             first_group: shard.first_group,
             groups: shard.groups,
-            tokens: stats.tokens,
-            supervised_tokens: stats.supervised_tokens,
-            tiles: stats.tiles,
+            ..stats.info
         },
         written: stats.written,
         rejects: stats.rejects,
@@ -446,14 +443,10 @@ impl std::io::Write for HashingWriter {
     }
 }
 
+/// What a shard's rows add up to: the manifest entry's counts ([`ShardInfo::count_row`]) and
+/// the record's.
 struct Stats {
-    rows: u64,
-    batches: u64,
-    min_length: Option<u32>,
-    max_length: u32,
-    tokens: u64,
-    supervised_tokens: u64,
-    tiles: u64,
+    info: ShardInfo,
     images: u64,
     image_tokens: u64,
     truncated: u64,
@@ -462,15 +455,9 @@ struct Stats {
 }
 
 impl Stats {
-    fn new(sources: usize) -> Self {
+    fn new(file: String, modality: Modality, sources: usize) -> Self {
         Stats {
-            rows: 0,
-            batches: 0,
-            min_length: None,
-            max_length: 0,
-            tokens: 0,
-            supervised_tokens: 0,
-            tiles: 0,
+            info: ShardInfo::empty(file, modality),
             images: 0,
             image_tokens: 0,
             truncated: 0,
@@ -480,12 +467,7 @@ impl Stats {
     }
 
     fn add(&mut self, row: &ShardRow, source: usize) {
-        self.rows += 1;
-        self.min_length = Some(self.min_length.map_or(row.length, |m| m.min(row.length)));
-        self.max_length = self.max_length.max(row.length);
-        self.tokens += u64::from(row.length);
-        self.supervised_tokens += row.labels.iter().filter(|&&l| l != IGNORE_INDEX).count() as u64;
-        self.tiles += row.tiles.len() as u64;
+        self.info.count_row(row);
         self.images += row.images.len() as u64;
         self.image_tokens += u64::from(row.num_image_tokens);
         self.truncated += u64::from(row.truncated);

@@ -97,37 +97,10 @@ pub fn write_shard_with(
     let out = File::create(&path).map_err(io_err(&path))?;
     let mut writer =
         ArrowWriter::try_new(out, schema.clone(), Some(props)).map_err(parquet_err(&path))?;
-    let mut info = ShardInfo {
-        file: file.to_string(),
-        modality,
-        rows: 0,
-        bytes: 0,
-        sha256: String::new(),
-        min_length: u32::MAX,
-        max_length: 0,
-        row_groups: 0,
-        batches: 0,
-        first_group: u32::MAX,
-        groups: 0,
-        tokens: 0,
-        supervised_tokens: 0,
-        tiles: 0,
-    };
-    let mut last_group = None;
+    let mut info = ShardInfo::empty(file, modality);
     for rows in batches {
         for r in &rows {
-            info.rows += 1;
-            info.min_length = info.min_length.min(r.length);
-            info.max_length = info.max_length.max(r.length);
-            info.tokens += u64::from(r.length);
-            info.supervised_tokens +=
-                r.labels.iter().filter(|&&l| l != IGNORE_INDEX).count() as u64;
-            info.tiles += r.tiles.len() as u64;
-            info.first_group = info.first_group.min(r.group);
-            if last_group != Some(r.group) {
-                info.groups += 1;
-                last_group = Some(r.group);
-            }
+            info.count_row(r);
         }
         writer
             .write(&rows_to_batch(&encode_tiles(&rows, &path)?, &schema))
@@ -148,10 +121,6 @@ pub fn write_shard_with(
         .map_err(io_err(&path))?;
     info.bytes = bytes.len() as u64;
     info.sha256 = hex::encode(Sha256::digest(&bytes));
-    if info.rows == 0 {
-        info.min_length = 0;
-        info.first_group = 0;
-    }
     Ok(info)
 }
 
