@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::geometry::MergeType;
+use crate::geometry::{MergeType, RECIPE_PINPOINTS};
 use crate::tile_codec::TileEncoding;
 
 use crate::constants::IGNORE_INDEX;
@@ -162,6 +162,54 @@ pub struct ShardInfo {
     pub tokens: u64,
     pub supervised_tokens: u64,
     pub tiles: u64,
+}
+
+impl Manifest {
+    /// A manifest for shards written outside `llava-data build` (tests, benches, the trainer's
+    /// synthetic shards): the recipe's settings with `tile_size`, `raw` tiles, grouping counts
+    /// and totals summed from `shards`, no sources (a loader does not read them).
+    pub fn for_shards(
+        created_by: &str,
+        shards: Vec<ShardInfo>,
+        batch_size: usize,
+        group_size: usize,
+        tile_size: u32,
+    ) -> Self {
+        let totals = Totals {
+            samples: shards.iter().map(|s| s.rows).sum(),
+            tokens: shards.iter().map(|s| s.tokens).sum(),
+            supervised_tokens: shards.iter().map(|s| s.supervised_tokens).sum(),
+            tiles: shards.iter().map(|s| s.tiles).sum(),
+            bytes: shards.iter().map(|s| s.bytes).sum(),
+            ..Totals::default()
+        };
+        Manifest {
+            format: FORMAT_NAME.to_string(),
+            schema_version: SCHEMA_VERSION,
+            created_by: created_by.to_string(),
+            config_sha256: String::new(),
+            tokenizer_sha256: String::new(),
+            settings: BuildSettings {
+                model_max_length: 8192,
+                image_grid_pinpoints: RECIPE_PINPOINTS.iter().map(|&(w, h)| [w, h]).collect(),
+                mm_patch_merge_type: MergeType::SpatialUnpad,
+                tile_size,
+                tile_encoding: TileEncoding::Raw,
+                seed: 0,
+            },
+            grouping: Grouping {
+                method: "length_pools".to_string(),
+                batch_size,
+                group_size,
+                length_pool_groups: 1,
+                groups: shards.iter().map(|s| u64::from(s.groups)).sum(),
+                batches: shards.iter().map(|s| s.batches).sum(),
+            },
+            sources: Vec::new(),
+            shards,
+            totals,
+        }
+    }
 }
 
 impl ShardInfo {

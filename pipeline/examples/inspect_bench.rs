@@ -11,14 +11,10 @@ use std::time::Instant;
 use llava_data::inspect::summary::{summarize, SummaryOptions};
 use llava_data::inspect::{verify::verify, BuildDir};
 use llava_formats::constants::{IGNORE_INDEX, IMAGE_TOKEN_INDEX};
-use llava_formats::geometry::{MergeType, RECIPE_PINPOINTS};
 use llava_formats::manifest::Modality;
-use llava_formats::manifest::{
-    BuildSettings, Grouping, Manifest, ShardInfo, SourceStats, Totals, FORMAT_NAME,
-};
+use llava_formats::manifest::{Manifest, ShardInfo, SourceStats, Totals};
 use llava_formats::schema::{
     rows_to_batch, shard_schema, writer_properties, ImageMeta, RowGroupCutter, ShardRow,
-    SCHEMA_VERSION,
 };
 use llava_formats::tile_codec::TileEncoding;
 use parquet::arrow::ArrowWriter;
@@ -182,46 +178,25 @@ fn main() -> anyhow::Result<()> {
     totals.samples = total as u64;
     totals.image_samples = image_rows as u64;
     totals.text_samples = (total - image_rows) as u64;
-    let manifest = Manifest {
-        format: FORMAT_NAME.into(),
-        schema_version: SCHEMA_VERSION,
-        created_by: "inspect_bench".into(),
-        config_sha256: String::new(),
-        tokenizer_sha256: String::new(),
-        settings: BuildSettings {
-            model_max_length: 8192,
-            image_grid_pinpoints: RECIPE_PINPOINTS.iter().map(|&(w, h)| [w, h]).collect(),
-            mm_patch_merge_type: MergeType::SpatialUnpad,
-            tile_size: 336,
-            tile_encoding: TileEncoding::Raw,
-            seed: 42,
-        },
-        grouping: Grouping {
-            method: "length_pools".into(),
-            batch_size: BATCH,
-            group_size: GROUP,
-            length_pool_groups: 1,
-            groups: u64::from(group),
-            batches: u64::from(batch),
-        },
-        sources: per_source
-            .iter()
-            .map(|(name, &n)| SourceStats {
-                name: name.to_string(),
-                json: vec![format!("{name}.json")],
-                template: "llava_llama_3".into(),
-                image_aspect_ratio: "anyres".into(),
-                sampling: "all".into(),
-                in_files: n,
-                read: n,
-                written: n,
-                rejected: 0,
-                rejects_by_kind: BTreeMap::new(),
-            })
-            .collect(),
-        shards,
-        totals,
-    };
+    let mut manifest = Manifest::for_shards("inspect_bench", shards, BATCH, GROUP, 336);
+    manifest.settings.seed = 42;
+    manifest.totals = totals;
+    manifest.sources = per_source
+        .iter()
+        .map(|(name, &n)| SourceStats {
+            name: name.to_string(),
+            json: vec![format!("{name}.json")],
+            template: "llava_llama_3".into(),
+            image_aspect_ratio: "anyres".into(),
+            sampling: "all".into(),
+            in_files: n,
+            read: n,
+            written: n,
+            rejected: 0,
+            rejects_by_kind: BTreeMap::new(),
+        })
+        .collect();
+
     std::fs::write(
         dir.join("manifest.json"),
         serde_json::to_vec_pretty(&manifest)?,

@@ -8,13 +8,9 @@ use std::io::Read;
 use std::path::Path;
 
 use llava_formats::constants::{IGNORE_INDEX, IMAGE_TOKEN_INDEX, TOKENS_PER_TILE};
-use llava_formats::geometry::{MergeType, RECIPE_PINPOINTS};
-use llava_formats::manifest::{
-    BuildSettings, Grouping, Manifest, Modality, ShardInfo, Totals, FORMAT_NAME, MANIFEST_FILE,
-};
+use llava_formats::manifest::{Manifest, Modality, ShardInfo, MANIFEST_FILE};
 use llava_formats::schema::{
     rows_to_batch, shard_schema, writer_properties, ImageMeta, RowGroupCutter, ShardRow,
-    SCHEMA_VERSION,
 };
 use llava_formats::tile_codec::{self, TileEncoding};
 use parquet::arrow::ArrowWriter;
@@ -131,39 +127,13 @@ pub fn manifest(
     group_size: usize,
     tile_size: u32,
 ) -> Manifest {
-    let totals = Totals {
-        samples: shards.iter().map(|s| s.rows).sum(),
-        tokens: shards.iter().map(|s| s.tokens).sum(),
-        tiles: shards.iter().map(|s| s.tiles).sum(),
-        bytes: shards.iter().map(|s| s.bytes).sum(),
-        ..Totals::default()
-    };
-    Manifest {
-        format: FORMAT_NAME.to_string(),
-        schema_version: SCHEMA_VERSION,
-        created_by: "llava-trainer synthetic".to_string(),
-        config_sha256: String::new(),
-        tokenizer_sha256: String::new(),
-        settings: BuildSettings {
-            model_max_length: 8192,
-            image_grid_pinpoints: RECIPE_PINPOINTS.iter().map(|&(w, h)| [w, h]).collect(),
-            mm_patch_merge_type: MergeType::SpatialUnpad,
-            tile_size,
-            tile_encoding: TileEncoding::Raw,
-            seed: 0,
-        },
-        grouping: Grouping {
-            method: "length_pools".to_string(),
-            batch_size,
-            group_size,
-            length_pool_groups: 1,
-            groups: shards.iter().map(|s| u64::from(s.groups)).sum(),
-            batches: shards.iter().map(|s| s.batches).sum(),
-        },
-        sources: Vec::new(),
+    Manifest::for_shards(
+        "llava-trainer synthetic",
         shards,
-        totals,
-    }
+        batch_size,
+        group_size,
+        tile_size,
+    )
 }
 
 pub fn write_manifest(dir: &Path, manifest: &Manifest) -> DataResult<()> {
