@@ -62,7 +62,7 @@ fn main() -> Result<()> {
         Some(json) => serde_json::from_str(json).context("--state is not a data state")?,
         None => DataState::new(args.epoch),
     };
-    let plan = EpochPlan::new(&index, &config, &state)?.rank(args.rank)?;
+    let plan = EpochPlan::new(&index, &config, &state)?.rank_batches(&index, args.rank)?;
     let loader_config = LoaderConfig {
         workers: args.workers,
         prefetch: args.workers,

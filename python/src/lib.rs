@@ -96,7 +96,7 @@ pub struct ShardDataset {
 }
 
 impl ShardDataset {
-    fn epoch_plan(&self, state: &DataState) -> PyResult<EpochPlan> {
+    fn epoch_plan(&self, state: &DataState) -> PyResult<EpochPlan<'_>> {
         EpochPlan::new(&self.index, &self.plan, state).map_err(py_err)
     }
 
@@ -191,7 +191,7 @@ impl ShardDataset {
         if self.loader.is_none() {
             let batches = self
                 .epoch_plan(&self.state)?
-                .rank(self.rank)
+                .rank_batches(&self.index, self.rank)
                 .map_err(py_err)?;
             let loader =
                 Loader::new(self.index.clone(), batches, &self.loader_config).map_err(py_err)?;

@@ -87,7 +87,7 @@ fn load(
         pack_length,
     };
     let plan = EpochPlan::new(index, &cfg, &DataState::new(0))?;
-    let jobs: Vec<_> = plan.rank(0)?.into_iter().take(spec.batches).collect();
+    let jobs = plan.rank_batches(index, 0)?.take(spec.batches);
     let loader = Loader::new(
         index.clone(),
         jobs,

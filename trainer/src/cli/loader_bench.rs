@@ -3,19 +3,24 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use llava_trainer::data::index::BatchInfo;
 use llava_trainer::data::synthetic::{write_synthetic, SynthSpec};
 use llava_trainer::data::{
-    DataState, EpochPlan, IndexOptions, Loader, LoaderConfig, PixelFormat, PlanConfig, ShardIndex,
+    DataState, EpochPlan, IndexOptions, Loader, LoaderConfig, PixelFormat, PlanConfig, SampleRef,
+    ShardIndex,
 };
+use llava_trainer::heap;
 
 #[derive(clap::Args, Debug)]
 #[command(after_help = "\
 Examples:
   llava-trainer loader-bench --shards out/example --workers 4 --max-batches 50
   llava-trainer loader-bench --shards out/example --world-size 4 --rank 1 --dry-run
+  llava-trainer loader-bench --shards out/example --world-size 8 --plan-memory
   llava-trainer loader-bench --shards /tmp/synth --make-synthetic 400 --json")]
 pub struct Args {
     /// Folder with manifest.json and the shards.
@@ -54,6 +59,9 @@ pub struct Args {
     /// Print the rank's plan as JSON lines and exit.
     #[arg(long)]
     dry_run: bool,
+    /// Print the epoch plan's heap bytes (as kept, and with every batch made at once) and exit.
+    #[arg(long)]
+    plan_memory: bool,
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
@@ -111,14 +119,15 @@ pub fn run(args: Args) -> Result<()> {
         batch_size: args.batch_size,
         pack_length: None,
     };
-    let plan = EpochPlan::new(&index, &config, &DataState::new(args.epoch))?;
-    let mut batches = plan.rank(args.rank)?;
-    if let Some(max) = args.max_batches {
-        batches.truncate(max);
+    if args.plan_memory {
+        return plan_memory(&index, &config, &args);
     }
+    let plan = EpochPlan::new(&index, &config, &DataState::new(args.epoch))?;
+    let max = args.max_batches.unwrap_or(usize::MAX);
+    let batches = plan.rank_batches(&index, args.rank)?.take(max);
     if args.dry_run {
         let mut out = std::io::stdout().lock();
-        for b in &batches {
+        for b in batches {
             writeln!(out, "{}", b.to_json(&index))?;
         }
         return Ok(());
@@ -130,7 +139,7 @@ pub fn run(args: Args) -> Result<()> {
         plan.batch_size,
         plan.balance()
     );
-    if batches.is_empty() {
+    if batches.len() == 0 {
         bail!("rank {} has no batches", args.rank);
     }
 
@@ -209,5 +218,71 @@ pub fn run(args: Args) -> Result<()> {
             result["worker_p99_ms"].as_f64().unwrap_or(0.0),
         );
     }
+    Ok(())
+}
+
+/// Live heap bytes that `make` leaves allocated (what it returns, kept alive until measured).
+fn heap_delta<T>(make: impl FnOnce() -> Result<T>) -> Result<(u64, T)> {
+    let before = heap::live();
+    let value = make()?;
+    Ok((heap::live().saturating_sub(before), value))
+}
+
+/// `--plan-memory`: the plan as kept (group order + cursor), one rank's lazy batches, and, for
+/// comparison, every step's batches made at once (what the plan held before it was lazy) and
+/// one rank's batches as a `Vec` (what the loader held).
+fn plan_memory(index: &Arc<ShardIndex>, config: &PlanConfig, args: &Args) -> Result<()> {
+    if !heap::is_installed() {
+        bail!("--plan-memory needs the counting allocator of the llava-trainer binary");
+    }
+    let state = DataState::new(args.epoch);
+    let samples = index.samples.len().max(1) as f64;
+    let t = Instant::now();
+    let (plan_bytes, plan) = heap_delta(|| Ok(EpochPlan::new(index, config, &state)?))?;
+    let plan_ms = t.elapsed().as_secs_f64() * 1e3;
+    let (rank_bytes, rank) = heap_delta(|| Ok(plan.rank_batches(index, args.rank)?))?;
+    let t = Instant::now();
+    let (eager_bytes, eager) = heap_delta(|| Ok(plan.steps()))?;
+    let eager_ms = t.elapsed().as_secs_f64() * 1e3;
+    drop(eager);
+    let (rank_vec_bytes, rank_vec) = heap_delta(|| Ok(plan.rank(args.rank)?))?;
+    drop(rank_vec);
+    drop(rank);
+    let index_bytes = std::mem::size_of::<SampleRef>() * index.samples.len()
+        + std::mem::size_of::<BatchInfo>() * index.batches.len();
+    let result = serde_json::json!({
+        "samples": index.samples.len(),
+        "world_size": config.world_size,
+        "steps": plan.num_steps(),
+        "plan_bytes": plan_bytes,
+        "plan_bytes_per_sample": plan_bytes as f64 / samples,
+        "plan_ms": plan_ms,
+        "rank_batches_bytes": rank_bytes,
+        "all_steps_made_bytes": eager_bytes,
+        "all_steps_made_bytes_per_sample": eager_bytes as f64 / samples,
+        "all_steps_made_ms": eager_ms,
+        "rank_vec_bytes": rank_vec_bytes,
+        "rank_vec_bytes_per_sample": rank_vec_bytes as f64 / samples,
+        "index_bytes_per_sample": index_bytes as f64 / samples,
+    });
+    if args.json {
+        println!("{result}");
+        return Ok(());
+    }
+    println!(
+        "{} samples, world size {}, {} steps: plan {plan_bytes} bytes ({:.4}/sample, made in \
+         {plan_ms:.1} ms), rank {}'s lazy batches {rank_bytes} bytes; every step made at once \
+         {eager_bytes} bytes ({:.1}/sample, {eager_ms:.0} ms), rank {}'s as a Vec \
+         {rank_vec_bytes} bytes ({:.1}/sample); the index {:.1} bytes/sample",
+        index.samples.len(),
+        config.world_size,
+        plan.num_steps(),
+        plan_bytes as f64 / samples,
+        args.rank,
+        eager_bytes as f64 / samples,
+        args.rank,
+        rank_vec_bytes as f64 / samples,
+        index_bytes as f64 / samples,
+    );
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! The prefetching loader: N worker threads read, decode, normalise and collate the planned
 //! batches of one rank; the consumer gets them strictly in plan order.
 //!
-//! Work is claimed in plan order from a shared counter, and a worker may only claim batch `i`
+//! Work is claimed in plan order from a shared counter (a lazy plan makes each batch as it is
+//! claimed, so the loader never holds the epoch's batches), and a worker may only claim batch `i`
 //! while `i < consumed + prefetch`, so at most `prefetch` batches exist at once (being built or
 //! waiting in the reorder buffer): memory is bounded by the prefetch depth. The batch the
 //! consumer waits for is always claimed before any later one, so the buffer cannot deadlock.
@@ -42,26 +43,30 @@ struct Queue {
     next_job: usize,
     consumed: usize,
     stopped: bool,
+    /// The plan, made one batch at a time as workers claim them (in plan order, under the lock).
+    jobs: Box<dyn Iterator<Item = PlannedBatch> + Send>,
 }
 
 struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
     prefetch: usize,
-    jobs: Vec<PlannedBatch>,
+    /// Batches in the plan.
+    len: usize,
 }
 
 impl Shared {
     /// The next job this worker may build, or None when done or stopped.
-    fn claim(&self) -> Option<usize> {
+    fn claim(&self) -> Option<(usize, PlannedBatch)> {
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if q.stopped || q.next_job >= self.jobs.len() {
+            if q.stopped || q.next_job >= self.len {
                 return None;
             }
             if q.next_job < q.consumed + self.prefetch {
+                let job = q.jobs.next()?;
                 q.next_job += 1;
-                return Some(q.next_job - 1);
+                return Some((q.next_job - 1, job));
             }
             q = self.wake.wait(q).unwrap_or_else(|e| e.into_inner());
         }
@@ -85,29 +90,34 @@ pub struct Loader {
 }
 
 impl Loader {
-    pub fn new(
-        index: Arc<ShardIndex>,
-        plan: Vec<PlannedBatch>,
-        config: &LoaderConfig,
-    ) -> DataResult<Self> {
+    /// Loads `plan`'s batches: a `Vec`, or a rank's lazy plan
+    /// ([`EpochPlan::rank_batches`](super::EpochPlan::rank_batches)), whose batches are made as
+    /// the workers claim them.
+    pub fn new<P>(index: Arc<ShardIndex>, plan: P, config: &LoaderConfig) -> DataResult<Self>
+    where
+        P: IntoIterator<Item = PlannedBatch>,
+        P::IntoIter: ExactSizeIterator + Send + 'static,
+    {
         if config.workers == 0 || config.prefetch == 0 {
             return Err(DataError::Plan(
                 "loader needs at least one worker and a prefetch depth of at least 1".into(),
             ));
         }
+        let jobs = plan.into_iter();
         let shared = Arc::new(Shared {
+            len: jobs.len(),
             queue: Mutex::new(Queue {
                 next_job: 0,
                 consumed: 0,
                 stopped: false,
+                jobs: Box::new(jobs),
             }),
             wake: Condvar::new(),
             prefetch: config.prefetch,
-            jobs: plan,
         });
         let (tx, rx) = channel();
         let mut workers = Vec::with_capacity(config.workers);
-        for w in 0..config.workers.min(shared.jobs.len().max(1)) {
+        for w in 0..config.workers.min(shared.len.max(1)) {
             let shared = shared.clone();
             let tx = tx.clone();
             let index = index.clone();
@@ -130,11 +140,11 @@ impl Loader {
 
     /// Batches this loader delivers in total.
     pub fn len(&self) -> usize {
-        self.shared.jobs.len()
+        self.shared.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.shared.jobs.is_empty()
+        self.shared.len == 0
     }
 }
 
@@ -146,8 +156,8 @@ fn worker(
 ) {
     let mut reader = ShardReader::new(index.clone());
     let tile_size = index.tile_size();
-    while let Some(i) = shared.claim() {
-        let plan = &shared.jobs[i];
+    while let Some((i, job)) = shared.claim() {
+        let plan = &job;
         let start = Instant::now();
         // A panic in decoding must reach the consumer as an error, not hang it.
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -181,7 +191,7 @@ impl Iterator for Loader {
     type Item = DataResult<Batch>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.done || self.next >= self.shared.jobs.len() {
+        if self.done || self.next >= self.shared.len {
             return None;
         }
         let result = loop {

@@ -21,4 +21,6 @@ pub use collate::{Batch, ImageInfo, PixelFormat, Pixels, SampleId, PAD_ID};
 pub use error::{DataError, DataResult};
 pub use index::{IndexOptions, Modality, SampleRef, ShardIndex};
 pub use loader::{Loader, LoaderConfig};
-pub use plan::{Balance, DataState, EpochPlan, PlanConfig, PlannedBatch, RowSlice};
+pub use plan::{
+    Balance, DataState, EpochPlan, PlanConfig, PlannedBatch, RankBatches, RowSlice, Steps,
+};

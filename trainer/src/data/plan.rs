@@ -23,6 +23,11 @@
 //! rank trains on at each step does not change, so balance, resume and world-size changes work
 //! exactly as without packing, and packing may be switched on or off when resuming.
 //!
+//! Memory: the plan keeps the epoch's group order (4 bytes per group) and a cursor, never the
+//! batches: a step's [`PlannedBatch`]es are made when the step is reached, in order (a step's
+//! rank assignment depends on the token totals of the steps before it). A rank's loader holds
+//! [`RankBatches`], which makes every rank's units of a step but only its own batch.
+//!
 //! Resuming: [`DataState`] records the position in the global order. Resuming with the same
 //! world size replays the same windows (and the same rank assignment); resuming with another
 //! world size starts new windows at the saved position, so the remaining global order is the
@@ -31,6 +36,7 @@
 use std::cmp::Reverse;
 use std::fmt;
 use std::ops::Range;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -192,38 +198,113 @@ impl Unit {
     }
 }
 
-/// The epoch's global batches in order.
-fn global_units(index: &ShardIndex, seed: u64, epoch: u64, batch_size: usize) -> Vec<Unit> {
+/// The number of global batches group `g` gives at `batch_size` (see [`Units::next`]).
+fn units_in_group(index: &ShardIndex, g: usize, batch_size: usize) -> u64 {
     let built = index.built_batch_size();
-    let mut order: Vec<usize> = (0..index.groups.len()).collect();
-    shuffle(&mut order, &mut SplitMix64::for_epoch(seed, epoch));
-    let mut units = Vec::new();
-    for g in order {
-        let rgs = index.groups[g].batches.clone();
-        if batch_size <= built {
-            for rg in rgs {
-                let n = index.batches[rg].samples.len();
-                for start in (0..n).step_by(batch_size) {
-                    let rows = start..(start + batch_size).min(n);
-                    units.push(Unit::new(index, g, vec![RowSlice { batch: rg, rows }]));
+    let batches = index.groups[g].batches.clone();
+    if batch_size <= built {
+        batches
+            .map(|b| index.batches[b].samples.len().div_ceil(batch_size) as u64)
+            .sum()
+    } else {
+        batches.len().div_ceil(batch_size / built) as u64
+    }
+}
+
+/// The epoch's global batches in order, made one at a time: the groups in their seeded
+/// (seed, epoch) order, each contributing its batches in order. It keeps the group order only
+/// (4 bytes per group, shared by clones), so a plan costs no memory per sample.
+#[derive(Debug, Clone)]
+struct Units {
+    order: Arc<[u32]>,
+    batch_size: usize,
+    built: usize,
+    /// The next unit: position in `order`, then built batch (offset in the group's batches)
+    /// and row inside it.
+    group: usize,
+    batch: usize,
+    row: usize,
+}
+
+impl Units {
+    fn new(index: &ShardIndex, seed: u64, epoch: u64, batch_size: usize) -> Self {
+        let mut order: Vec<u32> = (0..index.groups.len() as u32).collect();
+        shuffle(&mut order, &mut SplitMix64::for_epoch(seed, epoch));
+        Self {
+            order: order.into(),
+            batch_size,
+            built: index.built_batch_size(),
+            group: 0,
+            batch: 0,
+            row: 0,
+        }
+    }
+
+    /// Units of the whole epoch.
+    fn total(&self, index: &ShardIndex) -> u64 {
+        (0..index.groups.len())
+            .map(|g| units_in_group(index, g, self.batch_size))
+            .sum()
+    }
+
+    /// The next unit: a slice of `batch_size` rows of one built batch (the last may be short)
+    /// when `batch_size` divides the built size, else `batch_size / built` consecutive built
+    /// batches of one group.
+    fn next(&mut self, index: &ShardIndex) -> Option<Unit> {
+        loop {
+            let g = *self.order.get(self.group)? as usize;
+            let batches = index.groups[g].batches.clone();
+            if self.batch < batches.len() {
+                let first = batches.start + self.batch;
+                if self.batch_size <= self.built {
+                    let n = index.batches[first].samples.len();
+                    let rows = self.row..(self.row + self.batch_size).min(n);
+                    self.row = rows.end;
+                    if self.row >= n {
+                        self.batch += 1;
+                        self.row = 0;
+                    }
+                    if !rows.is_empty() {
+                        return Some(Unit::new(index, g, vec![RowSlice { batch: first, rows }]));
+                    }
+                    continue;
                 }
-            }
-        } else {
-            let per_unit = batch_size / built;
-            let rgs: Vec<usize> = rgs.collect();
-            for chunk in rgs.chunks(per_unit) {
-                let parts = chunk
-                    .iter()
-                    .map(|&rg| RowSlice {
+                let end = (self.batch + self.batch_size / self.built).min(batches.len());
+                let parts = (batches.start + self.batch..batches.start + end)
+                    .map(|rg| RowSlice {
                         batch: rg,
                         rows: 0..index.batches[rg].samples.len(),
                     })
                     .collect();
-                units.push(Unit::new(index, g, parts));
+                self.batch = end;
+                return Some(Unit::new(index, g, parts));
             }
+            self.group += 1;
+            self.batch = 0;
+            self.row = 0;
         }
     }
-    units
+
+    /// Passes over `n` units (whole groups at once where it can).
+    fn skip(&mut self, index: &ShardIndex, mut n: u64) {
+        while n > 0 {
+            if self.batch == 0 && self.row == 0 {
+                let Some(&g) = self.order.get(self.group) else {
+                    return;
+                };
+                let whole = units_in_group(index, g as usize, self.batch_size);
+                if whole <= n {
+                    n -= whole;
+                    self.group += 1;
+                    continue;
+                }
+            }
+            if self.next(index).is_none() {
+                return;
+            }
+            n -= 1;
+        }
+    }
 }
 
 /// Gives one item to each rank: largest tokens first to the rank with the smallest running total.
@@ -328,23 +409,122 @@ fn ratio(values: impl Iterator<Item = u64> + Clone) -> f64 {
     }
 }
 
-/// The rest of one epoch, for all ranks.
+/// What every step of a plan shares: enough to give a step its number and next state.
+#[derive(Debug, Clone, Copy)]
+struct Frame {
+    epoch: u64,
+    world_size: usize,
+    batch_size: usize,
+    seed: u64,
+    anchor: u64,
+    anchor_step: u64,
+    /// Steps from the anchor to the end of the epoch.
+    steps: usize,
+    pack_length: Option<u32>,
+}
+
+impl Frame {
+    /// The state after step `k` (counted from the anchor).
+    fn next_state(&self, k: usize) -> DataState {
+        if k + 1 == self.steps {
+            return DataState {
+                world_size: self.world_size,
+                batch_size: self.batch_size,
+                seed: self.seed,
+                ..DataState::new(self.epoch + 1)
+            };
+        }
+        DataState {
+            epoch: self.epoch,
+            position: self.anchor + ((k + 1) * self.world_size) as u64,
+            step: self.anchor_step + k as u64 + 1,
+            anchor: self.anchor,
+            anchor_step: self.anchor_step,
+            world_size: self.world_size,
+            batch_size: self.batch_size,
+            seed: self.seed,
+        }
+    }
+
+    /// Rank `rank`'s batch of step `k` (counted from the anchor).
+    fn batch(&self, index: &ShardIndex, unit: Option<Unit>, k: usize, rank: usize) -> PlannedBatch {
+        let step = self.anchor_step + k as u64;
+        let mut b = planned(index, unit, self.epoch, step, rank, self.next_state(k));
+        b.rows = pack_rows(&b.samples, self.pack_length);
+        b
+    }
+}
+
+/// Where a plan is: the next unit and every rank's token total since the anchor (the
+/// assignment of a step depends on all the steps before it, so steps are made in order).
 #[derive(Debug, Clone)]
-pub struct EpochPlan {
+struct Cursor {
+    units: Units,
+    /// Units of the epoch not taken yet.
+    left: u64,
+    cumulative: Vec<u64>,
+    /// The next step, counted from the anchor.
+    k: usize,
+}
+
+impl Cursor {
+    /// The next step's number (from the anchor) and its units, one per rank (`None`: an empty
+    /// batch): a full window of `world_size` units, or the split leftovers at the end.
+    fn next_step(&mut self, index: &ShardIndex) -> Option<(usize, Vec<Option<Unit>>)> {
+        if self.left == 0 {
+            return None;
+        }
+        let w = self.cumulative.len();
+        let take = self.left.min(w as u64) as usize;
+        let units: Vec<Unit> = (0..take).map_while(|_| self.units.next(index)).collect();
+        self.left -= take as u64;
+        let items = if take == w {
+            units.into_iter().map(Some).collect()
+        } else {
+            split_leftovers(index, &units, w)
+        };
+        let k = self.k;
+        self.k += 1;
+        Some((k, assign(items, &mut self.cumulative)))
+    }
+}
+
+/// The rest of one epoch, for all ranks. It holds the epoch's group order and a cursor, not the
+/// batches: each step's [`PlannedBatch`]es are made when asked for ([`EpochPlan::iter`],
+/// [`EpochPlan::rank_batches`]), so the plan's memory does not grow with the samples (4 bytes
+/// per group, 8 per rank).
+#[derive(Clone)]
+pub struct EpochPlan<'a> {
     pub epoch: u64,
     pub world_size: usize,
     pub batch_size: usize,
     /// Global batches in the epoch (at `batch_size`).
     pub total_batches: u64,
-    /// Remaining steps; `steps[i][rank]`.
-    steps: Vec<Vec<PlannedBatch>>,
+    index: &'a ShardIndex,
+    frame: Frame,
+    /// At the first remaining step.
+    start: Cursor,
+    num_steps: usize,
     /// Whether the last step holds split leftovers.
     leftover_step: bool,
 }
 
-impl EpochPlan {
+impl fmt::Debug for EpochPlan<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EpochPlan")
+            .field("epoch", &self.epoch)
+            .field("world_size", &self.world_size)
+            .field("batch_size", &self.batch_size)
+            .field("total_batches", &self.total_batches)
+            .field("num_steps", &self.num_steps)
+            .field("leftover_step", &self.leftover_step)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> EpochPlan<'a> {
     /// The plan from `state` (use [`DataState::new`] for the start of an epoch).
-    pub fn new(index: &ShardIndex, config: &PlanConfig, state: &DataState) -> DataResult<Self> {
+    pub fn new(index: &'a ShardIndex, config: &PlanConfig, state: &DataState) -> DataResult<Self> {
         let w = config.world_size;
         if w == 0 {
             return Err(DataError::Plan("world size must be at least 1".into()));
@@ -367,8 +547,8 @@ impl EpochPlan {
                 state.batch_size
             )));
         }
-        let units = global_units(index, config.seed, state.epoch, batch_size);
-        let n = units.len() as u64;
+        let mut units = Units::new(index, config.seed, state.epoch, batch_size);
+        let n = units.total(index);
         if state.position > n {
             return Err(DataError::Resume(format!(
                 "position {} is past the end of epoch {} ({n} batches); were the shards rebuilt?",
@@ -390,89 +570,104 @@ impl EpochPlan {
             (state.position, state.step)
         };
         let skip = ((state.position - anchor) / w as u64) as usize;
-
-        let mut cumulative = vec![0u64; w];
-        let mut raw_steps: Vec<Vec<Option<Unit>>> = Vec::new();
-        let rest = &units[anchor as usize..];
-        let full = rest.len() / w;
-        for window in rest[..full * w].chunks(w) {
-            raw_steps.push(assign(
-                window.iter().cloned().map(Some).collect(),
-                &mut cumulative,
-            ));
+        units.skip(index, anchor);
+        let rest = n - anchor;
+        let steps = rest.div_ceil(w as u64) as usize;
+        let mut start = Cursor {
+            units,
+            left: rest,
+            cumulative: vec![0; w],
+            k: 0,
+        };
+        // The steps already taken since the anchor still count for the balance.
+        for _ in 0..skip {
+            start.next_step(index);
         }
-        let leftover = &rest[full * w..];
-        let leftover_step = !leftover.is_empty();
-        if leftover_step {
-            raw_steps.push(assign(split_leftovers(index, leftover, w), &mut cumulative));
-        }
-
-        let num_steps = raw_steps.len();
-        let mut steps = Vec::with_capacity(num_steps.saturating_sub(skip));
-        for (k, step_units) in raw_steps.into_iter().enumerate().skip(skip) {
-            let last = k + 1 == num_steps;
-            let next_state = if last {
-                DataState {
-                    world_size: w,
-                    batch_size,
-                    seed: config.seed,
-                    ..DataState::new(state.epoch + 1)
-                }
-            } else {
-                DataState {
-                    epoch: state.epoch,
-                    position: anchor + ((k + 1) * w) as u64,
-                    step: anchor_step + k as u64 + 1,
-                    anchor,
-                    anchor_step,
-                    world_size: w,
-                    batch_size,
-                    seed: config.seed,
-                }
-            };
-            let step = anchor_step + k as u64;
-            let batches = step_units
-                .into_iter()
-                .enumerate()
-                .map(|(rank, unit)| {
-                    let mut b = planned(index, unit, state.epoch, step, rank, next_state);
-                    b.rows = pack_rows(&b.samples, config.pack_length);
-                    b
-                })
-                .collect();
-            steps.push(batches);
-        }
+        let num_steps = steps.saturating_sub(skip);
         Ok(Self {
             epoch: state.epoch,
             world_size: w,
             batch_size,
             total_batches: n,
-            steps,
-            leftover_step: leftover_step && num_steps > skip,
+            index,
+            frame: Frame {
+                epoch: state.epoch,
+                world_size: w,
+                batch_size,
+                seed: config.seed,
+                anchor,
+                anchor_step,
+                steps,
+                pack_length: config.pack_length,
+            },
+            start,
+            num_steps,
+            leftover_step: !rest.is_multiple_of(w as u64) && num_steps > 0,
         })
     }
 
     /// Remaining steps.
     pub fn num_steps(&self) -> usize {
-        self.steps.len()
+        self.num_steps
     }
 
-    /// Remaining steps, each with one batch per rank (`steps()[i][rank]`).
-    pub fn steps(&self) -> &[Vec<PlannedBatch>] {
-        &self.steps
+    /// The remaining steps in order, each made when reached: one batch per rank
+    /// (`step[rank]`).
+    pub fn iter(&self) -> Steps<'a> {
+        Steps {
+            index: self.index,
+            frame: self.frame,
+            cursor: self.start.clone(),
+        }
     }
 
-    /// The remaining batches of `rank`, in order.
+    /// Every remaining step at once (`steps()[i][rank]`): memory grows with the epoch (about
+    /// 110 bytes per sample); for tests and small plans. Training reads
+    /// [`EpochPlan::rank_batches`].
+    pub fn steps(&self) -> Vec<Vec<PlannedBatch>> {
+        self.iter().collect()
+    }
+
+    /// The remaining batches of `rank`, all at once (memory grows with the epoch; see
+    /// [`EpochPlan::rank_batches`]).
     pub fn rank(&self, rank: usize) -> DataResult<Vec<PlannedBatch>> {
+        self.check_rank(rank)?;
+        let mut cursor = self.start.clone();
+        let mut out = Vec::with_capacity(self.num_steps);
+        while let Some(b) = next_for_rank(self.index, &self.frame, &mut cursor, rank) {
+            out.push(b);
+        }
+        Ok(out)
+    }
+
+    /// The remaining batches of `rank`, each made when reached; owns what it needs (the
+    /// [`Loader`](super::Loader)'s threads take it). `index` must be the index of this plan.
+    pub fn rank_batches(&self, index: &Arc<ShardIndex>, rank: usize) -> DataResult<RankBatches> {
+        self.check_rank(rank)?;
+        if !std::ptr::eq(Arc::as_ptr(index), self.index) {
+            return Err(DataError::Plan(
+                "rank_batches: the index is not the one the plan was made from".into(),
+            ));
+        }
+        Ok(RankBatches {
+            index: index.clone(),
+            frame: self.frame,
+            cursor: self.start.clone(),
+            rank,
+        })
+    }
+
+    fn check_rank(&self, rank: usize) -> DataResult<()> {
         if rank >= self.world_size {
             return Err(DataError::Plan(format!(
                 "rank {rank} is not below world size {}",
                 self.world_size
             )));
         }
-        Ok(self.steps.iter().map(|s| s[rank].clone()).collect())
+        Ok(())
     }
 
+    /// Walks the remaining steps (their tokens only: no batch is made).
     pub fn balance(&self) -> Balance {
         let w = self.world_size;
         let mut rank_tokens = vec![0u64; w];
@@ -480,15 +675,19 @@ impl EpochPlan {
         let mut max_batch_tokens = 0;
         let mut empty_batches = 0;
         let (mut sum_ratio, mut worst, mut full_steps) = (0.0, 1.0f64, 0usize);
-        for (i, step) in self.steps.iter().enumerate() {
-            for (r, b) in step.iter().enumerate() {
-                rank_tokens[r] += b.tokens;
-                rank_samples[r] += b.samples.len() as u64;
-                max_batch_tokens = max_batch_tokens.max(b.tokens);
-                empty_batches += usize::from(b.is_empty());
+        let mut cursor = self.start.clone();
+        let mut i = 0;
+        while let Some((_, step)) = cursor.next_step(self.index) {
+            let tokens = |u: &Option<Unit>| u.as_ref().map_or(0, |u| u.tokens);
+            for (r, u) in step.iter().enumerate() {
+                rank_tokens[r] += tokens(u);
+                rank_samples[r] += u.as_ref().map_or(0, |u| u.samples as u64);
+                max_batch_tokens = max_batch_tokens.max(tokens(u));
+                empty_batches += usize::from(u.as_ref().is_none_or(|u| u.samples == 0));
             }
-            if !(self.leftover_step && i + 1 == self.steps.len()) {
-                let r = ratio(step.iter().map(|b| b.tokens));
+            i += 1;
+            if !(self.leftover_step && i == self.num_steps) {
+                let r = ratio(step.iter().map(tokens));
                 sum_ratio += r;
                 worst = worst.max(r);
                 full_steps += 1;
@@ -509,6 +708,81 @@ impl EpochPlan {
         }
     }
 }
+
+impl<'a> IntoIterator for &EpochPlan<'a> {
+    type Item = Vec<PlannedBatch>;
+    type IntoIter = Steps<'a>;
+
+    fn into_iter(self) -> Steps<'a> {
+        self.iter()
+    }
+}
+
+/// Rank `rank`'s batch of the next step (the other ranks' units are only weighed).
+fn next_for_rank(
+    index: &ShardIndex,
+    frame: &Frame,
+    cursor: &mut Cursor,
+    rank: usize,
+) -> Option<PlannedBatch> {
+    let (k, step) = cursor.next_step(index)?;
+    let unit = step.into_iter().nth(rank).flatten();
+    Some(frame.batch(index, unit, k, rank))
+}
+
+/// The remaining steps of an [`EpochPlan`], one batch per rank, made one step at a time.
+#[derive(Clone)]
+pub struct Steps<'a> {
+    index: &'a ShardIndex,
+    frame: Frame,
+    cursor: Cursor,
+}
+
+impl Iterator for Steps<'_> {
+    type Item = Vec<PlannedBatch>;
+
+    fn next(&mut self) -> Option<Vec<PlannedBatch>> {
+        let (k, step) = self.cursor.next_step(self.index)?;
+        Some(
+            step.into_iter()
+                .enumerate()
+                .map(|(rank, unit)| self.frame.batch(self.index, unit, k, rank))
+                .collect(),
+        )
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = self.frame.steps - self.cursor.k;
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for Steps<'_> {}
+
+/// One rank's remaining batches of an [`EpochPlan`], made one step at a time; `'static` (it
+/// shares the index), so a loader's threads can take it.
+#[derive(Clone)]
+pub struct RankBatches {
+    index: Arc<ShardIndex>,
+    frame: Frame,
+    cursor: Cursor,
+    rank: usize,
+}
+
+impl Iterator for RankBatches {
+    type Item = PlannedBatch;
+
+    fn next(&mut self) -> Option<PlannedBatch> {
+        next_for_rank(&self.index, &self.frame, &mut self.cursor, self.rank)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = self.frame.steps - self.cursor.k;
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for RankBatches {}
 
 fn planned(
     index: &ShardIndex,

@@ -245,7 +245,8 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
                 batch_size: cfg.batch_size,
                 pack_length: None,
             };
-            let batches = EpochPlan::new(&eval_index, &eval_plan, &DataState::new(0))?.rank(0)?;
+            let batches = EpochPlan::new(&eval_index, &eval_plan, &DataState::new(0))?
+                .rank_batches(&eval_index, 0)?;
             Some((eval_index, batches))
         }
         _ => None,

@@ -22,7 +22,7 @@ pub(crate) struct Stream {
 impl Stream {
     fn open_epoch(&mut self) -> Result<()> {
         let plan = EpochPlan::new(&self.index, &self.plan, &self.state)?;
-        let batches = plan.rank(self.rank)?;
+        let batches = plan.rank_batches(&self.index, self.rank)?;
         self.left = batches.len();
         self.loader = Some(Loader::new(self.index.clone(), batches, &self.loader_cfg)?);
         Ok(())

@@ -9,6 +9,7 @@ mod common;
 mod data_loader;
 mod data_pixels;
 mod data_plan;
+mod data_plan_reference;
 mod launch;
 mod optim_parity;
 mod packing;
