@@ -67,6 +67,9 @@ pub enum BuildError {
         total: usize,
         first: String,
     },
+    /// A record or file past what the build's compact per-sample summary holds.
+    #[error("{0}")]
+    TooLarge(String),
     /// Counts that must agree do not: a bug in the build.
     #[error("{0} (a bug: please report it)")]
     Inconsistent(String),

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::group::{Plan, ShardPlan};
-use super::pass1::{progress_bar, Pass1, SampleMeta};
+use super::pass1::{progress_bar, Pass1};
 use super::stage_clock::{CpuClock, StageClocks};
 use super::{
     io_err, json_err, BuildContext, BuildError, BuildOptions, BuildTimes, SHARDS_DIR, WORK_DIR,
@@ -202,8 +202,7 @@ fn write_shard(
             let rendered: Vec<Result<ShardRow, Box<RejectEntry>>> = work
                 .par_iter()
                 .map(|&(group, batch, ordinal)| {
-                    let meta = &pass1.samples[ordinal as usize];
-                    render_row(ctx, meta, spill, &pass1.spill_path, group, batch, clocks)
+                    render_row(ctx, pass1, ordinal as usize, spill, group, batch, clocks)
                 })
                 .collect();
             let mut results = rendered.into_iter();
@@ -271,16 +270,18 @@ fn write_shard(
     Ok(record)
 }
 
+/// Renders sample `ordinal` of pass 1 from `spill` (pass 1's spill file, open).
 fn render_row(
     ctx: &BuildContext,
-    meta: &SampleMeta,
+    pass1: &Pass1,
+    ordinal: usize,
     spill: &File,
-    spill_path: &Path,
     group: u32,
     batch: u32,
     clocks: &StageClocks,
 ) -> Result<ShardRow, Box<RejectEntry>> {
     let t = CpuClock::start();
+    let meta = &pass1.samples[ordinal];
     let s = meta.source as usize;
     let source = &ctx.config.sources[s];
     let mut buf = vec![0u8; meta.bytes as usize];
@@ -288,7 +289,7 @@ fn render_row(
         Box::new(RejectEntry {
             source: source.name.clone(),
             json_file: source.json_as_written[meta.file as usize].clone(),
-            index: meta.index,
+            index: u64::from(meta.index),
             line: None,
             id: id.to_string(),
             kind: kind.to_string(),
@@ -296,8 +297,8 @@ fn render_row(
         })
     };
     spill
-        .read_exact_at(&mut buf, meta.offset)
-        .map_err(|e| reject("", "io", format!("{}: {e}", spill_path.display())))?;
+        .read_exact_at(&mut buf, pass1.samples.offset(ordinal))
+        .map_err(|e| reject("", "io", format!("{}: {e}", pass1.spill_path.display())))?;
     let prepared: Prepared =
         serde_json::from_slice(&buf).map_err(|e| reject("", "io", e.to_string()))?;
     let id = prepared.id.clone();
@@ -311,7 +312,7 @@ fn render_row(
         id: sample.id,
         source: source.name.clone(),
         json_file: source.json_as_written[meta.file as usize].clone(),
-        index: meta.index,
+        index: u64::from(meta.index),
         length: sample.length as u32,
         num_image_tokens: sample.images.iter().map(|i| i.image_tokens as u32).sum(),
         modality: if sample.images.is_empty() {

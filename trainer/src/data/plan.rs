@@ -26,7 +26,10 @@
 //! Memory: the plan keeps the epoch's group order (4 bytes per group) and a cursor, never the
 //! batches: a step's [`PlannedBatch`]es are made when the step is reached, in order (a step's
 //! rank assignment depends on the token totals of the steps before it). A rank's loader holds
-//! [`RankBatches`], which makes every rank's units of a step but only its own batch.
+//! [`RankBatches`], which makes every rank's units of a step but only its own batch. Measured
+//! (`llava-trainer loader-bench --plan-memory`, 1M samples in groups of 32): 0.125 bytes per
+//! sample, against 104 for every step made at once (what the plan held when it was eager) and 98
+//! for one rank's batches as a `Vec` at world size 1 (what the loader held besides).
 //!
 //! Resuming: [`DataState`] records the position in the global order. Resuming with the same
 //! world size replays the same windows (and the same rank assignment); resuming with another
@@ -621,8 +624,8 @@ impl<'a> EpochPlan<'a> {
         }
     }
 
-    /// Every remaining step at once (`steps()[i][rank]`): memory grows with the epoch (about
-    /// 110 bytes per sample); for tests and small plans. Training reads
+    /// Every remaining step at once (`steps()[i][rank]`): memory grows with the epoch (104
+    /// bytes per sample measured); for tests and small plans. Training reads
     /// [`EpochPlan::rank_batches`].
     pub fn steps(&self) -> Vec<Vec<PlannedBatch>> {
         self.iter().collect()
