@@ -270,7 +270,7 @@ fn dataset(dir: &Path, image: usize, text: usize, group_size: usize) -> Arc<Shar
 
 /// One configuration against the reference: from the start of the epoch, then resumed after
 /// several steps with the same and with other world sizes.
-fn check(index: &ShardIndex, config: &PlanConfig, epoch: u64) {
+fn check(index: &Arc<ShardIndex>, config: &PlanConfig, epoch: u64) {
     let what = format!("{config:?} epoch {epoch}");
     let start = DataState::new(epoch);
     let plan = EpochPlan::new(index, config, &start).expect("plan");
@@ -280,6 +280,10 @@ fn check(index: &ShardIndex, config: &PlanConfig, epoch: u64) {
     for rank in 0..config.world_size {
         let mine: Vec<PlannedBatch> = want.iter().map(|s| s[rank].clone()).collect();
         assert_eq!(plan.rank(rank).expect("rank"), mine, "{what} rank {rank}");
+        // What the loader takes: the same batches, made one step at a time.
+        let lazy = plan.rank_batches(index, rank).expect("rank batches");
+        assert_eq!(lazy.len(), mine.len(), "{what} rank {rank}");
+        assert_eq!(lazy.collect::<Vec<_>>(), mine, "{what} rank {rank}");
     }
     let n = want.len();
     for k in [1, 2, n / 3, n / 2, n.saturating_sub(1)] {
@@ -344,4 +348,15 @@ fn the_plan_equals_the_eager_reference() {
             }
         }
     }
+    // rank_batches shares the index the plan was made from, and only that one.
+    let again = ShardIndex::open(dir.path(), &IndexOptions::default()).expect("index");
+    let config = PlanConfig {
+        seed: 1,
+        world_size: 2,
+        batch_size: None,
+        pack_length: None,
+    };
+    let plan = EpochPlan::new(&index, &config, &DataState::new(0)).expect("plan");
+    assert!(plan.rank_batches(&again, 0).is_err());
+    assert!(plan.rank_batches(&index, 2).is_err());
 }
