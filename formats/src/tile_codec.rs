@@ -25,7 +25,7 @@
 //!   is several times faster and as small. Levels 3+ compress every plane at the level (a user
 //!   who asks for a higher level asks for the smallest shards).
 //!
-//! Measured on the fixtures' tiles (README, "Tile encodings"): photographs 25.2% of the raw bytes
+//! Measured on the fixtures' tiles (README, Shards, "Tiles (schema v3)"): photographs 25.2% of the raw bytes
 //! at 712 MB/s (one frame per tile at zstd 1) → 25.0% at 1,350 MB/s; the bundled images 13.8% at
 //! 859 MB/s → 13.9% at 1,795 MB/s.
 
@@ -61,11 +61,6 @@ impl TileEncoding {
             TileEncoding::RawPlain => "raw-plain",
             TileEncoding::Jpeg => "jpeg",
         }
-    }
-
-    /// Whether a reader gets the exact uint8 tile back.
-    pub fn is_exact(self) -> bool {
-        self != TileEncoding::Jpeg
     }
 }
 
