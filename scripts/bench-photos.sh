@@ -35,3 +35,28 @@ taskset -c 0 "$bin" bench --records "$records" --threads 1 --levels "$levels" --
 echo "== generated mixture over the fixtures' photographs (${#photos[@]} images, $records records)"
 taskset -c 0 "$bin" bench --images "$dir/photos" --records "$records" --threads 1 \
   --levels "$levels" --work "$dir/photos-bench" "$@"
+
+# The issue-17 yardstick: the commands themselves on the same records, one core, best of 3 each:
+# `llava-data convert` (tokenize, decode, exact tiles, a SHA-256 per tile, one JSON line per
+# record) against `llava-data build` at the default settings (raw tiles, zstd 1). Both include
+# process start and the tokenizer load; the in-process ratios above leave those out.
+commands() {
+  local set=$1 best_convert=999999 best_build=999999
+  local clock="$dir/$set/time.txt"
+  for _ in 1 2 3; do
+    RAYON_NUM_THREADS=1 /usr/bin/time -f %e -o "$clock" taskset -c 0 "$bin" convert \
+      --data "$dir/$set/bench.jsonl" --image-folder / --tokenizer .cache/tokenizer/tokenizer.json \
+      > /dev/null
+    best_convert=$(awk -v best="$best_convert" '{print ($1 < best) ? $1 : best}' "$clock")
+    rm -rf "$dir/$set/commands-out"
+    /usr/bin/time -f %e -o "$clock" taskset -c 0 "$bin" build "$dir/$set/datasets.toml" \
+      --output "$dir/$set/commands-out" --threads 1 > /dev/null 2>&1
+    best_build=$(awk -v best="$best_build" '{print ($1 < best) ? $1 : best}' "$clock")
+  done
+  echo "$set: convert ${best_convert} s, build ${best_build} s, build / convert" \
+    "$(awk -v b="$best_build" -v c="$best_convert" 'BEGIN {printf "%.2f", b / c}')x" \
+    "($records records, one core, best of 3)"
+}
+echo "== the commands, one core: llava-data convert vs llava-data build (default settings)"
+commands bundled
+commands photos-bench

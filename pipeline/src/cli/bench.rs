@@ -23,7 +23,9 @@ Examples:
   llava-data bench --config datasets.toml --threads 1 --json
   llava-data bench --images /data/photos --records 400 --encodings raw --levels 1,2,3
   llava-data bench --scale --text-records 300000 --image-records 0 --work /tmp/scale
-  llava-data bench --scale --text-records 10000000 --image-records 1000000 --json
+  llava-data bench --scale --text-records 10000000 --image-records 0 --threads 2 --work /big/scale --json
+  llava-data bench --scale --text-records 0 --image-records 1000000 --images /data/photos \\
+    --tile-encoding jpeg --jpeg-quality 50 --work /big/scale-images   # ~35 GB of shards
 
 For one core, pin the process as well (the build has a writer thread beside the workers):
   taskset -c 0 llava-data bench --threads 1")]
@@ -35,8 +37,9 @@ pub struct BenchArgs {
     /// Records in the generated mixture (cycled from the fixture instruction data).
     #[arg(long, default_value_t = 2000)]
     records: usize,
-    /// Generated mixture: give the records the images under this folder (every image file,
-    /// sorted, cycled) instead of the fixture records' own images, e.g. a folder of photographs.
+    /// Generated mixture (and `--scale`'s image records): give the records the images under this
+    /// folder (every image file, sorted, cycled) instead of the fixture records' own images, e.g.
+    /// a folder of photographs.
     #[arg(long)]
     images: Option<PathBuf>,
     /// The repo's `fixtures/` folder (images and LLaVA JSON).
@@ -59,6 +62,10 @@ pub struct BenchArgs {
     /// `--scale` only: the tile encoding of the generated build.
     #[arg(long, default_value = "raw")]
     tile_encoding: TileEncoding,
+    /// `--scale` only: `jpeg_quality` of the generated build (`jpeg` tiles; a lower quality keeps
+    /// a million image records within a small disk).
+    #[arg(long, default_value_t = 95)]
+    jpeg_quality: u8,
     /// Worker threads [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
@@ -112,7 +119,7 @@ fn process_cpu_s() -> f64 {
 }
 
 /// Image files under `dir`, sorted (what `--images` cycles).
-fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(super) fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut todo = vec![dir.to_path_buf()];
     while let Some(d) = todo.pop() {
@@ -224,6 +231,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             tokenizer: &args.tokenizer,
             work: args.work.as_deref(),
             tile_encoding: args.tile_encoding.name(),
+            jpeg_quality: args.jpeg_quality,
+            images: args.images.as_deref(),
             threads: args.threads,
             builder: args.builder.as_deref(),
             trainer: args.trainer.as_deref(),

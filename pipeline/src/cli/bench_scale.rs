@@ -24,6 +24,9 @@ pub struct ScaleArgs<'a> {
     pub tokenizer: &'a Path,
     pub work: Option<&'a Path>,
     pub tile_encoding: &'a str,
+    pub jpeg_quality: u8,
+    /// Image records get these images (cycled) instead of the fixture records' own.
+    pub images: Option<&'a Path>,
     pub threads: Option<usize>,
     pub builder: Option<&'a Path>,
     pub trainer: Option<&'a Path>,
@@ -166,11 +169,19 @@ fn generate(args: &ScaleArgs, work: &Path) -> Result<PathBuf> {
     }
     if args.image_records > 0 {
         let pool = image_pool(&fixtures)?;
+        let images = match args.images {
+            Some(dir) => Some(super::bench::image_files(dir)?),
+            None => None,
+        };
         let path = work.join("image.jsonl");
         let mut out = std::io::BufWriter::new(std::fs::File::create(&path)?);
         for i in 0..args.image_records {
             let mut r = pool[(i % pool.len() as u64) as usize].clone();
             r["id"] = json!(format!("image-{i}"));
+            if let Some(images) = &images {
+                let image = &images[(i % images.len() as u64) as usize];
+                r["image"] = json!(image.display().to_string());
+            }
             writeln!(out, "{r}")?;
         }
         out.flush()?;
@@ -187,9 +198,10 @@ fn generate(args: &ScaleArgs, work: &Path) -> Result<PathBuf> {
     std::fs::write(
         &config,
         format!(
-            "output = \"out\"\ntokenizer = \"{}\"\ntile_encoding = \"{}\"\n{sources}",
+            "output = \"out\"\ntokenizer = \"{}\"\ntile_encoding = \"{}\"\njpeg_quality = {}\n{sources}",
             tokenizer.display(),
-            args.tile_encoding
+            args.tile_encoding,
+            args.jpeg_quality
         ),
     )?;
     Ok(config)

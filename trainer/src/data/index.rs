@@ -151,13 +151,48 @@ impl ShardIndex {
         index.samples.reserve(listed.min(1 << 28) as usize);
         let mut source_ids: HashMap<String, u32> = HashMap::new();
         let mut seen_groups: HashMap<u32, PathBuf> = HashMap::new();
-        for info in &manifest.shards {
+        // Shards are opened (footer, optional checksum, small columns) a window at a time in
+        // parallel, and merged in manifest order: the index, and which error is reported first,
+        // do not depend on the thread count; memory holds one window's columns.
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, MAX_OPEN_THREADS);
+        let opened = manifest.shards.chunks(threads).flat_map(|window| {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = window
+                    .iter()
+                    .map(|info| {
+                        scope.spawn(move || -> DataResult<(ShardFile, SmallColumns)> {
+                            let file = open_shard(dir, info, options)?;
+                            let columns = read_small_columns(&file)?;
+                            Ok((file, columns))
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                    .collect::<Vec<_>>()
+            })
+        });
+        for opened in opened {
+            let (file, columns) = opened?;
             let shard = index.shards.len();
-            let file = open_shard(dir, info, options)?;
             let path = file.path.clone();
             let modality = file.modality;
-            let columns = read_small_columns(&file)?;
             index.shards.push(file);
+            // The shard's source names as the index's ids, once per shard (not per sample).
+            let source_of: Vec<u32> = columns
+                .source_names
+                .iter()
+                .map(|name| {
+                    let next_id = source_ids.len() as u32;
+                    *source_ids.entry(name.clone()).or_insert_with(|| {
+                        index.sources.push(name.clone());
+                        next_id
+                    })
+                })
+                .collect();
 
             let meta = index.shards[shard].metadata.metadata().clone();
             let mut offset = 0usize;
@@ -210,12 +245,7 @@ impl ShardIndex {
                                 modality.as_str()
                             )));
                         }
-                        let name = &columns.source_names[columns.source[i] as usize];
-                        let next_id = source_ids.len() as u32;
-                        let source = *source_ids.entry(name.clone()).or_insert_with(|| {
-                            index.sources.push(name.clone());
-                            next_id
-                        });
+                        let source = source_of[columns.source[i] as usize];
                         tokens += u64::from(columns.length[i]);
                         index.samples.push(SampleRef {
                             source,
@@ -293,6 +323,10 @@ impl ShardIndex {
         self.manifest.settings.tile_size as usize
     }
 }
+
+/// Shards opened at once while indexing (each thread reads one shard's footer and small
+/// columns; more than the disk and cores can serve only adds memory).
+const MAX_OPEN_THREADS: usize = 16;
 
 /// Opens a shard, checks size, optional checksum, version, schema and row-group count.
 fn open_shard(dir: &Path, info: &ShardInfo, options: &IndexOptions) -> DataResult<ShardFile> {
