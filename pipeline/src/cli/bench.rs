@@ -149,23 +149,7 @@ fn generate(args: &BenchArgs, work: &Path) -> Result<PathBuf> {
         .fixtures
         .canonicalize()
         .with_context(|| format!("{}", args.fixtures.display()))?;
-    let sources = [
-        ("llava_instruct_150k.json", "images/coco/train2017"),
-        ("llava_v1_5_mix665k.json", "images"),
-        ("sharegpt4v.json", "images"),
-    ];
-    let mut pool = Vec::new();
-    for (file, folder) in sources {
-        let text = std::fs::read_to_string(fixtures.join("data").join(file))?;
-        let list: Vec<serde_json::Value> = serde_json::from_str(&text)?;
-        for mut r in list {
-            if let Some(img) = r.get("image").and_then(|v| v.as_str()) {
-                let abs = fixtures.join(folder).join(img);
-                r["image"] = json!(abs.display().to_string());
-                pool.push(r);
-            }
-        }
-    }
+    let pool = super::bench_scale::image_pool(&fixtures)?;
     let images = match &args.images {
         Some(dir) => Some(image_files(dir)?),
         None => None,

@@ -106,7 +106,9 @@ fn words(fixtures: &Path) -> Result<Vec<String>> {
     Ok(words)
 }
 
-fn image_pool(fixtures: &Path) -> Result<Vec<serde_json::Value>> {
+/// The fixture records that have an image, with absolute image paths (what the generated
+/// mixtures cycle).
+pub(super) fn image_pool(fixtures: &Path) -> Result<Vec<serde_json::Value>> {
     let mut pool = Vec::new();
     for (file, folder) in [
         ("llava_instruct_150k.json", "images/coco/train2017"),
