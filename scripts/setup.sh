@@ -26,8 +26,12 @@ fi
 # package, `pip install ./python`). Skipped with LLAVA_SKIP_PYTHON=1.
 if [[ $python != 1 ]]; then
   [[ -x $root/.venv/bin/python ]] || python3 -m venv "$root/.venv"
-  # transformers (no torch): python/tests/test_hf_processor.py checks that HF's LlavaNextProcessor
-  # reads our model folders and expands images exactly as our shards do.
-  "$root/.venv/bin/python" -m pip install -q --disable-pip-version-check numpy pytest pillow \
-    "transformers==4.57.6" jinja2
+  # transformers: python/tests/test_hf_processor.py checks that HF's LlavaNextProcessor reads our
+  # model folders and expands images exactly as our shards do. torch (PyPI's wheel, used on the CPU;
+  # ~4 GB with its CUDA libraries): the real torch DataLoader over ShardDataset, the real torchrun
+  # launching our ranks, and HF transformers loading our checkpoints. LLAVA_NO_TORCH=1 leaves it out
+  # (those tests then say they are skipped and why).
+  pkgs=(numpy pytest pillow "transformers==4.57.6" jinja2 safetensors)
+  [[ ${LLAVA_NO_TORCH:-0} == 1 ]] || pkgs+=("torch==2.15.0")
+  "$root/.venv/bin/python" -m pip install -q --disable-pip-version-check "${pkgs[@]}"
 fi
