@@ -1,6 +1,6 @@
 """Loads a llava-trainer checkpoint with HF transformers and runs one forward pass.
 
-    python tests/hf_load_check.py CHECKPOINT_DIR   (used by tests/recipe.rs's ignored test)
+    python tests/hf_load_check.py CHECKPOINT_DIR   (used by tests/recipe.rs)
 
 Prints the loading info (empty: no missing/unexpected keys), how many saved tensors differ from
 the loaded model's (handles the legacy → >= 4.52 / 5.x key renames) and whether logits are finite.

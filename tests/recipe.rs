@@ -318,33 +318,28 @@ fn copy_with(name: &str, work: &Path, set: &[(&str, toml::Value)]) -> PathBuf {
     out
 }
 
+/// Both stages through the published layouts, then HF transformers loads the final checkpoint
+/// (no missing or unexpected keys, every tensor equal) and runs a forward pass, with the test
+/// venv's torch, transformers and safetensors (`test_support::torch_python`).
 #[test]
 fn published_layouts_through_both_stages() {
     let dir = scratch("recipe");
     let _cleanup = RemoveOnSuccess(dir.clone());
     recipe_pipeline(&dir);
-}
-
-/// HF transformers loads the final checkpoint (no missing or unexpected keys, every tensor
-/// equal) and runs a forward pass. Needs a Python with torch, transformers and safetensors, which
-/// CI lacks, hence ignored: `LLAVA_PYTHON=/path/to/python cargo test -p llava-e2e --test recipe
-/// -- --ignored`.
-#[test]
-#[ignore = "needs python with torch + transformers + safetensors (set LLAVA_PYTHON)"]
-fn hf_transformers_loads_the_final_checkpoint() {
-    let work = scratch("recipe-hf");
-    recipe_pipeline(&work);
-    let python = std::env::var("LLAVA_PYTHON").unwrap_or_else(|_| "python3".into());
+    let Some(python) = llava_test_support::torch_python() else {
+        return;
+    };
     let out = std::process::Command::new(&python)
         .arg(repo_root().join("tests/hf_load_check.py"))
-        .arg(work.join("runs/stage2/checkpoint-1"))
+        .arg(dir.join("runs/stage2/checkpoint-1"))
         .output()
-        .unwrap_or_else(|e| panic!("{python}: {e}"));
+        .unwrap_or_else(|e| panic!("{}: {e}", python.display()));
     let text = String::from_utf8_lossy(&out.stdout);
     println!("{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(
         out.status.success(),
-        "{python} tests/hf_load_check.py failed"
+        "{} tests/hf_load_check.py failed",
+        python.display()
     );
     assert!(text.contains("loading info {}") && text.contains("mismatched 0"));
     assert!(text.contains("finite True"));

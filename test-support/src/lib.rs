@@ -83,3 +83,24 @@ pub fn assert_located_once(
         "{case}: printed twice:\n{stderr}"
     );
 }
+
+/// The Python with torch that the tests hand real torch work to (HF transformers loading our
+/// checkpoints, torch's `DataLoader`, `torchrun`): `LLAVA_PYTHON`, else the test venv that
+/// `scripts/setup.sh` makes (`.venv`, with torch unless `LLAVA_NO_TORCH=1`). `None` only when the
+/// user opted out with `LLAVA_NO_TORCH=1`; a missing venv is a setup error, not a skip.
+pub fn torch_python() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("LLAVA_PYTHON") {
+        return Some(PathBuf::from(p));
+    }
+    if std::env::var("LLAVA_NO_TORCH").as_deref() == Ok("1") {
+        eprintln!("skipped: LLAVA_NO_TORCH=1 (no torch in the test venv)");
+        return None;
+    }
+    let venv = repo_root().join(".venv/bin/python");
+    assert!(
+        venv.exists(),
+        "{} is missing: run ./scripts/setup.sh (or set LLAVA_PYTHON, or LLAVA_NO_TORCH=1 to skip)",
+        venv.display()
+    );
+    Some(venv)
+}
