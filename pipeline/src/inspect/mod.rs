@@ -6,10 +6,13 @@
 //! - [`padding`]: padding efficiency of the build's grouping vs random batching.
 //! - [`sample`]: one sample decoded back to text with its trained spans, and its tiles as a PNG.
 //! - [`verify`]: every shard against the manifest.
-//! - [`plot`]: the length distribution per modality as a PNG.
+//! - [`plot`]: charts drawn with plotters: the length distribution per modality as a PNG, and
+//!   the SVG charts of the report.
+//! - [`html`]: the whole build as one self-contained HTML page (`--html`).
 
-pub mod font;
 pub mod padding;
+#[cfg(feature = "inspect")]
+pub mod html;
 #[cfg(feature = "inspect")]
 pub mod plot;
 pub mod sample;
