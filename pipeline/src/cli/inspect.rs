@@ -5,9 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use llava_data::inspect::html::{self, HtmlOptions};
 use llava_data::inspect::sample::{self, Marking};
 use llava_data::inspect::summary::{summarize, Summary, SummaryOptions};
-use llava_data::inspect::html::{self, HtmlOptions};
 use llava_data::inspect::{plot, verify, BuildDir};
 use llava_data::tokenizer::TextTokenizer;
 
@@ -160,7 +160,9 @@ fn run_html(build: &BuildDir, path: &std::path::Path, args: &InspectArgs) -> Res
     let tokenizer = match &args.tokenizer {
         Some(p) => Some(load_tokenizer(build, p)?),
         None => {
-            tracing::warn!("no --tokenizer: the report's samples show their tiles but not their text");
+            tracing::warn!(
+                "no --tokenizer: the report's samples show their tiles but not their text"
+            );
             None
         }
     };

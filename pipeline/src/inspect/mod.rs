@@ -10,9 +10,9 @@
 //!   the SVG charts of the report.
 //! - [`html`]: the whole build as one self-contained HTML page (`--html`).
 
-pub mod padding;
 #[cfg(feature = "inspect")]
 pub mod html;
+pub mod padding;
 #[cfg(feature = "inspect")]
 pub mod plot;
 pub mod sample;

@@ -75,9 +75,11 @@ pub fn draw_histogram<DB: DrawingBackend>(
         .draw()
         .map_err(chart_err)?;
     chart
-        .draw_series(bins.iter().filter(|b| b.count > 0).map(|b| {
-            Rectangle::new([(b.lo, b.count), (b.hi, 0)], color.filled())
-        }))
+        .draw_series(
+            bins.iter()
+                .filter(|b| b.count > 0)
+                .map(|b| Rectangle::new([(b.lo, b.count), (b.hi, 0)], color.filled())),
+        )
         .map_err(chart_err)?;
     Ok(())
 }
@@ -93,13 +95,14 @@ pub fn draw_bars<DB: DrawingBackend>(
     label: &dyn Fn(f64) -> String,
 ) -> Result<(), InspectError> {
     fonts();
-    let n = bars.len().max(1) as u32;
+    // A segmented range `0..k` has the k + 1 segments 0..=k.
+    let last = bars.len().max(1) as u32 - 1;
     let mut chart = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 16))
         .margin(8)
         .x_label_area_size(36)
         .y_label_area_size(56)
-        .build_cartesian_2d((0u32..n).into_segmented(), 0f64..y_max * 1.12)
+        .build_cartesian_2d((0u32..last).into_segmented(), 0f64..y_max * 1.12)
         .map_err(chart_err)?;
     let names: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
     chart
@@ -120,7 +123,10 @@ pub fn draw_bars<DB: DrawingBackend>(
         .draw_series(bars.iter().enumerate().map(|(i, b)| {
             let i = i as u32;
             let mut r = Rectangle::new(
-                [(SegmentValue::Exact(i), b.1), (SegmentValue::Exact(i + 1), 0.0)],
+                [
+                    (SegmentValue::Exact(i), b.1),
+                    (SegmentValue::Exact(i + 1), 0.0),
+                ],
                 b.2.filled(),
             );
             r.set_margin(0, 0, 6, 6);

@@ -518,9 +518,10 @@ pub fn image_picture(
     image: usize,
     tile_encoding: TileEncoding,
 ) -> Result<RgbImage, InspectError> {
-    let img = row.images.get(image).ok_or_else(|| {
-        InspectError::Usage(format!("sample {:?} has no image {image}", row.id))
-    })?;
+    let img = row
+        .images
+        .get(image)
+        .ok_or_else(|| InspectError::Usage(format!("sample {:?} has no image {image}", row.id)))?;
     check_tiles(row)?;
     let first: usize = row.images[..image]
         .iter()

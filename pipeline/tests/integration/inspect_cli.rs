@@ -309,7 +309,14 @@ mod browser {
         let json: serde_json::Value = serde_json::from_slice(&o.stdout).expect("--json");
         let html = std::fs::read_to_string(&report).unwrap();
         // Self-contained: nothing refers to another file or host.
-        for needle in ["<script src", "<link", "http://", "https://", "@import", "url("] {
+        for needle in [
+            "<script src",
+            "<link",
+            "http://",
+            "https://",
+            "@import",
+            "url(",
+        ] {
             assert!(!html.contains(needle), "the report contains {needle:?}");
         }
 
@@ -390,7 +397,11 @@ mod browser {
                 assert_eq!(cell(2 + i), c[field].to_string(), "{source} {field}");
             }
             for (i, field) in ["min", "p50", "p90", "p99", "max"].iter().enumerate() {
-                assert_eq!(cell(9 + i), c["length"][field].to_string(), "{source} {field}");
+                assert_eq!(
+                    cell(9 + i),
+                    c["length"][field].to_string(),
+                    "{source} {field}"
+                );
             }
         }
         // Per source: read and rejected from the manifest, after the click sorted by tokens.
@@ -408,7 +419,11 @@ mod browser {
                 .unwrap();
             assert_eq!(row[1].as_str().unwrap(), m["read"].to_string(), "{name}");
             assert_eq!(row[2].as_str().unwrap(), m["written"].to_string(), "{name}");
-            assert_eq!(row[8].as_str().unwrap(), m["rejected"].to_string(), "{name}");
+            assert_eq!(
+                row[8].as_str().unwrap(),
+                m["rejected"].to_string(),
+                "{name}"
+            );
         }
         let sorted: Vec<f64> = serde_json::from_value(state["sorted"].clone()).unwrap();
         assert!(sorted.windows(2).all(|w| w[0] <= w[1]), "{sorted:?}");
@@ -419,7 +434,10 @@ mod browser {
         let padding = state["padding"].as_array().unwrap();
         let all = padding.last().unwrap();
         let total = &json["padding"]["total"];
-        assert_eq!(all[1].as_str().unwrap(), total["grouped"]["batches"].to_string());
+        assert_eq!(
+            all[1].as_str().unwrap(),
+            total["grouped"]["batches"].to_string()
+        );
         let close = |cell: &serde_json::Value, v: &serde_json::Value| {
             (cell.as_str().unwrap().parse::<f64>().unwrap() - v.as_f64().unwrap()).abs() < 1e-9
         };
@@ -436,9 +454,20 @@ mod browser {
             assert_eq!(k[1], j["count"]);
             assert_eq!(k[2], j["count"], "every reject listed");
             if k[0] == "image" {
-                let files: Vec<&str> = k[3].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
-                assert!(files.iter().any(|f| f.ends_with("nope/none.jpg")), "{files:?}");
-                assert!(files.iter().any(|f| f.ends_with("corrupt.png")), "{files:?}");
+                let files: Vec<&str> = k[3]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap())
+                    .collect();
+                assert!(
+                    files.iter().any(|f| f.ends_with("nope/none.jpg")),
+                    "{files:?}"
+                );
+                assert!(
+                    files.iter().any(|f| f.ends_with("corrupt.png")),
+                    "{files:?}"
+                );
             }
         }
         // Samples: 43 written, fewer than the default 50: all of them, each image a decoded PNG.
@@ -447,12 +476,30 @@ mod browser {
         let mut pictures = 0;
         for s in samples {
             let tiles = s["tiles"].as_array().unwrap();
-            assert_eq!(tiles.len() as u64, s["images"].as_u64().unwrap(), "{}", s["id"]);
-            assert_eq!(s["placeholders"].as_array().unwrap().len(), tiles.len(), "{}", s["id"]);
-            assert!(s["trained"].as_u64().unwrap() > 0, "{} has a trained span", s["id"]);
+            assert_eq!(
+                tiles.len() as u64,
+                s["images"].as_u64().unwrap(),
+                "{}",
+                s["id"]
+            );
+            assert_eq!(
+                s["placeholders"].as_array().unwrap().len(),
+                tiles.len(),
+                "{}",
+                s["id"]
+            );
+            assert!(
+                s["trained"].as_u64().unwrap() > 0,
+                "{} has a trained span",
+                s["id"]
+            );
             for t in tiles {
                 assert_eq!(t[0], true, "{}", s["id"]);
-                assert!(t[1].as_u64().unwrap() > 0 && t[2].as_u64().unwrap() > 0, "{}: {t}", s["id"]);
+                assert!(
+                    t[1].as_u64().unwrap() > 0 && t[2].as_u64().unwrap() > 0,
+                    "{}: {t}",
+                    s["id"]
+                );
                 pictures += 1;
             }
         }
@@ -555,7 +602,9 @@ mod browser {
                         Ok(())
                     });
                 }
-                let child = command.spawn().map_err(|e| format!("{}: {e}", chromium.display()))?;
+                let child = command
+                    .spawn()
+                    .map_err(|e| format!("{}: {e}", chromium.display()))?;
                 drop(cmd_read);
                 drop(ev_write);
                 let (tx, rx) = channel();
@@ -621,7 +670,9 @@ mod browser {
                 }
                 let mut bytes = serde_json::to_vec(&msg).unwrap();
                 bytes.push(0);
-                self.to.write_all(&bytes).map_err(|e| format!("{method}: {e}"))?;
+                self.to
+                    .write_all(&bytes)
+                    .map_err(|e| format!("{method}: {e}"))?;
                 Ok(self.next_id)
             }
 
@@ -651,11 +702,17 @@ mod browser {
             fn note(&mut self, msg: &Value) {
                 let p = &msg["params"];
                 match msg["method"].as_str().unwrap_or("") {
-                    "Runtime.consoleAPICalled" if matches!(p["type"].as_str(), Some("error" | "assert")) => {
-                        self.log.errors.push(format!("console.{}: {}", p["type"], p["args"]));
+                    "Runtime.consoleAPICalled"
+                        if matches!(p["type"].as_str(), Some("error" | "assert")) =>
+                    {
+                        self.log
+                            .errors
+                            .push(format!("console.{}: {}", p["type"], p["args"]));
                     }
                     "Runtime.exceptionThrown" => {
-                        self.log.errors.push(format!("exception: {}", p["exceptionDetails"]));
+                        self.log
+                            .errors
+                            .push(format!("exception: {}", p["exceptionDetails"]));
                     }
                     "Log.entryAdded" if p["entry"]["level"] == "error" => {
                         self.log.errors.push(format!("log: {}", p["entry"]));

@@ -67,8 +67,11 @@ mod tests {
         // Both sources, and every decile of source 0 among its (at least 7) rows.
         let from_1 = a.iter().filter(|&&i| sources[i] == 1).count();
         assert!(from_1 >= 2, "{a:?}");
-        let deciles: std::collections::BTreeSet<u32> =
-            a.iter().filter(|&&i| sources[i] == 0).map(|&i| lengths[i] / 10).collect();
+        let deciles: std::collections::BTreeSet<u32> = a
+            .iter()
+            .filter(|&&i| sources[i] == 0)
+            .map(|&i| lengths[i] / 10)
+            .collect();
         assert!(deciles.len() >= 7, "{deciles:?}");
         // Asking for more than there are gives all of them, once.
         let all = choose(&sources, &lengths, 1000, 3);

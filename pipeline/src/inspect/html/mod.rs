@@ -16,7 +16,9 @@ use llava_formats::schema::col as c;
 use plotters::prelude::RGBColor;
 
 use super::plot::{self, draw_bars, draw_histogram, length_title, modality_color};
-use super::summary::{histogram, read_rows, strings, summarize_rows, u64s, Summary, SummaryOptions};
+use super::summary::{
+    histogram, read_rows, strings, summarize_rows, u64s, Summary, SummaryOptions,
+};
 use super::{io_err, BuildDir, InspectError};
 use crate::tokenizer::TextTokenizer;
 pub use choose::choose;
@@ -95,7 +97,9 @@ pub fn report(build: &BuildDir, options: &HtmlOptions) -> Result<HtmlReport, Ins
             .into_iter()
             .map(|i| super::sample::nth_row(build, i as u64))
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| InspectError::Usage("the shards have fewer rows than the manifest says".into()))?
+            .ok_or_else(|| {
+                InspectError::Usage("the shards have fewer rows than the manifest says".into())
+            })?
     } else {
         super::sample::locate(build, &options.sample_keys)?
     };
@@ -184,13 +188,21 @@ fn header(o: &mut String, build: &BuildDir, s: &Summary) -> Result<(), InspectEr
     );
     o.push_str(NAV);
     o.push_str("<main><section id=build><h2>Build</h2><div class=charts><dl class=kv>");
-    kv(o, "format", &format!("{} (schema v{})", m.format, m.schema_version));
+    kv(
+        o,
+        "format",
+        &format!("{} (schema v{})", m.format, m.schema_version),
+    );
     kv(o, "created by", &m.created_by);
     kv(o, "manifest written", &when);
     kv(o, "config sha256", &m.config_sha256);
     kv(o, "tokenizer sha256", &m.tokenizer_sha256);
     kv(o, "seed", &m.settings.seed.to_string());
-    kv(o, "model_max_length", &m.settings.model_max_length.to_string());
+    kv(
+        o,
+        "model_max_length",
+        &m.settings.model_max_length.to_string(),
+    );
     kv(
         o,
         "image_grid_pinpoints",
@@ -201,7 +213,11 @@ fn header(o: &mut String, build: &BuildDir, s: &Summary) -> Result<(), InspectEr
             .collect::<Vec<_>>()
             .join(" "),
     );
-    kv(o, "mm_patch_merge_type", &format!("{:?}", m.settings.mm_patch_merge_type));
+    kv(
+        o,
+        "mm_patch_merge_type",
+        &format!("{:?}", m.settings.mm_patch_merge_type),
+    );
     kv(
         o,
         "tiles",
@@ -319,12 +335,7 @@ fn sources_section(o: &mut String, build: &BuildDir, s: &Summary) {
     let all = s.modalities.iter().map(|m| &m.counts);
     for c in s.sources.iter().chain(all) {
         let name = if c.source == "*" { "(all)" } else { &c.source };
-        let _ = write!(
-            o,
-            "<tr><td>{}</td><td>{}</td>",
-            esc(name),
-            esc(&c.modality)
-        );
+        let _ = write!(o, "<tr><td>{}</td><td>{}</td>", esc(name), esc(&c.modality));
         for v in [
             c.samples,
             c.tokens,
@@ -398,7 +409,7 @@ fn lengths_section(
         let svg = plot::svg(420, 240, |area| {
             draw_histogram(
                 area,
-                &length_title(&format!("{name} ({modality})"), c),
+                &format!("{name} ({modality}), {} samples", c.samples),
                 &histogram(lengths, bins),
                 modality_color(modality),
             )
@@ -425,9 +436,14 @@ fn images_section(o: &mut String, s: &Summary) -> Result<(), InspectError> {
         .collect();
     let max = tiles.iter().map(|t| t.1).fold(1.0, f64::max);
     let svg = plot::svg(460, 280, |area| {
-        draw_bars(area, "images by tiles per image", "images", &tiles, max, &|v| {
-            format!("{v:.0}")
-        })
+        draw_bars(
+            area,
+            "images by tiles per image",
+            "images",
+            &tiles,
+            max,
+            &|v| format!("{v:.0}"),
+        )
     })?;
     figure(o, &svg);
     let grids: Vec<(String, f64, RGBColor)> = s
@@ -455,7 +471,11 @@ fn images_section(o: &mut String, s: &Summary) -> Result<(), InspectError> {
     })?;
     figure(o, &svg);
     o.push_str("</div>");
-    thead(o, "grids", &["processing", "cols", "rows", "tiles", "images"]);
+    thead(
+        o,
+        "grids",
+        &["processing", "cols", "rows", "tiles", "images"],
+    );
     for g in &s.grids {
         let _ = write!(o, "<tr><td>{}</td>", esc(&g.processing));
         td_num(o, u64::from(g.cols));
@@ -496,7 +516,11 @@ fn padding_section(o: &mut String, s: &Summary) -> Result<(), InspectError> {
     ];
     let mut bars = Vec::new();
     for m in p.modalities.iter().chain([&p.total]) {
-        let name = if m.modality == "*" { "all" } else { &m.modality };
+        let name = if m.modality == "*" {
+            "all"
+        } else {
+            &m.modality
+        };
         let values = [
             m.grouped.step_efficiency,
             m.random.step_efficiency,
@@ -541,7 +565,11 @@ fn padding_section(o: &mut String, s: &Summary) -> Result<(), InspectError> {
         ],
     );
     for m in p.modalities.iter().chain([&p.total]) {
-        let name = if m.modality == "*" { "(all)" } else { &m.modality };
+        let name = if m.modality == "*" {
+            "(all)"
+        } else {
+            &m.modality
+        };
         let _ = write!(o, "<tr><td>{}</td>", esc(name));
         td_num(o, m.grouped.batches);
         td_num(o, m.grouped.steps);
@@ -654,7 +682,11 @@ mod tests {
     #[test]
     fn image_path_of_image_failures_only() {
         assert_eq!(
-            image_path("truncated_image", "image /a/b c.jpg: unexpected end of file").as_deref(),
+            image_path(
+                "truncated_image",
+                "image /a/b c.jpg: unexpected end of file"
+            )
+            .as_deref(),
             Some("/a/b c.jpg")
         );
         assert_eq!(image_path("nothing_to_train", "image x: y"), None);

@@ -155,7 +155,10 @@ mod tests {
 
     #[test]
     fn escapes_and_formats() {
-        assert_eq!(esc("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
+        assert_eq!(
+            esc("<a href=\"x\">&'"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
         assert_eq!(num(1234567), "1\u{202f}234\u{202f}567");
         assert_eq!(num(12), "12");
         assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");

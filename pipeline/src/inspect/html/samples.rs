@@ -33,14 +33,20 @@ pub(super) fn section(
         TILE_SIZE
     );
     if options.tokenizer.is_none() {
-        o.push_str(
-            "<p class=note>No <code>--tokenizer</code> given: the text is not decoded.</p>",
-        );
+        o.push_str("<p class=note>No <code>--tokenizer</code> given: the text is not decoded.</p>");
     }
     super::page::thead(
         o,
         "sample-index",
-        &["#", "id", "source", "modality", "length", "images", "supervised"],
+        &[
+            "#",
+            "id",
+            "source",
+            "modality",
+            "length",
+            "images",
+            "supervised",
+        ],
     );
     for (k, f) in found.iter().enumerate() {
         let r = &f.row;
@@ -76,8 +82,13 @@ fn card(
     options: &HtmlOptions,
 ) -> Result<(), InspectError> {
     let r = &f.row;
-    let text_tokens = r.input_ids.iter().filter(|&&t| t != IMAGE_TOKEN_INDEX).count();
-    let _ = write!(
+    let text_tokens = r
+        .input_ids
+        .iter()
+        .filter(|&&t| t != IMAGE_TOKEN_INDEX)
+        .count();
+    let _ =
+        write!(
         o,
         "<div class=sample id=\"sample-{k}\" data-id=\"{}\" data-key=\"{}\" data-images=\"{}\">\
          <h3>{k}. {}</h3><div class=meta>source <b>{}</b> · {}#{} · {} · length {} ({} text + {} \
@@ -121,7 +132,11 @@ fn card(
             }
         }
         None => {
-            let _ = write!(o, "({} token ids; give --tokenizer to decode them)", r.input_ids.len());
+            let _ = write!(
+                o,
+                "({} token ids; give --tokenizer to decode them)",
+                r.input_ids.len()
+            );
         }
     }
     o.push_str("</pre>");
