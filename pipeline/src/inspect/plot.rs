@@ -75,11 +75,12 @@ pub fn draw_histogram<DB: DrawingBackend>(
         .draw()
         .map_err(chart_err)?;
     chart
-        .draw_series(
-            bins.iter()
-                .filter(|b| b.count > 0)
-                .map(|b| Rectangle::new([(b.lo, b.count), (b.hi, 0)], color.filled())),
-        )
+        .draw_series(bins.iter().filter(|b| b.count > 0).map(|b| {
+            // A pixel between neighbouring bars.
+            let mut r = Rectangle::new([(b.lo, b.count), (b.hi, 0)], color.filled());
+            r.set_margin(0, 0, 1, 1);
+            r
+        }))
         .map_err(chart_err)?;
     Ok(())
 }
