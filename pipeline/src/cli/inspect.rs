@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use llava_data::inspect::html::{self, HtmlOptions};
 use llava_data::inspect::sample::{self, Marking};
 use llava_data::inspect::summary::{summarize, Summary, SummaryOptions};
 use llava_data::inspect::{plot, verify, BuildDir};
@@ -21,6 +22,8 @@ Examples:
   llava-data inspect out/example --sample 000000033471 --tokenizer .cache/tokenizer/tokenizer.json
   llava-data inspect out/example --sample sharegpt4v:2 --tokenizer tok.json --tiles tiles.png
   llava-data inspect out/example --verify                 # every shard against the manifest
+  llava-data inspect out/example --html report.html --tokenizer .cache/tokenizer/tokenizer.json
+                                                          # everything as one page for a browser
 
 The summary reads only the small columns of the shards (never the tiles), so it answers in
 seconds on large builds. Padding efficiency is real tokens / padded tokens when every batch is
@@ -59,8 +62,27 @@ pub struct InspectArgs {
     /// its JSON file, as in rejects.jsonl), or a bare number N that is no id (the N+1-th row in
     /// shard order: 0 is the first). Trained spans are marked (colour on a terminal,
     /// [[brackets]] otherwise), images shown as <image: N tokens, CxR grid, T tiles>.
+    /// With --html: repeat it to choose the samples of the report's browser.
     #[arg(long, value_name = "ID | SOURCE:INDEX | N")]
-    sample: Option<String>,
+    sample: Vec<String>,
+    /// Write the whole build as one self-contained HTML page (no network, no external script or
+    /// font): header, sortable source tables, length/tiles/grid/padding charts, the rejects by
+    /// kind, and a sample browser (text with --tokenizer, tiles as pictures). Padding shows
+    /// grouped, random and packed (--pack-length, default model_max_length) at --batch-size and
+    /// --world-size.
+    #[arg(long, value_name = "HTML")]
+    html: Option<PathBuf>,
+    /// With --html: samples in the browser, drawn with --seed across sources and length deciles
+    /// (ignored when --sample is given).
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    samples: usize,
+    /// With --html: seed of the sample choice [default: the build's seed].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// With --html: pixels per tile in the report's pictures (336 = the model's own pixels; the
+    /// default halves them for a lighter page).
+    #[arg(long, value_name = "PX", default_value_t = 168)]
+    tile_px: u32,
     /// The tokenizer.json the build used, to decode --sample (checked against the manifest's
     /// tokenizer_sha256).
     #[arg(long, value_name = "JSON")]
@@ -88,30 +110,24 @@ pub fn run(args: InspectArgs) -> Result<()> {
         let terminal = super::build::progress_setup(args.progress_every)?;
         return run_verify(&build, terminal);
     }
-    if let Some(key) = &args.sample {
-        return run_sample(&build, key, &args);
+    if let Some(path) = &args.html {
+        return run_html(&build, path, &args);
+    }
+    match args.sample.as_slice() {
+        [] => {}
+        [key] => return run_sample(&build, key, &args),
+        _ => bail!("give one --sample (several go with --html)"),
     }
     if args.tiles.is_some() || args.tokenizer.is_some() {
         bail!("--tiles and --tokenizer go with --sample ID_OR_SOURCE:INDEX");
     }
     let started = std::time::Instant::now();
-    let pack_length = match (args.packing, args.pack_length) {
-        (_, Some(0)) => bail!("--pack-length must be at least 1"),
-        (_, Some(n)) => Some(n),
-        (true, None) => Some(build.manifest.settings.model_max_length as u32),
-        (false, None) => None,
-    };
-    let options = SummaryOptions {
-        batch_size: args.batch_size,
-        world_size: args.world_size,
-        bins: args.bins,
-        pack_length,
-    };
+    let options = summary_options(&build, &args)?;
     let summary = summarize(&build, &options)
         .with_context(|| format!("summarising {}", args.dir.display()))?;
     tracing::debug!("summary in {:.2}s", started.elapsed().as_secs_f64());
     if let Some(path) = &args.plot {
-        plot::length_plot(&summary.modalities)
+        plot::length_plot(&summary.modalities)?
             .save(path)
             .with_context(|| format!("writing {}", path.display()))?;
         tracing::info!("length plot written to {}", path.display());
@@ -122,6 +138,72 @@ pub fn run(args: InspectArgs) -> Result<()> {
         print!("{}", format_summary(&summary));
     }
     Ok(())
+}
+
+fn summary_options(build: &BuildDir, args: &InspectArgs) -> Result<SummaryOptions> {
+    let pack_length = match (args.packing, args.pack_length) {
+        (_, Some(0)) => bail!("--pack-length must be at least 1"),
+        (_, Some(n)) => Some(n),
+        (true, None) => Some(build.manifest.settings.model_max_length as u32),
+        (false, None) => None,
+    };
+    Ok(SummaryOptions {
+        batch_size: args.batch_size,
+        world_size: args.world_size,
+        bins: args.bins,
+        pack_length,
+    })
+}
+
+fn run_html(build: &BuildDir, path: &std::path::Path, args: &InspectArgs) -> Result<()> {
+    let started = std::time::Instant::now();
+    let tokenizer = match &args.tokenizer {
+        Some(p) => Some(load_tokenizer(build, p)?),
+        None => {
+            tracing::warn!(
+                "no --tokenizer: the report's samples show their tiles but not their text"
+            );
+            None
+        }
+    };
+    let options = HtmlOptions {
+        summary: summary_options(build, args)?,
+        samples: args.samples,
+        sample_keys: args.sample.clone(),
+        seed: args.seed.unwrap_or(build.manifest.settings.seed),
+        tokenizer: tokenizer.as_ref(),
+        tile_px: args.tile_px,
+        rejects_per_kind: 1000,
+    };
+    let report = html::report(build, &options)
+        .with_context(|| format!("writing the report of {}", args.dir.display()))?;
+    std::fs::write(path, &report.html).with_context(|| format!("writing {}", path.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report.summary)?);
+    }
+    tracing::info!(
+        "{}: {:.2} MiB, {} samples; summary {:.2}s, samples {:.2}s, {:.2}s in all",
+        path.display(),
+        report.html.len() as f64 / (1 << 20) as f64,
+        report.samples,
+        report.summary_secs,
+        report.samples_secs,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn load_tokenizer(build: &BuildDir, tok_path: &std::path::Path) -> Result<TextTokenizer> {
+    let tokenizer = TextTokenizer::from_file(tok_path)?;
+    if tokenizer.sha256() != build.manifest.tokenizer_sha256 {
+        tracing::warn!(
+            "{} (sha256 {}) is not the tokenizer of this build (sha256 {}): the text may be wrong",
+            tok_path.display(),
+            tokenizer.sha256(),
+            build.manifest.tokenizer_sha256
+        );
+    }
+    Ok(tokenizer)
 }
 
 fn run_verify(build: &BuildDir, terminal: bool) -> Result<()> {
@@ -171,15 +253,7 @@ fn run_sample(build: &BuildDir, key: &str, args: &InspectArgs) -> Result<()> {
         );
     }
     if let Some(tok_path) = &args.tokenizer {
-        let tokenizer = TextTokenizer::from_file(tok_path)?;
-        if tokenizer.sha256() != build.manifest.tokenizer_sha256 {
-            tracing::warn!(
-                "{} (sha256 {}) is not the tokenizer of this build (sha256 {}): the text may be wrong",
-                tok_path.display(),
-                tokenizer.sha256(),
-                build.manifest.tokenizer_sha256
-            );
-        }
+        let tokenizer = load_tokenizer(build, tok_path)?;
         let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
         let marking = if args.plain || no_color || !std::io::stdout().is_terminal() {
             Marking::Brackets

@@ -6,9 +6,12 @@
 //! - [`padding`]: padding efficiency of the build's grouping vs random batching.
 //! - [`sample`]: one sample decoded back to text with its trained spans, and its tiles as a PNG.
 //! - [`verify`]: every shard against the manifest.
-//! - [`plot`]: the length distribution per modality as a PNG.
+//! - [`plot`]: charts drawn with plotters: the length distribution per modality as a PNG, and
+//!   the SVG charts of the report.
+//! - [`html`]: the whole build as one self-contained HTML page (`--html`).
 
-pub mod font;
+#[cfg(feature = "inspect")]
+pub mod html;
 pub mod padding;
 #[cfg(feature = "inspect")]
 pub mod plot;

@@ -1,125 +1,211 @@
-//! `inspect --plot`: the length histogram of each modality as one PNG (drawn with the `image`
-//! crate and a built-in pixel font: no plotting or font library, nothing from the system).
+//! Charts drawn with `plotters`: the same drawing code renders a PNG (`--plot`, bitmap backend)
+//! and the inline SVG of the HTML report (svg backend). Text in the PNG is set in the bundled
+//! DejaVu Sans (assets/fonts, read by plotters' `ab_glyph`: no system font lookup); the SVG names
+//! `sans-serif` and the browser sets it, with the bundled font's metrics used for the layout.
 
-use image::{Rgb, RgbImage};
+use std::sync::Once;
 
-use super::font::{draw_text, text_width};
-use super::summary::ModalitySummary;
+use image::RgbImage;
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::FontStyle;
 
+use super::summary::{Bin, ModalitySummary};
+use super::InspectError;
+
+/// Width of `--plot`'s picture, and height of each modality's panel.
 pub const WIDTH: u32 = 900;
 pub const PANEL_HEIGHT: u32 = 300;
-const MARGIN_LEFT: u32 = 70;
-const MARGIN_RIGHT: u32 = 20;
-const MARGIN_TOP: u32 = 40;
-const MARGIN_BOTTOM: u32 = 40;
 
-const WHITE: Rgb<u8> = Rgb([255, 255, 255]);
-const INK: Rgb<u8> = Rgb([40, 40, 40]);
-const GRID: Rgb<u8> = Rgb([225, 225, 225]);
+/// DejaVu Sans 2.37 (Bitstream Vera licence, assets/fonts/LICENSE-DejaVu), cut to Latin-1 and a
+/// few punctuation marks by `pyftsubset` (31 KB instead of 760 KB).
+static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans-subset.ttf");
 
-fn bar_color(modality: &str) -> Rgb<u8> {
-    match modality {
-        "image" => Rgb([52, 101, 164]),
-        "text" => Rgb([230, 140, 30]),
-        _ => Rgb([100, 140, 100]),
-    }
-}
-
-fn fill(img: &mut RgbImage, x0: u32, y0: u32, x1: u32, y1: u32, color: Rgb<u8>) {
-    for y in y0..y1.min(img.height()) {
-        for x in x0..x1.min(img.width()) {
-            img.put_pixel(x, y, color);
-        }
-    }
-}
-
-/// One panel per modality (its own x axis: 0 to its longest sample), stacked vertically:
-/// `WIDTH × PANEL_HEIGHT·n` pixels.
-pub fn length_plot(modalities: &[ModalitySummary]) -> RgbImage {
-    let n = modalities.len().max(1) as u32;
-    let mut img = RgbImage::from_pixel(WIDTH, PANEL_HEIGHT * n, WHITE);
-    for (k, m) in modalities.iter().enumerate() {
-        let top = k as u32 * PANEL_HEIGHT;
-        let c = &m.counts;
-        let title = format!(
-            "{}: {} samples, length p50 {} p90 {} p99 {} max {}",
-            c.modality, c.samples, c.length.p50, c.length.p90, c.length.p99, c.length.max
-        );
-        draw_text(
-            &mut img,
-            i64::from(MARGIN_LEFT),
-            i64::from(top + 12),
-            &title,
-            2,
-            INK,
-        );
-        let (x0, x1) = (MARGIN_LEFT, WIDTH - MARGIN_RIGHT);
-        let (y0, y1) = (top + MARGIN_TOP, top + PANEL_HEIGHT - MARGIN_BOTTOM);
-        let max_count = m
-            .histogram
-            .iter()
-            .map(|b| b.count)
-            .max()
-            .unwrap_or(0)
-            .max(1);
-        // Horizontal grid lines at quarters, labelled with counts (whole counts only).
-        let ticks = max_count.min(4) as u32;
-        for q in 0..=ticks {
-            let count = max_count * u64::from(q) / u64::from(ticks);
-            let y = y1 - ((y1 - y0) as u64 * count / max_count) as u32;
-            fill(&mut img, x0, y, x1, y + 1, GRID);
-            let label = count.to_string();
-            let w = text_width(&label, 1);
-            draw_text(
-                &mut img,
-                i64::from(x0 - 6 - w),
-                i64::from(y) - 3,
-                &label,
-                1,
-                INK,
-            );
-        }
-        let bins = m.histogram.len().max(1) as u32;
-        let slot = (x1 - x0) / bins;
-        for (i, b) in m.histogram.iter().enumerate() {
-            let h = ((y1 - y0) as u64 * b.count / max_count) as u32;
-            let bx = x0 + i as u32 * slot;
-            fill(
-                &mut img,
-                bx + 1,
-                y1 - h,
-                bx + slot.max(2) - 1,
-                y1,
-                bar_color(&c.modality),
-            );
-        }
-        fill(&mut img, x0, y1, x1, y1 + 1, INK);
-        // X ticks: every few bins, labelled with the bin's lower bound.
-        let every = bins.div_ceil(8).max(1);
-        for (i, b) in m.histogram.iter().enumerate() {
-            if !(i as u32).is_multiple_of(every) {
-                continue;
+/// Registers the bundled font as plotters' `sans-serif` (once per process).
+fn fonts() {
+    static REGISTER: Once = Once::new();
+    REGISTER.call_once(|| {
+        for style in [FontStyle::Normal, FontStyle::Bold] {
+            if plotters::style::register_font("sans-serif", style, FONT).is_err() {
+                tracing::warn!("the bundled font does not parse: charts will have no text");
             }
-            let x = x0 + i as u32 * slot;
-            fill(&mut img, x, y1, x + 1, y1 + 5, INK);
-            draw_text(
-                &mut img,
-                i64::from(x),
-                i64::from(y1 + 9),
-                &b.lo.to_string(),
-                1,
-                INK,
-            );
         }
-        let unit = "tokens";
-        draw_text(
-            &mut img,
-            i64::from(x1 - text_width(unit, 1)),
-            i64::from(y1 + 22),
-            unit,
-            1,
-            INK,
-        );
+    });
+}
+
+/// The colour of a modality's bars.
+pub fn modality_color(modality: &str) -> RGBColor {
+    match modality {
+        "image" => RGBColor(52, 101, 164),
+        "text" => RGBColor(230, 140, 30),
+        _ => RGBColor(100, 140, 100),
     }
-    img
+}
+
+fn chart_err<E: std::error::Error + Send + Sync>(e: DrawingAreaErrorKind<E>) -> InspectError {
+    InspectError::Image(format!("drawing a chart: {e}"))
+}
+
+/// A length histogram on `area`: equal-width bins, the x axis in tokens.
+pub fn draw_histogram<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    title: &str,
+    bins: &[Bin],
+    color: RGBColor,
+) -> Result<(), InspectError> {
+    fonts();
+    let x_max = bins.last().map(|b| b.hi).unwrap_or(1).max(1);
+    let y_max = bins.iter().map(|b| b.count).max().unwrap_or(0).max(1);
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 16))
+        .margin(8)
+        .x_label_area_size(36)
+        .y_label_area_size(48)
+        .build_cartesian_2d(0u64..x_max, 0u64..y_max + y_max.div_ceil(10))
+        .map_err(chart_err)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_desc("length (tokens)")
+        .y_desc("samples")
+        .y_labels(6)
+        .y_label_formatter(&|v| format!("{v}"))
+        .label_style(("sans-serif", 12))
+        .axis_desc_style(("sans-serif", 13))
+        .draw()
+        .map_err(chart_err)?;
+    chart
+        .draw_series(bins.iter().filter(|b| b.count > 0).map(|b| {
+            // A pixel between neighbouring bars.
+            let mut r = Rectangle::new([(b.lo, b.count), (b.hi, 0)], color.filled());
+            r.set_margin(0, 0, 1, 1);
+            r
+        }))
+        .map_err(chart_err)?;
+    Ok(())
+}
+
+/// One bar per category (each its own colour), values on a y axis from 0 to `y_max`, each bar
+/// labelled with `label(value)` above it.
+pub fn draw_bars<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    title: &str,
+    y_desc: &str,
+    bars: &[(String, f64, RGBColor)],
+    y_max: f64,
+    label: &dyn Fn(f64) -> String,
+) -> Result<(), InspectError> {
+    fonts();
+    // A segmented range `0..k` has the k + 1 segments 0..=k.
+    let last = bars.len().max(1) as u32 - 1;
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 16))
+        .margin(8)
+        .x_label_area_size(36)
+        .y_label_area_size(56)
+        .build_cartesian_2d((0u32..last).into_segmented(), 0f64..y_max * 1.12)
+        .map_err(chart_err)?;
+    let names: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .y_desc(y_desc)
+        .x_labels(bars.len().max(1))
+        .x_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) => names.get(*i as usize).cloned().unwrap_or_default(),
+            _ => String::new(),
+        })
+        .y_label_formatter(&|v| label(*v))
+        .label_style(("sans-serif", 12))
+        .axis_desc_style(("sans-serif", 13))
+        .draw()
+        .map_err(chart_err)?;
+    chart
+        .draw_series(bars.iter().enumerate().map(|(i, b)| {
+            let i = i as u32;
+            let mut r = Rectangle::new(
+                [
+                    (SegmentValue::Exact(i), b.1),
+                    (SegmentValue::Exact(i + 1), 0.0),
+                ],
+                b.2.filled(),
+            );
+            r.set_margin(0, 0, 6, 6);
+            r
+        }))
+        .map_err(chart_err)?;
+    chart
+        .draw_series(bars.iter().enumerate().map(|(i, b)| {
+            Text::new(
+                label(b.1),
+                (SegmentValue::CenterOf(i as u32), b.1 + y_max * 0.02),
+                ("sans-serif", 12).into_font().color(&BLACK).pos(
+                    plotters::style::text_anchor::Pos::new(
+                        plotters::style::text_anchor::HPos::Center,
+                        plotters::style::text_anchor::VPos::Bottom,
+                    ),
+                ),
+            )
+        }))
+        .map_err(chart_err)?;
+    Ok(())
+}
+
+/// An SVG document of `width × height` drawn by `draw` (for inlining in HTML).
+pub fn svg(
+    width: u32,
+    height: u32,
+    draw: impl FnOnce(&DrawingArea<SVGBackend, Shift>) -> Result<(), InspectError>,
+) -> Result<String, InspectError> {
+    let mut out = String::new();
+    {
+        let root = SVGBackend::with_string(&mut out, (width, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(chart_err)?;
+        draw(&root)?;
+        root.present().map_err(chart_err)?;
+    }
+    Ok(out)
+}
+
+/// A picture of `width × height` drawn by `draw`.
+pub fn bitmap(
+    width: u32,
+    height: u32,
+    draw: impl FnOnce(&DrawingArea<BitMapBackend, Shift>) -> Result<(), InspectError>,
+) -> Result<RgbImage, InspectError> {
+    let mut buf = vec![0u8; width as usize * height as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (width, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(chart_err)?;
+        draw(&root)?;
+        root.present().map_err(chart_err)?;
+    }
+    RgbImage::from_raw(width, height, buf)
+        .ok_or_else(|| InspectError::Image("chart buffer of the wrong size".into()))
+}
+
+/// The title of a modality's (or source's) length histogram.
+pub fn length_title(name: &str, c: &super::summary::Counts) -> String {
+    format!(
+        "{name}: {} samples, length p50 {} p90 {} p99 {} max {}",
+        c.samples, c.length.p50, c.length.p90, c.length.p99, c.length.max
+    )
+}
+
+/// `--plot`: one panel per modality (its own x axis, 0 to its longest sample), stacked
+/// vertically: `WIDTH × PANEL_HEIGHT·n` pixels.
+pub fn length_plot(modalities: &[ModalitySummary]) -> Result<RgbImage, InspectError> {
+    let n = modalities.len().max(1);
+    bitmap(WIDTH, PANEL_HEIGHT * n as u32, |root| {
+        for (area, m) in root.split_evenly((n, 1)).iter().zip(modalities) {
+            let c = &m.counts;
+            draw_histogram(
+                area,
+                &length_title(&c.modality, c),
+                &m.histogram,
+                modality_color(&c.modality),
+            )?;
+        }
+        Ok(())
+    })
 }

@@ -38,10 +38,34 @@ fn parquet_err(path: &Path) -> impl Fn(parquet::errors::ParquetError) -> Inspect
 /// the `id`, `source` and `index` columns of every shard until found, then the one row group
 /// holding it (`tiles` only when `with_tiles`).
 pub fn find(build: &BuildDir, key: &str, with_tiles: bool) -> Result<Found, InspectError> {
-    let by_index: Option<(&str, u64)> = key
-        .rsplit_once(':')
-        .and_then(|(s, i)| i.parse().ok().map(|i| (s, i)));
-    for shard in &build.manifest.shards {
+    let at = locate(build, &[key.to_string()])?;
+    let mut rows = read_rows_at(build, &at, with_tiles)?;
+    rows.pop()
+        .ok_or_else(|| InspectError::NoSample(key.to_string()))
+}
+
+/// Where a sample is: the manifest's shard number and the row's position in that shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RowAt {
+    pub shard: usize,
+    pub position: usize,
+}
+
+/// Finds each key as [`find`] does (in one pass over the `id`, `source` and `index` columns of
+/// the shards, stopping once all are found); fails naming the first key found nowhere.
+pub fn locate(build: &BuildDir, keys: &[String]) -> Result<Vec<RowAt>, InspectError> {
+    let by_index: Vec<Option<(&str, u64)>> = keys
+        .iter()
+        .map(|k| {
+            k.rsplit_once(':')
+                .and_then(|(s, i)| i.parse().ok().map(|i| (s, i)))
+        })
+        .collect();
+    let mut found: Vec<Option<RowAt>> = vec![None; keys.len()];
+    for (shard_no, shard) in build.manifest.shards.iter().enumerate() {
+        if found.iter().all(Option::is_some) {
+            break;
+        }
         let path = build.shard_path(&shard.file);
         let file = File::open(&path).map_err(io_err(&path))?;
         let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(parquet_err(&path))?;
@@ -65,9 +89,8 @@ pub fn find(build: &BuildDir, key: &str, with_tiles: bool) -> Result<Found, Insp
             .with_projection(mask)
             .build()
             .map_err(parquet_err(&path))?;
-        let mut position = None;
         let mut offset = 0usize;
-        'batches: for batch in reader {
+        for batch in reader {
             let batch = batch.map_err(|e| InspectError::Parquet {
                 path: path.clone(),
                 reason: e.to_string(),
@@ -82,38 +105,108 @@ pub fn find(build: &BuildDir, key: &str, with_tiles: bool) -> Result<Found, Insp
                     reason: "column \"index\" is missing or not uint64".into(),
                 })?;
             for i in 0..batch.num_rows() {
-                let hit = ids.value(i) == key
-                    || by_index.is_some_and(|(s, n)| sources.value(i) == s && index.value(i) == n);
-                if hit {
-                    position = Some(offset + i);
-                    break 'batches;
+                for (k, key) in keys.iter().enumerate() {
+                    if found[k].is_some() {
+                        continue;
+                    }
+                    let hit = ids.value(i) == key
+                        || by_index[k]
+                            .is_some_and(|(s, n)| sources.value(i) == s && index.value(i) == n);
+                    if hit {
+                        found[k] = Some(RowAt {
+                            shard: shard_no,
+                            position: offset + i,
+                        });
+                    }
                 }
             }
             offset += batch.num_rows();
         }
-        let Some(position) = position else { continue };
-        return read_row(build, shard, position, with_tiles);
     }
-    // A bare number that is no sample's id: the row at that position in shard order.
-    if let Ok(n) = key.parse::<u64>() {
-        let mut first = 0u64;
-        for shard in &build.manifest.shards {
-            if n < first + shard.rows {
-                return read_row(build, shard, (n - first) as usize, with_tiles);
-            }
-            first += shard.rows;
-        }
-    }
-    Err(InspectError::NoSample(key.to_string()))
+    keys.iter()
+        .zip(found)
+        .map(|(key, at)| match at {
+            Some(at) => Ok(at),
+            // A bare number that is no sample's id: the row at that position in shard order.
+            None => key
+                .parse::<u64>()
+                .ok()
+                .and_then(|n| nth_row(build, n))
+                .ok_or_else(|| InspectError::NoSample(key.clone())),
+        })
+        .collect()
 }
 
-/// Row `position` of `shard` (all columns, `tiles` only when `with_tiles`).
-fn read_row(
+/// The `n`-th row in shard order (0 is the first).
+pub fn nth_row(build: &BuildDir, n: u64) -> Option<RowAt> {
+    let mut first = 0u64;
+    for (shard_no, shard) in build.manifest.shards.iter().enumerate() {
+        if n < first + shard.rows {
+            return Some(RowAt {
+                shard: shard_no,
+                position: (n - first) as usize,
+            });
+        }
+        first += shard.rows;
+    }
+    None
+}
+
+/// The rows at `at` (any order, repeats allowed), returned in that order. Per shard, reads only
+/// the row groups holding them and, in those, only the selected rows (all columns, `tiles` only
+/// when `with_tiles`).
+pub fn read_rows_at(
+    build: &BuildDir,
+    at: &[RowAt],
+    with_tiles: bool,
+) -> Result<Vec<Found>, InspectError> {
+    let mut out: Vec<Option<Found>> = vec![None; at.len()];
+    let mut shards: Vec<usize> = at.iter().map(|a| a.shard).collect();
+    shards.sort_unstable();
+    shards.dedup();
+    for shard_no in shards {
+        let shard = build
+            .manifest
+            .shards
+            .get(shard_no)
+            .ok_or_else(|| InspectError::Usage(format!("no shard number {shard_no}")))?;
+        let mut positions: Vec<usize> = at
+            .iter()
+            .filter(|a| a.shard == shard_no)
+            .map(|a| a.position)
+            .collect();
+        positions.sort_unstable();
+        positions.dedup();
+        let rows = read_shard_rows(build, shard, &positions, with_tiles)?;
+        for (k, a) in at.iter().enumerate() {
+            if a.shard == shard_no {
+                let i = positions.binary_search(&a.position).unwrap_or(0);
+                out[k] = rows.get(i).cloned();
+            }
+        }
+    }
+    out.into_iter()
+        .zip(at)
+        .map(|(f, a)| {
+            f.ok_or_else(|| {
+                InspectError::Usage(format!(
+                    "shard number {} has no row {}",
+                    a.shard, a.position
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Rows `positions` (sorted, distinct) of `shard`, through a row selection over the row groups
+/// holding them: the other rows' pages are skipped, not decoded.
+fn read_shard_rows(
     build: &BuildDir,
     shard: &llava_formats::manifest::ShardInfo,
-    position: usize,
+    positions: &[usize],
     with_tiles: bool,
-) -> Result<Found, InspectError> {
+) -> Result<Vec<Found>, InspectError> {
+    use parquet::arrow::arrow_reader::{RowSelection, RowSelector};
     let path = build.shard_path(&shard.file);
     let file = File::open(&path).map_err(io_err(&path))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(parquet_err(&path))?;
@@ -123,11 +216,39 @@ fn read_row(
         .iter()
         .map(|rg| rg.num_rows() as usize)
         .collect();
-    // Row group holding `position`, and the row's place in it.
-    let (mut row_group, mut first) = (0, 0);
-    while row_group < rg_rows.len() && first + rg_rows[row_group] <= position {
-        first += rg_rows[row_group];
-        row_group += 1;
+    // Each position's row group and place in it.
+    let mut starts = Vec::with_capacity(rg_rows.len());
+    let mut first = 0;
+    for n in &rg_rows {
+        starts.push(first);
+        first += n;
+    }
+    let mut located = Vec::with_capacity(positions.len());
+    for &p in positions {
+        if p >= first {
+            return Err(InspectError::Parquet {
+                path: path.clone(),
+                reason: format!("no row {p} (the shard has {first})"),
+            });
+        }
+        let rg = starts.partition_point(|&s| s <= p) - 1;
+        located.push((rg, p - starts[rg]));
+    }
+    let mut groups: Vec<usize> = located.iter().map(|l| l.0).collect();
+    groups.dedup();
+    let mut selectors = Vec::new();
+    for &g in &groups {
+        let mut next = 0;
+        for &(_, r) in located.iter().filter(|l| l.0 == g) {
+            if r > next {
+                selectors.push(RowSelector::skip(r - next));
+            }
+            selectors.push(RowSelector::select(1));
+            next = r + 1;
+        }
+        if rg_rows[g] > next {
+            selectors.push(RowSelector::skip(rg_rows[g] - next));
+        }
     }
     let all: Vec<usize> = (0..builder.schema().fields().len())
         .filter(|&i| with_tiles || builder.schema().field(i).name() != c::TILES)
@@ -135,7 +256,8 @@ fn read_row(
     let mask = ProjectionMask::roots(builder.parquet_schema(), all);
     let reader = builder
         .with_projection(mask)
-        .with_row_groups(vec![row_group])
+        .with_row_groups(groups)
+        .with_row_selection(RowSelection::from(selectors))
         .build()
         .map_err(parquet_err(&path))?;
     let mut rows = Vec::new();
@@ -149,18 +271,25 @@ fn read_row(
             reason: e.to_string(),
         })?);
     }
-    let row = rows
-        .into_iter()
-        .nth(position - first)
-        .ok_or_else(|| InspectError::Parquet {
+    if rows.len() != located.len() {
+        return Err(InspectError::Parquet {
             path: path.clone(),
-            reason: format!("row group {row_group} is shorter than its metadata says"),
-        })?;
-    Ok(Found {
-        shard: shard.file.clone(),
-        row_group,
-        row,
-    })
+            reason: format!(
+                "read {} rows for {} selected: the row groups are shorter than their metadata says",
+                rows.len(),
+                located.len()
+            ),
+        });
+    }
+    Ok(rows
+        .into_iter()
+        .zip(located)
+        .map(|(row, (row_group, _))| Found {
+            shard: shard.file.clone(),
+            row_group,
+            row,
+        })
+        .collect())
 }
 
 fn string_column<'a>(
@@ -254,12 +383,19 @@ pub fn render(
     Ok(out)
 }
 
-/// The decoded text alone.
-pub fn render_text(
-    r: &ShardRow,
-    tokenizer: &TextTokenizer,
-    marking: Marking,
-) -> Result<String, InspectError> {
+/// What a run of positions is, as the model sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    /// Text the loss does not see (label −100): prompts, the template's headers.
+    Context(String),
+    /// Text with labels: what the model is trained to produce.
+    Trained(String),
+    /// An image placeholder: the image's number in the sample.
+    Image(usize),
+}
+
+/// The sample's positions as runs of context text, trained text and images, decoded.
+pub fn segments(r: &ShardRow, tokenizer: &TextTokenizer) -> Result<Vec<Segment>, InspectError> {
     #[derive(PartialEq, Clone, Copy)]
     enum Kind {
         Context,
@@ -275,16 +411,14 @@ pub fn render_text(
             Kind::Context
         }
     };
-    let mut out = String::new();
-    let mut images = r.images.iter();
+    let mut out = Vec::new();
+    let mut image = 0;
     let mut i = 0;
     while i < r.input_ids.len() {
         let k = kind(i);
         if k == Kind::Image {
-            match images.next() {
-                Some(img) => out.push_str(&placeholder(img)),
-                None => out.push_str("<image: no metadata>"),
-            }
+            out.push(Segment::Image(image));
+            image += 1;
             i += 1;
             continue;
         }
@@ -294,18 +428,39 @@ pub fn render_text(
         }
         let ids: Vec<u32> = r.input_ids[start..i].iter().map(|&t| t as u32).collect();
         let text = tokenizer.decode(&ids)?;
-        match (k, marking) {
-            (Kind::Trained, Marking::Color) => {
+        out.push(if k == Kind::Trained {
+            Segment::Trained(text)
+        } else {
+            Segment::Context(text)
+        });
+    }
+    Ok(out)
+}
+
+/// The decoded text alone.
+pub fn render_text(
+    r: &ShardRow,
+    tokenizer: &TextTokenizer,
+    marking: Marking,
+) -> Result<String, InspectError> {
+    let mut out = String::new();
+    for segment in segments(r, tokenizer)? {
+        match (segment, marking) {
+            (Segment::Image(k), _) => match r.images.get(k) {
+                Some(img) => out.push_str(&placeholder(img)),
+                None => out.push_str("<image: no metadata>"),
+            },
+            (Segment::Trained(text), Marking::Color) => {
                 out.push_str(TRAINED_ON);
                 out.push_str(&text);
                 out.push_str(TRAINED_OFF);
             }
-            (Kind::Trained, Marking::Brackets) => {
+            (Segment::Trained(text), Marking::Brackets) => {
                 out.push_str("[[");
                 out.push_str(&text);
                 out.push_str("]]");
             }
-            _ => out.push_str(&text),
+            (Segment::Context(text), _) => out.push_str(&text),
         }
     }
     Ok(out)
@@ -356,8 +511,56 @@ fn decode_tile(bytes: &[u8], tile_encoding: TileEncoding) -> Result<RgbImage, In
     }))
 }
 
-/// The picture of a sample's tiles: per image, the base tile on the left and the grid (rows ×
-/// cols, row-major) on the right, `GAP` px apart; images one under the other. White background.
+/// The picture of one image of a sample: its base tile on the left and its grid (rows × cols,
+/// row-major) on the right, `GAP` px apart; white background.
+pub fn image_picture(
+    row: &ShardRow,
+    image: usize,
+    tile_encoding: TileEncoding,
+) -> Result<RgbImage, InspectError> {
+    let img = row
+        .images
+        .get(image)
+        .ok_or_else(|| InspectError::Usage(format!("sample {:?} has no image {image}", row.id)))?;
+    check_tiles(row)?;
+    let first: usize = row.images[..image]
+        .iter()
+        .map(|i| i.num_tiles as usize)
+        .sum();
+    let (w, h) = picture_size(img);
+    let mut canvas = RgbImage::from_pixel(w, h, Rgb([255, 255, 255]));
+    let t = TILE_SIZE;
+    let base = decode_tile(&row.tiles[first], tile_encoding)?;
+    image::imageops::replace(&mut canvas, &base, 0, 0);
+    for k in 1..img.num_tiles {
+        let g = k - 1;
+        let (gx, gy) = (g % img.grid_cols.max(1), g / img.grid_cols.max(1));
+        let piece = decode_tile(&row.tiles[first + k as usize], tile_encoding)?;
+        image::imageops::replace(
+            &mut canvas,
+            &piece,
+            i64::from(t + GAP + gx * t),
+            i64::from(gy * t),
+        );
+    }
+    Ok(canvas)
+}
+
+/// The tiles are as many as the images say.
+fn check_tiles(row: &ShardRow) -> Result<(), InspectError> {
+    let expected: u32 = row.images.iter().map(|i| i.num_tiles).sum();
+    if row.tiles.len() != expected as usize {
+        return Err(InspectError::Image(format!(
+            "sample {:?} has {} tiles, its images say {expected}",
+            row.id,
+            row.tiles.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The picture of a sample's tiles: per image, [`image_picture`]; images one under the other,
+/// `GAP` px apart. White background.
 pub fn tiles_picture(
     row: &ShardRow,
     tile_encoding: TileEncoding,
@@ -368,35 +571,15 @@ pub fn tiles_picture(
             row.id
         )));
     }
-    let expected: u32 = row.images.iter().map(|i| i.num_tiles).sum();
-    if row.tiles.len() != expected as usize {
-        return Err(InspectError::Image(format!(
-            "sample {:?} has {} tiles, its images say {expected}",
-            row.id,
-            row.tiles.len()
-        )));
-    }
+    check_tiles(row)?;
     let sizes: Vec<(u32, u32)> = row.images.iter().map(picture_size).collect();
     let width = sizes.iter().map(|s| s.0).max().unwrap_or(0);
     let height = sizes.iter().map(|s| s.1).sum::<u32>() + GAP * (sizes.len() as u32 - 1);
     let mut canvas = RgbImage::from_pixel(width, height, Rgb([255, 255, 255]));
-    let t = TILE_SIZE;
-    let (mut tile, mut top) = (0usize, 0u32);
-    for (img, size) in row.images.iter().zip(&sizes) {
-        let base = decode_tile(&row.tiles[tile], tile_encoding)?;
-        image::imageops::replace(&mut canvas, &base, 0, i64::from(top));
-        for k in 1..img.num_tiles {
-            let g = k - 1;
-            let (gx, gy) = (g % img.grid_cols.max(1), g / img.grid_cols.max(1));
-            let piece = decode_tile(&row.tiles[tile + k as usize], tile_encoding)?;
-            image::imageops::replace(
-                &mut canvas,
-                &piece,
-                i64::from(t + GAP + gx * t),
-                i64::from(top + gy * t),
-            );
-        }
-        tile += img.num_tiles as usize;
+    let mut top = 0u32;
+    for (k, size) in sizes.iter().enumerate() {
+        let picture = image_picture(row, k, tile_encoding)?;
+        image::imageops::replace(&mut canvas, &picture, 0, i64::from(top));
         top += size.1 + GAP;
     }
     Ok(canvas)

@@ -3,7 +3,7 @@
 use llava_formats::schema::col as c;
 use polars::prelude::*;
 
-use super::report::GridCount;
+use super::report::{GridCount, TilesCount};
 use super::rows::{strings, u64s};
 use crate::inspect::InspectError;
 
@@ -35,6 +35,35 @@ pub(super) fn grid_counts(rows: &DataFrame) -> Result<Vec<GridCount>, InspectErr
             cols: gcols[i] as u32,
             rows: grows[i] as u32,
             images: gimages[i],
+        })
+        .collect())
+}
+
+/// Images per number of tiles, sorted by tiles.
+pub(super) fn tiles_per_image(rows: &DataFrame) -> Result<Vec<TilesCount>, InspectError> {
+    let df = rows
+        .clone()
+        .lazy()
+        .select([col(c::IMAGE_NUM_TILES)])
+        .explode(
+            cols([c::IMAGE_NUM_TILES]),
+            ExplodeOptions {
+                empty_as_null: false,
+                keep_nulls: false,
+            },
+        )
+        .group_by([col(c::IMAGE_NUM_TILES)])
+        .agg([len().cast(DataType::UInt64).alias("images")])
+        .sort([c::IMAGE_NUM_TILES], Default::default())
+        .collect()?;
+    let tiles = u64s(&df, c::IMAGE_NUM_TILES)?;
+    let images = u64s(&df, "images")?;
+    Ok(tiles
+        .into_iter()
+        .zip(images)
+        .map(|(tiles, images)| TilesCount {
+            tiles: tiles as u32,
+            images,
         })
         .collect())
 }

@@ -14,14 +14,23 @@ use llava_formats::schema::col as c;
 
 pub use counts::histogram;
 pub use report::*;
-pub use rows::read_rows;
+pub use rows::{read_rows, strings, u64s};
 
 use crate::inspect::{BuildDir, InspectError};
 
 /// Reads and summarises a build.
 pub fn summarize(build: &BuildDir, options: &SummaryOptions) -> Result<Summary, InspectError> {
+    summarize_rows(build, &read_rows(build)?, options)
+}
+
+/// Summarises the rows [`read_rows`] read (for a caller that uses them again: `--html`).
+pub fn summarize_rows(
+    build: &BuildDir,
+    rows: &polars::prelude::DataFrame,
+    options: &SummaryOptions,
+) -> Result<Summary, InspectError> {
     let m = &build.manifest;
-    let rows = read_rows(build)?;
+    let rows = rows.clone();
     let sources = counts::grouped_counts(&rows, &[c::SOURCE, c::MODALITY])?;
     let per_modality = counts::grouped_counts(&rows, &[c::MODALITY])?;
     let (modalities, padding) =
@@ -45,6 +54,7 @@ pub fn summarize(build: &BuildDir, options: &SummaryOptions) -> Result<Summary, 
         sources,
         modalities,
         grids: grids::grid_counts(&rows)?,
+        tiles_per_image: grids::tiles_per_image(&rows)?,
         rejects: rejects::reject_summary(build)?,
         padding,
     })

@@ -44,6 +44,9 @@ pub struct Summary {
     pub modalities: Vec<ModalitySummary>,
     /// Images per (processing, grid); sorted by processing, then grid.
     pub grids: Vec<GridCount>,
+    /// Images per number of tiles (base tile included), sorted by tiles.
+    #[serde(default)]
+    pub tiles_per_image: Vec<TilesCount>,
     pub rejects: RejectSummary,
     pub padding: PaddingReport,
 }
@@ -109,6 +112,12 @@ pub struct GridCount {
     /// Columns × rows of the anyres grid (width × height, as the pinpoints); 1 × 1 otherwise.
     pub cols: u32,
     pub rows: u32,
+    pub images: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TilesCount {
+    pub tiles: u32,
     pub images: u64,
 }
 

@@ -65,6 +65,7 @@ fn read_shard(path: &Path) -> Result<DataFrame, InspectError> {
                     .count_matches(lit(IGNORE_INDEX))
                     .cast(u64_.clone()))
             .alias("supervised"),
+            col(IMAGE_NUM_TILES),
             col(IMAGE_NUM_TILES)
                 .list()
                 .len()
@@ -108,7 +109,7 @@ pub fn read_rows(build: &BuildDir) -> Result<DataFrame, InspectError> {
     }
 }
 
-pub(super) fn u64s(df: &DataFrame, name: &str) -> Result<Vec<u64>, InspectError> {
+pub fn u64s(df: &DataFrame, name: &str) -> Result<Vec<u64>, InspectError> {
     let column = df.column(name)?.cast(&DataType::UInt64)?;
     Ok(column
         .as_materialized_series()
@@ -128,7 +129,7 @@ pub(super) fn f64s(df: &DataFrame, name: &str) -> Result<Vec<f64>, InspectError>
         .collect())
 }
 
-pub(super) fn strings(df: &DataFrame, name: &str) -> Result<Vec<String>, InspectError> {
+pub fn strings(df: &DataFrame, name: &str) -> Result<Vec<String>, InspectError> {
     Ok(df
         .column(name)?
         .as_materialized_series()
