@@ -363,3 +363,76 @@ fn zero_checkpoint_is_sharded_and_resumes_at_world_1_and_4() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_killed_rank_is_named_the_last_checkpoint_is_intact_and_a_restart_resumes() {
+    let dir = scratch("killed");
+    let out = dir.join("run");
+    let port = free_port();
+    let start = |out: &Path| -> Vec<Child> {
+        (0..2)
+            .map(|rank| {
+                let mut args = run_args(out, 1);
+                args.retain(|a| a != "--no-resume");
+                let pos = args.iter().position(|a| a == "--max-steps").expect("flag") + 1;
+                args[pos] = "40".into();
+                let mut cmd = clean(Command::new(BIN));
+                cmd.args(args)
+                    .args(["--save-every", "1"])
+                    .env("SLURM_PROCID", rank.to_string())
+                    .env("SLURM_NTASKS", "2")
+                    .env("SLURM_LOCALID", rank.to_string())
+                    .env("SLURM_TASKS_PER_NODE", "2")
+                    .env("SLURM_JOB_NODELIST", "127.0.0.1")
+                    .env("MASTER_PORT", port.to_string())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped());
+                cmd.spawn().expect("rank starts")
+            })
+            .collect()
+    };
+    let mut ranks = start(&out);
+    // Wait for a complete checkpoint, then kill rank 1 as the OOM killer would.
+    let t0 = std::time::Instant::now();
+    while llava_trainer::checkpoint::list_checkpoints(&out).is_empty() {
+        assert!(t0.elapsed().as_secs() < 300, "no checkpoint within 300 s");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let mut r1 = ranks.pop().expect("rank 1");
+    r1.kill().expect("kill rank 1");
+    r1.wait().ok();
+    let killed_at = std::time::Instant::now();
+    let r0 = ranks.pop().expect("rank 0").wait_with_output().expect("rank 0");
+    let err = String::from_utf8_lossy(&r0.stderr).to_string();
+    assert!(!r0.status.success(), "rank 0 must fail: {err}");
+    assert!(err.contains("rank 1"), "rank 0 names rank 1: {err}");
+    assert!(killed_at.elapsed().as_secs() < 60, "{:?}", killed_at.elapsed());
+    // Every checkpoint left is complete (the rename is atomic); the last one resumes.
+    let cks = llava_trainer::checkpoint::list_checkpoints(&out);
+    let (last, last_dir) = cks.last().cloned().expect("a checkpoint");
+    llava_trainer::checkpoint::check_is_checkpoint(&last_dir).expect("complete");
+    let mut again = start(&out);
+    // Stop the restarted job after it resumed: the log says where from.
+    let r1 = again.pop().expect("rank 1");
+    let r0 = again.pop().expect("rank 0");
+    let t0 = std::time::Instant::now();
+    while llava_trainer::checkpoint::list_checkpoints(&out)
+        .last()
+        .is_none_or(|(s, _)| *s <= last)
+    {
+        assert!(t0.elapsed().as_secs() < 300, "no new checkpoint after the restart");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    for mut c in [r0, r1] {
+        c.kill().ok();
+        c.wait().ok();
+    }
+    let log = std::fs::read_to_string(out.join("log.jsonl")).expect("log");
+    let steps: Vec<u64> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["step"].as_u64())
+        .collect();
+    assert!(steps.windows(2).all(|w| w[1] == w[0] + 1), "resumed after step {last}: {steps:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}
