@@ -97,7 +97,7 @@ fn multi_process_runs_explain_what_they_need() {
     let e = run(&torchrun, &["--nproc-per-node", "2"]);
     assert!(e.contains("drop --nproc-per-node"), "{e}");
     if !cfg!(feature = "cuda") {
-        let e = run(&torchrun, &[]);
+        let e = run(&torchrun, &["--device", "cuda"]);
         assert!(e.contains("--features cuda"), "{e}");
         let e = run(&[], &["--nproc-per-node", "2", "--device", "cuda"]);
         assert!(e.contains("without CUDA"), "{e}");
