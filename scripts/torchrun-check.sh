@@ -8,17 +8,18 @@
 # torchrun: $LLAVA_TORCHRUN (a torchrun binary or a python with torch), else .venv/bin/torchrun,
 # else /work/torchvenv/bin/torchrun or /work/torchvenv/bin/python -m torch.distributed.run.
 # The shards are the bundled example (out/example, built with `llava-data build datasets.toml`
-# when missing; needs scripts/fetch-tokenizer.sh's tokenizer).
+# when missing; needs scripts/fetch-tokenizer.sh's tokenizer), or SHARDS=dir.
 # Usage: scripts/torchrun-check.sh   (builds target/release; BIN_DIR=dir to use other binaries)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 if [[ -z ${BIN_DIR:-} ]]; then
-  cargo build --release -p llava-trainer -p llava-data >&2
+  cargo build --release -p llava-trainer -p llava-data --bins >&2
   BIN_DIR=$root/target/release
 fi
 bin=$BIN_DIR/llava-trainer
-[[ -f out/example/manifest.json ]] || "$BIN_DIR/llava-data" build datasets.toml >&2
+shards=${SHARDS:-$root/out/example}
+[[ -n ${SHARDS:-} || -f out/example/manifest.json ]] || "$BIN_DIR/llava-data" build datasets.toml >&2
 tr=()
 for c in "${LLAVA_TORCHRUN:-}" .venv/bin/torchrun /work/torchvenv/bin/torchrun /work/torchvenv/bin/python; do
   [[ -n $c && -x $c ]] || continue
@@ -35,7 +36,7 @@ unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT SLURM_
 "$bin" init --config trainer/configs/tiny-model.json --output "$work/model" >/dev/null
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 args() { # output grad_accum
-  echo run --shards "$root/out/example" --model "$work/model" --output "$1" --max-steps 3 --lr 1e-3 \
+  echo run --shards "$shards" --model "$work/model" --output "$1" --max-steps 3 --lr 1e-3 \
     --warmup-ratio 0.1 --workers 1 --device cpu --no-resume --grad-accum "$2" --rendezvous-timeout 120
 }
 losses() { python3 -c 'import json,sys; print(" ".join("%.7f"%json.loads(l)["loss"] for l in open(sys.argv[1]+"/log.jsonl") if "\"loss\"" in l))' "$1"; }

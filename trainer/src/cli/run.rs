@@ -433,7 +433,8 @@ pub fn run(args: Args) -> Result<()> {
     let save_now = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(SIGUSR1, save_now.clone())
         .context("installing the SIGUSR1 handler")?;
-    let lead = !matches!(&layout, Layout::Launched(env) | Layout::LaunchedCpu(env) if env.rank != 0);
+    let lead =
+        !matches!(&layout, Layout::Launched(env) | Layout::LaunchedCpu(env) if env.rank != 0);
     let opts = RunOptions {
         stop: Some(stop),
         save_now: Some(save_now),
@@ -532,7 +533,11 @@ fn run_tcp(
             )
         })?,
     );
-    tracing::info!("rank {} of {}: joined (TCP collective)", env.rank, env.world_size);
+    tracing::info!(
+        "rank {} of {}: joined (TCP collective)",
+        env.rank,
+        env.world_size
+    );
     let out = train::run_rank(cfg, opts, group.clone());
     match &out {
         Err(e) => group.abort(&e.to_string()),

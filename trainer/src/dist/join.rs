@@ -63,15 +63,10 @@ pub fn join(
         StoreClient::connect(&env.master_addr, env.master_port, timeout).map_err(|e| fail(&e))?;
     let key = rendezvous_key();
     if env.rank == 0 {
-        let ip = store
-            .local_ip()
-            .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let ip = store.local_ip().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
         let listener = TcpListener::bind(SocketAddr::new(ip, 0))
             .map_err(|e| fail(&format!("binding a port on {ip}: {e}")))?;
-        let port = listener
-            .local_addr()
-            .map_err(|e| fail(&e))?
-            .port();
+        let port = listener.local_addr().map_err(|e| fail(&e))?.port();
         // IPv6 (`localhost` may be ::1) needs brackets before a port.
         let host = match ip {
             IpAddr::V6(_) => format!("[{ip}]"),
@@ -91,7 +86,11 @@ pub fn join(
         rendezvous_on(Some(listener), &here, Some(id), timeout).map_err(|e| fail(&e))
     } else {
         let v = store
-            .get(&key, timeout, "rank 0's rendezvous address; did rank 0 start?")
+            .get(
+                &key,
+                timeout,
+                "rank 0's rendezvous address; did rank 0 start?",
+            )
             .map_err(|e| fail(&e))?;
         drop(store);
         let text = String::from_utf8_lossy(&v).into_owned();

@@ -279,7 +279,10 @@ impl TcpGroup {
                 let r = i + 1;
                 let mut head = [0u8; 13];
                 self.read_full(s, &mut head, r, deadline, what)?;
-                let (their_op, their_root) = (head[0], u32::from_le_bytes(head[1..5].try_into().unwrap_or([0; 4])));
+                let (their_op, their_root) = (
+                    head[0],
+                    u32::from_le_bytes(head[1..5].try_into().unwrap_or([0; 4])),
+                );
                 let their_seq = u64::from_le_bytes(head[5..13].try_into().unwrap_or([0; 8]));
                 if their_op != op as u8 || their_root as usize != root || their_seq != seq {
                     return Err(dist(format!(
@@ -305,9 +308,11 @@ impl TcpGroup {
                     (if root == 0 { vec![sum] } else { vec![] }, reply)
                 }
                 Op::Broadcast => {
-                    let b = parts.get(root).cloned().flatten().ok_or_else(|| {
-                        dist(format!("broadcast: rank {root} sent nothing"))
-                    })?;
+                    let b = parts
+                        .get(root)
+                        .cloned()
+                        .flatten()
+                        .ok_or_else(|| dist(format!("broadcast: rank {root} sent nothing")))?;
                     (vec![b.clone()], vec![vec![b]; self.world - 1])
                 }
                 Op::AllGather => {
@@ -336,7 +341,9 @@ impl TcpGroup {
             let mut frame = vec![op as u8];
             frame.extend_from_slice(&(root as u32).to_le_bytes());
             frame.extend_from_slice(&seq.to_le_bytes());
-            frame.extend_from_slice(&encode_tensors(t.into_iter().cloned().collect::<Vec<_>>().as_slice())?);
+            frame.extend_from_slice(&encode_tensors(
+                t.into_iter().cloned().collect::<Vec<_>>().as_slice(),
+            )?);
             self.write_full(s, &frame, 0, deadline, what)?;
             let got = self.read_tensors(s, 0, deadline, what)?;
             got.into_iter()
@@ -447,7 +454,11 @@ fn tag_of(d: DType) -> Result<u8> {
         DType::U32 => 4,
         DType::U8 => 5,
         DType::I64 => 6,
-        d => return Err(dist(format!("TCP collective: {d:?} tensors are not supported"))),
+        d => {
+            return Err(dist(format!(
+                "TCP collective: {d:?} tensors are not supported"
+            )))
+        }
     })
 }
 
@@ -626,14 +637,22 @@ mod tests {
             drop(g);
         });
         let g0 = Arc::new(
-            TcpGroup::join(&env(0, 2, p), Duration::from_secs(30), Duration::from_millis(500))
-                .expect("rank 0 joins"),
+            TcpGroup::join(
+                &env(0, 2, p),
+                Duration::from_secs(30),
+                Duration::from_millis(500),
+            )
+            .expect("rank 0 joins"),
         );
         let t = Tensor::new(&[1f32], &Device::Cpu).expect("t");
         let start = Instant::now();
         let err = g0.all_reduce_sum(&t).expect_err("times out").to_string();
         assert!(err.contains("waiting for rank 1"), "{err}");
-        assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
         // A watchdog thread ends a collective that would otherwise wait much longer.
         let g = Arc::clone(&g0);
         let watchdog = std::thread::spawn(move || {
@@ -660,7 +679,10 @@ mod tests {
         let g0 = TcpGroup::join(&env(0, 2, p), long, long).expect("rank 0 joins");
         dead.join().expect("rank 1");
         let t = Tensor::new(&[1f32], &Device::Cpu).expect("t");
-        let err = g0.all_reduce_sum(&t).expect_err("rank 1 is gone").to_string();
+        let err = g0
+            .all_reduce_sum(&t)
+            .expect_err("rank 1 is gone")
+            .to_string();
         assert!(err.contains("rank 1"), "{err}");
     }
 }

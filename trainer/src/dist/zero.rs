@@ -153,7 +153,10 @@ pub fn share_parameters(
 }
 
 /// Where each optimizer tensor of a ZeRO-1/2 checkpoint lives: its owner's shard file.
-pub fn optimizer_index(sharding: &Sharding, with_master: bool) -> crate::checkpoint::OptimizerIndex {
+pub fn optimizer_index(
+    sharding: &Sharding,
+    with_master: bool,
+) -> crate::checkpoint::OptimizerIndex {
     let kinds: &[&str] = if with_master {
         &["m", "v", "master"]
     } else {

@@ -93,7 +93,10 @@ fn multi_process_runs_explain_what_they_need() {
     ];
     // A CPU rank joins over TCP (no NCCL needed); here rank 0 never starts.
     let e = run(&torchrun, &["--device", "cpu", "--rendezvous-timeout", "1"]);
-    assert!(e.contains("rank 1 of 2") && e.contains("could not be reached"), "{e}");
+    assert!(
+        e.contains("rank 1 of 2") && e.contains("could not be reached"),
+        "{e}"
+    );
     let e = run(&torchrun, &["--nproc-per-node", "2"]);
     assert!(e.contains("drop --nproc-per-node"), "{e}");
     if !cfg!(feature = "cuda") {

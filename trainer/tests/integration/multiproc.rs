@@ -45,7 +45,11 @@ fn inputs() -> &'static (PathBuf, PathBuf) {
             .arg(&model)
             .output()
             .expect("llava-trainer init starts");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         (shards, model)
     })
 }
@@ -129,9 +133,15 @@ fn reference() -> &'static Vec<f64> {
     REF.get_or_init(|| {
         let out = scratch("reference").join("run");
         let mut cmd = clean(Command::new(BIN));
-        ok(cmd.args(run_args(&out, 2)).output().expect("run"), "world 1");
+        ok(
+            cmd.args(run_args(&out, 2)).output().expect("run"),
+            "world 1",
+        );
         let l = losses(&out);
         assert_eq!(l.len(), STEPS.parse::<usize>().unwrap(), "{l:?}");
+        if let Some(d) = out.parent() {
+            std::fs::remove_dir_all(d).ok();
+        }
         l
     })
 }
@@ -219,14 +229,20 @@ fn slurm_like_environment_trains_with_and_without_master_port() {
         .into_iter()
         .enumerate()
     {
-        ok(c.wait_with_output().expect("rank"), &format!("slurm rank {r}"));
+        ok(
+            c.wait_with_output().expect("rank"),
+            &format!("slurm rank {r}"),
+        );
     }
     assert_matches_reference("slurm with MASTER_PORT", &losses(&with));
     // Without: the port comes from SLURM_JOB_ID, the host from the node list.
     let without = dir.join("without-master");
     let job = (std::process::id() % 20000).to_string();
     for (r, c) in slurm_ranks(&without, None, &job).into_iter().enumerate() {
-        ok(c.wait_with_output().expect("rank"), &format!("slurm rank {r}"));
+        ok(
+            c.wait_with_output().expect("rank"),
+            &format!("slurm rank {r}"),
+        );
     }
     assert_matches_reference("slurm without MASTER_PORT", &losses(&without));
     std::fs::remove_dir_all(&dir).ok();
@@ -276,7 +292,10 @@ fn torchrun_mode(name: &str, flags: &[String]) {
         .args(flags)
         .arg(BIN)
         .args(run_args(&out, 1));
-    ok(cmd.output().expect("torchrun starts"), &format!("torchrun {name}"));
+    ok(
+        cmd.output().expect("torchrun starts"),
+        &format!("torchrun {name}"),
+    );
     assert_matches_reference(&format!("torchrun {name}"), &losses(&out));
     if let Some(d) = out.parent() {
         std::fs::remove_dir_all(d).ok();
@@ -318,7 +337,10 @@ fn zero_run(output: &Path, ranks: usize, zero: u8, accum: usize, extra: &[&str])
         .args(["--zero-stage", &zero.to_string(), "--cpu-ranks", "threads"])
         .args(["--nproc-per-node", &ranks.to_string()])
         .args(extra);
-    ok(cmd.output().expect("run"), &format!("{ranks} ranks, ZeRO {zero}"));
+    ok(
+        cmd.output().expect("run"),
+        &format!("{ranks} ranks, ZeRO {zero}"),
+    );
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -336,8 +358,14 @@ fn zero_checkpoint_is_sharded_and_resumes_at_world_1_and_4() {
     // 4 steps at world 2, ZeRO-1, 2 micro-batches per rank; a checkpoint at step 2.
     zero_run(&first, 2, 1, 2, &["--save-every", "2"]);
     let ck2 = first.join("checkpoint-2");
-    assert!(ck2.join("optimizer_index.json").is_file(), "sharded checkpoint");
-    assert!(!ck2.join("trainer_state.safetensors").exists(), "no gathered state");
+    assert!(
+        ck2.join("optimizer_index.json").is_file(),
+        "sharded checkpoint"
+    );
+    assert!(
+        !ck2.join("trainer_state.safetensors").exists(),
+        "no gathered state"
+    );
     for r in 0..2 {
         let f = ck2.join(format!("optimizer-rank{r:05}-of-00002.safetensors"));
         assert!(f.is_file(), "{}", f.display());
@@ -402,11 +430,19 @@ fn a_killed_rank_is_named_the_last_checkpoint_is_intact_and_a_restart_resumes() 
     r1.kill().expect("kill rank 1");
     r1.wait().ok();
     let killed_at = std::time::Instant::now();
-    let r0 = ranks.pop().expect("rank 0").wait_with_output().expect("rank 0");
+    let r0 = ranks
+        .pop()
+        .expect("rank 0")
+        .wait_with_output()
+        .expect("rank 0");
     let err = String::from_utf8_lossy(&r0.stderr).to_string();
     assert!(!r0.status.success(), "rank 0 must fail: {err}");
     assert!(err.contains("rank 1"), "rank 0 names rank 1: {err}");
-    assert!(killed_at.elapsed().as_secs() < 60, "{:?}", killed_at.elapsed());
+    assert!(
+        killed_at.elapsed().as_secs() < 60,
+        "{:?}",
+        killed_at.elapsed()
+    );
     // Every checkpoint left is complete (the rename is atomic); the last one resumes.
     let cks = llava_trainer::checkpoint::list_checkpoints(&out);
     let (last, last_dir) = cks.last().cloned().expect("a checkpoint");
@@ -420,7 +456,10 @@ fn a_killed_rank_is_named_the_last_checkpoint_is_intact_and_a_restart_resumes() 
         .last()
         .is_none_or(|(s, _)| *s <= last)
     {
-        assert!(t0.elapsed().as_secs() < 300, "no new checkpoint after the restart");
+        assert!(
+            t0.elapsed().as_secs() < 300,
+            "no new checkpoint after the restart"
+        );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     for mut c in [r0, r1] {
@@ -433,6 +472,9 @@ fn a_killed_rank_is_named_the_last_checkpoint_is_intact_and_a_restart_resumes() 
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|v| v["step"].as_u64())
         .collect();
-    assert!(steps.windows(2).all(|w| w[1] == w[0] + 1), "resumed after step {last}: {steps:?}");
+    assert!(
+        steps.windows(2).all(|w| w[1] == w[0] + 1),
+        "resumed after step {last}: {steps:?}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
