@@ -498,7 +498,7 @@ fn spawn_local(nproc: usize, rendezvous_timeout: Duration) -> Result<()> {
         Err(_) => spawn::free_port().context("finding a free port for the rendezvous")?,
     };
     tracing::info!(
-        "starting {nproc} ranks (one per GPU) with the rendezvous at 127.0.0.1:{master_port} \
+        "starting {nproc} rank processes with the rendezvous at 127.0.0.1:{master_port} \
          (timeout {:.0} s)",
         rendezvous_timeout.as_secs_f64()
     );

@@ -25,8 +25,8 @@ use candle_core::cuda::cudarc::nccl::{Comm, Id, NcclType, ReduceOp};
 use candle_core::cuda::CudaDType;
 use candle_core::{CpuStorage, CudaStorage, DType, Device, InplaceOp2, Layout, Tensor};
 
-use super::launch::LaunchEnv;
 use super::join::join;
+use super::launch::LaunchEnv;
 use super::rendezvous::Rendezvous;
 use super::Collective;
 use crate::{Error, Result};
