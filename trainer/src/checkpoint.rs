@@ -5,6 +5,12 @@
 //!
 //! A checkpoint is written into `checkpoint-<step>.tmp` and renamed, so a kill while saving
 //! leaves either no checkpoint or a complete one.
+//!
+//! ZeRO-1/2 with several ranks: no rank ever holds the whole optimizer state. Each rank writes
+//! the moments (and f32 master weights) it owns to `optimizer-rank<r>-of-<world>.safetensors`,
+//! and `optimizer_index.json` maps every tensor to its file (instead of
+//! `trainer_state.safetensors`). A resume at any world size reads, through memory maps, only
+//! the tensors its rank owns now ([`load_optimizer_for`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -21,6 +27,23 @@ use crate::{json_file, weights, Error, Result};
 pub const STATE_JSON: &str = "trainer_state.json";
 pub const STATE_TENSORS: &str = "trainer_state.safetensors";
 pub const PROJECTOR_FILE: &str = "mm_projector.safetensors";
+/// Which shard file holds each optimizer tensor, for a checkpoint written by ZeRO ranks.
+pub const OPTIMIZER_INDEX: &str = "optimizer_index.json";
+
+/// `optimizer_index.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OptimizerIndex {
+    /// Ranks (and shard files) that wrote the state.
+    pub world_size: usize,
+    pub zero_stage: u8,
+    /// Tensor name (`m.<param>`, `v.<param>`, `master.<param>`) → shard file name.
+    pub weight_map: std::collections::BTreeMap<String, String>,
+}
+
+/// The optimizer shard file of `rank` in a world of `world`.
+pub fn optimizer_shard_name(rank: usize, world: usize) -> String {
+    format!("optimizer-rank{rank:05}-of-{world:05}.safetensors")
+}
 fn ck_err(path: &Path, msg: impl Into<String>) -> Error {
     Error::Checkpoint {
         path: path.into(),
@@ -206,6 +229,41 @@ pub fn load_state(dir: &Path) -> Result<(TrainerState, HashMap<String, Tensor>)>
     Ok((state, tensors))
 }
 
+/// The optimizer state of a checkpoint being written.
+pub enum OptimizerTensors {
+    /// Every tensor, in this process: one `trainer_state.safetensors`.
+    Whole(HashMap<String, Tensor>),
+    /// Already written by the ranks with [`write_optimizer_shard`]; this is their index.
+    Sharded(OptimizerIndex),
+}
+
+/// `out/checkpoint-<step>.tmp`, where a checkpoint is written before its rename.
+pub fn checkpoint_tmp(out: &Path, step: u64) -> PathBuf {
+    out.join(format!("checkpoint-{step}.tmp"))
+}
+
+/// Rank 0, before any rank writes its shard: an empty `checkpoint-<step>.tmp` (a stale one of
+/// an interrupted save is removed).
+pub fn prepare_checkpoint_tmp(out: &Path, step: u64) -> Result<PathBuf> {
+    let tmp = checkpoint_tmp(out, step);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    Ok(tmp)
+}
+
+/// One rank's part of the optimizer state, into the checkpoint folder being written.
+pub fn write_optimizer_shard(
+    tmp: &Path,
+    rank: usize,
+    world: usize,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<()> {
+    let p = tmp.join(optimizer_shard_name(rank, world));
+    candle_core::safetensors::save(tensors, &p).map_err(|source| Error::Write { path: p, source })
+}
+
 /// Writes `out/checkpoint-<step>/` atomically and returns its path.
 #[allow(clippy::too_many_arguments)]
 pub fn save_checkpoint(
@@ -217,21 +275,60 @@ pub fn save_checkpoint(
     tokenizer_dir: Option<&Path>,
     with_projector: bool,
 ) -> Result<PathBuf> {
+    save_checkpoint_with(
+        out,
+        cfg,
+        varmap,
+        state,
+        OptimizerTensors::Whole(optimizer),
+        tokenizer_dir,
+        with_projector,
+    )
+}
+
+/// [`save_checkpoint`] with the optimizer state whole or already written in shards (whose
+/// `.tmp` folder must then exist, see [`prepare_checkpoint_tmp`]).
+#[allow(clippy::too_many_arguments)]
+pub fn save_checkpoint_with(
+    out: &Path,
+    cfg: &LlavaNextConfig,
+    varmap: &VarMap,
+    state: &TrainerState,
+    optimizer: OptimizerTensors,
+    tokenizer_dir: Option<&Path>,
+    with_projector: bool,
+) -> Result<PathBuf> {
     let name = format!("checkpoint-{}", state.global_step);
     let final_dir = out.join(&name);
-    let tmp = out.join(format!("{name}.tmp"));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    let tmp = checkpoint_tmp(out, state.global_step);
+    match &optimizer {
+        OptimizerTensors::Whole(_) => {
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+            }
+        }
+        OptimizerTensors::Sharded(index) => {
+            for f in index.weight_map.values() {
+                if !tmp.join(f).is_file() {
+                    return Err(ck_err(&tmp, format!("optimizer shard {f} was not written")));
+                }
+            }
+        }
     }
     save_hf_model(&tmp, cfg, varmap, tokenizer_dir)?;
     if with_projector {
         save_projector(varmap, &tmp.join(PROJECTOR_FILE))?;
     }
-    let st = tmp.join(STATE_TENSORS);
-    candle_core::safetensors::save(&optimizer, &st).map_err(|source| Error::Write {
-        path: st.clone(),
-        source,
-    })?;
+    match optimizer {
+        OptimizerTensors::Whole(t) => {
+            let st = tmp.join(STATE_TENSORS);
+            candle_core::safetensors::save(&t, &st).map_err(|source| Error::Write {
+                path: st.clone(),
+                source,
+            })?;
+        }
+        OptimizerTensors::Sharded(index) => json_file::write(&tmp.join(OPTIMIZER_INDEX), &index)?,
+    }
     // The JSON last: its presence marks a complete checkpoint.
     json_file::write(&tmp.join(STATE_JSON), state)?;
     if final_dir.exists() {
@@ -272,9 +369,73 @@ pub fn apply_keep_limit(out: &Path, keep: usize) -> Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
+/// The optimizer tensors of checkpoint `dir` whose names pass `keep`, read through memory maps
+/// (a rank reads only what it owns, whether the checkpoint is whole or in ZeRO shards, written
+/// at any world size). Tensors come back on the CPU.
+pub fn load_optimizer_for(
+    dir: &Path,
+    keep: &dyn Fn(&str) -> bool,
+) -> Result<HashMap<String, Tensor>> {
+    let cpu = candle_core::Device::Cpu;
+    let open = |p: &Path| {
+        // SAFETY: checkpoint files are written once and renamed into place; nothing writes
+        // them while a run reads them.
+        unsafe { candle_core::safetensors::MmapedSafetensors::new(p) }.map_err(|source| {
+            Error::Read {
+                path: p.to_path_buf(),
+                source,
+            }
+        })
+    };
+    let mut out = HashMap::new();
+    let index_path = dir.join(OPTIMIZER_INDEX);
+    if index_path.is_file() {
+        let text = std::fs::read_to_string(&index_path).map_err(io(&index_path))?;
+        let index: OptimizerIndex = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: index_path.clone(),
+            source,
+        })?;
+        let mut by_file: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+        for (k, f) in &index.weight_map {
+            if keep(k) {
+                by_file.entry(f.as_str()).or_default().push(k.as_str());
+            }
+        }
+        for (f, keys) in by_file {
+            let p = dir.join(f);
+            let st = open(&p)?;
+            for k in keys {
+                let t = st.load(k, &cpu).map_err(|source| Error::Read {
+                    path: p.clone(),
+                    source,
+                })?;
+                out.insert(k.to_string(), t);
+            }
+        }
+    } else {
+        let p = dir.join(STATE_TENSORS);
+        let st = open(&p)?;
+        for (k, _) in st.tensors() {
+            if keep(&k) {
+                let t = st.load(&k, &cpu).map_err(|source| Error::Read {
+                    path: p.clone(),
+                    source,
+                })?;
+                out.insert(k, t);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Refuses a checkpoint directory that lacks the state files.
 pub fn check_is_checkpoint(dir: &Path) -> Result<()> {
-    for f in [STATE_JSON, STATE_TENSORS, "model.safetensors"] {
+    let optimizer = if dir.join(OPTIMIZER_INDEX).is_file() {
+        OPTIMIZER_INDEX
+    } else {
+        STATE_TENSORS
+    };
+    for f in [STATE_JSON, optimizer, "model.safetensors"] {
         if !dir.join(f).is_file() {
             return Err(ck_err(
                 dir,

@@ -79,7 +79,9 @@ impl MemoryPlan {
         }
         let world = p.world_size.max(1) as u64;
         let weights = params * e;
-        let grad_share = if p.zero_stage >= 2 { world } else { 1 };
+        // ZeRO-2 reduces each gradient to its owner only after the whole backward (the
+        // accumulator holds every f32 gradient until then): no gradient memory is saved yet.
+        let grad_share = 1;
         let opt_share = if p.zero_stage >= 1 { world } else { 1 };
         let gradients = trainable * 4 / grad_share;
         let master = if p.bf16 { 4 } else { 0 };
@@ -166,13 +168,19 @@ impl MemoryPlan {
                 p.batch_size
             ));
         }
-        if p.zero_stage < 2 {
+        if p.zero_stage == 0 {
             tips.push(format!(
-                "shard the optimizer over more GPUs (ZeRO stage {} → 2; {:.1} GiB of optimizer \
-                 state and {:.1} GiB of gradients per GPU now)",
+                "shard the optimizer state over the ranks (zero_stage = 1: {:.1} GiB of optimizer \
+                 state per GPU now, 1/world_size of it with ZeRO)",
+                gib(self.optimizer)
+            ));
+        } else {
+            tips.push(format!(
+                "use more GPUs (ZeRO stage {} already splits the optimizer state over {} ranks: \
+                 {:.1} GiB per GPU now)",
                 p.zero_stage,
-                gib(self.optimizer),
-                gib(self.gradients)
+                p.world_size.max(1),
+                gib(self.optimizer)
             ));
         }
         if !p.bf16 {
@@ -238,10 +246,11 @@ mod tests {
         assert_eq!(p.parameters, 8_355_276_800);
         let states = p.weights + p.gradients + p.optimizer;
         assert_eq!(states, p.parameters * 18);
-        // ZeRO-2 on 8 ranks: weights whole, gradients and optimizer in eighths.
+        // ZeRO-2 on 8 ranks: weights whole, optimizer in eighths; gradients whole until the
+        // bucketed reduce-scatter during the backward exists.
         let z2 = plan(true, AttentionKind::default(), 8, 2);
         assert_eq!(z2.optimizer, p.optimizer / 8);
-        assert_eq!(z2.gradients, p.gradients / 8);
+        assert_eq!(z2.gradients, p.gradients);
     }
 
     #[test]
@@ -271,6 +280,17 @@ mod tests {
         let p = MemoryPlan::estimate(&input);
         let advice = p.advice(&input, 80 << 30).expect("does not fit 80 GiB");
         assert!(advice.contains("gradient_checkpointing"), "{advice}");
-        assert!(advice.contains("ZeRO"), "{advice}");
+        assert!(advice.contains("zero_stage = 1"), "{advice}");
+        // A run already at ZeRO-2 is not told to use ZeRO-2.
+        let z2 = PlanInput {
+            world_size: 8,
+            zero_stage: 2,
+            ..input
+        };
+        let advice = MemoryPlan::estimate(&z2)
+            .advice(&z2, 20 << 30)
+            .expect("does not fit 20 GiB");
+        assert!(!advice.contains("zero_stage = 1"), "{advice}");
+        assert!(advice.contains("stage 2 already splits"), "{advice}");
     }
 }

@@ -13,7 +13,7 @@ use llava_trainer::train;
 pub struct Args {
     #[command(flatten)]
     run: super::run::Args,
-    /// Data-parallel ranks (the optimizer state is not sharded yet: ZeRO stage 0).
+    /// Data-parallel ranks (the optimizer state is split over them with --zero-stage 1 or 2).
     #[arg(long, default_value_t = 1)]
     world_size: usize,
     /// Device memory in GiB (default: the device's own, or this machine's RAM for the CPU).

@@ -125,12 +125,20 @@ pub struct Args {
     /// [default: 0].
     #[arg(long)]
     zero_stage: Option<u8>,
-    /// Data-parallel ranks on this machine. On the CPU they run as threads of this process
-    /// (in-process collectives; for debugging and tests); on CUDA this process starts one
-    /// process per GPU (rank i on GPU i, NCCL) and supervises them, as `torchrun` would.
-    /// Under torchrun or Slurm leave it at 1: the launcher starts the ranks.
+    /// Data-parallel ranks on this machine: this process starts one process per rank (on CUDA
+    /// rank i on GPU i over NCCL; on the CPU over a TCP collective, see --cpu-ranks) and
+    /// supervises them, as `torchrun` would. Under torchrun or Slurm leave it at 1: the
+    /// launcher starts the ranks.
     #[arg(long, default_value_t = 1)]
     nproc_per_node: usize,
+    /// With --nproc-per-node on the CPU: `processes` (default; the same path as torchrun and
+    /// srun) or `threads` (every rank a thread of this process; identical results).
+    #[arg(long, value_name = "processes|threads", default_value = "processes")]
+    cpu_ranks: String,
+    /// Seconds a collective waits for the slowest rank before failing with the rank it waited
+    /// for (checkpoints of the 8B model take minutes: keep it generous).
+    #[arg(long, value_name = "SECONDS", default_value_t = 1800.0)]
+    collective_timeout: f64,
     /// Seconds a rank waits for the others to join (rank 0 at MASTER_ADDR:MASTER_PORT) before
     /// giving up with a message naming the missing ranks.
     #[arg(long, value_name = "SECONDS", default_value_t = 300.0)]
@@ -354,6 +362,8 @@ enum Layout {
     SpawnLocal(usize),
     /// One rank of a torchrun / Slurm / `--nproc-per-node` job: NCCL.
     Launched(LaunchEnv),
+    /// One CPU rank of such a job: the TCP collective.
+    LaunchedCpu(LaunchEnv),
 }
 
 fn layout(args: &Args) -> Result<Layout> {
@@ -371,24 +381,14 @@ fn layout(args: &Args) -> Result<Layout> {
             env.world_size
         ),
         (true, _, true) if env.world_size == 1 => Layout::Single,
-        (true, _, true) => anyhow::bail!(
-            "launched as rank {} of {} ({:?}) with --device {}: ranks in separate processes \
-             exchange gradients over NCCL, which needs CUDA{}; on the CPU run one process with \
-             --nproc-per-node N (the ranks are threads)",
-            env.rank,
-            env.world_size,
-            env.source,
-            args.device,
-            if cfg!(feature = "cuda") {
-                ""
-            } else {
-                " (this llava-trainer was built without it: rebuild with `--features cuda`, \
-                 scripts/build-cuda.sh)"
-            }
-        ),
+        (true, _, true) => Layout::LaunchedCpu(env),
         (true, _, false) => Layout::Launched(env),
         (false, 1, _) => Layout::Single,
-        (false, n, true) => Layout::Threads(n),
+        (false, n, true) => match args.cpu_ranks.as_str() {
+            "threads" => Layout::Threads(n),
+            "processes" => Layout::SpawnLocal(n),
+            other => anyhow::bail!("--cpu-ranks {other:?}: expected processes or threads"),
+        },
         (false, n, false) => Layout::SpawnLocal(n),
     })
 }
@@ -397,8 +397,10 @@ pub fn run(args: Args) -> Result<()> {
     let layout = layout(&args)?;
     let rendezvous_timeout = Duration::try_from_secs_f64(args.rendezvous_timeout)
         .context("--rendezvous-timeout: a number of seconds")?;
+    let collective_timeout = Duration::try_from_secs_f64(args.collective_timeout)
+        .context("--collective-timeout: a number of seconds")?;
     if let Layout::SpawnLocal(nproc) = layout {
-        if !cfg!(feature = "cuda") {
+        if !cfg!(feature = "cuda") && !super::device::is_cpu_spec(&args.device) {
             // Says that this binary has no CUDA, before starting anything.
             super::device::parse(&args.device)?;
         }
@@ -431,7 +433,8 @@ pub fn run(args: Args) -> Result<()> {
     let save_now = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(SIGUSR1, save_now.clone())
         .context("installing the SIGUSR1 handler")?;
-    let lead = !matches!(&layout, Layout::Launched(env) if env.rank != 0);
+    let lead =
+        !matches!(&layout, Layout::Launched(env) | Layout::LaunchedCpu(env) if env.rank != 0);
     let opts = RunOptions {
         stop: Some(stop),
         save_now: Some(save_now),
@@ -444,6 +447,9 @@ pub fn run(args: Args) -> Result<()> {
         Layout::Single => train::run(&cfg, opts)?,
         Layout::Threads(n) => train::run_threads(&cfg, n, opts)?,
         Layout::Launched(env) => run_nccl(&cfg, &env, opts, rendezvous_timeout)?,
+        Layout::LaunchedCpu(env) => {
+            run_tcp(&cfg, &env, opts, rendezvous_timeout, collective_timeout)?
+        }
         Layout::SpawnLocal(_) => unreachable!("handled above"),
     };
     if summary.already_finished {
@@ -492,7 +498,7 @@ fn spawn_local(nproc: usize, rendezvous_timeout: Duration) -> Result<()> {
         Err(_) => spawn::free_port().context("finding a free port for the rendezvous")?,
     };
     tracing::info!(
-        "starting {nproc} ranks (one per GPU) with the rendezvous at 127.0.0.1:{master_port} \
+        "starting {nproc} rank processes with the rendezvous at 127.0.0.1:{master_port} \
          (timeout {:.0} s)",
         rendezvous_timeout.as_secs_f64()
     );
@@ -506,6 +512,38 @@ fn spawn_local(nproc: usize, rendezvous_timeout: Duration) -> Result<()> {
         std::process::exit(exit.code);
     }
     Ok(())
+}
+
+/// One CPU rank of a multi-process job: the TCP collective, joined through torchrun's store or
+/// our rendezvous ([`llava_trainer::dist::join`]).
+fn run_tcp(
+    cfg: &TrainConfig,
+    env: &LaunchEnv,
+    opts: RunOptions,
+    rendezvous_timeout: Duration,
+    collective_timeout: Duration,
+) -> Result<Summary> {
+    use llava_trainer::dist::tcp::TcpGroup;
+    use llava_trainer::dist::Collective;
+    let group = Arc::new(
+        TcpGroup::join(env, rendezvous_timeout, collective_timeout).with_context(|| {
+            format!(
+                "rank {} of {} ({:?} launch, MASTER_ADDR={} MASTER_PORT={})",
+                env.rank, env.world_size, env.source, env.master_addr, env.master_port
+            )
+        })?,
+    );
+    tracing::info!(
+        "rank {} of {}: joined (TCP collective)",
+        env.rank,
+        env.world_size
+    );
+    let out = train::run_rank(cfg, opts, group.clone());
+    match &out {
+        Err(e) => group.abort(&e.to_string()),
+        Ok(_) => group.finish()?,
+    }
+    Ok(out?)
 }
 
 /// One rank of a multi-process job: NCCL on GPU `LOCAL_RANK`, joined through the rendezvous.

@@ -220,9 +220,11 @@ fn slurm(get: &dyn Fn(&str) -> Option<String>) -> Result<LaunchEnv, LaunchError>
             })?
         }
     };
-    let master_port = match get("MASTER_PORT") {
-        Some(p) => parse_port("MASTER_PORT", &p)?,
-        None => DEFAULT_MASTER_PORT,
+    // Without MASTER_PORT, a port of this job's own (two jobs sharing a node must not meet).
+    let master_port = match (get("MASTER_PORT"), get("SLURM_JOB_ID")) {
+        (Some(p), _) => parse_port("MASTER_PORT", &p)?,
+        (None, Some(id)) => slurm_job_port(&id),
+        (None, None) => DEFAULT_MASTER_PORT,
     };
     Ok(LaunchEnv {
         rank,
@@ -233,6 +235,19 @@ fn slurm(get: &dyn Fn(&str) -> Option<String>) -> Result<LaunchEnv, LaunchError>
         master_port,
         source: LaunchSource::Slurm,
     })
+}
+
+/// The rendezvous port of Slurm job `id` when the script sets no MASTER_PORT: 15000 + id mod
+/// 20000, below the ephemeral range Linux hands out (32768 and up).
+pub fn slurm_job_port(id: &str) -> u16 {
+    let n: u64 = id.trim().bytes().fold(0, |acc, b| {
+        if b.is_ascii_digit() {
+            (acc * 10 + u64::from(b - b'0')) % 20000
+        } else {
+            acc
+        }
+    });
+    15000 + n as u16
 }
 
 /// Tasks on this node: `SLURM_NTASKS_PER_NODE` (only set with `--ntasks-per-node`), else

@@ -2,17 +2,22 @@
 //! parameter's optimizer state (ZeRO).
 //!
 //! Backends: [`threads::ThreadGroup`] runs every rank as a thread of one process and sums in
-//! rank order (deterministic; CPU runs and the tests). NCCL (through cudarc, on candle's CUDA
+//! rank order (deterministic; CPU runs and the tests); [`tcp::TcpGroup`] runs CPU ranks as
+//! processes (torchrun, srun, `--nproc-per-node`) with the same sums over TCP. NCCL (through cudarc, on candle's CUDA
 //! stream) is the multi-GPU backend: `nccl::NcclGroup` with the `cuda` feature, compiled but
 //! never run and not yet used by the training loop; [`launch`] (torchrun / Slurm
 //! environments) and [`rendezvous`] (rank 0 shares NCCL's unique id over TCP and relays
-//! failures) are its launch side.
+//! failures) are its launch side; [`join`] picks between our rendezvous and torchrun's agent
+//! store ([`store`], the c10d TCPStore client).
 
+pub mod join;
 pub mod launch;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod rendezvous;
 pub mod spawn;
+pub mod store;
+pub mod tcp;
 pub mod threads;
 pub mod zero;
 

@@ -25,8 +25,9 @@ use candle_core::cuda::cudarc::nccl::{Comm, Id, NcclType, ReduceOp};
 use candle_core::cuda::CudaDType;
 use candle_core::{CpuStorage, CudaStorage, DType, Device, InplaceOp2, Layout, Tensor};
 
+use super::join::join;
 use super::launch::LaunchEnv;
-use super::rendezvous::{rendezvous, Rendezvous};
+use super::rendezvous::Rendezvous;
 use super::Collective;
 use crate::{Error, Result};
 
@@ -65,14 +66,15 @@ impl NcclGroup {
                 "NCCL needs a CUDA device, got {device:?}"
             )));
         };
-        let id_for_rank0 = if env.rank == 0 {
-            let id = Id::new().map_err(|e| nccl_error("ncclGetUniqueId", e))?;
-            Some(id.internal().iter().map(|&c| c as u8).collect::<Vec<u8>>())
-        } else {
-            None
-        };
-        let control = rendezvous(env, id_for_rank0, rendezvous_timeout)
-            .map_err(|e| Error::Distributed(format!("NCCL rendezvous: {e}")))?;
+        // Through torchrun's agent store when it serves one, else our rendezvous (Slurm).
+        let control = join(
+            env,
+            |_ip, _host| {
+                let id = Id::new().map_err(|e| nccl_error("ncclGetUniqueId", e))?;
+                Ok(id.internal().iter().map(|&c| c as u8).collect::<Vec<u8>>())
+            },
+            rendezvous_timeout,
+        )?;
         let bytes: [u8; 128] = control.id.as_slice().try_into().map_err(|_| {
             Error::Distributed(format!(
                 "NCCL unique id from rank 0 has {} bytes, expected 128",

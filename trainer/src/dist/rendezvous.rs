@@ -278,6 +278,17 @@ pub fn rendezvous(
     id_for_rank0: Option<Vec<u8>>,
     timeout: Duration,
 ) -> Result<Rendezvous, RendezvousError> {
+    rendezvous_on(None, env, id_for_rank0, timeout)
+}
+
+/// [`rendezvous`] where rank 0 listens on `listener` (already bound, e.g. to a free port that
+/// the ranks learnt from torchrun's store) instead of binding `MASTER_PORT` itself.
+pub fn rendezvous_on(
+    listener: Option<TcpListener>,
+    env: &LaunchEnv,
+    id_for_rank0: Option<Vec<u8>>,
+    timeout: Duration,
+) -> Result<Rendezvous, RendezvousError> {
     if env.world_size == 0 || env.rank >= env.world_size {
         return Err(RendezvousError::BadLayout {
             rank: env.rank,
@@ -299,7 +310,7 @@ pub fn rendezvous(
         (id_for_rank0.unwrap_or_default(), Vec::new())
     } else if env.rank == 0 {
         let id = id_for_rank0.unwrap_or_default();
-        let peers = serve(env, &addr, &id, timeout)?;
+        let peers = serve(listener, env, &addr, &id, timeout)?;
         (id, peers)
     } else {
         connect(env, &addr, timeout)?
@@ -328,6 +339,7 @@ fn listen_addr(env: &LaunchEnv) -> SocketAddr {
 }
 
 fn serve(
+    listener: Option<TcpListener>,
     env: &LaunchEnv,
     addr: &str,
     id: &[u8],
@@ -341,7 +353,10 @@ fn serve(
         addr: bind.to_string(),
         source,
     };
-    let listener = TcpListener::bind(bind).map_err(bind_err)?;
+    let listener = match listener {
+        Some(l) => l,
+        None => TcpListener::bind(bind).map_err(bind_err)?,
+    };
     // Non-blocking accept, so the deadline holds even if nobody ever connects.
     listener.set_nonblocking(true).map_err(bind_err)?;
     let mut slots: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();

@@ -135,20 +135,26 @@ impl ThreadGroup {
     }
 
     fn sum_in_rank_order(parts: &[Option<Tensor>]) -> Result<Tensor> {
-        let mut it = parts.iter();
-        let first = it
-            .next()
-            .and_then(|t| t.clone())
-            .ok_or_else(|| Error::Distributed("all-reduce without rank 0's tensor".into()))?;
-        let mut acc = first;
-        for t in it {
-            let t = t
-                .as_ref()
-                .ok_or_else(|| Error::Distributed("all-reduce with a missing tensor".into()))?;
-            acc = (acc + t)?;
-        }
-        Ok(acc)
+        sum_in_rank_order(parts)
     }
+}
+
+/// `parts[0] + parts[1] + …`, left to right: the one summation order of every CPU backend, so
+/// that threads and processes give bit-identical results.
+pub(crate) fn sum_in_rank_order(parts: &[Option<Tensor>]) -> Result<Tensor> {
+    let mut it = parts.iter();
+    let first = it
+        .next()
+        .and_then(|t| t.clone())
+        .ok_or_else(|| Error::Distributed("all-reduce without rank 0's tensor".into()))?;
+    let mut acc = first;
+    for t in it {
+        let t = t
+            .as_ref()
+            .ok_or_else(|| Error::Distributed("all-reduce with a missing tensor".into()))?;
+        acc = (acc + t)?;
+    }
+    Ok(acc)
 }
 
 impl Collective for ThreadGroup {

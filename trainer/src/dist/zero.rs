@@ -152,34 +152,26 @@ pub fn share_parameters(
     Ok(())
 }
 
-/// The whole optimizer state (`m.*`, `v.*`, `master.*`) on every rank, for a checkpoint that
-/// any world size or stage can resume: owners broadcast their parts.
-pub fn gather_state(
-    local: HashMap<String, Tensor>,
-    vars: &[(String, candle_core::Var)],
+/// Where each optimizer tensor of a ZeRO-1/2 checkpoint lives: its owner's shard file.
+pub fn optimizer_index(
     sharding: &Sharding,
-    comm: &dyn Collective,
     with_master: bool,
-) -> Result<HashMap<String, Tensor>> {
-    if sharding.stage == 0 || comm.world_size() == 1 {
-        return Ok(local);
-    }
-    let mut out = HashMap::new();
+) -> crate::checkpoint::OptimizerIndex {
     let kinds: &[&str] = if with_master {
         &["m", "v", "master"]
     } else {
         &["m", "v"]
     };
-    for (name, var) in vars {
-        let owner = sharding.owner(name);
+    let mut weight_map = std::collections::BTreeMap::new();
+    for (name, _) in &sharding.params {
+        let file = crate::checkpoint::optimizer_shard_name(sharding.owner(name), sharding.world);
         for kind in kinds {
-            let key = format!("{kind}.{name}");
-            let placeholder = match local.get(&key) {
-                Some(t) => t.clone(),
-                None => var.as_tensor().to_dtype(DType::F32)?,
-            };
-            out.insert(key, comm.broadcast(&placeholder, owner)?);
+            weight_map.insert(format!("{kind}.{name}"), file.clone());
         }
     }
-    Ok(out)
+    crate::checkpoint::OptimizerIndex {
+        world_size: sharding.world,
+        zero_stage: sharding.stage,
+        weight_map,
+    }
 }

@@ -231,7 +231,7 @@ pub fn memory_plan(
         attention,
         loss_chunk: cfg.loss_chunk,
         world_size,
-        zero_stage: 0,
+        zero_stage: cfg.zero_stage,
     };
     let plan = MemoryPlan::estimate(&input);
     let advice = capacity.and_then(|c| plan.advice(&input, c));

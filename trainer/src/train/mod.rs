@@ -301,10 +301,10 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
             });
         }
     }
-    let mut resumed_state: Option<(TrainerState, HashMap<String, Tensor>)> = None;
+    let mut resumed_state: Option<TrainerState> = None;
     if let Some(dir) = &resume {
         checkpoint::check_is_checkpoint(dir)?;
-        let (state, tensors) = checkpoint::load_state(dir)?;
+        let state = checkpoint::load_state_json(dir)?;
         if state.config != cfg.trajectory_keys_at(world) {
             return Err(Error::Checkpoint {
                 path: dir.clone(),
@@ -342,7 +342,7 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
             var.set(&t.to_dtype(var.dtype())?)?;
         }
         drop(data);
-        resumed_state = Some((state, tensors));
+        resumed_state = Some(state);
     }
 
     let (mut model, trainable) =
@@ -382,21 +382,18 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
     )?;
     let mut data_state = DataState::new(0);
     let mut step = 0u64;
-    if let Some((state, tensors)) = resumed_state {
+    if let (Some(state), Some(dir)) = (resumed_state, &resume) {
         if state.trainable != names {
             return Err(Error::Checkpoint {
                 path: resume.clone().unwrap_or_default(),
                 msg: "other trainable parameters".into(),
             });
         }
-        // The checkpoint holds the whole state: keep this rank's shard.
-        let tensors = tensors
-            .into_iter()
-            .filter(|(k, _)| {
-                k.split_once('.')
-                    .is_some_and(|(_, n)| sharding.steps(rank, n))
-            })
-            .collect();
+        // Only this rank's shard is read, whatever world size wrote the checkpoint.
+        let tensors = checkpoint::load_optimizer_for(dir, &|k| {
+            k.split_once('.')
+                .is_some_and(|(_, n)| sharding.steps(rank, n))
+        })?;
         optim.load_state(tensors, state.global_step)?;
         data_state = state.data_state;
         step = state.global_step;
@@ -486,15 +483,27 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
         schedule.warmup_steps
     );
     let with_master = cfg.bf16;
-    // Every rank takes part (the optimizer state is gathered); rank 0 writes.
+    // ZeRO-1/2 over several ranks: each rank writes the optimizer state it owns (nothing is
+    // gathered); otherwise rank 0 holds all of it. Rank 0 writes the weights (every rank has
+    // them all) and renames the folder once every shard is in.
+    let sharded = sharding.stage >= 1 && world > 1;
     let save = |optim: &AdamW, step: u64, data_state: DataState, lr: f64, loss: f64| {
-        let state_tensors = zero::gather_state(
-            optim.state_tensors(),
-            &all_vars,
-            &sharding,
-            comm.as_ref(),
-            with_master,
-        )?;
+        let optimizer = if sharded {
+            if lead {
+                checkpoint::prepare_checkpoint_tmp(&cfg.output, step)?;
+            }
+            comm.barrier()?;
+            let tmp = checkpoint::checkpoint_tmp(&cfg.output, step);
+            checkpoint::write_optimizer_shard(&tmp, rank, world, &optim.state_tensors())?;
+            comm.barrier()?;
+            checkpoint::OptimizerTensors::Sharded(zero::optimizer_index(&sharding, with_master))
+        } else {
+            checkpoint::OptimizerTensors::Whole(if lead {
+                optim.state_tensors()
+            } else {
+                HashMap::new()
+            })
+        };
         if !lead {
             comm.barrier()?;
             return Ok::<PathBuf, Error>(cfg.output.clone());
@@ -512,12 +521,12 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
             config: cfg.trajectory_keys_at(world),
             trainable: names.clone(),
         };
-        let dir = checkpoint::save_checkpoint(
+        let dir = checkpoint::save_checkpoint_with(
             &cfg.output,
             &model_cfg,
             &varmap,
             &state,
-            state_tensors,
+            optimizer,
             tokenizer_dir.as_deref(),
             parts.projector_only(),
         )?;

@@ -91,13 +91,16 @@ fn multi_process_runs_explain_what_they_need() {
         ("MASTER_ADDR", "127.0.0.1"),
         ("MASTER_PORT", "29519"),
     ];
-    let e = run(&torchrun, &["--device", "cpu"]);
-    assert!(e.contains("rank 1 of 2") && e.contains("NCCL"), "{e}");
-    assert!(e.contains("--nproc-per-node N"), "{e}");
+    // A CPU rank joins over TCP (no NCCL needed); here rank 0 never starts.
+    let e = run(&torchrun, &["--device", "cpu", "--rendezvous-timeout", "1"]);
+    assert!(
+        e.contains("rank 1 of 2") && e.contains("could not be reached"),
+        "{e}"
+    );
     let e = run(&torchrun, &["--nproc-per-node", "2"]);
     assert!(e.contains("drop --nproc-per-node"), "{e}");
     if !cfg!(feature = "cuda") {
-        let e = run(&torchrun, &[]);
+        let e = run(&torchrun, &["--device", "cuda"]);
         assert!(e.contains("--features cuda"), "{e}");
         let e = run(&[], &["--nproc-per-node", "2", "--device", "cuda"]);
         assert!(e.contains("without CUDA"), "{e}");

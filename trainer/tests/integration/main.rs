@@ -11,6 +11,7 @@ mod data_pixels;
 mod data_plan;
 mod data_plan_reference;
 mod launch;
+mod multiproc;
 mod optim_parity;
 mod packing;
 mod param_counts;

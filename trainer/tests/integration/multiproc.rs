@@ -1,0 +1,480 @@
+//! CPU ranks as real processes (issue 28): `llava-trainer run` started by the real `torchrun`
+//! (static, `--standalone`, c10d rendezvous), by a Slurm-like environment set by hand, and by
+//! its own `--nproc-per-node` supervisor; every one trains the tiny model for a few steps with
+//! 2 ranks, and its losses equal world size 1's (same global batch) to 1e-6 and the thread
+//! ranks' exactly.
+//!
+//! torchrun comes from `LLAVA_TORCHRUN` (a `torchrun` binary, or a python with torch), else
+//! `.venv/bin/torchrun`, else `/work/torchvenv/bin/{torchrun,python}`; without one the torchrun
+//! tests print why and pass (scripts/torchrun-check.sh runs the same launches by hand).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+
+use llava_trainer::data::synthetic::{write_synthetic, SynthSpec};
+
+const BIN: &str = env!("CARGO_BIN_EXE_llava-trainer");
+const STEPS: &str = "3";
+
+fn scratch(name: &str) -> PathBuf {
+    llava_test_support::scratch(&format!("multiproc-{name}"))
+}
+
+/// Text-only synthetic shards and the tiny model, made once per test binary.
+fn inputs() -> &'static (PathBuf, PathBuf) {
+    static INPUTS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    INPUTS.get_or_init(|| {
+        let dir = scratch("inputs");
+        let shards = dir.join("shards");
+        let spec = SynthSpec {
+            image_samples: 0,
+            text_samples: 16,
+            batch_size: 2,
+            group_size: 2,
+            groups_per_shard: 4,
+            ..SynthSpec::default()
+        };
+        write_synthetic(&shards, &spec).expect("synthetic shards");
+        let model = dir.join("tiny-model");
+        let config = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/tiny-model.json");
+        let out = Command::new(BIN)
+            .args(["init", "--config"])
+            .arg(&config)
+            .arg("--output")
+            .arg(&model)
+            .output()
+            .expect("llava-trainer init starts");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (shards, model)
+    })
+}
+
+/// The arguments of `llava-trainer run` (after the program) for a short CPU run into `output`.
+fn run_args(output: &Path, grad_accum: usize) -> Vec<String> {
+    let (shards, model) = inputs();
+    [
+        "run",
+        "--shards",
+        &shards.display().to_string(),
+        "--model",
+        &model.display().to_string(),
+        "--output",
+        &output.display().to_string(),
+        "--max-steps",
+        STEPS,
+        "--lr",
+        "1e-3",
+        "--warmup-ratio",
+        "0.1",
+        "--workers",
+        "1",
+        "--device",
+        "cpu",
+        "--no-resume",
+        "--grad-accum",
+        &grad_accum.to_string(),
+        "--rendezvous-timeout",
+        "120",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// A command without any launcher variable inherited from the test's own environment.
+fn clean(mut cmd: Command) -> Command {
+    for k in [
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "SLURM_PROCID",
+        "SLURM_NTASKS",
+        "SLURM_LOCALID",
+        "SLURM_JOB_ID",
+        "TORCHELASTIC_USE_AGENT_STORE",
+    ] {
+        cmd.env_remove(k);
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+fn ok(out: Output, what: &str) -> Output {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The `loss` of every step line of `output/log.jsonl`.
+fn losses(output: &Path) -> Vec<f64> {
+    let log = std::fs::read_to_string(output.join("log.jsonl")).expect("log.jsonl");
+    log.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+        .filter_map(|v| v.get("loss").and_then(|x| x.as_f64()))
+        .collect()
+}
+
+/// World size 1 with grad_accum 2: the global batch of 2 ranks x 1.
+fn reference() -> &'static Vec<f64> {
+    static REF: OnceLock<Vec<f64>> = OnceLock::new();
+    REF.get_or_init(|| {
+        let out = scratch("reference").join("run");
+        let mut cmd = clean(Command::new(BIN));
+        ok(
+            cmd.args(run_args(&out, 2)).output().expect("run"),
+            "world 1",
+        );
+        let l = losses(&out);
+        assert_eq!(l.len(), STEPS.parse::<usize>().unwrap(), "{l:?}");
+        if let Some(d) = out.parent() {
+            std::fs::remove_dir_all(d).ok();
+        }
+        l
+    })
+}
+
+fn assert_matches_reference(name: &str, got: &[f64]) {
+    let want = reference();
+    assert_eq!(got.len(), want.len(), "{name}: {got:?} vs {want:?}");
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+            "{name}: step {} loss {a} vs world 1 {b}",
+            i + 1
+        );
+    }
+    eprintln!("{name}: losses {got:?} = world 1's within 1e-6");
+}
+
+#[test]
+fn nproc_per_node_processes_equal_threads_and_world_1() {
+    let dir = scratch("nproc");
+    let (procs, threads) = (dir.join("processes"), dir.join("threads"));
+    let mut cmd = clean(Command::new(BIN));
+    ok(
+        cmd.args(run_args(&procs, 1))
+            .args(["--nproc-per-node", "2"])
+            .output()
+            .expect("run"),
+        "--nproc-per-node 2 (processes)",
+    );
+    let mut cmd = clean(Command::new(BIN));
+    ok(
+        cmd.args(run_args(&threads, 1))
+            .args(["--nproc-per-node", "2", "--cpu-ranks", "threads"])
+            .output()
+            .expect("run"),
+        "--nproc-per-node 2 --cpu-ranks threads",
+    );
+    let (p, t) = (losses(&procs), losses(&threads));
+    assert_eq!(p, t, "processes and threads sum in the same order");
+    assert_matches_reference("--nproc-per-node 2", &p);
+    // The checkpoints are byte-identical too.
+    let last = |d: &Path| {
+        let (_, c) = llava_trainer::checkpoint::list_checkpoints(d)
+            .pop()
+            .expect("a checkpoint");
+        std::fs::read(c.join("model.safetensors")).expect("weights")
+    };
+    assert!(last(&procs) == last(&threads), "final weights differ");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+fn free_port() -> u16 {
+    llava_trainer::dist::spawn::free_port().expect("a free port")
+}
+
+/// Two ranks with Slurm's variables, as `srun --ntasks 2` on one node sets them.
+fn slurm_ranks(output: &Path, master: Option<u16>, job_id: &str) -> Vec<Child> {
+    (0..2)
+        .map(|rank| {
+            let mut cmd = clean(Command::new(BIN));
+            cmd.args(run_args(output, 1))
+                .env("SLURM_PROCID", rank.to_string())
+                .env("SLURM_NTASKS", "2")
+                .env("SLURM_LOCALID", rank.to_string())
+                .env("SLURM_TASKS_PER_NODE", "2")
+                .env("SLURM_JOB_NODELIST", "127.0.0.1")
+                .env("SLURM_JOB_ID", job_id)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            if let Some(p) = master {
+                cmd.env("MASTER_ADDR", "127.0.0.1")
+                    .env("MASTER_PORT", p.to_string());
+            }
+            cmd.spawn().expect("rank starts")
+        })
+        .collect()
+}
+
+#[test]
+fn slurm_like_environment_trains_with_and_without_master_port() {
+    let dir = scratch("slurm");
+    // With MASTER_ADDR/MASTER_PORT, as many sbatch scripts export them.
+    let with = dir.join("with-master");
+    for (r, c) in slurm_ranks(&with, Some(free_port()), "1")
+        .into_iter()
+        .enumerate()
+    {
+        ok(
+            c.wait_with_output().expect("rank"),
+            &format!("slurm rank {r}"),
+        );
+    }
+    assert_matches_reference("slurm with MASTER_PORT", &losses(&with));
+    // Without: the port comes from SLURM_JOB_ID, the host from the node list.
+    let without = dir.join("without-master");
+    let job = (std::process::id() % 20000).to_string();
+    for (r, c) in slurm_ranks(&without, None, &job).into_iter().enumerate() {
+        ok(
+            c.wait_with_output().expect("rank"),
+            &format!("slurm rank {r}"),
+        );
+    }
+    assert_matches_reference("slurm without MASTER_PORT", &losses(&without));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The torchrun command: `LLAVA_TORCHRUN`, or a venv's torchrun / python with torch.
+pub fn torchrun() -> Option<Command> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let candidates: Vec<PathBuf> = match std::env::var_os("LLAVA_TORCHRUN") {
+        Some(p) => vec![PathBuf::from(p)],
+        None => vec![
+            root.join(".venv/bin/torchrun"),
+            PathBuf::from("/work/torchvenv/bin/torchrun"),
+            PathBuf::from("/work/torchvenv/bin/python"),
+        ],
+    };
+    let found = candidates.into_iter().find(|p| p.is_file())?;
+    let is_python = found
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("python"));
+    let mut cmd = clean(Command::new(&found));
+    if is_python {
+        // A python without torch is no torchrun.
+        let has_torch = Command::new(&found)
+            .args(["-c", "import torch.distributed.run"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !has_torch {
+            return None;
+        }
+        cmd.args(["-m", "torch.distributed.run"]);
+    }
+    Some(cmd)
+}
+
+fn torchrun_mode(name: &str, flags: &[String]) {
+    let Some(mut cmd) = torchrun() else {
+        eprintln!(
+            "SKIPPED torchrun {name}: no torchrun found (set LLAVA_TORCHRUN to a torchrun binary \
+             or a python with torch; looked at .venv/bin/torchrun, /work/torchvenv/bin/torchrun \
+             and /work/torchvenv/bin/python)"
+        );
+        return;
+    };
+    let out = scratch(&format!("torchrun-{name}")).join("run");
+    cmd.args(["--nproc-per-node", "2", "--no-python"])
+        .args(flags)
+        .arg(BIN)
+        .args(run_args(&out, 1));
+    ok(
+        cmd.output().expect("torchrun starts"),
+        &format!("torchrun {name}"),
+    );
+    assert_matches_reference(&format!("torchrun {name}"), &losses(&out));
+    if let Some(d) = out.parent() {
+        std::fs::remove_dir_all(d).ok();
+    }
+}
+
+#[test]
+fn torchrun_static() {
+    torchrun_mode("static", &["--master-port".into(), free_port().to_string()]);
+}
+
+#[test]
+fn torchrun_standalone() {
+    torchrun_mode("standalone", &["--standalone".into()]);
+}
+
+#[test]
+fn torchrun_c10d_rendezvous() {
+    torchrun_mode(
+        "c10d",
+        &[
+            "--rdzv-backend".into(),
+            "c10d".into(),
+            "--rdzv-endpoint".into(),
+            format!("127.0.0.1:{}", free_port()),
+        ],
+    );
+}
+
+/// `run` with `ranks` thread ranks, ZeRO stage `zero`, `accum` micro-batches per rank, into
+/// `output` (resuming from its latest checkpoint when there is one).
+fn zero_run(output: &Path, ranks: usize, zero: u8, accum: usize, extra: &[&str]) {
+    let mut args = run_args(output, accum);
+    args.retain(|a| a != "--no-resume");
+    let pos = args.iter().position(|a| a == "--max-steps").expect("flag") + 1;
+    args[pos] = "4".into();
+    let mut cmd = clean(Command::new(BIN));
+    cmd.args(args)
+        .args(["--zero-stage", &zero.to_string(), "--cpu-ranks", "threads"])
+        .args(["--nproc-per-node", &ranks.to_string()])
+        .args(extra);
+    ok(
+        cmd.output().expect("run"),
+        &format!("{ranks} ranks, ZeRO {zero}"),
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
+    }
+}
+
+#[test]
+fn zero_checkpoint_is_sharded_and_resumes_at_world_1_and_4() {
+    let dir = scratch("zero-resume");
+    let first = dir.join("world2");
+    // 4 steps at world 2, ZeRO-1, 2 micro-batches per rank; a checkpoint at step 2.
+    zero_run(&first, 2, 1, 2, &["--save-every", "2"]);
+    let ck2 = first.join("checkpoint-2");
+    assert!(
+        ck2.join("optimizer_index.json").is_file(),
+        "sharded checkpoint"
+    );
+    assert!(
+        !ck2.join("trainer_state.safetensors").exists(),
+        "no gathered state"
+    );
+    for r in 0..2 {
+        let f = ck2.join(format!("optimizer-rank{r:05}-of-00002.safetensors"));
+        assert!(f.is_file(), "{}", f.display());
+    }
+    let want = losses(&first);
+    // The same global batch (4 micro-batches) at world 1 and 4, resumed from step 2.
+    for (world, accum, zero) in [(1usize, 4usize, 0u8), (4, 1, 1), (4, 1, 2)] {
+        let out = dir.join(format!("resume-w{world}-z{zero}"));
+        copy_dir(&ck2, &out.join("checkpoint-2"));
+        // The first run's log: the resume keeps its lines up to step 2.
+        std::fs::copy(first.join("log.jsonl"), out.join("log.jsonl")).expect("log");
+        zero_run(&out, world, zero, accum, &[]);
+        let got = losses(&out);
+        assert_eq!(got.len(), want.len(), "world {world}: {got:?}");
+        for (i, (a, b)) in got.iter().zip(&want).enumerate().skip(2) {
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                "world {world} ZeRO {zero}: step {} loss {a} vs {b}",
+                i + 1
+            );
+        }
+        eprintln!("resumed at world {world} ZeRO {zero}: {got:?} (world 2: {want:?})");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_killed_rank_is_named_the_last_checkpoint_is_intact_and_a_restart_resumes() {
+    let dir = scratch("killed");
+    let out = dir.join("run");
+    let port = free_port();
+    let start = |out: &Path| -> Vec<Child> {
+        (0..2)
+            .map(|rank| {
+                let mut args = run_args(out, 1);
+                args.retain(|a| a != "--no-resume");
+                let pos = args.iter().position(|a| a == "--max-steps").expect("flag") + 1;
+                args[pos] = "40".into();
+                let mut cmd = clean(Command::new(BIN));
+                cmd.args(args)
+                    .args(["--save-every", "1"])
+                    .env("SLURM_PROCID", rank.to_string())
+                    .env("SLURM_NTASKS", "2")
+                    .env("SLURM_LOCALID", rank.to_string())
+                    .env("SLURM_TASKS_PER_NODE", "2")
+                    .env("SLURM_JOB_NODELIST", "127.0.0.1")
+                    .env("MASTER_PORT", port.to_string())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped());
+                cmd.spawn().expect("rank starts")
+            })
+            .collect()
+    };
+    let mut ranks = start(&out);
+    // Wait for a complete checkpoint, then kill rank 1 as the OOM killer would.
+    let t0 = std::time::Instant::now();
+    while llava_trainer::checkpoint::list_checkpoints(&out).is_empty() {
+        assert!(t0.elapsed().as_secs() < 300, "no checkpoint within 300 s");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let mut r1 = ranks.pop().expect("rank 1");
+    r1.kill().expect("kill rank 1");
+    r1.wait().ok();
+    let killed_at = std::time::Instant::now();
+    let r0 = ranks
+        .pop()
+        .expect("rank 0")
+        .wait_with_output()
+        .expect("rank 0");
+    let err = String::from_utf8_lossy(&r0.stderr).to_string();
+    assert!(!r0.status.success(), "rank 0 must fail: {err}");
+    assert!(err.contains("rank 1"), "rank 0 names rank 1: {err}");
+    assert!(
+        killed_at.elapsed().as_secs() < 60,
+        "{:?}",
+        killed_at.elapsed()
+    );
+    // Every checkpoint left is complete (the rename is atomic); the last one resumes.
+    let cks = llava_trainer::checkpoint::list_checkpoints(&out);
+    let (last, last_dir) = cks.last().cloned().expect("a checkpoint");
+    llava_trainer::checkpoint::check_is_checkpoint(&last_dir).expect("complete");
+    let mut again = start(&out);
+    // Stop the restarted job after it resumed: the log says where from.
+    let r1 = again.pop().expect("rank 1");
+    let r0 = again.pop().expect("rank 0");
+    let t0 = std::time::Instant::now();
+    while llava_trainer::checkpoint::list_checkpoints(&out)
+        .last()
+        .is_none_or(|(s, _)| *s <= last)
+    {
+        assert!(
+            t0.elapsed().as_secs() < 300,
+            "no new checkpoint after the restart"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    for mut c in [r0, r1] {
+        c.kill().ok();
+        c.wait().ok();
+    }
+    let log = std::fs::read_to_string(out.join("log.jsonl")).expect("log");
+    let steps: Vec<u64> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["step"].as_u64())
+        .collect();
+    assert!(
+        steps.windows(2).all(|w| w[1] == w[0] + 1),
+        "resumed after step {last}: {steps:?}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
