@@ -317,3 +317,27 @@ impl TunableParts {
         self.mlp_adapter && !self.vision_tower && !self.language_model
     }
 }
+
+#[cfg(test)]
+mod precision_tests {
+    use super::*;
+
+    #[test]
+    fn precision_defaults_to_bf16_on_cuda_and_f32_on_the_cpu() {
+        let mut c = TrainConfig::new("s".into(), "m".into(), "o".into());
+        assert_eq!(c.resolve_precision(false), "f32");
+        assert!(!c.bf16);
+        assert!(c.resolve_precision(true).contains("TF32"));
+        assert!(c.bf16);
+        let mut c = TrainConfig::new("s".into(), "m".into(), "o".into());
+        c.precision = Some("f32".into());
+        assert_eq!(c.resolve_precision(true), "f32");
+        c.precision = Some("bf16".into());
+        assert!(c.resolve_precision(false).starts_with("bf16"));
+        c.precision = Some("f16".into());
+        assert_eq!(c.validate().unwrap_err().0, "precision");
+        c.precision = Some("f32".into());
+        c.bf16 = true;
+        assert_eq!(c.validate().unwrap_err().0, "precision");
+    }
+}
