@@ -86,6 +86,8 @@ pub struct BenchSpec {
     pub warmup: usize,
     pub peak_tflops: Option<f64>,
     pub seed: u64,
+    /// Steps after the timed ones with the phase spans on (device synchronised per span).
+    pub phase_steps: usize,
 }
 
 /// Bytes of memory, measured.
@@ -131,6 +133,9 @@ pub struct BenchReport {
     pub achieved_tflops: f64,
     pub peak_tflops: Option<f64>,
     pub mfu: Option<f64>,
+    /// Seconds per timed step in each phase: spans that synchronise the device (so the sum is
+    /// a little above `step_s` on CUDA); `communication_s` is 0 in a one-process bench.
+    pub phases: crate::step::spans::PhaseTimes,
     pub loss: f64,
     pub memory: MemoryReport,
     pub plan: MemoryPlan,
@@ -244,6 +249,8 @@ pub fn run_bench(spec: &BenchSpec, dev: &Device) -> Result<BenchReport> {
     let cfg = &spec.model;
     cfg.validate()?;
     let dtype = if spec.bf16 { DType::BF16 } else { DType::F32 };
+    // As `run`: TF32 for the f32 matmuls that remain in a bf16 step on CUDA.
+    crate::ops::set_tf32(spec.bf16 && dev.is_cuda());
     let parts = TunableParts::parse(&spec.tunable_parts)?;
     let trainable = |n: &str| parts.is_trainable(n);
     let varmap = random_varmap(cfg, dtype, dev)?;
@@ -279,6 +286,7 @@ pub fn run_bench(spec: &BenchSpec, dev: &Device) -> Result<BenchReport> {
         let out = step::micro_batch(&model, &batch, acc, 1, opts)?;
         let grads = acc.take();
         if let Some(o) = optim.as_mut() {
+            let _t = step::spans::span(step::spans::Phase::Optimizer);
             o.step(&grads, 1.0)?;
         }
         drop(grads);
@@ -295,6 +303,12 @@ pub fn run_bench(spec: &BenchSpec, dev: &Device) -> Result<BenchReport> {
         loss = one_step(&mut acc)?;
     }
     let step_s = t0.elapsed().as_secs_f64() / spec.steps.max(1) as f64;
+    // The phases in extra steps of their own: their synchronisations must not slow the
+    // timed ones.
+    step::spans::enable(dev);
+    let phased = (0..spec.phase_steps).try_for_each(|_| one_step(&mut acc).map(|_| ()));
+    let phases = step::spans::disable().per(spec.phase_steps);
+    phased?;
     let (peak, baseline, method) = probe.finish()?;
 
     let e: u64 = if spec.bf16 { 2 } else { 4 };
@@ -345,6 +359,7 @@ pub fn run_bench(spec: &BenchSpec, dev: &Device) -> Result<BenchReport> {
         achieved_tflops: achieved,
         peak_tflops: spec.peak_tflops,
         mfu: spec.peak_tflops.map(|p| achieved / p),
+        phases,
         loss,
         memory,
         plan,
@@ -399,7 +414,8 @@ fn model_flops(
     let per_step = per_token * (spec.batch * spec.seq) as f64 + per_tile * tiles as f64;
     let formula = "per token 6·N_llm + 12·layers·hidden·seq (N_llm: Llama without the embedding \
                    table, lm_head included); per tile k·N_vision·577 + (k/6)·12·layers_v·1024·577² \
-                   (k = 6 if the vision tower trains, else 2); recomputation not counted"
+                   (k = 6 if the vision tower trains, else 2); recomputation not counted; \
+                   MFU = model_flops_per_step / step_s / peak_flops (torchtitan)"
         .to_string();
     (per_token, per_step, formula)
 }
@@ -529,4 +545,60 @@ fn tiny_config() -> Result<LlavaNextConfig> {
     let spec: init::InitSpec = serde_json::from_str(include_str!("../configs/tiny-model.json"))
         .map_err(|e| Error::Config(format!("tiny-model.json: {e}")))?;
     spec.config()
+}
+
+/// Tensors candle has created in this process so far: its `TensorId` counter, which every op
+/// (a kernel launch, or a view such as `narrow` / `reshape`) advances by one. Reading it creates
+/// one tensor, which the callers subtract.
+fn tensors_created() -> Result<u64> {
+    let probe = Tensor::zeros((), DType::F32, &Device::Cpu)?;
+    let text = format!("{:?}", probe.id());
+    text.trim_start_matches("TensorId(")
+        .trim_end_matches(')')
+        .parse()
+        .map_err(|_| Error::Config(format!("unexpected tensor id {text:?}")))
+}
+
+/// Tensor ops of one decoder layer's attention (forward, and backward through autograd).
+#[derive(Debug, Clone, Serialize)]
+pub struct AttentionOpCount {
+    pub seq: usize,
+    pub attention: String,
+    pub forward_ops: u64,
+    pub backward_ops: u64,
+    /// What is counted.
+    pub method: String,
+}
+
+/// Counts the tensor ops of one causal attention call over `seq` tokens (Llama-3's 4:1 query
+/// to key/value heads) and of its backward. The count depends on the number of blocks, not on
+/// the head count or size, so small heads give the 8B model's count at a fraction of the work.
+pub fn count_attention_ops(
+    seq: usize,
+    kind: AttentionKind,
+    dev: &Device,
+) -> Result<AttentionOpCount> {
+    let (hq, hkv, d) = (4, 1, 8);
+    let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, hq, seq, d), dev)?)?;
+    let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, hkv, seq, d), dev)?)?;
+    let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, hkv, seq, d), dev)?)?;
+    let mask = crate::attention::AttentionMask::causal(&[seq], seq, dev)?;
+    let g = Tensor::randn(0f32, 1.0, (1, hq, seq, d), dev)?;
+    let c0 = tensors_created()?;
+    let y = crate::attention::attend(&q, &k, &v, &mask, 1.0 / (d as f64).sqrt(), kind)?;
+    let c1 = tensors_created()?;
+    let loss = (y * &g)?.sum_all()?;
+    let c2 = tensors_created()?;
+    let grads = loss.backward()?;
+    let c3 = tensors_created()?;
+    drop(grads);
+    Ok(AttentionOpCount {
+        seq,
+        attention: kind.to_string(),
+        forward_ops: c1 - c0 - 1,
+        backward_ops: c3 - c2 - 1,
+        method: "tensors candle creates (its TensorId counter): every kernel launch makes one, \
+                 and so does every view (narrow, reshape, transpose)"
+            .into(),
+    })
 }

@@ -101,24 +101,66 @@ impl Geometry {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-/// f32 scores of a block, masked: `[B, Hkv, rep, |qs|, |ks|]`.
+/// Each key/value block of one call, laid out once for every query block that reads it
+/// (`kt`: `[B, Hkv, d, |ks|]`, `k`, `v`: `[B, Hkv, |ks|, d]`, `vt`: `[B, Hkv, d, |ks|]`); a
+/// transposed copy per (query block, key block) pair would cost `n_q` copies of K.
+struct KvBlocks {
+    kt: Vec<Tensor>,
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    vt: Vec<Tensor>,
+}
+
+impl KvBlocks {
+    /// `backward`: also the plain K blocks and the transposed V blocks.
+    fn new(g: &Geometry, k: &Tensor, v: &Tensor, backward: bool) -> Result<Self> {
+        let mut out = Self {
+            kt: Vec::new(),
+            k: Vec::new(),
+            v: Vec::new(),
+            vt: Vec::new(),
+        };
+        for ks in g.blocks() {
+            let kb = k.narrow(2, ks.start, ks.len())?;
+            let vb = v.narrow(2, ks.start, ks.len())?;
+            out.kt.push(kb.t()?.contiguous()?);
+            out.v.push(vb.contiguous()?);
+            if backward {
+                out.k.push(kb.contiguous()?);
+                out.vt.push(vb.t()?.contiguous()?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// f32 scores of a block, masked: `[B, Hkv, rep, |qs|, |ks|]`. `kt`: the key block transposed.
 fn block_scores(
     g: &Geometry,
     q_rows: &Tensor,
-    k: &Tensor,
-    qs: &std::ops::Range<usize>,
-    ks: &std::ops::Range<usize>,
-    vis: BlockVisibility,
-    mask: &AttentionMask,
+    kt: &Tensor,
+    n: usize,
+    bias: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
-    let kb = k.narrow(2, ks.start, ks.len())?;
-    let s = (q_rows.matmul(&kb.t()?.contiguous()?)? * scale)?.to_dtype(DType::F32)?;
-    let s = g.split(&s, qs.len())?;
+    let s = (q_rows.matmul(kt)? * scale)?.to_dtype(DType::F32)?;
+    let s = g.split(&s, n)?;
+    match bias {
+        Some(b) => s.broadcast_add(b),
+        None => Ok(s),
+    }
+}
+
+/// The mask bias of a block that needs one.
+fn bias_for(
+    mask: &AttentionMask,
+    vis: BlockVisibility,
+    qs: &std::ops::Range<usize>,
+    ks: &std::ops::Range<usize>,
+) -> Result<Option<Tensor>> {
     match vis {
-        BlockVisibility::Partial => s.broadcast_add(&mask.block_bias(qs.clone(), ks.clone())?),
-        _ => Ok(s),
+        BlockVisibility::Partial => Ok(Some(mask.block_bias(qs.clone(), ks.clone())?)),
+        _ => Ok(None),
     }
 }
 
@@ -132,18 +174,20 @@ fn forward(
     scale: f64,
 ) -> Result<(Tensor, Tensor)> {
     let dev = q.device();
+    let kv = KvBlocks::new(g, k, v, false)?;
     let (mut outs, mut lses) = (Vec::new(), Vec::new());
     for qs in g.blocks() {
         let n = qs.len();
         let q_rows = g.rows(q, &qs)?;
         // (running max clamped finite, running sum, accumulator)
         let mut state: Option<(Tensor, Tensor, Tensor)> = None;
-        for ks in g.blocks() {
+        for (j, ks) in g.blocks().enumerate() {
             let vis = mask.block(qs.clone(), ks.clone());
             if vis == BlockVisibility::None {
                 continue;
             }
-            let s = block_scores(g, &q_rows, k, &qs, &ks, vis, mask, scale)?;
+            let bias = bias_for(mask, vis, &qs, &ks)?;
+            let s = block_scores(g, &q_rows, &kv.kt[j], n, bias.as_ref(), scale)?;
             let bmax = s.max_keepdim(D::Minus1)?;
             let m_new = match &state {
                 Some((m, _, _)) => m.maximum(&bmax)?,
@@ -152,11 +196,10 @@ fn forward(
             .maximum(f64::from(f32::MIN))?;
             let p = s.broadcast_sub(&m_new)?.exp()?;
             let rowsum = p.sum_keepdim(D::Minus1)?;
-            let vb = v.narrow(2, ks.start, ks.len())?.contiguous()?;
             let pv = p
                 .to_dtype(v.dtype())?
                 .reshape((g.b, g.hkv, g.rep * n, ks.len()))?
-                .matmul(&vb)?
+                .matmul(&kv.v[j])?
                 .to_dtype(DType::F32)?;
             let pv = g.split(&pv, n)?;
             state = Some(match state {
@@ -211,6 +254,7 @@ fn backward(
         * out.to_dtype(DType::F32)?.reshape(shape5)?)?
     .sum_keepdim(D::Minus1)?;
     let nblocks = g.l.div_ceil(g.block);
+    let kv = KvBlocks::new(g, k, v, true)?;
     let mut dk: Vec<Option<Tensor>> = vec![None; nblocks];
     let mut dv: Vec<Option<Tensor>> = vec![None; nblocks];
     let mut dqs = Vec::with_capacity(nblocks);
@@ -233,12 +277,11 @@ fn backward(
             if vis == BlockVisibility::None {
                 continue;
             }
-            let s = block_scores(g, &q_rows, k, &qs, &ks, vis, mask, scale)?;
+            let bias = bias_for(mask, vis, &qs, &ks)?;
+            let s = block_scores(g, &q_rows, &kv.kt[kb_idx], n, bias.as_ref(), scale)?;
             let p = s.broadcast_sub(&lse_b)?.exp()?;
             let rows = (g.b, g.hkv, g.rep * n, ks.len());
             let p_rows = p.reshape(rows)?;
-            let kb = k.narrow(2, ks.start, ks.len())?.contiguous()?;
-            let vb = v.narrow(2, ks.start, ks.len())?.contiguous()?;
             // dV_j += Pᵀ dO (summed over the rep query heads of each kv head by the matmul).
             let dv_j = p_rows
                 .to_dtype(v.dtype())?
@@ -246,19 +289,15 @@ fn backward(
                 .matmul(&do_rows)?
                 .to_dtype(DType::F32)?;
             add(&mut dv[kb_idx], dv_j)?;
-            let dp = g.split(
-                &do_rows
-                    .matmul(&vb.t()?.contiguous()?)?
-                    .to_dtype(DType::F32)?,
-                n,
-            )?;
-            let ds = (p * dp.broadcast_sub(&delta_b)?)?
+            let dp = g.split(&do_rows.matmul(&kv.vt[kb_idx])?.to_dtype(DType::F32)?, n)?;
+            // The softmax scale once on dS (before its cast, as before), not on dQ and dK.
+            let ds = ((p * dp.broadcast_sub(&delta_b)?)? * scale)?
                 .reshape(rows)?
                 .to_dtype(q.dtype())?;
-            add(&mut dq, (ds.matmul(&kb)?.to_dtype(DType::F32)? * scale)?)?;
+            add(&mut dq, ds.matmul(&kv.k[kb_idx])?.to_dtype(DType::F32)?)?;
             add(
                 &mut dk[kb_idx],
-                (ds.t()?.matmul(&q_rows)?.to_dtype(DType::F32)? * scale)?,
+                ds.t()?.matmul(&q_rows)?.to_dtype(DType::F32)?,
             )?;
         }
         let dq = match dq {

@@ -65,6 +65,10 @@ pub struct Args {
     /// Untimed steps first (0 measures the first step's memory, allocation included).
     #[arg(long, default_value_t = 1)]
     warmup: usize,
+    /// Extra steps after the timed ones that time forward, recomputation, backward and
+    /// optimizer separately (each span synchronises the device).
+    #[arg(long, default_value_t = 1)]
+    phase_steps: usize,
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -90,6 +94,10 @@ pub struct Args {
     /// With --shards: timed passes per layout.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Instead of a step: count the tensor ops of one decoder layer's attention forward and
+    /// backward at --seq tokens with --attention (small heads: the count depends on the blocks).
+    #[arg(long)]
+    count_ops: bool,
     /// Print the report as JSON (default: a short text summary and the JSON).
     #[arg(long)]
     json: bool,
@@ -100,6 +108,17 @@ pub fn run(args: Args) -> Result<()> {
     let model = named_config(&args.model, args.layers, args.vision_layers)
         .with_context(|| format!("model {:?}", args.model))?;
     let attention: AttentionKind = args.attention.parse().map_err(anyhow::Error::msg)?;
+    if args.count_ops {
+        let r = llava_trainer::bench::count_attention_ops(args.seq, attention, &dev)?;
+        if !args.json {
+            eprintln!(
+                "{} at {} tokens: {} ops forward, {} backward",
+                r.attention, r.seq, r.forward_ops, r.backward_ops
+            );
+        }
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
     if let Some(shards) = args.shards {
         let spec = PackingBenchSpec {
             shards,
@@ -149,6 +168,7 @@ pub fn run(args: Args) -> Result<()> {
         warmup: args.warmup,
         peak_tflops: args.peak_tflops,
         seed: args.seed,
+        phase_steps: args.phase_steps,
     };
     let report = run_bench(&spec, &dev)?;
     let json = serde_json::to_string_pretty(&report)?;

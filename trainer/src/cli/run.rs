@@ -77,6 +77,9 @@ pub struct Args {
     /// bf16 weights and activations (f32 master weights, moments and gradients).
     #[arg(long)]
     bf16: bool,
+    /// bf16 (and TF32 for f32 matmuls) or f32 [default: bf16 on CUDA, f32 on the CPU].
+    #[arg(long, value_parser = ["bf16", "f32"])]
+    precision: Option<String>,
     /// Checkpoint every N steps (always at the end and on a signal) [default: only then].
     #[arg(long)]
     save_every: Option<u64>,
@@ -251,6 +254,7 @@ pub(crate) fn merged(args: Args) -> Result<TrainConfig> {
     set("max_steps", args.max_steps.map(int));
     set("seed", args.seed.map(int));
     set("bf16", args.bf16.then_some(toml::Value::Boolean(true)));
+    set("precision", args.precision.map(toml::Value::String));
     set("save_every", args.save_every.map(int));
     set(
         "save_total_limit",
@@ -415,7 +419,10 @@ pub fn run(args: Args) -> Result<()> {
     };
     let progress_every = Duration::try_from_secs_f64(args.progress_every)
         .context("--progress-every: a number of seconds")?;
-    let cfg = merged(args)?;
+    let mut cfg = merged(args)?;
+    let precision = cfg.resolve_precision(device.is_cuda());
+    llava_trainer::ops::set_tf32(device.is_cuda() && cfg.bf16);
+    tracing::info!("precision: {precision}");
     // SIGINT (Ctrl-C) and SIGTERM (what Slurm and Kubernetes send before killing a preempted
     // job): finish the step, checkpoint, exit 130 / 143 so a wrapper knows training did not
     // finish. A second signal exits at once. SIGUSR1 (Slurm's `--signal=USR1@120`): checkpoint at

@@ -8,6 +8,7 @@
 //!   recomputes one segment at a time (`gradient_checkpointing`, the default for real models).
 
 pub mod segments;
+pub mod spans;
 
 use std::collections::HashMap;
 
@@ -92,14 +93,20 @@ pub fn micro_batch(
     if opts.recompute {
         return segments::micro_batch(model, batch, acc, grad_accum);
     }
-    let out = model.forward_loss(batch)?;
+    let out = {
+        let _t = spans::span(spans::Phase::Forward);
+        model.forward_loss(batch)?
+    };
     // The same two scalings as the recomputed path, in the same order.
     let scaled = if grad_accum > 1 {
         (&out.loss / grad_accum as f64)?
     } else {
         out.loss.clone()
     };
-    acc.absorb(&scaled.backward()?)?;
+    {
+        let _t = spans::span(spans::Phase::Backward);
+        acc.absorb(&scaled.backward()?)?;
+    }
     Ok(MicroBatchLoss {
         loss: out.loss.detach(),
         targets: out.targets,

@@ -15,6 +15,7 @@
 
 use candle_core::{Tensor, Var};
 
+use super::spans::{span, Phase};
 use super::{GradAccumulator, MicroBatchLoss};
 use crate::llama::LayerContext;
 use crate::llava_next::Prepared;
@@ -104,7 +105,10 @@ pub fn micro_batch(
             trainable.push(true);
             break;
         }
-        let y = run.forward(seg, x.as_ref())?;
+        let y = {
+            let _t = span(Phase::Forward);
+            run.forward(seg, x.as_ref())?
+        };
         trainable.push(y.track_op());
         x = Some(y.detach());
     }
@@ -144,7 +148,11 @@ pub fn micro_batch(
             Some(v) => Some(v.as_tensor().clone()),
             None => input,
         };
-        let y = run.forward(segs[i], x.as_ref())?;
+        let y = {
+            let _t = span(Phase::Recompute);
+            run.forward(segs[i], x.as_ref())?
+        };
+        let _t = span(Phase::Backward);
         let store = (y * g)?.sum_all()?.backward()?;
         acc.absorb(&store)?;
         grad = var.and_then(|v| store.get(v.as_tensor()).cloned());
@@ -183,9 +191,12 @@ fn head_backward(
             t
         })
     };
+    let fwd = span(Phase::Forward);
     let xn = m.language_model().final_norm(&x)?;
     if n == 0 {
         let nll = m.head_nll(&x, prep)?;
+        drop(fwd);
+        let _t = span(Phase::Backward);
         let store = scale(nll.clone())?.backward()?;
         acc.absorb(&store)?;
         let g = var.and_then(|v| store.get(v.as_tensor()).cloned());
@@ -195,11 +206,16 @@ fn head_backward(
     // during its own backward.
     let sel = m.supervised_hidden(&xn, prep)?;
     let sel_var = Var::from_tensor(&sel.detach())?;
+    drop(fwd);
     let mut nll_total: Option<Tensor> = None;
     let mut sel_grad: Option<Tensor> = None;
     for (start, len) in m.loss_chunks(n) {
         let rows = sel_var.as_tensor().narrow(0, start, len)?;
-        let nll = m.chunk_nll(&rows, prep, start)?;
+        let nll = {
+            let _t = span(Phase::Forward);
+            m.chunk_nll(&rows, prep, start)?
+        };
+        let _t = span(Phase::Backward);
         let store = scale(nll.clone())?.backward()?;
         acc.absorb(&store)?;
         if let Some(g) = store.get(sel_var.as_tensor()) {
@@ -219,6 +235,7 @@ fn head_backward(
     let mut input_grad_out = None;
     if let Some(g) = sel_grad {
         if sel.track_op() {
+            let _t = span(Phase::Backward);
             let store = (sel * g)?.sum_all()?.backward()?;
             acc.absorb(&store)?;
             input_grad_out = var.and_then(|v| store.get(v.as_tensor()).cloned());

@@ -10,6 +10,7 @@ mod data_loader;
 mod data_pixels;
 mod data_plan;
 mod data_plan_reference;
+mod gpu_check;
 mod launch;
 mod multiproc;
 mod optim_parity;
