@@ -229,15 +229,16 @@ fn assemble_inner(output: &Path, progress: Option<bool>) -> Result<Manifest, Bui
     }
     // On disk before the counts are checked: a build that fails keeps what explains it.
     write_rejects(output, &rejects)?;
-    let wrong: Vec<&SourceStats> = manifest
-        .sources
-        .iter()
-        .filter(|s| s.written + s.rejected != s.read)
+    let wrong: Vec<usize> = (0..manifest.sources.len())
+        .filter(|&i| {
+            let s = &manifest.sources[i];
+            s.written + s.rejected != s.read
+        })
         .collect();
     if !wrong.is_empty() {
         let explained: Vec<String> = wrong
             .iter()
-            .map(|s| explain_counts(output, &build.shard_files, s, &rejects))
+            .map(|&s| explain_counts(output, &build, (s, &manifest.sources[s]), &rejects))
             .collect();
         return Err(BuildError::Inconsistent(format!(
             "{}; every reject found is in {}",
@@ -275,13 +276,14 @@ fn remove_stale_shards(output: &Path, planned: &[String]) -> Result<(), BuildErr
     Ok(())
 }
 
-/// Why a source's counts do not add up, naming the records that explain it: rows of the source
-/// written twice or both written and rejected (read back from the shards' small columns; this
-/// runs only when a build is about to fail).
+/// Why a source's counts do not add up, naming the records that explain it: shards whose rows
+/// of the source differ from their record's count (with the rejects found in them), records
+/// written twice or both written and rejected, records neither. Reads the shards' small columns
+/// back; runs only when a build is about to fail.
 fn explain_counts(
     output: &Path,
-    shard_files: &[String],
-    source: &SourceStats,
+    build: &BuildRecord,
+    (source_pos, source): (usize, &SourceStats),
     rejects: &[RejectEntry],
 ) -> String {
     let head = format!(
@@ -295,17 +297,38 @@ fn explain_counts(
             .or_insert_with(|| (format!("{} (rejected: {})", r.id, r.kind), 0))
             .1 += 1;
     }
-    for file in shard_files {
+    let mut findings = Vec::new();
+    for file in &build.shard_files {
         let path = output.join(SHARDS_DIR).join(file);
         let rows = match source_rows(&path, &source.name) {
             Ok(rows) => rows,
-            Err(e) => {
-                return format!(
-                    "{head} (reading {} to tell which records: {e})",
-                    path.display()
-                )
-            }
+            Err(e) => return format!("{head} (reading {}: {e})", path.display()),
         };
+        let record = finished_record(output, file, &build.base.config_sha256);
+        let counted = record.as_ref().map_or(0, |r| r.written[source_pos]);
+        if rows.len() as u64 != counted {
+            let in_shard: Vec<String> = record
+                .iter()
+                .flat_map(|r| &r.rejects)
+                .take(5)
+                .map(|r| {
+                    format!(
+                        "{} {} record {} ({})",
+                        r.source, r.json_file, r.index, r.kind
+                    )
+                })
+                .collect();
+            findings.push(format!(
+                "{file} holds {} row(s) of it but its record counts {counted} (rejected while \
+                 writing it: {})",
+                rows.len(),
+                if in_shard.is_empty() {
+                    "none".to_string()
+                } else {
+                    in_shard.join(", ")
+                }
+            ));
+        }
         for (json_file, index, id) in rows {
             let entry = seen.entry((json_file, index));
             entry.or_insert_with(|| (format!("{id} (in {file})"), 0)).1 += 1;
@@ -317,15 +340,16 @@ fn explain_counts(
         .take(10)
         .map(|((file, index), (what, n))| format!("{file} record {index}: {what}, {n} times"))
         .collect();
-    let accounted = seen.len() as u64;
-    if doubled.is_empty() {
-        format!(
-            "{head}: {} record(s) read are neither written nor rejected",
-            source.read.saturating_sub(accounted)
-        )
-    } else {
-        format!("{head}: counted more than once: {}", doubled.join(", "))
+    if !doubled.is_empty() {
+        findings.push(format!("counted more than once: {}", doubled.join(", ")));
     }
+    let neither = source.read.saturating_sub(seen.len() as u64);
+    if neither > 0 {
+        findings.push(format!(
+            "{neither} record(s) read are neither written nor rejected"
+        ));
+    }
+    format!("{head}: {}", findings.join("; "))
 }
 
 /// (json file, index, id) of every row of `source` in the shard at `path`.

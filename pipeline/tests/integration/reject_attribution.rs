@@ -218,3 +218,64 @@ fn a_pass2_reject_is_booked_to_its_source_across_partitions() {
     assert_cut_is_rejected(&manifest, &dir.join("out"));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A merge whose counts do not add up (a shard record made to count one row too many) fails
+/// naming the source, the shard and the rejects found in it, with `rejects.jsonl` on disk.
+#[test]
+fn a_failed_merge_names_the_shard_and_keeps_the_rejects() {
+    let dir = scratch("reject-attribution-failed-merge");
+    let config = two_source_mixture(&dir, false, 2);
+    for index in 0..2 {
+        build(&config, &options(Partition { index, count: 2 })).expect("partition");
+    }
+    let out = dir.join("out");
+    let records = out.join(".work/shards/image-00000.parquet.json");
+    let mut record: Value = serde_json::from_slice(&std::fs::read(&records).unwrap()).unwrap();
+    let counted = record["written"][0].as_u64().unwrap();
+    record["written"][0] = json!(counted + 1);
+    std::fs::write(&records, record.to_string()).unwrap();
+    let err = assemble(&out)
+        .expect_err("the counts do not add up")
+        .to_string();
+    assert!(
+        err.contains("source llava_instruct_150k: written 25 + rejected 0 != read 24")
+            && err.contains(&format!(
+                "image-00000.parquet holds {counted} row(s) of it but its record counts {}",
+                counted + 1
+            ))
+            && err.contains("rejects.jsonl"),
+        "{err}"
+    );
+    let kept = rejects(&out);
+    assert_eq!(kept.len(), 1, "the cut JPEG's reject is on disk");
+    assert_eq!((kept[0].source.as_str(), kept[0].index), ("broken", 0));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A pass 2 that stops on an I/O error leaves `rejects.jsonl` with what pass 1 and the finished
+/// shards rejected.
+#[test]
+fn a_failed_pass2_keeps_the_rejects_found_so_far() {
+    let dir = scratch("reject-attribution-failed-pass2");
+    let config = two_source_mixture(&dir, false, 2);
+    // A second broken record that pass 1 rejects (its image does not exist).
+    let broken = json!([
+        {"id": "cut", "image": "cut.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is this?"},
+            {"from": "gpt", "value": "A picture."}]},
+        {"id": "gone", "image": "gone.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nAnd this?"},
+            {"from": "gpt", "value": "Nothing."}]}]);
+    std::fs::write(dir.join("broken.json"), broken.to_string()).unwrap();
+    // The second image shard cannot be created: a folder has its temporary name.
+    std::fs::create_dir_all(dir.join("out/shards/image-00001.parquet.tmp")).unwrap();
+    let err = build(&config, &options(Partition::WHOLE)).expect_err("pass 2 fails");
+    assert!(err.to_string().contains("image-00001.parquet.tmp"), "{err}");
+    let kept = rejects(&dir.join("out"));
+    assert!(
+        kept.iter()
+            .any(|r| (r.source.as_str(), r.index, r.kind.as_str()) == ("broken", 1, "image")),
+        "{kept:?}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
