@@ -11,6 +11,7 @@ use serde_json::Value;
 use thiserror::Error;
 
 use crate::reject::Reject;
+use crate::text::python_strip;
 
 /// One entry of a source file, before validation.
 #[derive(Debug, Clone)]
@@ -192,23 +193,12 @@ pub fn parse_record(entry: &RawEntry) -> Result<Record, Reject> {
     })
 }
 
-/// A conversation whose human turns or whose assistant turns are all empty (or blank) would
-/// train on nothing, or on answers to nothing; the reference accepts it. A side with no turn at
-/// all is left to the template's checks (e.g. "no assistant turn").
+/// A conversation whose every turn is empty (or blank) has nothing to learn but header and
+/// end-of-turn tokens; the reference trains it anyway. One with any text is kept: an empty human
+/// turn before a real answer is tokenized as the reference does (an empty user block).
 fn check_not_empty(turns: &[Turn]) -> Result<(), Reject> {
-    for (side, roles) in [
-        ("assistant", ["gpt", "assistant"]),
-        ("human", ["human", "user"]),
-    ] {
-        let mut on_side = turns.iter().filter(|t| roles.contains(&t.from.as_str()));
-        let mut any = false;
-        if on_side.all(|t| {
-            any = true;
-            t.value.trim().is_empty()
-        }) && any
-        {
-            return Err(Reject::EmptyConversation { side });
-        }
+    if turns.iter().all(|t| python_strip(&t.value).is_empty()) {
+        return Err(Reject::EmptyConversation);
     }
     Ok(())
 }
@@ -305,26 +295,23 @@ mod tests {
     fn empty_conversations_are_rejected() {
         let bad = |v: Value| parse_record(&entry(v)).unwrap_err();
         let all_empty =
-            json!({"conversations": [{"from":"human","value":""},{"from":"gpt","value":""}]});
-        assert_eq!(
-            bad(all_empty),
-            Reject::EmptyConversation { side: "assistant" }
+            json!({"conversations": [{"from":"human","value":""},{"from":"gpt","value":" \n"}]});
+        assert_eq!(bad(all_empty), Reject::EmptyConversation);
+        // Any text is something to train on: an empty question before a real answer (the
+        // reference trains it), a question with blank answers, an image-only question.
+        let ok = |v: Value| parse_record(&entry(v)).unwrap();
+        ok(json!({"conversations": [{"from":"human","value":"  "},{"from":"gpt","value":"yo"}]}));
+        ok(
+            json!({"conversations": [{"from":"human","value":"hi"},{"from":"gpt","value":" \n"},
+            {"from":"human","value":"again"},{"from":"gpt","value":""}]}),
         );
-        let blank_answers = json!({"conversations": [{"from":"human","value":"hi"},{"from":"gpt","value":" \n"},
-            {"from":"human","value":"again"},{"from":"gpt","value":""}]});
-        assert_eq!(bad(blank_answers).kind(), "empty_conversation");
-        let no_question =
-            json!({"conversations": [{"from":"human","value":"  "},{"from":"gpt","value":"yo"}]});
-        assert_eq!(
-            bad(no_question),
-            Reject::EmptyConversation { side: "human" }
+        ok(
+            json!({"conversations": [{"from":"human","value":""},{"from":"gpt","value":"a"},
+            {"from":"human","value":"b"},{"from":"gpt","value":"c"}]}),
         );
-        // One empty turn among others is fine; an image-only question is a question.
-        let ok = json!({"conversations": [{"from":"human","value":""},{"from":"gpt","value":"a"},
-            {"from":"human","value":"b"},{"from":"gpt","value":"c"}]});
-        parse_record(&entry(ok)).unwrap();
-        let image_only = json!({"image":"a.jpg","conversations": [{"from":"human","value":"<image>"},{"from":"gpt","value":"a cat"}]});
-        parse_record(&entry(image_only)).unwrap();
+        ok(
+            json!({"image":"a.jpg","conversations": [{"from":"human","value":"<image>"},{"from":"gpt","value":"a cat"}]}),
+        );
     }
 
     #[test]

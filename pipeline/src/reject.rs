@@ -51,8 +51,8 @@ pub enum Reject {
     TruncatedImage { path: String, reason: String },
     #[error("image {path}: {reason}")]
     ImageTooLarge { path: String, reason: String },
-    #[error("conversation has no non-empty {side} text (every {side} turn is empty or blank)")]
-    EmptyConversation { side: &'static str },
+    #[error("every turn of the conversation is empty or blank: nothing to train on")]
+    EmptyConversation,
     #[error("image {index} needs {tokens} tokens at position {position}, which does not fit in model_max_length {max_len}")]
     ImageDoesNotFit {
         index: usize,
@@ -100,7 +100,7 @@ impl Reject {
             Reject::Image { .. } => "image",
             Reject::TruncatedImage { .. } => "truncated_image",
             Reject::ImageTooLarge { .. } => "image_too_large",
-            Reject::EmptyConversation { .. } => "empty_conversation",
+            Reject::EmptyConversation => "empty_conversation",
             Reject::ImageDoesNotFit { .. } => "image_does_not_fit",
             Reject::NothingLeftAfterTruncation { .. } => "nothing_left_after_truncation",
         }

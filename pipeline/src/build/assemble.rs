@@ -2,7 +2,6 @@
 //! records alone (so `llava-data merge` can join partitions built on different machines).
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 
 use llava_formats::manifest::{
@@ -104,10 +103,67 @@ pub fn assemble_with_progress(output: &Path, terminal: bool) -> Result<Manifest,
     assemble_inner(output, Some(terminal))
 }
 
-fn assemble_inner(output: &Path, progress: Option<bool>) -> Result<Manifest, BuildError> {
+fn read_build_record(output: &Path) -> Result<BuildRecord, BuildError> {
     let build_path = output.join(WORK_DIR).join(BUILD_RECORD);
     let text = std::fs::read_to_string(&build_path).map_err(io_err(&build_path))?;
-    let build: BuildRecord = serde_json::from_str(&text).map_err(json_err(&build_path))?;
+    serde_json::from_str(&text).map_err(json_err(&build_path))
+}
+
+/// The record of shard `file` if the shard is finished (for this config, at its recorded size).
+fn finished_record(output: &Path, file: &str, config_sha256: &str) -> Option<ShardRecord> {
+    let shard_file = output.join(SHARDS_DIR).join(file);
+    std::fs::read_to_string(record_path(output, file))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .filter(|r: &ShardRecord| r.config_sha256 == config_sha256)
+        .filter(|r| std::fs::metadata(&shard_file).is_ok_and(|m| m.len() == r.info.bytes))
+}
+
+/// Rejects in source order, then file order, then record order: independent of which pass or
+/// partition found them.
+fn sort_rejects(sources: &[SourceStats], rejects: &mut [RejectEntry]) {
+    let source_index: BTreeMap<&str, usize> = sources
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name.as_str(), i))
+        .collect();
+    rejects.sort_by_key(|r| {
+        let s = source_index.get(r.source.as_str()).copied();
+        let f = s.and_then(|s| sources[s].json.iter().position(|f| *f == r.json_file));
+        (s.unwrap_or(usize::MAX), f, r.index)
+    });
+}
+
+fn write_rejects(output: &Path, rejects: &[RejectEntry]) -> Result<(), BuildError> {
+    let rejects_path = output.join(REJECTS_FILE);
+    let mut out = Vec::new();
+    for r in rejects {
+        serde_json::to_writer(&mut out, r).map_err(json_err(&rejects_path))?;
+        out.push(b'\n');
+    }
+    // Per process: partitions that fail at once do not write into each other's file.
+    let tmp = rejects_path.with_extension(format!("jsonl.{}.tmp", std::process::id()));
+    std::fs::write(&tmp, out).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, &rejects_path).map_err(io_err(&rejects_path))
+}
+
+/// After a failed pass 2: `rejects.jsonl` with what pass 1 and every finished shard rejected, so
+/// that a build that stops still says which records it refused and why. Returns how many.
+pub fn write_rejects_so_far(output: &Path) -> Result<usize, BuildError> {
+    let build = read_build_record(output)?;
+    let mut rejects = build.pass1_rejects;
+    for file in &build.shard_files {
+        if let Some(record) = finished_record(output, file, &build.base.config_sha256) {
+            rejects.extend(record.rejects);
+        }
+    }
+    sort_rejects(&build.base.sources, &mut rejects);
+    write_rejects(output, &rejects)?;
+    Ok(rejects.len())
+}
+
+fn assemble_inner(output: &Path, progress: Option<bool>) -> Result<Manifest, BuildError> {
+    let build = read_build_record(output)?;
     let mut manifest = build.base.clone();
     let source_index: BTreeMap<String, usize> = manifest
         .sources
@@ -115,7 +171,6 @@ fn assemble_inner(output: &Path, progress: Option<bool>) -> Result<Manifest, Bui
         .enumerate()
         .map(|(i, s)| (s.name.clone(), i))
         .collect();
-    let json_files: Vec<Vec<String>> = manifest.sources.iter().map(|s| s.json.clone()).collect();
     let mut rejects = build.pass1_rejects.clone();
     let mut missing = Vec::new();
     let mut totals = Totals::default();
@@ -130,14 +185,7 @@ fn assemble_inner(output: &Path, progress: Option<bool>) -> Result<Manifest, Bui
         if let Some(b) = &bar {
             b.inc(1);
         }
-        let path = record_path(output, file);
-        let shard_file = output.join(SHARDS_DIR).join(file);
-        let record: Option<ShardRecord> = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .filter(|r: &ShardRecord| r.config_sha256 == manifest.config_sha256)
-            .filter(|r| std::fs::metadata(&shard_file).is_ok_and(|m| m.len() == r.info.bytes));
-        let Some(record) = record else {
+        let Some(record) = finished_record(output, file, &manifest.config_sha256) else {
             missing.push(file.clone());
             continue;
         };
@@ -171,15 +219,7 @@ fn assemble_inner(output: &Path, progress: Option<bool>) -> Result<Manifest, Bui
             first: missing[0].clone(),
         });
     }
-    // Rejects in source order, then file order, then record order: independent of which pass or
-    // partition found them.
-    rejects.sort_by_key(|r| {
-        let s = source_index.get(&r.source).copied().unwrap_or(usize::MAX);
-        let f = json_files
-            .get(s)
-            .and_then(|j| j.iter().position(|f| *f == r.json_file));
-        (s, f, r.index)
-    });
+    sort_rejects(&manifest.sources, &mut rejects);
     for r in &rejects {
         if let Some(&s) = source_index.get(&r.source) {
             let source = &mut manifest.sources[s];
@@ -187,26 +227,28 @@ fn assemble_inner(output: &Path, progress: Option<bool>) -> Result<Manifest, Bui
             *source.rejects_by_kind.entry(r.kind.clone()).or_default() += 1;
         }
     }
-    for s in &manifest.sources {
-        if s.written + s.rejected != s.read {
-            return Err(BuildError::Inconsistent(format!(
-                "source {}: written {} + rejected {} != read {}",
-                s.name, s.written, s.rejected, s.read
-            )));
-        }
+    // On disk before the counts are checked: a build that fails keeps what explains it.
+    write_rejects(output, &rejects)?;
+    let wrong: Vec<usize> = (0..manifest.sources.len())
+        .filter(|&i| {
+            let s = &manifest.sources[i];
+            s.written + s.rejected != s.read
+        })
+        .collect();
+    if !wrong.is_empty() {
+        let explained: Vec<String> = wrong
+            .iter()
+            .map(|&s| explain_counts(output, &build, (s, &manifest.sources[s]), &rejects))
+            .collect();
+        return Err(BuildError::Inconsistent(format!(
+            "{}; every reject found is in {}",
+            explained.join("; "),
+            output.join(REJECTS_FILE).display()
+        )));
     }
     totals.rejected = rejects.len() as u64;
     manifest.totals = totals;
 
-    let rejects_path = output.join(REJECTS_FILE);
-    let mut out = Vec::new();
-    for r in &rejects {
-        serde_json::to_writer(&mut out, r).map_err(json_err(&rejects_path))?;
-        out.write_all(b"\n").map_err(io_err(&rejects_path))?;
-    }
-    let tmp = rejects_path.with_extension("jsonl.tmp");
-    std::fs::write(&tmp, out).map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, &rejects_path).map_err(io_err(&rejects_path))?;
     write_json_atomic(&output.join(MANIFEST_FILE), &manifest)?;
     remove_stale_shards(output, &build.shard_files)?;
     // The build is complete: pass 1's cache is no longer needed.
@@ -232,4 +274,119 @@ fn remove_stale_shards(output: &Path, planned: &[String]) -> Result<(), BuildErr
         }
     }
     Ok(())
+}
+
+/// Why a source's counts do not add up, naming the records that explain it: shards whose rows
+/// of the source differ from their record's count (with the rejects found in them), records
+/// written twice or both written and rejected, records neither. Reads the shards' small columns
+/// back; runs only when a build is about to fail.
+fn explain_counts(
+    output: &Path,
+    build: &BuildRecord,
+    (source_pos, source): (usize, &SourceStats),
+    rejects: &[RejectEntry],
+) -> String {
+    let head = format!(
+        "source {}: written {} + rejected {} != read {}",
+        source.name, source.written, source.rejected, source.read
+    );
+    let mut seen: BTreeMap<(String, u64), (String, usize)> = BTreeMap::new();
+    for r in rejects.iter().filter(|r| r.source == source.name) {
+        let entry = seen.entry((r.json_file.clone(), r.index));
+        entry
+            .or_insert_with(|| (format!("{} (rejected: {})", r.id, r.kind), 0))
+            .1 += 1;
+    }
+    let mut findings = Vec::new();
+    for file in &build.shard_files {
+        let path = output.join(SHARDS_DIR).join(file);
+        let rows = match source_rows(&path, &source.name) {
+            Ok(rows) => rows,
+            Err(e) => return format!("{head} (reading {}: {e})", path.display()),
+        };
+        let record = finished_record(output, file, &build.base.config_sha256);
+        let counted = record.as_ref().map_or(0, |r| r.written[source_pos]);
+        if rows.len() as u64 != counted {
+            let in_shard: Vec<String> = record
+                .iter()
+                .flat_map(|r| &r.rejects)
+                .take(5)
+                .map(|r| {
+                    format!(
+                        "{} {} record {} ({})",
+                        r.source, r.json_file, r.index, r.kind
+                    )
+                })
+                .collect();
+            findings.push(format!(
+                "{file} holds {} row(s) of it but its record counts {counted} (rejected while \
+                 writing it: {})",
+                rows.len(),
+                if in_shard.is_empty() {
+                    "none".to_string()
+                } else {
+                    in_shard.join(", ")
+                }
+            ));
+        }
+        for (json_file, index, id) in rows {
+            let entry = seen.entry((json_file, index));
+            entry.or_insert_with(|| (format!("{id} (in {file})"), 0)).1 += 1;
+        }
+    }
+    let doubled: Vec<String> = seen
+        .iter()
+        .filter(|(_, (_, n))| *n > 1)
+        .take(10)
+        .map(|((file, index), (what, n))| format!("{file} record {index}: {what}, {n} times"))
+        .collect();
+    if !doubled.is_empty() {
+        findings.push(format!("counted more than once: {}", doubled.join(", ")));
+    }
+    let neither = source.read.saturating_sub(seen.len() as u64);
+    if neither > 0 {
+        findings.push(format!(
+            "{neither} record(s) read are neither written nor rejected"
+        ));
+    }
+    format!("{head}: {}", findings.join("; "))
+}
+
+/// (json file, index, id) of every row of `source` in the shard at `path`.
+fn source_rows(path: &Path, source: &str) -> Result<Vec<(String, u64, String)>, String> {
+    use arrow_array::{Array, StringArray, UInt64Array};
+    use llava_formats::schema::col;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use parquet::arrow::ProjectionMask;
+
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| e.to_string())?;
+    let columns = [col::ID, col::SOURCE, col::JSON_FILE, col::INDEX];
+    let mask = ProjectionMask::columns(builder.parquet_schema(), columns);
+    let reader = builder
+        .with_projection(mask)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut rows = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| e.to_string())?;
+        let column = |name: &str| batch.column_by_name(name).map(|c| c.as_any());
+        let strings = |name: &str| column(name).and_then(|c| c.downcast_ref::<StringArray>());
+        let (Some(id), Some(src), Some(json_file), Some(index)) = (
+            strings(col::ID),
+            strings(col::SOURCE),
+            strings(col::JSON_FILE),
+            column(col::INDEX).and_then(|c| c.downcast_ref::<UInt64Array>()),
+        ) else {
+            return Err("not a shard of this format".into());
+        };
+        for r in (0..batch.num_rows()).filter(|&r| src.value(r) == source) {
+            rows.push((
+                json_file.value(r).to_string(),
+                index.value(r),
+                id.value(r).to_string(),
+            ));
+        }
+    }
+    Ok(rows)
 }

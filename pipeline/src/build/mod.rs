@@ -179,7 +179,22 @@ pub fn build_with(ctx: &BuildContext, options: &BuildOptions) -> Result<BuildOut
     let work = ctx.output.join(WORK_DIR);
     assemble::write_pass1_and_plan(&work, ctx, &pass1, &plan)?;
     let started = std::time::Instant::now();
-    let (written, skipped) = shard::write_owned(ctx, &pass1, &plan, options, &mut times)?;
+    let (written, skipped) = match shard::write_owned(ctx, &pass1, &plan, options, &mut times) {
+        Ok(done) => done,
+        Err(e) => {
+            // Keep what pass 1 and the finished shards rejected: why records are missing.
+            match assemble::write_rejects_so_far(&ctx.output) {
+                Ok(n) => tracing::warn!(
+                    "the {n} rejects found so far are in {}",
+                    ctx.output
+                        .join(llava_formats::manifest::REJECTS_FILE)
+                        .display()
+                ),
+                Err(w) => tracing::warn!("cannot write the rejects found so far: {w}"),
+            }
+            return Err(e);
+        }
+    };
     times.pass2_s = started.elapsed().as_secs_f64();
     let manifest = if options.partition == Partition::WHOLE {
         Some(assemble::assemble(&ctx.output)?)

@@ -199,27 +199,30 @@ fn write_shard(
                 .iter()
                 .flat_map(|&(g, b, ords)| ords.iter().map(move |&o| (g, b, o)))
                 .collect();
-            let rendered: Vec<Result<ShardRow, Box<RejectEntry>>> = work
+            // Each result keeps its sample's ordinal: a rejected sample leaves a gap in its
+            // batch's rows, so rows cannot be matched to ordinals by position.
+            let rendered: Vec<(u32, Result<ShardRow, Box<RejectEntry>>)> = work
                 .par_iter()
                 .map(|&(group, batch, ordinal)| {
-                    render_row(ctx, pass1, ordinal as usize, spill, group, batch, clocks)
+                    let row = render_row(ctx, pass1, ordinal as usize, spill, group, batch, clocks);
+                    (ordinal, row)
                 })
                 .collect();
             let mut results = rendered.into_iter();
             for &(_, _, ords) in &batches[start..end] {
                 let mut rows = Vec::with_capacity(ords.len());
-                for result in results.by_ref().take(ords.len()) {
+                for (ordinal, result) in results.by_ref().take(ords.len()) {
                     match result {
-                        Ok(row) => rows.push(row),
+                        Ok(row) => {
+                            stats.add(&row, pass1.samples[ordinal as usize].source as usize);
+                            rows.push(row);
+                        }
                         Err(reject) => stats.rejects.push(*reject),
                     }
                 }
                 bar.inc(ords.len() as u64);
                 if rows.is_empty() {
                     continue;
-                }
-                for (row, ordinal) in rows.iter().zip(ords) {
-                    stats.add(row, pass1.samples[*ordinal as usize].source as usize);
                 }
                 stats.info.batches += 1;
                 // A closed channel means the writer failed: its error is reported below.

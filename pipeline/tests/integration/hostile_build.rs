@@ -116,15 +116,16 @@ fn hostile_records_are_written_or_rejected_with_their_kind() {
             json!([{"from":"human","value":""},{"from":"gpt","value":""}]),
             "empty_conversation",
         ),
+        // Any text is something to train on, as in the reference (issue 27).
         (
             "blank_answer",
             json!([{"from":"human","value":"Hi?"},{"from":"gpt","value":"  \n"}]),
-            "empty_conversation",
+            "ok",
         ),
         (
             "no_question",
             json!([{"from":"human","value":""},{"from":"gpt","value":"Hello."}]),
-            "empty_conversation",
+            "ok",
         ),
         (
             "fine_text",
@@ -180,6 +181,6 @@ template = "llava_llama_3"
     let s = &manifest.sources[0];
     assert_eq!(s.read, want.len() as u64);
     assert_eq!(s.read, s.written + s.rejected);
-    assert_eq!(s.written, 3);
+    assert_eq!(s.written, 5);
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -9,4 +9,6 @@ mod golden_convert;
 mod golden_tokens;
 mod hostile_build;
 mod inspect_cli;
+mod mixture_props;
+mod reject_attribution;
 mod template_rules;

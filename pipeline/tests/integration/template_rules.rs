@@ -92,6 +92,52 @@ fn worked_example_plain() {
     assert_eq!(got.labels, [vec![-100, -100], tail].concat());
 }
 
+/// Issue 27: an empty human turn with a real answer is trained as the reference does. Spec §2.4
+/// step 4: the user block is `<|start_header_id|>user<|end_header_id|>\n\n` + "" + `<|eot_id|>`
+/// = 128006 882 128007 271 128009, labelled 128006 −100 128007 −100 128009 (step 5).
+#[test]
+fn empty_human_turn_llama3_is_the_reference_tokens() {
+    let tok = tokenizer();
+    let answer = "You sent an empty message. How can I help?";
+    let r = record(json!({"conversations":[
+        {"from":"human","value":""},
+        {"from":"gpt","value":answer}]}));
+    let got = tokenize(Template::LlavaLlama3, &r, tok).unwrap();
+    let m = -100;
+    let sys = enc(tok, SYSTEM_PROMPT);
+    let reply: Vec<i32> = [
+        vec![128006, 78191, 128007, 271],
+        enc(tok, answer),
+        vec![128009],
+    ]
+    .concat();
+    let ids = [
+        vec![128000, 128006, 9125, 128007, 271],
+        sys.clone(),
+        vec![128009, 128006, 882, 128007, 271, 128009],
+        reply.clone(),
+    ]
+    .concat();
+    let labels = [
+        vec![128000, 128006, m, 128007, m],
+        vec![m; sys.len()],
+        vec![128009, 128006, m, 128007, m, 128009],
+        reply,
+    ]
+    .concat();
+    assert_eq!(got.input_ids, ids);
+    assert_eq!(got.labels, labels);
+    // Spec §2.3: `plain` needs `<image>` in the human turn (the reference asserts it and takes
+    // another sample): an empty human turn stays a `plain_shape` reject there.
+    let with_image = record(json!({"image":"a.jpg","conversations":[
+        {"from":"human","value":""},
+        {"from":"gpt","value":answer}]}));
+    assert!(matches!(
+        tokenize(Template::Plain, &with_image, tok),
+        Err(Reject::PlainShape(_))
+    ));
+}
+
 #[test]
 fn leading_gpt_turn_is_dropped_like_the_reference() {
     let tok = tokenizer();
@@ -229,7 +275,7 @@ fn template_rejects() {
             Plain,
             json!({"image":img,"conversations":[{"from":"human","value":"<image>"},{"from":"gpt","value":"  "}]})
         ),
-        Reject::EmptyConversation { side: "assistant" }
+        Reject::NothingToTrain(_)
     ));
     assert!(matches!(
         reject(
