@@ -96,9 +96,10 @@ fn run_stops_at_a_corrupt_row_or_skips_and_reports_it() {
         "{}",
         String::from_utf8_lossy(&init.stderr)
     );
-    let shard = std::fs::read_dir(shards.join("shards"))
+    let shard = std::fs::read_dir(&shards)
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
         .min()
         .expect("a shard");
     let id = flip_first_tile(&shard);
