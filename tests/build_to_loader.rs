@@ -28,6 +28,7 @@ fn load_all(out: &Path) -> HashMap<(String, u64), Vec<u8>> {
         workers: 2,
         prefetch: 3,
         pixels: PixelFormat::U8,
+        on_corrupt: Default::default(),
     };
     let mut samples = HashMap::new();
     for batch in Loader::new(index.clone(), planned, &config).expect("loader") {

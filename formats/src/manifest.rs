@@ -23,7 +23,11 @@ pub enum ManifestError {
     #[error(
         "shards built with schema version {found}{}, this build reads version {SCHEMA_VERSION}: \
          rebuild them with this llava-data (`llava-data build`)",
-        if *found == 1 { " (one row group per batch)" } else { "" }
+        match *found {
+            1 => " (one row group per batch)",
+            2 | 3 => " (rows without checksums: see docs/integrity.md)",
+            _ => "",
+        }
     )]
     Version { found: u64 },
 }

@@ -21,6 +21,9 @@
 //!   (the column itself uncompressed), `raw-plain` the CHW bytes (column under Parquet zstd),
 //!   `jpeg` one baseline JPEG per tile (HWC RGB, column uncompressed).
 //! - `image_*` columns are parallel lists, one element per image of the sample.
+//! - `checksum` (version 4): [`row_checksum`] of the row's `input_ids`, `labels` and `tiles` as
+//!   stored (tile values before any tile codec), written by the build and checked by every
+//!   reader as it decodes: a changed row is found where it is used, at no extra read.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -40,7 +43,8 @@ use thiserror::Error;
 /// 1: one row group per batch. 2: row groups of several whole batches, no statistics.
 /// 3: `raw` tiles stored as predicted residuals in zstd frames ([`crate::tile_codec`]), the
 /// `tiles` column uncompressed by Parquet except for `raw-plain` (the version 2 bytes).
-pub const SCHEMA_VERSION: u32 = 3;
+/// 4: a `checksum` column ([`row_checksum`]) in every row.
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// A row group is closed once its rows' estimated raw bytes ([`row_raw_bytes`]) reach this.
 pub const ROW_GROUP_TARGET_BYTES: u64 = 1 << 20;
@@ -159,6 +163,47 @@ pub mod col {
     pub const IMAGE_NUM_TILES: &str = "image_num_tiles";
     pub const IMAGE_TOKENS: &str = "image_tokens";
     pub const TILES: &str = "tiles";
+    pub const CHECKSUM: &str = "checksum";
+}
+
+/// The checksum of a row: xxh3-64 over its `input_ids` and `labels` (each a little-endian u64
+/// count, then the i32 values little-endian) and its `tiles` (the count, then each value's
+/// length and bytes as stored: before [`crate::tile_codec`] decoding). Computed from the values
+/// a reader has anyway after Parquet decoding, so checking costs one pass of a hash that runs
+/// at memory speed, and no tile decoding.
+pub fn row_checksum<'a>(
+    input_ids: &[i32],
+    labels: &[i32],
+    tiles: impl ExactSizeIterator<Item = &'a [u8]>,
+) -> u64 {
+    use std::hash::Hasher;
+    let mut h = twox_hash::XxHash3_64::new();
+    for ids in [input_ids, labels] {
+        h.write(&(ids.len() as u64).to_le_bytes());
+        // Little-endian bytes, a block at a time (one hasher call per 256 values).
+        let mut buf = [0u8; 1024];
+        for chunk in ids.chunks(256) {
+            for (b, v) in buf.chunks_exact_mut(4).zip(chunk) {
+                b.copy_from_slice(&v.to_le_bytes());
+            }
+            h.write(&buf[..4 * chunk.len()]);
+        }
+    }
+    h.write(&(tiles.len() as u64).to_le_bytes());
+    for t in tiles {
+        h.write(&(t.len() as u64).to_le_bytes());
+        h.write(t);
+    }
+    h.finish()
+}
+
+/// [`row_checksum`] of a row as stored.
+pub fn shard_row_checksum(row: &ShardRow) -> u64 {
+    row_checksum(
+        &row.input_ids,
+        &row.labels,
+        row.tiles.iter().map(Vec::as_slice),
+    )
 }
 
 /// One image of a sample (everything but the pixels).
@@ -211,7 +256,7 @@ pub enum SchemaError {
         found: String,
         expected: String,
     },
-    #[error("shard schema version {found} is not supported (this build reads version {SCHEMA_VERSION}{}); rebuild the shards with this llava-data (`llava-data build`)", match found.as_str() { "1" => ", which stores several batches per row group", "2" => ", which stores `raw` tiles as predicted zstd frames", _ => "" })]
+    #[error("shard schema version {found} is not supported (this build reads version {SCHEMA_VERSION}{}); rebuild the shards with this llava-data (`llava-data build`)", match found.as_str() { "1" => ", which stores several batches per row group", "2" => ", which stores `raw` tiles as predicted zstd frames", "3" => ", which checksums every row: see docs/integrity.md", _ => "" })]
     Version { found: String },
 }
 
@@ -246,6 +291,7 @@ pub fn shard_schema(tile_encoding: crate::tile_codec::TileEncoding) -> SchemaRef
         Field::new(col::IMAGE_NUM_TILES, list_of(UInt32), false),
         Field::new(col::IMAGE_TOKENS, list_of(UInt32), false),
         Field::new(col::TILES, list_of(Binary), false),
+        Field::new(col::CHECKSUM, UInt64, false),
     ];
     let metadata = HashMap::from([
         (META_SCHEMA_VERSION.to_string(), SCHEMA_VERSION.to_string()),
@@ -308,12 +354,14 @@ pub fn rows_to_batch(rows: &[ShardRow], schema: &SchemaRef) -> RecordBatch {
         Arc::new(b.finish())
     };
     let mut index = UInt64Builder::new();
+    let mut checksum = UInt64Builder::with_capacity(rows.len());
     let mut truncated = BooleanBuilder::new();
     let tile_bytes: usize = rows.iter().flat_map(|r| &r.tiles).map(Vec::len).sum();
     let tile_count: usize = rows.iter().map(|r| r.tiles.len()).sum();
     let mut tiles = ListBuilder::new(BinaryBuilder::with_capacity(tile_count, tile_bytes));
     for r in rows {
         index.append_value(r.index);
+        checksum.append_value(shard_row_checksum(r));
         truncated.append_value(r.truncated);
         for t in &r.tiles {
             tiles.values().append_value(t);
@@ -344,6 +392,7 @@ pub fn rows_to_batch(rows: &[ShardRow], schema: &SchemaRef) -> RecordBatch {
         image_u32s(&|i| i.num_tiles),
         image_u32s(&|i| i.image_tokens),
         Arc::new(tiles.finish()),
+        Arc::new(checksum.finish()),
     ];
     RecordBatch::try_new(schema.clone(), columns).expect("columns follow shard_schema")
 }
@@ -385,6 +434,11 @@ fn list_values<'a, T: 'static>(
 fn range(list: &ListArray, i: usize) -> std::ops::Range<usize> {
     let offsets = list.value_offsets();
     offsets[i] as usize..offsets[i + 1] as usize
+}
+
+/// The stored [`row_checksum`] of each row of a record batch read from a shard.
+pub fn batch_checksums(batch: &RecordBatch) -> Result<&[u64], SchemaError> {
+    Ok(column::<UInt64Array>(batch, col::CHECKSUM, "uint64")?.values())
 }
 
 /// A record batch read from a shard → rows. Reads only the columns present in `batch` that rows
@@ -513,6 +567,32 @@ mod tests {
         };
         let schema = shard_schema(crate::tile_codec::TileEncoding::Raw);
         let batch = rows_to_batch(&[row.clone(), text.clone()], &schema);
+        assert_eq!(
+            batch_checksums(&batch).unwrap(),
+            [shard_row_checksum(&row), shard_row_checksum(&text)]
+        );
         assert_eq!(batch_to_rows(&batch).unwrap(), vec![row, text]);
+    }
+
+    #[test]
+    fn checksum_covers_every_value_and_its_place() {
+        let tiles = [vec![1u8, 2, 3], vec![4u8]];
+        let sum = |ids: &[i32], labels: &[i32], tiles: &[Vec<u8>]| {
+            row_checksum(ids, labels, tiles.iter().map(Vec::as_slice))
+        };
+        let base = sum(&[1, 2], &[-100, 2], &tiles);
+        // Deterministic, and any changed value, count or boundary changes it.
+        assert_eq!(base, sum(&[1, 2], &[-100, 2], &tiles));
+        assert_ne!(base, sum(&[1, 3], &[-100, 2], &tiles));
+        assert_ne!(base, sum(&[1, 2], &[-100, 3], &tiles));
+        // A value moved from one column to the other, or between tiles.
+        assert_ne!(base, sum(&[1], &[2, -100, 2], &tiles));
+        assert_ne!(base, sum(&[1, 2], &[-100, 2], &[vec![1, 2], vec![3, 4]]));
+        assert_ne!(base, sum(&[1, 2], &[-100, 2], &[vec![1, 2, 3], vec![5]]));
+        // Longer than one hashing block.
+        let long: Vec<i32> = (0..1000).collect();
+        let mut flipped = long.clone();
+        flipped[700] ^= 1;
+        assert_ne!(sum(&long, &[], &[]), sum(&flipped, &[], &[]));
     }
 }

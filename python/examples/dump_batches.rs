@@ -71,6 +71,7 @@ fn main() -> Result<()> {
         } else {
             PixelFormat::F32
         },
+        on_corrupt: Default::default(),
     };
     let mut out = std::io::stdout().lock();
     for batch in Loader::new(index.clone(), plan, &loader_config)? {

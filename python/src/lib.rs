@@ -10,15 +10,15 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use llava_trainer::data::{
-    Batch, DataError, DataState, EpochPlan, IndexOptions, Loader, LoaderConfig, PixelFormat,
-    Pixels, PlanConfig, ShardIndex, PAD_ID,
+    Batch, DataError, DataState, EpochPlan, IndexOptions, Loader, LoaderConfig, OnCorrupt,
+    PixelFormat, Pixels, PlanConfig, ShardIndex, PAD_ID,
 };
 use numpy::{PyArray, PyArray1, PyArrayMethods};
 use pyo3::exceptions::{
     PyFileNotFoundError, PyKeyError, PyOSError, PyRuntimeError, PyTypeError, PyValueError,
 };
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PySlice};
+use pyo3::types::{PyDict, PyList, PySlice, PyTuple};
 
 /// The reference's label for positions without loss.
 const IGNORE_INDEX: i64 = -100;
@@ -78,11 +78,23 @@ fn py_err(e: DataError) -> PyErr {
 /// An epoch ends with StopIteration; iterating again continues with the next epoch (or call
 /// set_epoch). state_dict() is where the next batch comes from: save it with a checkpoint and
 /// pass it to load_state_dict() to continue with exactly the remaining batches. len() is the
-/// number of batches the next iteration yields. With torch: wrap it in an IterableDataset whose
-/// __iter__ returns iter(dataset) and use DataLoader(..., batch_size=None, num_workers=0): the
-/// parallelism is inside.
+/// number of batches the next iteration yields.
+///
+/// Every row's checksum is verified as it is read: a changed row raises RuntimeError naming the
+/// shard, row group, row and sample; on_corrupt="skip" leaves such samples out of their batch
+/// instead (listed in the batch's "skipped").
+///
+/// With torch: wrap it in an IterableDataset whose __iter__ iterates the dataset, and give that to
+/// DataLoader(..., batch_size=None, num_workers=N). Inside a DataLoader worker process (torch's
+/// get_worker_info()) the iteration yields only that worker's share of the batches (the i-th
+/// batch of the iteration goes to worker i % N), so the DataLoader, which takes the workers'
+/// batches in turn, yields every batch once and in plan order for any N. The dataset object in
+/// the main process does not advance then: each batch's "state" is the state_dict() after it
+/// (keep the last consumed one to resume). Give each worker few threads (workers=1 or 2).
 #[pyclass(module = "llava_data", subclass)]
 pub struct ShardDataset {
+    /// The constructor's arguments, for pickling (DataLoader workers started with spawn).
+    args: Args,
     index: Arc<ShardIndex>,
     plan: PlanConfig,
     rank: usize,
@@ -93,6 +105,44 @@ pub struct ShardDataset {
     loader: Option<Mutex<Loader>>,
     /// Set when an iteration ended: `__next__` raises StopIteration until `__iter__` restarts.
     exhausted: bool,
+    /// Inside a torch DataLoader worker: (worker id, number of workers) of this iteration.
+    share: Option<(usize, usize)>,
+    /// The process that started `loader`'s threads (a forked child must not join them).
+    loader_pid: u32,
+    /// The epoch `loader` iterates.
+    loader_epoch: u64,
+}
+
+/// The constructor's arguments (what `__reduce__` gives back).
+#[derive(Clone)]
+struct Args {
+    dir: PathBuf,
+    world_size: usize,
+    seed: u64,
+    workers: usize,
+    batch_size: Option<usize>,
+    normalize: bool,
+    prefetch: Option<usize>,
+    verify_checksums: bool,
+    packing: bool,
+    pack_length: Option<u32>,
+    on_corrupt: String,
+}
+
+/// (worker id, number of workers) when called in a torch DataLoader worker process. Never
+/// imports torch: a worker has it imported already.
+fn torch_worker(py: Python<'_>) -> PyResult<Option<(usize, usize)>> {
+    let modules = py.import("sys")?.getattr("modules")?;
+    let Ok(data) = modules.get_item("torch.utils.data") else {
+        return Ok(None);
+    };
+    let info = data.call_method0("get_worker_info")?;
+    if info.is_none() {
+        return Ok(None);
+    }
+    let id: usize = info.getattr("id")?.extract()?;
+    let n: usize = info.getattr("num_workers")?.extract()?;
+    Ok((n > 0 && id < n).then_some((id, n)))
 }
 
 impl ShardDataset {
@@ -101,8 +151,24 @@ impl ShardDataset {
     }
 
     fn stop(&mut self) {
-        // Dropping the loader stops and joins its workers (they never take the GIL).
-        self.loader = None;
+        // Dropping the loader stops and joins its workers (they never take the GIL). In a forked
+        // child (a DataLoader worker) those threads do not exist: forget the loader instead.
+        if let Some(loader) = self.loader.take() {
+            if self.loader_pid != std::process::id() {
+                std::mem::forget(loader);
+            }
+        }
+    }
+
+    /// After the last batch of this worker's share: the state after the epoch's last batch
+    /// (the start of the next epoch, as the last batch's state says).
+    fn end_of_epoch(&self) -> DataState {
+        DataState {
+            world_size: self.plan.world_size,
+            batch_size: self.state.batch_size,
+            seed: self.plan.seed,
+            ..DataState::new(self.loader_epoch + 1)
+        }
     }
 }
 
@@ -111,7 +177,7 @@ impl ShardDataset {
     #[new]
     #[pyo3(signature = (dir, rank=0, world_size=1, seed=42, workers=16, epoch=0, batch_size=None,
                         normalize=true, prefetch=None, verify_checksums=false, packing=false,
-                        pack_length=None))]
+                        pack_length=None, on_corrupt="stop"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -127,7 +193,24 @@ impl ShardDataset {
         verify_checksums: bool,
         packing: bool,
         pack_length: Option<u32>,
+        on_corrupt: &str,
     ) -> PyResult<Self> {
+        let args = Args {
+            dir: dir.clone(),
+            world_size,
+            seed,
+            workers,
+            batch_size,
+            normalize,
+            prefetch,
+            verify_checksums,
+            packing,
+            pack_length,
+            on_corrupt: on_corrupt.to_string(),
+        };
+        let on_corrupt: OnCorrupt = on_corrupt
+            .parse()
+            .map_err(|e| PyValueError::new_err(format!("on_corrupt: {e}")))?;
         if world_size == 0 || rank >= world_size {
             return Err(PyValueError::new_err(format!(
                 "rank {rank} is not below world_size {world_size}"
@@ -167,21 +250,28 @@ impl ShardDataset {
                 } else {
                     PixelFormat::U8
                 },
+                on_corrupt,
             },
             state: DataState::new(epoch),
             loader: None,
             exhausted: false,
+            share: None,
+            loader_pid: std::process::id(),
+            loader_epoch: epoch,
+            args,
         };
         // An unsupported batch size fails here, not at the first batch.
         dataset.epoch_plan(&dataset.state)?;
         Ok(dataset)
     }
 
-    /// Starts (or restarts) iteration at the next batch not yet handed out.
-    fn __iter__(mut slf: PyRefMut<'_, Self>) -> PyRefMut<'_, Self> {
+    /// Starts (or restarts) iteration at the next batch not yet handed out (in a DataLoader
+    /// worker: this worker's share of the batches from there).
+    fn __iter__(mut slf: PyRefMut<'_, Self>) -> PyResult<PyRefMut<'_, Self>> {
         slf.stop();
         slf.exhausted = false;
-        slf
+        slf.share = torch_worker(slf.py())?;
+        Ok(slf)
     }
 
     fn __next__<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
@@ -193,9 +283,20 @@ impl ShardDataset {
                 .epoch_plan(&self.state)?
                 .rank_batches(&self.index, self.rank)
                 .map_err(py_err)?;
-            let loader =
-                Loader::new(self.index.clone(), batches, &self.loader_config).map_err(py_err)?;
+            let loader = match self.share {
+                // Batch i of this iteration goes to worker i % n: disjoint shares that the
+                // DataLoader, taking one batch from each worker in turn, yields in plan order.
+                Some((id, n)) => Loader::new(
+                    self.index.clone(),
+                    batches.skip(id).step_by(n),
+                    &self.loader_config,
+                ),
+                None => Loader::new(self.index.clone(), batches, &self.loader_config),
+            }
+            .map_err(py_err)?;
             self.loader = Some(Mutex::new(loader));
+            self.loader_pid = std::process::id();
+            self.loader_epoch = self.state.epoch;
         }
         let Some(loader) = self.loader.as_mut() else {
             return Ok(None);
@@ -206,6 +307,10 @@ impl ShardDataset {
             None => {
                 self.stop();
                 self.exhausted = true;
+                if self.share.is_some() {
+                    // The other workers handed out the rest of the epoch.
+                    self.state = self.end_of_epoch();
+                }
                 Ok(None)
             }
             Some(Err(e)) => {
@@ -215,7 +320,9 @@ impl ShardDataset {
             }
             Some(Ok(batch)) => {
                 self.state = batch.next_state;
-                batch_dict(py, batch).map(Some)
+                let dict = batch_dict(py, batch)?;
+                dict.set_item("state", state_dict(py, &self.state)?)?;
+                Ok(Some(dict))
             }
         }
     }
@@ -227,19 +334,45 @@ impl ShardDataset {
 
     /// The data state after the last batch handed out, as a dict of ints (llava-trainer's
     /// DataState: epoch, position, step, anchor, anchor_step, world_size, batch_size, seed).
+    /// In a DataLoader worker process this is the worker's own; the main process's object does
+    /// not advance: use each batch's "state" there.
     fn state_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let value = serde_json::to_value(self.state)
-            .map_err(|e| PyRuntimeError::new_err(format!("data state: {e}")))?;
-        let dict = PyDict::new(py);
-        if let serde_json::Value::Object(map) = value {
-            for (k, v) in map {
-                let n = v.as_u64().ok_or_else(|| {
-                    PyRuntimeError::new_err(format!("data state field {k} is not an integer"))
-                })?;
-                dict.set_item(k, n)?;
-            }
-        }
-        Ok(dict)
+        state_dict(py, &self.state)
+    }
+
+    /// Pickling (DataLoader workers started with spawn or forkserver): the constructor's
+    /// arguments and the state; the copy opens the index again.
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyTuple>> {
+        let py = slf.py();
+        let this = slf.borrow();
+        let a = &this.args;
+        let args = PyTuple::new(
+            py,
+            [
+                a.dir.clone().into_pyobject(py)?.into_any(),
+                this.rank.into_pyobject(py)?.into_any(),
+                a.world_size.into_pyobject(py)?.into_any(),
+                a.seed.into_pyobject(py)?.into_any(),
+                a.workers.into_pyobject(py)?.into_any(),
+                this.state.epoch.into_pyobject(py)?.into_any(),
+                a.batch_size.into_pyobject(py)?.into_any(),
+                a.normalize.into_pyobject(py)?.to_owned().into_any(),
+                a.prefetch.into_pyobject(py)?.into_any(),
+                a.verify_checksums.into_pyobject(py)?.to_owned().into_any(),
+                a.packing.into_pyobject(py)?.to_owned().into_any(),
+                a.pack_length.into_pyobject(py)?.into_any(),
+                a.on_corrupt.as_str().into_pyobject(py)?.into_any(),
+            ],
+        )?;
+        let state = state_dict(py, &this.state)?;
+        PyTuple::new(
+            py,
+            [slf.get_type().into_any(), args.into_any(), state.into_any()],
+        )
+    }
+
+    fn __setstate__(&mut self, state: &Bound<'_, PyDict>) -> PyResult<()> {
+        self.load_state_dict(state)
     }
 
     /// Continues from a state_dict(): the next batch is the one after the saved state's. The
@@ -321,6 +454,22 @@ impl ShardDataset {
     }
 }
 
+/// A data state as the dict of ints `state_dict()` gives.
+fn state_dict<'py>(py: Python<'py>, state: &DataState) -> PyResult<Bound<'py, PyDict>> {
+    let value = serde_json::to_value(state)
+        .map_err(|e| PyRuntimeError::new_err(format!("data state: {e}")))?;
+    let dict = PyDict::new(py);
+    if let serde_json::Value::Object(map) = value {
+        for (k, v) in map {
+            let n = v.as_u64().ok_or_else(|| {
+                PyRuntimeError::new_err(format!("data state field {k} is not an integer"))
+            })?;
+            dict.set_item(k, n)?;
+        }
+    }
+    Ok(dict)
+}
+
 /// One collated batch as the reference collator's dict (see [`ShardDataset`]).
 fn batch_dict<'py>(py: Python<'py>, batch: Batch) -> PyResult<Bound<'py, PyDict>> {
     let (b, l) = (batch.num_rows(), batch.seq_len);
@@ -400,6 +549,8 @@ fn batch_dict<'py>(py: Python<'py>, batch: Batch) -> PyResult<Bound<'py, PyDict>
     dict.set_item("rows", batch.rows)?;
     dict.set_item("segments", batch.segments)?;
     dict.set_item("tokens", batch.tokens)?;
+    let skipped: Vec<String> = batch.skipped.iter().map(ToString::to_string).collect();
+    dict.set_item("skipped", skipped)?;
     Ok(dict)
 }
 

@@ -95,6 +95,7 @@ fn load(
             workers: 2,
             prefetch: 4,
             pixels: PixelFormat::F32,
+            on_corrupt: Default::default(),
         },
     )?;
     Ok(loader.collect::<std::result::Result<Vec<_>, _>>()?)

@@ -4,7 +4,8 @@
 //! Per shard: present; size and SHA-256; readable as Parquet; schema version in the key-value
 //! metadata; row count and row groups; per row: modality = the shard's, group id within the
 //! shard's range, `length` = non-image ids + the images' tokens, `num_image_tokens` = the images'
-//! tokens, one `-200` id per image, `labels` as long as `input_ids`; per shard: tokens, supervised
+//! tokens, one `-200` id per image, `labels` as long as `input_ids`, the row checksum (schema
+//! version 4: `input_ids`, `labels` and the stored tile bytes); per shard: tokens, supervised
 //! tokens, tiles, batches (runs of equal group and batch) and min/max length as in the manifest.
 //! Then the totals.
 
@@ -15,9 +16,8 @@ use std::panic::AssertUnwindSafe;
 
 use llava_formats::constants::{IGNORE_INDEX, IMAGE_TOKEN_INDEX};
 use llava_formats::manifest::ShardInfo;
-use llava_formats::schema::{batch_to_rows, check_version, col as c};
+use llava_formats::schema::{batch_checksums, batch_to_rows, check_version, shard_row_checksum};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::arrow::ProjectionMask;
 use sha2::{Digest, Sha256};
 
 use super::BuildDir;
@@ -184,12 +184,9 @@ fn verify_shard(build: &BuildDir, shard: &ShardInfo, problems: &mut Vec<Problem>
             shard.row_groups
         ));
     }
-    let schema = builder.schema().clone();
-    let columns: Vec<usize> = (0..schema.fields().len())
-        .filter(|&i| schema.field(i).name() != c::TILES)
-        .collect();
-    let mask = ProjectionMask::roots(builder.parquet_schema(), columns);
-    let reader = match builder.with_projection(mask).build() {
+    // Every column, tiles included (the row checksums cover them), a few rows at a time: an
+    // image row holds megabytes of tiles.
+    let reader = match builder.with_batch_size(64).build() {
         Ok(r) => r,
         Err(e) => {
             problem(format!("not readable as Parquet: {e}"));
@@ -198,7 +195,7 @@ fn verify_shard(build: &BuildDir, shard: &ShardInfo, problems: &mut Vec<Problem>
     };
 
     let groups = shard.first_group..shard.first_group + shard.groups;
-    let mut issues: [RowIssues; 6] = Default::default();
+    let mut issues: [RowIssues; 7] = Default::default();
     let (mut rows, mut tokens, mut supervised, mut tiles) = (0u64, 0u64, 0u64, 0u64);
     let (mut min_len, mut max_len) = (u32::MAX, 0u32);
     // Batches: runs of equal (group, batch).
@@ -211,14 +208,14 @@ fn verify_shard(build: &BuildDir, shard: &ShardInfo, problems: &mut Vec<Problem>
                 break;
             }
         };
-        let shard_rows = match batch_to_rows(&batch) {
-            Ok(r) => r,
-            Err(e) => {
+        let (shard_rows, checksums) = match (batch_to_rows(&batch), batch_checksums(&batch)) {
+            (Ok(r), Ok(s)) => (r, s),
+            (Err(e), _) | (_, Err(e)) => {
                 problem(format!("columns: {e}"));
                 break;
             }
         };
-        for r in shard_rows {
+        for (r, &stored) in shard_rows.into_iter().zip(checksums) {
             let at = || format!("row {rows} (id {:?})", r.id);
             if r.modality != shard.modality.as_str() {
                 issues[0].add(|| {
@@ -280,6 +277,16 @@ fn verify_shard(build: &BuildDir, shard: &ShardInfo, problems: &mut Vec<Problem>
             }
             if r.images.iter().any(|i| i.num_tiles == 0) {
                 issues[5].add(|| format!("{}: an image with no tile", at()));
+            }
+            let found = shard_row_checksum(&r);
+            if found != stored {
+                issues[6].add(|| {
+                    format!(
+                        "{}: row checksum {found:016x}, stored {stored:016x} (the row changed \
+                         after the build)",
+                        at()
+                    )
+                });
             }
             if last_batch != Some((r.group, r.batch)) {
                 batches += 1;

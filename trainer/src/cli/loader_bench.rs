@@ -151,6 +151,7 @@ pub fn run(args: Args) -> Result<()> {
         } else {
             PixelFormat::F32
         },
+        on_corrupt: Default::default(),
     };
     let start = Instant::now();
     let mut loader = Loader::new(index.clone(), batches, &loader_config)?;

@@ -165,6 +165,11 @@ pub struct Args {
     /// (`tensorboard --logdir DIR`) [default: none; log.jsonl is always written].
     #[arg(long, value_name = "DIR")]
     tensorboard: Option<PathBuf>,
+    /// A sample whose row checksum does not match its bytes (bit rot, an interrupted copy):
+    /// stop (the error names the shard, row group, row and sample) or skip (left out of its
+    /// batch, a warning each, the count at the end and in log.jsonl) [default: stop].
+    #[arg(long, value_name = "stop|skip")]
+    on_corrupt: Option<String>,
 }
 
 /// Keys that hold paths: in a train.toml they are relative to the file (as in datasets.toml);
@@ -289,6 +294,7 @@ pub(crate) fn merged(args: Args) -> Result<TrainConfig> {
     set("eval_shards", args.eval_shards.map(path));
     set("eval_every", args.eval_every.map(int));
     set("tensorboard", args.tensorboard.map(path));
+    set("on_corrupt", args.on_corrupt.map(toml::Value::String));
     // An error names the flag, or the file, line and key it comes from.
     let located = |key: &str, message: String| -> anyhow::Error {
         match &file {
@@ -481,6 +487,12 @@ pub fn run(args: Args) -> Result<()> {
             summary.steps_done,
             summary.total_steps,
             p.display()
+        );
+    }
+    if !summary.skipped_corrupt.is_empty() {
+        println!(
+            "skipped {} corrupt sample(s) (--on-corrupt skip; listed in log.jsonl)",
+            summary.skipped_corrupt.len()
         );
     }
     let code = exit_code.load(std::sync::atomic::Ordering::SeqCst);

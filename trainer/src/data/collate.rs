@@ -5,6 +5,7 @@ use std::time::Duration;
 use llava_formats::constants::IGNORE_INDEX;
 use llava_formats::schema::ShardRow;
 
+use super::error::CorruptRow;
 use super::index::Modality;
 use super::plan::{DataState, PlannedBatch};
 use llava_formats::normalize::normalize_into;
@@ -114,6 +115,10 @@ pub struct Batch {
     pub bytes_read: u64,
     /// Worker time to read, decode and collate this batch.
     pub load_time: Duration,
+    /// Planned samples left out because their row checksum did not match (only with
+    /// [`OnCorrupt::Skip`](super::loader::OnCorrupt); otherwise such a row fails the batch).
+    /// The batch holds the other samples, collated as if those were never planned.
+    pub skipped: Vec<CorruptRow>,
 }
 
 impl Batch {
@@ -244,5 +249,75 @@ pub fn collate(
         next_state: plan.next_state,
         bytes_read: 0,
         load_time: Duration::ZERO,
+        skipped: Vec::new(),
+    }
+}
+
+/// `plan` without the samples at `skipped` (positions in `plan.samples`, ascending): the rows'
+/// sample indices renumbered, rows left empty dropped. The batch stays well-formed (a smaller
+/// batch, possibly an empty one, which every rank still steps through).
+pub(crate) fn without_samples(plan: &PlannedBatch, skipped: &[usize]) -> PlannedBatch {
+    let kept = |s: usize| skipped.binary_search(&s).is_err();
+    let renumber = |s: usize| s - skipped.partition_point(|&k| k < s);
+    let rows = plan
+        .rows
+        .iter()
+        .map(|r| {
+            r.iter()
+                .copied()
+                .filter(|&s| kept(s))
+                .map(renumber)
+                .collect::<Vec<_>>()
+        })
+        .filter(|r| !r.is_empty())
+        .collect();
+    let samples: Vec<_> = plan
+        .samples
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| kept(*i))
+        .map(|(_, s)| *s)
+        .collect();
+    PlannedBatch {
+        tokens: samples.iter().map(|s| u64::from(s.length)).sum(),
+        samples,
+        rows,
+        parts: plan.parts.clone(),
+        ..*plan
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::SampleRef;
+
+    #[test]
+    fn without_samples_renumbers_rows() {
+        let sample = |index| SampleRef {
+            source: 0,
+            index,
+            length: 10,
+        };
+        let plan = PlannedBatch {
+            epoch: 0,
+            step: 3,
+            rank: 0,
+            modality: Some(Modality::Text),
+            parts: Vec::new(),
+            samples: (0..5).map(sample).collect(),
+            rows: vec![vec![0, 1], vec![2], vec![3, 4]],
+            tokens: 50,
+            next_state: DataState::new(0),
+        };
+        let out = without_samples(&plan, &[1, 2]);
+        assert_eq!(out.rows, vec![vec![0], vec![1, 2]]);
+        assert_eq!(
+            out.samples.iter().map(|s| s.index).collect::<Vec<_>>(),
+            [0, 3, 4]
+        );
+        assert_eq!(out.tokens, 30);
+        let none = without_samples(&plan, &[0, 1, 2, 3, 4]);
+        assert!(none.rows.is_empty() && none.samples.is_empty());
     }
 }

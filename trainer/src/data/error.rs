@@ -64,6 +64,9 @@ pub enum DataError {
         detail: String,
     },
 
+    #[error("{0}: the row changed after the build (bit rot, an interrupted copy?): copy the shard again or rebuild it, or skip such samples with `llava-trainer run --on-corrupt skip` (docs/integrity.md)")]
+    RowChecksum(Box<CorruptRow>),
+
     #[error("per-device batch size {requested} is not supported for shards built with batch size {built}: use a divisor or a multiple of {built}, or rebuild the shards")]
     BatchSize { requested: usize, built: usize },
 
@@ -75,6 +78,40 @@ pub enum DataError {
 
     #[error("loader worker failed: {0}")]
     Worker(String),
+}
+
+/// A row whose stored checksum does not match its bytes, located.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorruptRow {
+    pub path: PathBuf,
+    pub row_group: usize,
+    /// Row within the row group.
+    pub row: usize,
+    /// The sample the index expects there (source name, record index) and the row's `id`.
+    pub source: String,
+    pub index: u64,
+    pub id: String,
+    /// Stored and computed [`llava_formats::schema::row_checksum`].
+    pub expected: u64,
+    pub found: u64,
+}
+
+impl std::fmt::Display for CorruptRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} row group {} row {}: sample {}#{} (id {:?}): row checksum {:016x}, the shard \
+             says {:016x}",
+            self.path.display(),
+            self.row_group,
+            self.row,
+            self.source,
+            self.index,
+            self.id,
+            self.found,
+            self.expected
+        )
+    }
 }
 
 fn row_group_suffix(row_group: Option<usize>) -> String {

@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use super::collate::{collate, Batch, PixelFormat};
+use super::collate::{collate, without_samples, Batch, PixelFormat};
 use super::error::{DataError, DataResult};
 use super::index::ShardIndex;
 use super::plan::PlannedBatch;
@@ -27,6 +27,8 @@ pub struct LoaderConfig {
     /// Batches built or buffered at once; at least `workers` keeps every worker busy.
     pub prefetch: usize,
     pub pixels: PixelFormat,
+    /// What a row whose checksum does not match does: fail the batch (default) or be left out.
+    pub on_corrupt: OnCorrupt,
 }
 
 impl Default for LoaderConfig {
@@ -35,6 +37,30 @@ impl Default for LoaderConfig {
             workers: 16,
             prefetch: 16,
             pixels: PixelFormat::F32,
+            on_corrupt: OnCorrupt::Stop,
+        }
+    }
+}
+
+/// What the loader does with a row whose stored checksum does not match its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnCorrupt {
+    /// The batch fails with [`DataError::RowChecksum`] naming the shard, row group, row and sample.
+    #[default]
+    Stop,
+    /// The sample is left out of its batch and listed in [`Batch::skipped`].
+    Skip,
+}
+
+impl std::str::FromStr for OnCorrupt {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stop" => Ok(Self::Stop),
+            "skip" => Ok(Self::Skip),
+            _ => Err(format!("{s:?}: use stop or skip")),
         }
     }
 }
@@ -121,10 +147,10 @@ impl Loader {
             let shared = shared.clone();
             let tx = tx.clone();
             let index = index.clone();
-            let pixels = config.pixels;
+            let (pixels, on_corrupt) = (config.pixels, config.on_corrupt);
             let handle = std::thread::Builder::new()
                 .name(format!("loader-{w}"))
-                .spawn(move || worker(shared, index, pixels, tx))
+                .spawn(move || worker(shared, index, pixels, on_corrupt, tx))
                 .map_err(|e| DataError::Worker(format!("cannot spawn a thread: {e}")))?;
             workers.push(handle);
         }
@@ -152,6 +178,7 @@ fn worker(
     shared: Arc<Shared>,
     index: Arc<ShardIndex>,
     pixels: PixelFormat,
+    on_corrupt: OnCorrupt,
     tx: Sender<(usize, DataResult<Batch>)>,
 ) {
     let mut reader = ShardReader::new(index.clone());
@@ -161,9 +188,17 @@ fn worker(
         let start = Instant::now();
         // A panic in decoding must reach the consumer as an error, not hang it.
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            let (rows, bytes) = reader.read(plan)?;
-            let mut batch = collate(plan, &rows, pixels, tile_size);
-            batch.bytes_read = bytes;
+            let read = reader.read(plan, on_corrupt)?;
+            let mut batch = if read.skipped.is_empty() {
+                collate(plan, &read.rows, pixels, tile_size)
+            } else {
+                let positions: Vec<usize> = read.skipped.iter().map(|(p, _)| *p).collect();
+                let kept = without_samples(plan, &positions);
+                let mut b = collate(&kept, &read.rows, pixels, tile_size);
+                b.skipped = read.skipped.into_iter().map(|(_, c)| c).collect();
+                b
+            };
+            batch.bytes_read = read.bytes;
             Ok(batch)
         }))
         .unwrap_or_else(|p| {

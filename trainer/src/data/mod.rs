@@ -18,9 +18,9 @@ pub mod rng;
 pub mod synthetic;
 
 pub use collate::{Batch, ImageInfo, PixelFormat, Pixels, SampleId, PAD_ID};
-pub use error::{DataError, DataResult};
+pub use error::{CorruptRow, DataError, DataResult};
 pub use index::{IndexOptions, Modality, SampleRef, ShardIndex};
-pub use loader::{Loader, LoaderConfig};
+pub use loader::{Loader, LoaderConfig, OnCorrupt};
 pub use plan::{
     Balance, DataState, EpochPlan, PlanConfig, PlannedBatch, RankBatches, RowSlice, Steps,
 };

@@ -1,5 +1,6 @@
 //! Reading one planned batch: one contiguous read of its row group(s), then Parquet decoding from
-//! memory of the planned rows only, then checks that the rows are the ones the plan expects.
+//! memory of the planned rows only, then checks that the rows are the ones the plan expects and
+//! that each row's bytes match its stored checksum (before any tile decoding).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -9,14 +10,15 @@ use std::sync::Arc;
 
 use bytes::{Buf, Bytes};
 use llava_formats::constants::IMAGE_TOKEN_INDEX;
-use llava_formats::schema::{batch_to_rows, ShardRow};
+use llava_formats::schema::{batch_checksums, batch_to_rows, shard_row_checksum, ShardRow};
 use llava_formats::tile_codec::{self, TileEncoding};
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
 use parquet::errors::ParquetError;
 use parquet::file::reader::{ChunkReader, Length};
 
-use super::error::{DataError, DataResult};
+use super::error::{CorruptRow, DataError, DataResult};
 use super::index::ShardIndex;
+use super::loader::OnCorrupt;
 use super::plan::PlannedBatch;
 
 /// A byte range of a file held in memory, served to the Parquet decoder at file offsets.
@@ -60,6 +62,16 @@ impl ChunkReader for RangeReader {
     }
 }
 
+/// The rows of one planned batch, as read.
+pub(crate) struct ReadRows {
+    /// Plan order, without the skipped rows.
+    pub rows: Vec<ShardRow>,
+    /// Shard bytes read.
+    pub bytes: u64,
+    /// With [`OnCorrupt::Skip`]: the rows left out (position in `plan.samples`, where and why).
+    pub skipped: Vec<(usize, CorruptRow)>,
+}
+
 /// One worker's reader: keeps each shard file open for reuse.
 pub(crate) struct ShardReader {
     index: Arc<ShardIndex>,
@@ -76,11 +88,16 @@ impl ShardReader {
 
     /// The rows of `plan`, in plan order, and the bytes read: one contiguous read of the row
     /// group(s) holding the planned batches, then only the planned rows are decoded (a row
-    /// selection skips the other batches of those row groups).
-    pub fn read(&mut self, plan: &PlannedBatch) -> DataResult<(Vec<ShardRow>, u64)> {
+    /// selection skips the other batches of those row groups). A row whose checksum does not
+    /// match fails the read, or with [`OnCorrupt::Skip`] is left out and listed.
+    pub fn read(&mut self, plan: &PlannedBatch, on_corrupt: OnCorrupt) -> DataResult<ReadRows> {
         let index = self.index.clone();
         let Some(first) = plan.parts.first() else {
-            return Ok((Vec::new(), 0));
+            return Ok(ReadRows {
+                rows: Vec::new(),
+                bytes: 0,
+                skipped: Vec::new(),
+            });
         };
         let shard_id = index.batches[first.batch].shard;
         let shard = &index.shards[shard_id];
@@ -209,9 +226,12 @@ impl ShardReader {
                     source,
                 })?;
         let mut all = Vec::with_capacity(selected);
+        let mut checksums = Vec::with_capacity(selected);
         for batch in reader {
             let batch = batch.map_err(|e| corrupt(first_rg, format!("cannot decode: {e}")))?;
             let rows = batch_to_rows(&batch).map_err(|e| corrupt(first_rg, e.to_string()))?;
+            let sums = batch_checksums(&batch).map_err(|e| corrupt(first_rg, e.to_string()))?;
+            checksums.extend_from_slice(sums);
             all.extend(rows);
         }
         let wanted_rows: usize = wanted.iter().map(|(_, r)| r.len()).sum();
@@ -227,15 +247,37 @@ impl ShardReader {
 
         // Check each row is the one the plan expects.
         let mut out = Vec::with_capacity(selected);
-        let mut rows = all.into_iter();
+        let mut skipped = Vec::new();
+        let mut rows = all.into_iter().zip(checksums);
         let positions = wanted
             .iter()
             .flat_map(|(rg, r)| r.clone().map(move |i| (*rg, i)));
-        for ((rg, i), want) in positions.zip(plan.samples.iter()) {
-            let row = rows
+        for (pos, ((rg, i), want)) in positions.zip(plan.samples.iter()).enumerate() {
+            let (row, stored) = rows
                 .next()
                 .ok_or_else(|| corrupt(rg, format!("row {i} is missing")))?;
             let want_source = index.source_name(want);
+            // The stored bytes first: a changed row is reported as such, whatever else it breaks.
+            let found = shard_row_checksum(&row);
+            if found != stored {
+                let bad = CorruptRow {
+                    path: path.clone(),
+                    row_group: rg,
+                    row: i,
+                    source: want_source.to_string(),
+                    index: want.index,
+                    id: row.id.clone(),
+                    expected: stored,
+                    found,
+                };
+                match on_corrupt {
+                    OnCorrupt::Stop => return Err(DataError::RowChecksum(Box::new(bad))),
+                    OnCorrupt::Skip => {
+                        skipped.push((pos, bad));
+                        continue;
+                    }
+                }
+            }
             if row.source != want_source || row.index != want.index || row.length != want.length {
                 return Err(corrupt(
                     rg,
@@ -257,7 +299,11 @@ impl ShardReader {
             check_row(&row, index.tile_size()).map_err(|d| corrupt(rg, format!("row {i}: {d}")))?;
             out.push(row);
         }
-        Ok((out, bytes_read))
+        Ok(ReadRows {
+            rows: out,
+            bytes: bytes_read,
+            skipped,
+        })
     }
 }
 

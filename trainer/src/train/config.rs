@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+use crate::data::OnCorrupt;
 use crate::init::ModelSource;
 use crate::llava_next::MergeType;
 use crate::{Error, Result};
@@ -106,6 +107,11 @@ pub struct TrainConfig {
     /// into this folder.
     #[serde(default)]
     pub tensorboard: Option<PathBuf>,
+    /// A sample whose row checksum does not match its bytes (a changed shard): `stop` the run
+    /// with an error naming the shard, row group, row and sample (default), or `skip` it (left
+    /// out of its batch; a warning each, counted at the end and in log.jsonl).
+    #[serde(default)]
+    pub on_corrupt: OnCorrupt,
 }
 
 mod defaults {

@@ -110,6 +110,19 @@ pub struct Summary {
     pub already_finished: bool,
     /// Evaluations of this process, in order.
     pub evals: Vec<EvalLog>,
+    /// Samples this rank left out because their row checksum did not match (`on_corrupt =
+    /// "skip"`), where and why.
+    pub skipped_corrupt: Vec<String>,
+}
+
+/// Samples left out of a step for a row checksum mismatch (a log.jsonl line; `on_corrupt = "skip"`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CorruptLog {
+    pub step: u64,
+    /// One located description per sample: shard, row group, row, sample, checksums.
+    pub skipped_corrupt: Vec<String>,
+    /// Skipped so far in this process.
+    pub skipped_corrupt_total: usize,
 }
 
 /// Trains as `cfg` says on one device; resumes from the latest checkpoint in `output` unless
@@ -298,6 +311,7 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
                 resumed_from: Some(dir.clone()),
                 already_finished: true,
                 evals: Vec::new(),
+                skipped_corrupt: Vec::new(),
             });
         }
     }
@@ -425,6 +439,7 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
         prefetch: cfg.workers.max(2),
         // Tiles cross to the device as bytes and are normalised there.
         pixels: PixelFormat::U8,
+        on_corrupt: cfg.on_corrupt,
     };
     // Mean loss over every supervised token of the eval shards, and their number.
     let evaluate = |model: &LlavaNext| -> Result<Option<(f64, u64)>> {
@@ -547,6 +562,7 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
         resumed_from: resume.clone(),
         already_finished: false,
         evals: Vec::new(),
+        skipped_corrupt: Vec::new(),
     };
     let mut last_saved = step;
     let (mut lr, mut loss_v) = (0.0, f64::NAN);
@@ -559,7 +575,12 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
         // Everything below stays on the device until the logging read.
         let mut loss_sum: Option<Tensor> = None;
         let (mut tokens, mut samples) = (0u64, 0usize);
+        let mut skipped_now = Vec::new();
         for b in &group {
+            for c in &b.skipped {
+                tracing::warn!("skipped a corrupt sample (on_corrupt = skip): {c}");
+                skipped_now.push(c.to_string());
+            }
             tokens += b.tokens;
             samples += b.batch_size();
             if b.is_empty() {
@@ -679,6 +700,27 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
                 );
             }
         }
+        if !skipped_now.is_empty() {
+            summary.skipped_corrupt.extend(skipped_now.iter().cloned());
+            if lead {
+                let total = summary.skipped_corrupt.len();
+                let line = format!(
+                    "step {step}: skipped {} corrupt sample(s), {total} so far",
+                    skipped_now.len()
+                );
+                let record = CorruptLog {
+                    step,
+                    skipped_corrupt: skipped_now,
+                    skipped_corrupt_total: total,
+                };
+                reporter.report(
+                    step,
+                    &line,
+                    &record,
+                    &[("train/skipped_corrupt", total as f64)],
+                )?;
+            }
+        }
         summary.history.push(entry);
         summary.steps_done = step;
         let mut control = match opts.after_step.as_mut() {
@@ -727,6 +769,13 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
     }
     if let Some(b) = reporter.bar {
         b.finish_and_clear();
+    }
+    if !summary.skipped_corrupt.is_empty() {
+        tracing::warn!(
+            "rank {rank}: {} corrupt sample(s) skipped in this run (their row checksums did not \
+             match; listed above and in log.jsonl): copy or rebuild those shards",
+            summary.skipped_corrupt.len()
+        );
     }
     if lead && parts.projector_only() && !summary.interrupted {
         checkpoint::save_projector(&varmap, &cfg.output.join(checkpoint::PROJECTOR_FILE))?;

@@ -90,6 +90,7 @@ fn check_run(index: &Arc<ShardIndex>, workers: usize, pixels: PixelFormat) {
         workers,
         prefetch: workers + 1,
         pixels,
+        on_corrupt: Default::default(),
     };
     let loader = Loader::new(index.clone(), planned.clone(), &config).expect("loader");
     let batches: Vec<_> = loader.map(|b| b.expect("batch")).collect();
@@ -208,6 +209,7 @@ fn merged_and_split_batches_and_empty_batches_load() {
                     workers: 3,
                     prefetch: 2,
                     pixels: PixelFormat::U8,
+                    on_corrupt: Default::default(),
                 },
             )
             .expect("loader");
@@ -233,6 +235,7 @@ fn dropping_the_loader_early_stops_workers() {
             workers: 4,
             prefetch: 4,
             pixels: PixelFormat::F32,
+            on_corrupt: Default::default(),
         },
     )
     .expect("loader");
@@ -248,6 +251,7 @@ fn first_error(index: &Arc<ShardIndex>) -> DataError {
             workers: 4,
             prefetch: 4,
             pixels: PixelFormat::F32,
+            on_corrupt: Default::default(),
         },
     )
     .expect("loader");

@@ -158,6 +158,7 @@ fn collated_tiles_match_golden_float32_pixels() {
             workers: 2,
             prefetch: 2,
             pixels,
+            on_corrupt: Default::default(),
         };
         for batch in
             Loader::new(index.clone(), plan.rank(0).expect("rank"), &loader_cfg).expect("loader")

@@ -6,6 +6,7 @@
 mod attention;
 mod cli;
 mod common;
+mod corrupt;
 mod data_loader;
 mod data_pixels;
 mod data_plan;
