@@ -5,5 +5,6 @@
 mod build_to_loader;
 mod data_build;
 mod inspect;
+mod readme;
 mod recipe;
 mod train;
