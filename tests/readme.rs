@@ -110,11 +110,11 @@ fn run_block(dir: &Path, bin: &Path, block: &str) -> String {
 
 /// A Python with torch, transformers and Pillow: `LLAVA_PYTHON`, else the repository's `.venv`.
 fn python_with_torch() -> Option<PathBuf> {
-    let candidates = std::env::var_os("LLAVA_PYTHON")
+    let mut candidates = std::env::var_os("LLAVA_PYTHON")
         .map(PathBuf::from)
         .into_iter()
         .chain([repo_root().join(".venv/bin/python")]);
-    candidates.into_iter().find(|py| {
+    candidates.find(|py| {
         Command::new(py)
             .args(["-c", "import torch, transformers, PIL, safetensors"])
             .output()
