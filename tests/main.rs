@@ -3,6 +3,7 @@
 //! `cargo test -p llava-e2e --test e2e train::`.
 
 mod build_to_loader;
+mod checkpoint_tokenizer;
 mod data_build;
 mod inspect;
 mod readme;
