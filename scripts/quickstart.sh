@@ -1,18 +1,28 @@
 #!/usr/bin/env bash
-# Quick start: installs what is missing, fetches the tokenizer, builds the bundled example
-# mixture (datasets.toml → out/example) and shows what came out.
+# Quick start: the whole flow on the bundled example, on the CPU. Installs what is missing (no
+# Python packages: python3 alone assembles the tokenizer), fetches the tokenizer, builds the debug
+# binaries, builds the example mixture (datasets.toml → out/example), prints `llava-data
+# inspect`'s summary, trains a tiny random model for two steps (stage 2: every part trains) and
+# lists the checkpoint folder it wrote (out/quickstart/run/checkpoint-2). Rerunning it redoes
+# nothing that is done. The README's numbered path goes further (stage 1, GPUs, HF transformers).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-./scripts/setup.sh
-cargo build -p llava-data
+LLAVA_SKIP_PYTHON=1 ./scripts/setup.sh
+cargo build -p llava-data -p llava-trainer
 bin=${CARGO_TARGET_DIR:-target}/debug
-"$bin/llava-data" build datasets.toml
-echo
-echo "First record of the instruction data as the model will see it (llava-data convert):"
-"$bin/llava-data" convert --data fixtures/data/llava_instruct_150k.json \
-  --image-folder fixtures/images/coco/train2017 --tokenizer .cache/tokenizer/tokenizer.json \
-  --template llava_llama_3 | head -n 1 | python3 -c '
-import json, sys
-r = json.loads(sys.stdin.readline())
-print({k: (v if k not in ("input_ids", "labels") else f"[{len(v)} ids]") for k, v in r.items()})'
+out=out/quickstart
+show() { printf '\n$ %s\n' "$*"; "$@"; }
+
+show "$bin/llava-data" build datasets.toml
+show "$bin/llava-data" inspect out/example
+[[ -f $out/tiny-model/model.safetensors ]] ||
+  show "$bin/llava-trainer" init --config trainer/configs/tiny-model.json --output "$out/tiny-model"
+show "$bin/llava-trainer" run --shards out/example --model "$out/tiny-model" --output "$out/run" \
+  --max-steps 2 --device cpu --workers 2
+show ls -l "$out/run/checkpoint-2"
+cat <<EOF
+
+The checkpoint is an HF LlavaNextForConditionalGeneration folder with its processor and tokenizer
+files: README.md, step 7, loads it with transformers. Next: stage 1 + stage 2 (README.md, step 4).
+EOF

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Both training stages on the bundled example with a tiny random model (CPU, a few minutes):
 # stage 1 trains the projector on plain/square captions, stage 2 fine-tunes everything on the
-# example mixture starting from the stage-1 projector. Outputs go to out/.
+# example mixture starting from the stage-1 projector. Outputs go to out/. The README's step 4
+# runs the same commands with binaries on PATH.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-./scripts/setup.sh
+LLAVA_SKIP_PYTHON=1 ./scripts/setup.sh   # no Python packages: none is used here
 profile=${PROFILE:-release}
 cargo build --profile "$profile" -p llava-data -p llava-trainer
 bin=${CARGO_TARGET_DIR:-target}/$([[ $profile == dev ]] && echo debug || echo "$profile")

@@ -3,8 +3,10 @@
 //! `cargo test -p llava-e2e --test e2e train::`.
 
 mod build_to_loader;
+mod checkpoint_tokenizer;
 mod data_build;
 mod inspect;
 mod integrity;
+mod readme;
 mod recipe;
 mod train;

@@ -1,5 +1,6 @@
-//! The `datasets.toml` model: what `llava-data build` reads. Every key is documented in the
-//! README; a bad value fails before any work with the file, the key and what was expected.
+//! The `datasets.toml` model: what `llava-data build` reads. Every key is documented in
+//! docs/configuration.md; a bad value fails before any work with the file, the key and what was
+//! expected.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -57,7 +58,7 @@ impl ConfigError {
 
     /// A `toml` parse or deserialization error of `text` (the contents of `file`): its line and
     /// column, the key its span points into, and what to do. `docs` says where the keys are
-    /// documented (e.g. "the README's `datasets.toml` section").
+    /// documented (e.g. "docs/configuration.md").
     pub fn from_toml(file: &str, text: &str, e: &toml::de::Error, docs: &str) -> Self {
         use crate::located::{backticked, closest, key_at, line_col};
         let msg = e.message().trim().to_string();
@@ -318,7 +319,8 @@ fn default_pool_groups() -> usize {
 fn default_jpeg_quality() -> u8 {
     95
 }
-/// Measured (README, `bench`): at 1, `raw` tiles are as small as at 3 and the build is faster.
+/// Measured (docs/benchmarks.md, "Bytes per sample"): at 1, `raw` tiles are as small as at 3 and
+/// the build is faster.
 fn default_zstd_level() -> i32 {
     1
 }
@@ -335,7 +337,7 @@ fn default_aspect() -> String {
 }
 
 /// Where the keys of `datasets.toml` are documented (for error messages).
-pub const DATASETS_DOCS: &str = "the README's `datasets.toml` section";
+pub const DATASETS_DOCS: &str = "docs/configuration.md";
 
 pub const TEMPLATES: [&str; 2] = ["llava_llama_3", "plain"];
 pub const ASPECTS: [&str; 3] = ["anyres", "pad", "square"];

@@ -64,6 +64,10 @@ pub struct Manifest {
     /// SHA-256 of the `datasets.toml` bytes.
     pub config_sha256: String,
     pub tokenizer_sha256: String,
+    /// The tokenizer file the build read (absolute), so that a trainer can ship it with its
+    /// checkpoints once its SHA-256 matches `tokenizer_sha256`. Absent in older manifests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer_path: Option<String>,
     pub settings: BuildSettings,
     pub grouping: Grouping,
     pub sources: Vec<SourceStats>,
@@ -193,6 +197,7 @@ impl Manifest {
             created_by: created_by.to_string(),
             config_sha256: String::new(),
             tokenizer_sha256: String::new(),
+            tokenizer_path: None,
             settings: BuildSettings {
                 model_max_length: 8192,
                 image_grid_pinpoints: RECIPE_PINPOINTS.iter().map(|&(w, h)| [w, h]).collect(),

@@ -9,7 +9,7 @@
 //! - then the R and B residuals minus the G residual (modulo 256): the planes' residuals are
 //!   correlated, so their difference is smaller.
 //!
-//! Chosen by measurement on the fixtures' photographs (README, `tile_encoding`): 25–26% of the
+//! Chosen by measurement on the fixtures' photographs (docs/benchmarks.md, "Bytes per sample"): 25–26% of the
 //! raw bytes at zstd 1–3 against 46% for plain CHW bytes under zstd 3. The tiles column itself
 //! is then stored without Parquet compression (the frames are compressed already), which also
 //! moves the compression out of the single writer thread into the parallel rendering.
@@ -25,7 +25,7 @@
 //!   is several times faster and as small. Levels 3+ compress every plane at the level (a user
 //!   who asks for a higher level asks for the smallest shards).
 //!
-//! Measured on the fixtures' tiles (README, Shards, "Tiles (schema v3)"): photographs 25.2% of the raw bytes
+//! Measured on the fixtures' tiles (docs/shards.md, "Tiles (schema v3)"): photographs 25.2% of the raw bytes
 //! at 712 MB/s (one frame per tile at zstd 1) → 25.0% at 1,350 MB/s; the bundled images 13.8% at
 //! 859 MB/s → 13.9% at 1,795 MB/s.
 

@@ -183,6 +183,8 @@ pub fn patch_tokenizer_config(config: &mut Map<String, Value>, image_id: u32, pa
 /// Writes `dst`'s tokenizer files from the tokenizer in `src` (a model or tokenizer folder with
 /// `tokenizer.json`; `tokenizer_config.json`, `special_tokens_map.json` and
 /// `generation_config.json` are taken along when present), with the LLaVA tokens and template.
+/// `src` may also be the tokenizer file itself (what a build's manifest names): its folder's
+/// companions are taken along only when the file is called `tokenizer.json`.
 /// Returns false (and writes nothing) when `src` has no `tokenizer.json`.
 pub fn write_tokenizer_files(
     src: &Path,
@@ -190,22 +192,32 @@ pub fn write_tokenizer_files(
     image_token_index: u32,
     vocab_size: usize,
 ) -> Result<bool> {
-    let tok_path = src.join("tokenizer.json");
+    // The file itself, or a folder holding `tokenizer.json`; the companions come from the
+    // folder only when it is an HF tokenizer folder (a lone `tok.json` has none).
+    let (tok_path, companions) = if src.is_file() {
+        let hf_folder = src.file_name() == Some("tokenizer.json".as_ref());
+        (src.to_path_buf(), src.parent().filter(|_| hf_folder))
+    } else {
+        (src.join("tokenizer.json"), Some(src))
+    };
     if !tok_path.is_file() {
         return Ok(false);
     }
+    let companion = |name: &str| companions.map(|d| d.join(name));
+    let read_companion = |name: &str| match companion(name) {
+        Some(p) => json_file::read_object_or_empty(&p),
+        None => Ok(Map::new()),
+    };
     let mut tokenizer = json_file::read(&tok_path)?;
     let (image_id, pad_id) =
         add_llava_tokens(&mut tokenizer, image_token_index, vocab_size, &tok_path)?;
     json_file::write(&dst.join("tokenizer.json"), &tokenizer)?;
 
-    let cfg_path = src.join("tokenizer_config.json");
-    let mut config = json_file::read_object_or_empty(&cfg_path)?;
+    let mut config = read_companion("tokenizer_config.json")?;
     patch_tokenizer_config(&mut config, image_id, pad_id);
     json_file::write(&dst.join("tokenizer_config.json"), &Value::Object(config))?;
 
-    let map_path = src.join("special_tokens_map.json");
-    let mut map = json_file::read_object_or_empty(&map_path)?;
+    let mut map = read_companion("special_tokens_map.json")?;
     if pad_id.is_some() {
         map.insert("pad_token".into(), PAD_TOKEN.into());
     }
@@ -217,12 +229,15 @@ pub fn write_tokenizer_files(
         &dst.join("chat_template.json"),
         &json!({ "chat_template": LLAVA_LLAMA3_CHAT_TEMPLATE }),
     )?;
-    let gen = src.join("generation_config.json");
-    if gen.is_file() && src != dst {
-        std::fs::copy(&gen, dst.join("generation_config.json")).map_err(|source| Error::Io {
-            path: gen.clone(),
-            source,
-        })?;
+    if let Some(gen) = companion("generation_config.json") {
+        if gen.is_file() && companions != Some(dst) {
+            std::fs::copy(&gen, dst.join("generation_config.json")).map_err(|source| {
+                Error::Io {
+                    path: gen.clone(),
+                    source,
+                }
+            })?;
+        }
     }
     Ok(true)
 }

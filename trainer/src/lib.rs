@@ -6,6 +6,7 @@
 pub mod attention;
 pub mod bench;
 pub mod checkpoint;
+pub mod checkpoint_tokenizer;
 pub mod clip;
 pub mod data;
 pub mod dist;

@@ -57,6 +57,13 @@ pub fn write_pass1_and_plan(
         created_by: format!("llava-data {}", env!("CARGO_PKG_VERSION")),
         config_sha256: ctx.config_sha256.clone(),
         tokenizer_sha256: ctx.tokenizer.sha256().to_string(),
+        // Absolute, so a trainer started elsewhere finds it (and checks it by SHA-256).
+        tokenizer_path: Some(
+            std::fs::canonicalize(&c.tokenizer)
+                .unwrap_or_else(|_| c.tokenizer.clone())
+                .to_string_lossy()
+                .into_owned(),
+        ),
         settings: BuildSettings {
             model_max_length: c.model_max_length,
             image_grid_pinpoints: ctx.pinpoints.iter().map(|&(w, h)| [w, h]).collect(),

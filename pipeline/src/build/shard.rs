@@ -388,7 +388,7 @@ fn encode_tiles(sample: &Sample, config: &DatasetsConfig) -> Result<Vec<Vec<u8>>
 /// Every [`WRITEBACK_EVERY`] bytes it asks the kernel to start writing the file out
 /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, which does not wait): the disk then works while
 /// the next rows are rendered, and the fsync that ends the shard waits only for the last few MiB
-/// instead of the whole file (measured: README, "bench").
+/// instead of the whole file (measured: docs/benchmarks.md).
 struct HashingWriter {
     file: File,
     hasher: Sha256,

@@ -13,7 +13,7 @@ use llava_formats::manifest::Manifest;
     after_help = "Examples:\n  llava-data build datasets.toml\n  llava-data build datasets.toml --output /data/shards --partition 3/8   # one of 8 array jobs\n  llava-data merge /data/shards                                           # after all 8\n\nA killed build, rerun with the same config, keeps its finished shards and writes the rest."
 )]
 pub struct BuildArgs {
-    /// The mixture: `datasets.toml` (every key is documented in the README).
+    /// The mixture: `datasets.toml` (every key is documented in docs/configuration.md).
     config: PathBuf,
     /// Output folder (overrides the config's `output`).
     #[arg(long)]

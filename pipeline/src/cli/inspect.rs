@@ -37,7 +37,7 @@ of at most --pack-length tokens by balanced first-fit decreasing, as `llava-trai
 pub struct InspectArgs {
     /// A build output folder (holds manifest.json, rejects.jsonl and shards/).
     dir: PathBuf,
-    /// Print the summary as one JSON object (README: "inspect: see and verify a build").
+    /// Print the summary as one JSON object (fields: docs/data.md, `inspect`).
     #[arg(long)]
     json: bool,
     /// Batch size (per rank) of the padding report [default: the build's batch_size].

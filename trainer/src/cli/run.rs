@@ -99,7 +99,8 @@ pub struct Args {
     /// flat (pretraining) or spatial_unpad (fine-tuning); must match the shards.
     #[arg(long)]
     merge_type: Option<String>,
-    /// Tokenizer the shards must have been built with (checked against the manifest).
+    /// Tokenizer the shards must have been built with (checked against the manifest); the
+    /// checkpoints ship it when the model folder has no tokenizer.json.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Resume from this checkpoint (default: the latest in --output).
@@ -194,7 +195,7 @@ impl Args {
 }
 
 /// Where the run keys are documented (for error messages).
-const RUN_DOCS: &str = "`llava-trainer run --help` and the README's Training section";
+const RUN_DOCS: &str = "`llava-trainer run --help` and docs/configuration.md";
 
 /// Names other trainers use for a key (HF `TrainingArguments`), for "did you mean".
 const ALIASES: [(&str, &str); 9] = [

@@ -466,7 +466,12 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
         };
         Ok(Some((mean, targets)))
     };
-    let tokenizer_dir = cfg.source.model.clone().or_else(|| cfg.source.llm.clone());
+    let tokenizer_dir = crate::checkpoint_tokenizer::for_checkpoints(
+        &cfg.source,
+        cfg.tokenizer.as_deref(),
+        &index.manifest,
+        lead,
+    );
     let mut stream = Stream {
         index: index.clone(),
         plan: plan_cfg,

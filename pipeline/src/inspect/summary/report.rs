@@ -1,4 +1,4 @@
-//! What `inspect DIR` reports (`--json` prints it as is; fields documented in the README), and
+//! What `inspect DIR` reports (`--json` prints it as is; fields documented in docs/data.md), and
 //! the options that shape it.
 
 use serde::{Deserialize, Serialize};
@@ -28,7 +28,7 @@ impl Default for SummaryOptions {
     }
 }
 
-/// Everything `inspect DIR` prints; `--json` prints it as is (fields documented in the README).
+/// Everything `inspect DIR` prints; `--json` prints it as is (fields documented in docs/data.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     pub dir: String,
