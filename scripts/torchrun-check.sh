@@ -5,8 +5,8 @@
 # llava-trainer's own --nproc-per-node supervisor. Every launch trains the tiny model for 3
 # steps with 2 CPU ranks; each line compares its losses with world size 1 (grad_accum 2).
 #
-# torchrun: $LLAVA_TORCHRUN (a torchrun binary or a python with torch), else .venv/bin/torchrun,
-# else /work/torchvenv/bin/torchrun or /work/torchvenv/bin/python -m torch.distributed.run.
+# torchrun: $LLAVA_TORCHRUN (a torchrun binary or a python with torch),
+# else the test venv's .venv/bin/torchrun (scripts/setup.sh installs torch there).
 # The shards are the bundled example (out/example, built with `llava-data build datasets.toml`
 # when missing; needs scripts/fetch-tokenizer.sh's tokenizer), or SHARDS=dir.
 # Usage: scripts/torchrun-check.sh   (builds target/release; BIN_DIR=dir to use other binaries)
@@ -21,7 +21,7 @@ bin=$BIN_DIR/llava-trainer
 shards=${SHARDS:-$root/out/example}
 [[ -n ${SHARDS:-} || -f out/example/manifest.json ]] || "$BIN_DIR/llava-data" build datasets.toml >&2
 tr=()
-for c in "${LLAVA_TORCHRUN:-}" .venv/bin/torchrun /work/torchvenv/bin/torchrun /work/torchvenv/bin/python; do
+for c in "${LLAVA_TORCHRUN:-}" .venv/bin/torchrun; do
   [[ -n $c && -x $c ]] || continue
   case $(basename "$c") in
     python*) "$c" -c 'import torch.distributed.run' 2>/dev/null && tr=("$c" -m torch.distributed.run) ;;

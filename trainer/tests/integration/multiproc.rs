@@ -4,9 +4,9 @@
 //! 2 ranks, and its losses equal world size 1's (same global batch) to 1e-6 and the thread
 //! ranks' exactly.
 //!
-//! torchrun comes from `LLAVA_TORCHRUN` (a `torchrun` binary, or a python with torch), else
-//! `.venv/bin/torchrun`, else `/work/torchvenv/bin/{torchrun,python}`; without one the torchrun
-//! tests print why and pass (scripts/torchrun-check.sh runs the same launches by hand).
+//! torchrun comes from `LLAVA_TORCHRUN` (a `torchrun` binary, or a python with torch), else the
+//! test venv's torch (`scripts/setup.sh` installs it); a missing venv fails the test, and only
+//! `LLAVA_NO_TORCH=1` skips it (scripts/torchrun-check.sh runs the same launches by hand).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -248,31 +248,19 @@ fn slurm_like_environment_trains_with_and_without_master_port() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// The torchrun command: `LLAVA_TORCHRUN`, or a venv's torchrun / python with torch.
+/// The torchrun command: `LLAVA_TORCHRUN` (a `torchrun` binary or a python with torch), else
+/// `python -m torch.distributed.run` with the test venv's python (`test_support::torch_python`).
+/// `None` only when the user opted out of torch (`LLAVA_NO_TORCH=1`).
 pub fn torchrun() -> Option<Command> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let candidates: Vec<PathBuf> = match std::env::var_os("LLAVA_TORCHRUN") {
-        Some(p) => vec![PathBuf::from(p)],
-        None => vec![
-            root.join(".venv/bin/torchrun"),
-            PathBuf::from("/work/torchvenv/bin/torchrun"),
-            PathBuf::from("/work/torchvenv/bin/python"),
-        ],
+    let found = match std::env::var_os("LLAVA_TORCHRUN") {
+        Some(p) => PathBuf::from(p),
+        None => llava_test_support::torch_python()?,
     };
-    let found = candidates.into_iter().find(|p| p.is_file())?;
     let is_python = found
         .file_name()
         .is_some_and(|n| n.to_string_lossy().starts_with("python"));
     let mut cmd = clean(Command::new(&found));
     if is_python {
-        // A python without torch is no torchrun.
-        let has_torch = Command::new(&found)
-            .args(["-c", "import torch.distributed.run"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !has_torch {
-            return None;
-        }
         cmd.args(["-m", "torch.distributed.run"]);
     }
     Some(cmd)
@@ -280,11 +268,7 @@ pub fn torchrun() -> Option<Command> {
 
 fn torchrun_mode(name: &str, flags: &[String]) {
     let Some(mut cmd) = torchrun() else {
-        eprintln!(
-            "SKIPPED torchrun {name}: no torchrun found (set LLAVA_TORCHRUN to a torchrun binary \
-             or a python with torch; looked at .venv/bin/torchrun, /work/torchvenv/bin/torchrun \
-             and /work/torchvenv/bin/python)"
-        );
+        eprintln!("skipped torchrun {name}: LLAVA_NO_TORCH=1");
         return;
     };
     let out = scratch(&format!("torchrun-{name}")).join("run");
