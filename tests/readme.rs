@@ -108,20 +108,6 @@ fn run_block(dir: &Path, bin: &Path, block: &str) -> String {
     text
 }
 
-/// A Python with torch, transformers and Pillow: `LLAVA_PYTHON`, else the repository's `.venv`.
-fn python_with_torch() -> Option<PathBuf> {
-    let mut candidates = std::env::var_os("LLAVA_PYTHON")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain([repo_root().join(".venv/bin/python")]);
-    candidates.find(|py| {
-        Command::new(py)
-            .args(["-c", "import torch, transformers, PIL, safetensors"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    })
-}
-
 #[test]
 fn the_readme_path_reaches_a_checkpoint_hf_transformers_loads() {
     let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("README.md");
@@ -180,11 +166,8 @@ fn the_readme_path_reaches_a_checkpoint_hf_transformers_loads() {
 
     let python = marked_blocks(&readme, "python");
     assert_eq!(python.len(), 1, "one `readme-test: python` block");
-    let Some(py) = python_with_torch() else {
-        eprintln!(
-            "skipping the HF transformers part: no Python with torch and transformers \
-             (set LLAVA_PYTHON)"
-        );
+    // The test venv's torch + transformers (`LLAVA_NO_TORCH=1` opts out, and says so).
+    let Some(py) = llava_test_support::torch_python() else {
         return;
     };
     let out = Command::new(&py)
