@@ -10,6 +10,7 @@ mod data_loader;
 mod data_pixels;
 mod data_plan;
 mod data_plan_reference;
+mod generate;
 mod launch;
 mod optim_parity;
 mod packing;
