@@ -85,3 +85,98 @@ fn batch_of_different_lengths_gives_the_same_tokens() {
         assert_eq!(one[0].tokens, b.tokens);
     }
 }
+
+/// The binary end to end on a freshly initialised 336-px model with the Llama-3 tokenizer: an
+/// image through the build's tiling, `--json`, the cache off giving the same tokens, and
+/// `--input` batching two prompts of different lengths as one at a time.
+#[test]
+fn cli_generate_json_cache_and_batch() {
+    use std::process::Command;
+    const BIN: &str = env!("CARGO_BIN_EXE_llava-trainer");
+    let root = llava_test_support::repo_root();
+    let dir = root
+        .join("target/e2e-scratch")
+        .join(format!("cli-generate-{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::create_dir_all(&dir).expect("scratch");
+    let model = dir.join("model");
+    let tok = llava_test_support::tokenizer_path();
+    let ok = |out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf8")
+    };
+    ok(Command::new(BIN)
+        .args(["init", "--config"])
+        .arg(root.join("trainer/configs/tiny-model.json"))
+        .arg("--tokenizer")
+        .arg(tok.parent().expect("tokenizer dir"))
+        .arg("--output")
+        .arg(&model)
+        .output()
+        .expect("init"));
+    let image = root.join("fixtures/images/coco/train2017/000000352481.png");
+    let gen = |extra: &[&str]| -> Vec<Value> {
+        let out = ok(Command::new(BIN)
+            .args([
+                "generate",
+                "--device",
+                "cpu",
+                "--json",
+                "--max-new-tokens",
+                "4",
+            ])
+            .arg("--model")
+            .arg(&model)
+            .args(extra)
+            .output()
+            .expect("generate"));
+        out.lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect()
+    };
+    let img = image.to_str().expect("path");
+    let one = gen(&["--image", img, "--prompt", "What is in the image?"]);
+    let v = &one[0];
+    assert_eq!(v["new_tokens"], 4);
+    assert!(
+        v["prompt_tokens"].as_u64().unwrap() > 1000,
+        "anyres image tokens: {v}"
+    );
+    assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["answer"].is_string());
+    let uncached = gen(&[
+        "--image",
+        img,
+        "--prompt",
+        "What is in the image?",
+        "--no-cache",
+    ]);
+    assert_eq!(uncached[0]["tokens"], v["tokens"]);
+    let text_only = gen(&["--prompt", "Hello there, how are you today?"]);
+    let input = dir.join("prompts.jsonl");
+    std::fs::write(
+        &input,
+        format!(
+            "{}\n{}\n",
+            serde_json::json!({"id": "a", "prompt": "What is in the image?", "images": [img]}),
+            serde_json::json!({"id": "b", "prompt": "Hello there, how are you today?"})
+        ),
+    )
+    .expect("write jsonl");
+    let batch = gen(&[
+        "--input",
+        input.to_str().expect("path"),
+        "--batch-size",
+        "2",
+    ]);
+    assert_eq!(batch.len(), 2);
+    assert_eq!(batch[0]["id"], "a");
+    assert_eq!(batch[0]["batch_size"], 2);
+    assert_eq!(batch[0]["tokens"], v["tokens"]);
+    assert_eq!(batch[1]["tokens"], text_only[0]["tokens"]);
+    std::fs::remove_dir_all(&dir).ok();
+}
