@@ -163,10 +163,8 @@ pub fn build_prompt(
         Template::Raw => {
             let n = question.matches(IMAGE_TOKEN).count();
             if n == 0 {
-                format!(
-                    "{}{question}",
-                    format!("{IMAGE_TOKEN} ").repeat(images.len())
-                )
+                let prefix = format!("{IMAGE_TOKEN} ").repeat(images.len());
+                format!("{prefix}{question}")
             } else if n == images.len() {
                 question.to_string()
             } else {
