@@ -4,6 +4,7 @@
 
 mod build_to_loader;
 mod data_build;
+mod generate;
 mod inspect;
 mod recipe;
 mod train;
