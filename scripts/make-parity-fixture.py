@@ -12,6 +12,8 @@ names, dtypes and fixture.json fields; that fixture's README describes every one
                                   token_nll, first-step gradients, 3 AdamW steps of the variants
                                   full / pretrain / projector_only, the PIL-backend pixels
     trained_full_step3.safetensors  every parameter after the full variant's 3rd AdamW step
+    generate.json     HF `generate` (greedy, 20 new tokens, with and without the KV cache) on
+                      each sample's prompt and image (`--generate-only DIR` adds it to a folder)
     key_mapping.json  checkpoint / in-memory / llava-hf hub / original LLaVA-NeXT key of each tensor
     fixture.json      sizes, per-sample geometry, losses, reference noise (fp64 and SDPA reruns),
                       versions, file sizes and sha256
@@ -36,6 +38,7 @@ is not part of CI. Usage:
 
     python scripts/make-parity-fixture.py --variant b --out /tmp/tiny-llava-next-b
     LLAVA_PARITY_FIXTURE=/tmp/tiny-llava-next-b cargo test -p llava-trainer --test integration
+    python scripts/make-parity-fixture.py --generate-only fixtures/tiny-llava-next-a
 """
 
 import argparse
@@ -691,7 +694,65 @@ def build(s, out, images_from):
 
     noise = reference_noise(model_dir, inputs, expected, trained)
     write_fixture_json(s, out, samples, n_targets, expected, train, noise)
+    generate_goldens(out)
     return expected
+
+
+GENERATE_NEW_TOKENS = 20
+
+
+def generate_goldens(out):
+    """HF `generate` on each sample's prompt (the tokens before its answer) and image, greedy,
+    with and without the KV cache; written to generate.json. Reads only the folder (model/,
+    inputs.safetensors, fixture.json), so it also runs on a committed fixture."""
+    import torch
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(1)
+    fx = json.loads((out / "fixture.json").read_text())
+    inputs = load_file(out / "inputs.safetensors")
+    model = load_model(out / "model")
+    model.eval()
+    prompts = []
+    for i, smp in enumerate(fx["batch"]["samples"]):
+        n = smp["prompt_len"]
+        ids = inputs["input_ids"][i : i + 1, :n]
+        kw = dict(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=inputs["pixel_values"][i : i + 1, : smp["num_patches_incl_base"]],
+            image_sizes=inputs["image_sizes"][i : i + 1],
+            max_new_tokens=GENERATE_NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=EOS,
+            pad_token_id=PAD,
+        )
+        got = {}
+        with torch.no_grad():
+            for cache in (True, False):
+                seq = model.generate(**kw, use_cache=cache)
+                got[cache] = seq[0, n:].tolist()
+        prompts.append(
+            {
+                "sample": i,
+                "prompt_len": n,
+                "new_tokens_cached": got[True],
+                "new_tokens_uncached": got[False],
+            }
+        )
+    doc = {
+        "what": "HF LlavaNextForConditionalGeneration.generate(input_ids=inputs.input_ids[i, "
+        ":prompt_len], pixel_values=inputs.pixel_values[i, :num_patches], image_sizes, "
+        f"max_new_tokens={GENERATE_NEW_TOKENS}, do_sample=False, eos_token_id={EOS}, "
+        f"pad_token_id={PAD}), use_cache True and False; float32, eager attention, 1 thread. "
+        "Tokens after the prompt (generation stops after eos).",
+        "versions": versions(),
+        "max_new_tokens": GENERATE_NEW_TOKENS,
+        "eos_id": EOS,
+        "prompts": prompts,
+    }
+    (out / "generate.json").write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {out / 'generate.json'}")
 
 
 def reference_noise(model_dir, inputs, expected, trained):
@@ -959,6 +1020,8 @@ def compare(out, ref):
     files = lambda d: {p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()}  # noqa
     for f in sorted(files(out) - files(ref)):
         print(f"only here: {f}")
+        if f == "generate.json":
+            continue  # added after tiny-llava-next-a was made
         ok = False
     for f in sorted(files(ref)):
         mine = out / f
@@ -1015,7 +1078,13 @@ def compare(out, ref):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variant", choices=sorted(VARIANTS), default="b")
-    ap.add_argument("--out", required=True, type=Path, help="output folder (created)")
+    ap.add_argument("--out", type=Path, help="output folder (created)")
+    ap.add_argument(
+        "--generate-only",
+        type=Path,
+        metavar="DIR",
+        help="only (re)write DIR/generate.json from the fixture already in DIR",
+    )
     ap.add_argument(
         "--images-from",
         type=Path,
@@ -1027,6 +1096,11 @@ def main():
         "--check-against", type=Path, help="compare the result with this fixture folder"
     )
     args = ap.parse_args()
+    if args.generate_only is not None:
+        generate_goldens(args.generate_only)
+        return
+    if args.out is None:
+        ap.error("--out is required (or --generate-only DIR)")
     s = copy.deepcopy(VARIANTS[args.variant])
     if args.seed is not None:
         s["seed"] = args.seed

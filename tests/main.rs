@@ -5,6 +5,7 @@
 mod build_to_loader;
 mod checkpoint_tokenizer;
 mod data_build;
+mod generate;
 mod inspect;
 mod integrity;
 mod readme;

@@ -11,6 +11,7 @@ pub mod clip;
 pub mod data;
 pub mod dist;
 pub mod error;
+pub mod generate;
 pub mod heap;
 pub mod hf_tokenizer;
 pub mod init;

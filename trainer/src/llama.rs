@@ -502,3 +502,36 @@ impl LlamaForCausalLM {
         self.embed_tokens.embeddings().dtype()
     }
 }
+
+/// Read-only views of the weights for inference code with its own attention (the KV-cache
+/// decoder of `generate`); the training forward does not use them.
+impl Rope {
+    /// `[L, head_dim]` (or `[B, 1, L, head_dim]`) cosine table.
+    pub fn cos(&self) -> &Tensor {
+        &self.cos
+    }
+
+    /// Sine table, same shape as [`Rope::cos`].
+    pub fn sin(&self) -> &Tensor {
+        &self.sin
+    }
+}
+
+impl LlamaAttention {
+    /// `(q_proj, k_proj, v_proj, o_proj)`.
+    pub fn projections(&self) -> (&Linear, &Linear, &Linear, &Linear) {
+        (&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj)
+    }
+}
+
+impl LlamaDecoderLayer {
+    /// `(self_attn, mlp, input_layernorm, post_attention_layernorm)`.
+    pub fn parts(&self) -> (&LlamaAttention, &LlamaMlp, &RmsNorm, &RmsNorm) {
+        (
+            &self.self_attn,
+            &self.mlp,
+            &self.input_layernorm,
+            &self.post_attention_layernorm,
+        )
+    }
+}

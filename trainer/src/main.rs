@@ -33,6 +33,8 @@ enum Command {
     Plan(Box<cli::plan::Args>),
     /// The model on a device against a fixture's HF goldens (JSON).
     Parity(cli::parity::Args),
+    /// What a checkpoint answers: a prompt (+ images) or a JSONL of them, KV-cached decoding.
+    Generate(Box<cli::generate::Args>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -44,6 +46,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => cli::bench::run(*args),
         Command::Plan(args) => cli::plan::run(*args),
         Command::Parity(args) => cli::parity::run(args),
+        Command::Generate(args) => cli::generate::run(*args),
     };
     llava_formats::cli::exit_code(result)
 }

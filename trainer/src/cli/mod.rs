@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod device;
+pub mod generate;
 pub mod init;
 pub mod loader_bench;
 pub mod model_parts;

@@ -11,6 +11,7 @@ mod data_loader;
 mod data_pixels;
 mod data_plan;
 mod data_plan_reference;
+mod generate;
 mod gpu_check;
 mod launch;
 mod multiproc;

@@ -1,0 +1,140 @@
+//! `generate` on a checkpoint written by `llava-trainer run` on the example data (issue 33): the
+//! checkpoint's own tokenizer and the build's conversion path (llava_llama_3, square tiles) make
+//! the prompt; greedy decoding gives the same tokens with and without the KV cache, and batched
+//! with a prompt of another length as one at a time.
+
+use std::path::{Path, PathBuf};
+
+use llava_data::build::{build, BuildOptions, Partition};
+use llava_e2e::*;
+use llava_trainer::checkpoint;
+use llava_trainer::generate::prompt::{self, Aspect, Template};
+use llava_trainer::generate::{generate, GenerateOptions};
+use llava_trainer::init::{self, InitSpec};
+use llava_trainer::llava_next::LlavaNextConfig;
+use llava_trainer::train::{self, RunOptions, TrainConfig};
+use llava_trainer::weights::{self, LoadOptions};
+
+fn shards(dir: &Path) -> PathBuf {
+    let f = fixtures();
+    let text = format!(
+        r#"output = "out"
+tokenizer = "{tok}"
+seed = 7
+batch_size = 2
+group_size = 2
+length_pool_groups = 1
+mm_patch_merge_type = "flat"
+
+[[sources]]
+name = "instruct"
+json = "{f}/data/llava_instruct_150k.json"
+image_folder = "{f}/images/coco/train2017"
+template = "llava_llama_3"
+image_aspect_ratio = "square"
+"#,
+        tok = tokenizer_path().display(),
+        f = f.display()
+    );
+    let config = dir.join("datasets.toml");
+    std::fs::write(&config, text).unwrap();
+    let opts = BuildOptions {
+        output: None,
+        partition: Partition::WHOLE,
+        progress: false,
+    };
+    build(&config, &opts).expect("build");
+    dir.join("out")
+}
+
+fn trained_checkpoint(dir: &Path) -> PathBuf {
+    let spec: InitSpec = serde_json::from_value(serde_json::json!({
+        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                          "num_attention_heads": 2, "image_size": 336, "patch_size": 14},
+        "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128320,
+                        "max_position_embeddings": 8192},
+        "seed": 1
+    }))
+    .unwrap();
+    let (cfg, varmap) = init::random_model(&spec).expect("init");
+    let model = dir.join("tiny-model");
+    checkpoint::save_hf_model(&model, &cfg, &varmap, None).expect("save");
+    let mut c = TrainConfig::new(shards(dir), model, dir.join("run"));
+    c.lr = 1e-3;
+    c.max_steps = Some(2);
+    c.save_every = Some(2);
+    c.workers = 1;
+    c.tokenizer = Some(tokenizer_path());
+    c.merge_type = Some(llava_trainer::llava_next::MergeType::Flat);
+    train::run(&c, RunOptions::default()).expect("run");
+    dir.join("run/checkpoint-2")
+}
+
+#[test]
+fn generate_from_a_run_checkpoint() {
+    let (dir, _cleanup) = scratch_removed_on_success("generate");
+    let ck = trained_checkpoint(&dir);
+    let cfg = LlavaNextConfig::from_file(ck.join("config.json")).expect("config");
+    let (model, _, _) = weights::load(&cfg, std::slice::from_ref(&ck), &LoadOptions::default())
+        .expect("load checkpoint");
+    // A run's checkpoint has no tokenizer.json unless its tokenizer folder had the HF files:
+    // then `generate --tokenizer DIR`, as here.
+    let tok_file = Some(ck.join("tokenizer.json"))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(tokenizer_path);
+    let tok = tokenizers::Tokenizer::from_file(tok_file).expect("tokenizer");
+    assert_eq!(prompt::default_template(&tok), Template::LlavaLlama3);
+    let image = fixtures().join("images/coco/train2017/000000352481.png");
+    let dev = candle_core::Device::Cpu;
+    let (text, with_image) = prompt::build_prompt(
+        &tok,
+        &cfg,
+        "What is in the image?",
+        &[image.as_path()],
+        Template::LlavaLlama3,
+        Aspect::Square,
+        &dev,
+    )
+    .expect("prompt");
+    assert!(
+        text.contains("<image>\nWhat is in the image?<|eot_id|>"),
+        "{text}"
+    );
+    let ids = with_image.input_ids.clone();
+    assert_eq!(ids[0], 128000, "<|begin_of_text|> first");
+    let placeholders = ids.iter().filter(|&&i| i == cfg.image_token_index).count();
+    assert_eq!(placeholders, 1, "one <image> placeholder: {ids:?}");
+    let (_, text_only) = prompt::build_prompt(
+        &tok,
+        &cfg,
+        "Say something.",
+        &[],
+        Template::LlavaLlama3,
+        Aspect::Square,
+        &dev,
+    )
+    .expect("prompt");
+    let eot = tok.token_to_id("<|eot_id|>").expect("eot");
+    let opts = |use_cache| GenerateOptions {
+        max_new_tokens: 8,
+        sampling: None,
+        stop_ids: vec![eot],
+        use_cache,
+    };
+    let prompts = [with_image, text_only];
+    let mut singles = Vec::new();
+    for p in &prompts {
+        let a = generate(&model, std::slice::from_ref(p), &opts(true)).expect("cached");
+        let b = generate(&model, std::slice::from_ref(p), &opts(false)).expect("uncached");
+        assert_eq!(a[0].tokens, b[0].tokens, "KV cache changes the answer");
+        assert!(!a[0].tokens.is_empty());
+        singles.push(a[0].clone());
+    }
+    let n_image = cfg.image_token_count(&prompts[0].images[0]).expect("count");
+    assert_eq!(singles[0].prompt_tokens, ids.len() - 1 + n_image);
+    let batched = generate(&model, &prompts, &opts(true)).expect("batched");
+    assert_eq!(batched, singles, "batched differs from one at a time");
+    let answer = tok.decode(&singles[0].tokens, true).expect("decode");
+    println!("answer tokens {:?}: {answer:?}", singles[0].tokens);
+}
