@@ -1,5 +1,5 @@
-//! Pixel parity of the loader: fixture images tiled by `llava-imaging` (a dev-dependency used
-//! only here: the trainer itself never depends on imaging), written to a shard, loaded and
+//! Pixel parity of the loader: fixture images tiled by `llava-imaging` (the training path never
+//! decodes images; only `generate` does, for its prompts), written to a shard, loaded and
 //! collated; each image's float32 tiles must hash to the golden `pixels_float32_sha256` (and the
 //! uint8 hand-over to `pixels_uint8_sha256`).
 
