@@ -22,6 +22,14 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 "$root/scripts/fetch-tokenizer.sh"
+# s3s-fs: the real S3 server (loopback only) that tests/object_store.rs starts; built from
+# crates.io into .cache/tools (about 6 minutes on 2 cores; skipped when present). 0.14.1 is the
+# last release that builds with rustc < 1.96.
+if [[ ! -x $root/.cache/tools/bin/s3s-fs ]]; then
+  echo "setup: installing s3s-fs (cargo install, a few minutes)"
+  cargo install --quiet --locked --root "$root/.cache/tools" s3s-fs --version 0.14.1 \
+    --features binary
+fi
 # The venv for the Python package's tests (python/tests; maturin is only needed to install the
 # package, `pip install ./python`). Skipped with LLAVA_SKIP_PYTHON=1.
 if [[ $python != 1 ]]; then

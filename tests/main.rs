@@ -5,5 +5,6 @@
 mod build_to_loader;
 mod data_build;
 mod inspect;
+mod object_store;
 mod recipe;
 mod train;

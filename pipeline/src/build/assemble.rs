@@ -17,7 +17,7 @@ use super::pass1::Pass1;
 use super::shard::{record_path, ShardRecord};
 use super::{io_err, json_err, BuildContext, BuildError, SHARDS_DIR, WORK_DIR};
 
-const BUILD_RECORD: &str = "build.json";
+pub(crate) const BUILD_RECORD: &str = "build.json";
 
 /// What pass 1 and the plan decided: identical in every partition of a build.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -95,16 +95,39 @@ fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), BuildEr
 
 /// Joins the plan and every shard record into `manifest.json` and `rejects.jsonl`.
 pub fn assemble(output: &Path) -> Result<Manifest, BuildError> {
-    assemble_inner(output, None)
+    assemble_inner(output, None, &local_len(output))
+}
+
+/// The size of each finished shard file in a local output folder.
+fn local_len(output: &Path) -> impl Fn(&str) -> Option<u64> + '_ {
+    move |file| {
+        std::fs::metadata(output.join(SHARDS_DIR).join(file))
+            .ok()
+            .map(|m| m.len())
+    }
+}
+
+/// [`assemble`] of a build whose shards live elsewhere (a bucket: `super::sink`): `output` holds
+/// the work records, `shard_len` says each shard's stored size.
+pub(crate) fn assemble_sized(
+    output: &Path,
+    progress: Option<bool>,
+    shard_len: &dyn Fn(&str) -> Option<u64>,
+) -> Result<Manifest, BuildError> {
+    assemble_inner(output, progress, shard_len)
 }
 
 /// [`assemble`] for `llava-data merge`: a bar over the shard records on a terminal
 /// (`terminal`), else progress lines when `crate::progress::set_progress_log_interval` asked.
 pub fn assemble_with_progress(output: &Path, terminal: bool) -> Result<Manifest, BuildError> {
-    assemble_inner(output, Some(terminal))
+    assemble_inner(output, Some(terminal), &local_len(output))
 }
 
-fn assemble_inner(output: &Path, progress: Option<bool>) -> Result<Manifest, BuildError> {
+fn assemble_inner(
+    output: &Path,
+    progress: Option<bool>,
+    shard_len: &dyn Fn(&str) -> Option<u64>,
+) -> Result<Manifest, BuildError> {
     let build_path = output.join(WORK_DIR).join(BUILD_RECORD);
     let text = std::fs::read_to_string(&build_path).map_err(io_err(&build_path))?;
     let build: BuildRecord = serde_json::from_str(&text).map_err(json_err(&build_path))?;
@@ -131,12 +154,11 @@ fn assemble_inner(output: &Path, progress: Option<bool>) -> Result<Manifest, Bui
             b.inc(1);
         }
         let path = record_path(output, file);
-        let shard_file = output.join(SHARDS_DIR).join(file);
         let record: Option<ShardRecord> = std::fs::read_to_string(&path)
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
             .filter(|r: &ShardRecord| r.config_sha256 == manifest.config_sha256)
-            .filter(|r| std::fs::metadata(&shard_file).is_ok_and(|m| m.len() == r.info.bytes));
+            .filter(|r| shard_len(file) == Some(r.info.bytes));
         let Some(record) = record else {
             missing.push(file.clone());
             continue;

@@ -88,6 +88,14 @@ pub fn run(args: InspectArgs) -> Result<()> {
         let terminal = super::build::progress_setup(args.progress_every)?;
         return run_verify(&build, terminal);
     }
+    if llava_formats::config::is_url(&args.dir) {
+        // The summary and --sample read shards with polars from local files.
+        bail!(
+            "{}: the summary and --sample read local shards; on a bucket only --verify runs \
+             (docs/object-storage.md)",
+            args.dir.display()
+        );
+    }
     if let Some(key) = &args.sample {
         return run_sample(&build, key, &args);
     }

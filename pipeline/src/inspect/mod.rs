@@ -54,6 +54,19 @@ pub enum InspectError {
     Image(String),
     #[error("{0}")]
     Usage(String),
+    /// An object store build (`s3://…`): the object and the reason.
+    #[error("{0}")]
+    Storage(String),
+}
+
+/// The object store of `dir` when it is a URL (`s3://…`, `gs://…`, `az://…`).
+pub fn remote(dir: &Path) -> Result<Option<llava_storage::Location>, InspectError> {
+    if !llava_formats::config::is_url(dir) {
+        return Ok(None);
+    }
+    llava_storage::Location::parse(&dir.to_string_lossy())
+        .map(Some)
+        .map_err(|e| InspectError::Storage(e.to_string()))
 }
 
 #[cfg(feature = "inspect")]
@@ -82,7 +95,14 @@ pub struct BuildDir {
 impl BuildDir {
     pub fn open(dir: &Path) -> Result<Self, InspectError> {
         let path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+        let text = match remote(dir)? {
+            // An object store (`s3://bucket/prefix`): `verify` fetches each shard in turn.
+            Some(location) => location
+                .read(MANIFEST_FILE)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .map_err(|e| InspectError::Storage(e.to_string()))?,
+            None => std::fs::read_to_string(&path).map_err(io_err(&path))?,
+        };
         let manifest = Manifest::from_json(&text).map_err(|e| InspectError::Manifest {
             path: path.clone(),
             reason: e.to_string(),
