@@ -3,8 +3,11 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use llava_data::build::{build, BuildOptions, Partition};
 use llava_formats::constants::TILE_SIZE;
 use llava_formats::schema::{batch_to_rows, ShardRow};
+use llava_trainer::checkpoint;
+use llava_trainer::init::{self, InitSpec};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 pub use llava_test_support::{
@@ -235,4 +238,63 @@ pub fn write_torch_zip(path: &Path, tensors: &[(String, candle_core::Tensor)]) {
     }
     put("version", b"3\n");
     z.finish().expect("zip finish");
+}
+
+/// Pretraining-style shards (`train`, `integrity`): captions (plain) and instructions (llava_llama_3), square images
+/// (577 tokens each), flat merge; short rows keep CPU steps fast.
+pub fn build_shards(dir: &Path) -> PathBuf {
+    let f = fixtures();
+    let text = format!(
+        r#"output = "out"
+tokenizer = "{tok}"
+seed = 7
+batch_size = 2
+group_size = 2
+length_pool_groups = 1
+mm_patch_merge_type = "flat"
+
+[[sources]]
+name = "blip"
+json = "{f}/data/blip_laion_cc_sbu_558k.json"
+image_folder = "{f}/images/llava/llava_pretrain/images"
+template = "plain"
+image_aspect_ratio = "square"
+
+[[sources]]
+name = "instruct"
+json = "{f}/data/llava_instruct_150k.json"
+image_folder = "{f}/images/coco/train2017"
+template = "llava_llama_3"
+image_aspect_ratio = "square"
+"#,
+        tok = tokenizer_path().display(),
+        f = f.display()
+    );
+    let config = dir.join("datasets.toml");
+    std::fs::write(&config, text).unwrap();
+    let opts = BuildOptions {
+        output: None,
+        partition: Partition::WHOLE,
+        progress: false,
+    };
+    build(&config, &opts).expect("build");
+    dir.join("out")
+}
+
+/// Tiny model with the fixture's layer counts (so the key set is the fixture's) and the shards'
+/// geometry: 336-pixel tiles, patch 14, Llama-3's grown vocabulary.
+pub fn tiny_model(dir: &Path) -> PathBuf {
+    let spec: InitSpec = serde_json::from_value(serde_json::json!({
+        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                          "num_attention_heads": 2, "image_size": 336, "patch_size": 14},
+        "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128320,
+                        "max_position_embeddings": 8192},
+        "seed": 1
+    }))
+    .unwrap();
+    let (cfg, varmap) = init::random_model(&spec).expect("init");
+    let out = dir.join("tiny-model");
+    checkpoint::save_hf_model(&out, &cfg, &varmap, None).expect("save");
+    out
 }

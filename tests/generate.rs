@@ -7,10 +7,8 @@ use std::path::{Path, PathBuf};
 
 use llava_data::build::{build, BuildOptions, Partition};
 use llava_e2e::*;
-use llava_trainer::checkpoint;
 use llava_trainer::generate::prompt::{self, Aspect, Template};
 use llava_trainer::generate::{generate, GenerateOptions};
-use llava_trainer::init::{self, InitSpec};
 use llava_trainer::llava_next::LlavaNextConfig;
 use llava_trainer::train::{self, RunOptions, TrainConfig};
 use llava_trainer::weights::{self, LoadOptions};
@@ -48,18 +46,7 @@ image_aspect_ratio = "square"
 }
 
 fn trained_checkpoint(dir: &Path) -> PathBuf {
-    let spec: InitSpec = serde_json::from_value(serde_json::json!({
-        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
-                          "num_attention_heads": 2, "image_size": 336, "patch_size": 14},
-        "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128320,
-                        "max_position_embeddings": 8192},
-        "seed": 1
-    }))
-    .unwrap();
-    let (cfg, varmap) = init::random_model(&spec).expect("init");
-    let model = dir.join("tiny-model");
-    checkpoint::save_hf_model(&model, &cfg, &varmap, None).expect("save");
+    let model = tiny_model(dir);
     let mut c = TrainConfig::new(shards(dir), model, dir.join("run"));
     c.lr = 1e-3;
     c.max_steps = Some(2);

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow_array::RecordBatch;
-use llava_data::build::{build, BuildOptions, Partition};
 use llava_e2e::*;
 use llava_formats::manifest::Manifest;
 use llava_formats::schema::{batch_to_rows, col, rows_to_batch, writer_properties, ShardRow};
@@ -17,53 +16,12 @@ use llava_trainer::data::{
     CorruptRow, DataError, DataState, EpochPlan, IndexOptions, Loader, LoaderConfig, Modality,
     OnCorrupt, PixelFormat, PlanConfig, ShardIndex,
 };
-use llava_trainer::init::{self, InitSpec};
 use llava_trainer::train::{self, TrainConfig};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use sha2::{Digest, Sha256};
 
 const SEED: u64 = 42;
-
-/// Pretraining-style shards as `train.rs` builds them (square images, flat merge, batches of 2).
-fn build_shards(dir: &Path) -> PathBuf {
-    let f = fixtures();
-    let text = format!(
-        r#"output = "out"
-tokenizer = "{tok}"
-seed = 7
-batch_size = 2
-group_size = 2
-length_pool_groups = 1
-mm_patch_merge_type = "flat"
-
-[[sources]]
-name = "blip"
-json = "{f}/data/blip_laion_cc_sbu_558k.json"
-image_folder = "{f}/images/llava/llava_pretrain/images"
-template = "plain"
-image_aspect_ratio = "square"
-
-[[sources]]
-name = "instruct"
-json = "{f}/data/llava_instruct_150k.json"
-image_folder = "{f}/images/coco/train2017"
-template = "llava_llama_3"
-image_aspect_ratio = "square"
-"#,
-        tok = tokenizer_path().display(),
-        f = f.display()
-    );
-    let config = dir.join("datasets.toml");
-    std::fs::write(&config, text).unwrap();
-    let opts = BuildOptions {
-        output: None,
-        partition: Partition::WHOLE,
-        progress: false,
-    };
-    build(&config, &opts).expect("build");
-    dir.join("out")
-}
 
 /// Where the first sample of rank 0's first planned batch of `modality` (any when `None`) is.
 struct Target {
@@ -307,23 +265,6 @@ fn a_changed_token_id_is_found_and_located() {
     let t = first_planned(&out, None);
     let id = flip_token_id(&out, &t);
     check_corruption(&out, &t, &id);
-}
-
-/// A tiny model of the shards' geometry (as `train.rs`'s).
-fn tiny_model(dir: &Path) -> PathBuf {
-    let spec: InitSpec = serde_json::from_value(serde_json::json!({
-        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                          "num_attention_heads": 2, "image_size": 336, "patch_size": 14},
-        "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128320,
-                        "max_position_embeddings": 8192},
-        "seed": 1
-    }))
-    .unwrap();
-    let (cfg, varmap) = init::random_model(&spec).expect("init");
-    let out = dir.join("tiny-model");
-    llava_trainer::checkpoint::save_hf_model(&out, &cfg, &varmap, None).expect("save");
-    out
 }
 
 #[test]

@@ -3,72 +3,12 @@
 //! the checkpoint has exactly HF's keys, and the two stages chain through the projector file.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use llava_data::build::{build, BuildOptions, Partition};
 use llava_e2e::*;
 use llava_trainer::checkpoint;
-use llava_trainer::init::{self, InitSpec};
+use llava_trainer::init;
 use llava_trainer::train::{self, Control, RunOptions, TrainConfig};
-
-/// Pretraining-style shards: captions (plain) and instructions (llava_llama_3), square images
-/// (577 tokens each), flat merge; short rows keep CPU steps fast.
-fn build_shards(dir: &Path) -> PathBuf {
-    let f = fixtures();
-    let text = format!(
-        r#"output = "out"
-tokenizer = "{tok}"
-seed = 7
-batch_size = 2
-group_size = 2
-length_pool_groups = 1
-mm_patch_merge_type = "flat"
-
-[[sources]]
-name = "blip"
-json = "{f}/data/blip_laion_cc_sbu_558k.json"
-image_folder = "{f}/images/llava/llava_pretrain/images"
-template = "plain"
-image_aspect_ratio = "square"
-
-[[sources]]
-name = "instruct"
-json = "{f}/data/llava_instruct_150k.json"
-image_folder = "{f}/images/coco/train2017"
-template = "llava_llama_3"
-image_aspect_ratio = "square"
-"#,
-        tok = tokenizer_path().display(),
-        f = f.display()
-    );
-    let config = dir.join("datasets.toml");
-    std::fs::write(&config, text).unwrap();
-    let opts = BuildOptions {
-        output: None,
-        partition: Partition::WHOLE,
-        progress: false,
-    };
-    build(&config, &opts).expect("build");
-    dir.join("out")
-}
-
-/// Tiny model with the fixture's layer counts (so the key set is the fixture's) and the shards'
-/// geometry: 336-pixel tiles, patch 14, Llama-3's grown vocabulary.
-fn tiny_model(dir: &Path) -> PathBuf {
-    let spec: InitSpec = serde_json::from_value(serde_json::json!({
-        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
-                          "num_attention_heads": 2, "image_size": 336, "patch_size": 14},
-        "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128320,
-                        "max_position_embeddings": 8192},
-        "seed": 1
-    }))
-    .unwrap();
-    let (cfg, varmap) = init::random_model(&spec).expect("init");
-    let out = dir.join("tiny-model");
-    checkpoint::save_hf_model(&out, &cfg, &varmap, None).expect("save");
-    out
-}
 
 fn config(shards: &Path, model: &Path, output: &Path) -> TrainConfig {
     let mut c = TrainConfig::new(shards.into(), model.into(), output.into());
