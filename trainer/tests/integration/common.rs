@@ -96,3 +96,40 @@ pub fn check(name: &str, actual: &Tensor, expected: &Tensor, atol: f64, rtol: f6
     );
     ok
 }
+
+/// `llava-trainer init` of the README's tiny model (`configs/tiny-model.json`) into `dir`, through
+/// the binary as a user runs it (the multi-process, signal and corrupt-row tests share it).
+pub fn init_tiny_model(dir: &std::path::Path) -> PathBuf {
+    let model = dir.join("tiny-model");
+    let config = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/tiny-model.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llava-trainer"))
+        .arg("init")
+        .arg("--config")
+        .arg(&config)
+        .arg("--output")
+        .arg(&model)
+        .output()
+        .expect("llava-trainer init starts");
+    assert!(
+        out.status.success(),
+        "init failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    model
+}
+
+/// Text-only synthetic shards (16 samples, batches of 2) and the tiny model under `dir`.
+pub fn text_shards_and_tiny_model(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    use llava_trainer::data::synthetic::{write_synthetic, SynthSpec};
+    let shards = dir.join("shards");
+    let spec = SynthSpec {
+        image_samples: 0,
+        text_samples: 16,
+        batch_size: 2,
+        group_size: 2,
+        groups_per_shard: 4,
+        ..SynthSpec::default()
+    };
+    write_synthetic(&shards, &spec).expect("synthetic shards");
+    (shards, init_tiny_model(dir))
+}

@@ -81,21 +81,7 @@ fn run_stops_at_a_corrupt_row_or_skips_and_reports_it() {
         ..SynthSpec::default()
     };
     write_synthetic(&shards, &spec).expect("synthetic shards");
-    let model = dir.join("tiny-model");
-    let config = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/tiny-model.json");
-    let init = Command::new(BIN)
-        .arg("init")
-        .arg("--config")
-        .arg(&config)
-        .arg("--output")
-        .arg(&model)
-        .output()
-        .expect("init starts");
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    let model = crate::common::init_tiny_model(&dir);
     let shard = std::fs::read_dir(&shards)
         .unwrap()
         .map(|e| e.unwrap().path())

@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 
-use llava_trainer::data::synthetic::{write_synthetic, SynthSpec};
 
 const BIN: &str = env!("CARGO_BIN_EXE_llava-trainer");
 const STEPS: &str = "3";
@@ -24,34 +23,7 @@ fn scratch(name: &str) -> PathBuf {
 /// Text-only synthetic shards and the tiny model, made once per test binary.
 fn inputs() -> &'static (PathBuf, PathBuf) {
     static INPUTS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    INPUTS.get_or_init(|| {
-        let dir = scratch("inputs");
-        let shards = dir.join("shards");
-        let spec = SynthSpec {
-            image_samples: 0,
-            text_samples: 16,
-            batch_size: 2,
-            group_size: 2,
-            groups_per_shard: 4,
-            ..SynthSpec::default()
-        };
-        write_synthetic(&shards, &spec).expect("synthetic shards");
-        let model = dir.join("tiny-model");
-        let config = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/tiny-model.json");
-        let out = Command::new(BIN)
-            .args(["init", "--config"])
-            .arg(&config)
-            .arg("--output")
-            .arg(&model)
-            .output()
-            .expect("llava-trainer init starts");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (shards, model)
-    })
+    INPUTS.get_or_init(|| crate::common::text_shards_and_tiny_model(&scratch("inputs")))
 }
 
 /// The arguments of `llava-trainer run` (after the program) for a short CPU run into `output`.

@@ -36,35 +36,7 @@ fn run_dir(name: &str) -> (PathBuf, RemoveOnSuccess) {
 /// Text-only synthetic shards and the README's tiny model, made once per test binary.
 fn inputs() -> &'static (PathBuf, PathBuf) {
     static INPUTS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    INPUTS.get_or_init(|| {
-        let dir = scratch("inputs");
-        let shards = dir.join("shards");
-        let spec = SynthSpec {
-            image_samples: 0,
-            text_samples: 16,
-            batch_size: 2,
-            group_size: 2,
-            groups_per_shard: 4,
-            ..SynthSpec::default()
-        };
-        write_synthetic(&shards, &spec).expect("synthetic shards");
-        let model = dir.join("tiny-model");
-        let config = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/tiny-model.json");
-        let out = Command::new(BIN)
-            .arg("init")
-            .arg("--config")
-            .arg(&config)
-            .arg("--output")
-            .arg(&model)
-            .output()
-            .expect("llava-trainer init starts");
-        assert!(
-            out.status.success(),
-            "init failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (shards, model)
-    })
+    INPUTS.get_or_init(|| crate::common::text_shards_and_tiny_model(&scratch("inputs")))
 }
 
 /// `llava-trainer run --shards --model --output` on the synthetic shards and tiny model.
