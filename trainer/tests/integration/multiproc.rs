@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 
-
 const BIN: &str = env!("CARGO_BIN_EXE_llava-trainer");
 const STEPS: &str = "3";
 
