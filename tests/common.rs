@@ -243,7 +243,24 @@ pub fn write_torch_zip(path: &Path, tensors: &[(String, candle_core::Tensor)]) {
 /// Pretraining-style shards (`train`, `integrity`): captions (plain) and instructions (llava_llama_3), square images
 /// (577 tokens each), flat merge; short rows keep CPU steps fast.
 pub fn build_shards(dir: &Path) -> PathBuf {
+    build_square_shards(dir, true)
+}
+
+/// The shards of `build_shards`, with or without the captions source (`generate` trains on the
+/// instructions alone); returns the build's output folder.
+pub fn build_square_shards(dir: &Path, with_captions: bool) -> PathBuf {
     let f = fixtures();
+    let captions = format!(
+        r#"
+[[sources]]
+name = "blip"
+json = "{f}/data/blip_laion_cc_sbu_558k.json"
+image_folder = "{f}/images/llava/llava_pretrain/images"
+template = "plain"
+image_aspect_ratio = "square"
+"#,
+        f = f.display()
+    );
     let text = format!(
         r#"output = "out"
 tokenizer = "{tok}"
@@ -252,14 +269,7 @@ batch_size = 2
 group_size = 2
 length_pool_groups = 1
 mm_patch_merge_type = "flat"
-
-[[sources]]
-name = "blip"
-json = "{f}/data/blip_laion_cc_sbu_558k.json"
-image_folder = "{f}/images/llava/llava_pretrain/images"
-template = "plain"
-image_aspect_ratio = "square"
-
+{captions}
 [[sources]]
 name = "instruct"
 json = "{f}/data/llava_instruct_150k.json"
@@ -268,6 +278,7 @@ template = "llava_llama_3"
 image_aspect_ratio = "square"
 "#,
         tok = tokenizer_path().display(),
+        captions = if with_captions { captions.as_str() } else { "" },
         f = f.display()
     );
     let config = dir.join("datasets.toml");

@@ -5,7 +5,6 @@
 
 use std::path::{Path, PathBuf};
 
-use llava_data::build::{build, BuildOptions, Partition};
 use llava_e2e::*;
 use llava_trainer::generate::prompt::{self, Aspect, Template};
 use llava_trainer::generate::{generate, GenerateOptions};
@@ -13,36 +12,9 @@ use llava_trainer::llava_next::LlavaNextConfig;
 use llava_trainer::train::{self, RunOptions, TrainConfig};
 use llava_trainer::weights::{self, LoadOptions};
 
+/// The instructions alone (llava_llama_3), square images, flat merge.
 fn shards(dir: &Path) -> PathBuf {
-    let f = fixtures();
-    let text = format!(
-        r#"output = "out"
-tokenizer = "{tok}"
-seed = 7
-batch_size = 2
-group_size = 2
-length_pool_groups = 1
-mm_patch_merge_type = "flat"
-
-[[sources]]
-name = "instruct"
-json = "{f}/data/llava_instruct_150k.json"
-image_folder = "{f}/images/coco/train2017"
-template = "llava_llama_3"
-image_aspect_ratio = "square"
-"#,
-        tok = tokenizer_path().display(),
-        f = f.display()
-    );
-    let config = dir.join("datasets.toml");
-    std::fs::write(&config, text).unwrap();
-    let opts = BuildOptions {
-        output: None,
-        partition: Partition::WHOLE,
-        progress: false,
-    };
-    build(&config, &opts).expect("build");
-    dir.join("out")
+    build_square_shards(dir, false)
 }
 
 fn trained_checkpoint(dir: &Path) -> PathBuf {
