@@ -171,13 +171,25 @@ pub struct Args {
     /// batch, a warning each, the count at the end and in log.jsonl) [default: stop].
     #[arg(long, value_name = "stop|skip")]
     on_corrupt: Option<String>,
+    /// JSONL of prompts (`generate --input` lines: {"id", "prompt", "images"}) that rank 0
+    /// answers greedily every --eval-generate-every steps and at the end: printed, in log.jsonl
+    /// and TensorBoard (text) [default: none].
+    #[arg(long, value_name = "FILE.jsonl")]
+    eval_prompts: Option<PathBuf>,
+    /// Answer --eval-prompts every N steps [default: only at the end].
+    #[arg(long, value_name = "N")]
+    eval_generate_every: Option<u64>,
+    /// Most new tokens per --eval-prompts answer [default: 64].
+    #[arg(long, value_name = "N")]
+    eval_max_new_tokens: Option<usize>,
 }
 
 /// Keys that hold paths: in a train.toml they are relative to the file (as in datasets.toml);
 /// as flags, to the current directory.
-const PATH_KEYS: [&str; 10] = [
+const PATH_KEYS: [&str; 11] = [
     "shards",
     "eval_shards",
+    "eval_prompts",
     "tensorboard",
     "model",
     "llm",
@@ -296,6 +308,12 @@ pub(crate) fn merged(args: Args) -> Result<TrainConfig> {
     set("eval_every", args.eval_every.map(int));
     set("tensorboard", args.tensorboard.map(path));
     set("on_corrupt", args.on_corrupt.map(toml::Value::String));
+    set("eval_prompts", args.eval_prompts.map(path));
+    set("eval_generate_every", args.eval_generate_every.map(int));
+    set(
+        "eval_max_new_tokens",
+        args.eval_max_new_tokens.map(|x| int(x as u64)),
+    );
     // An error names the flag, or the file, line and key it comes from.
     let located = |key: &str, message: String| -> anyhow::Error {
         match &file {

@@ -8,6 +8,7 @@
 //! over the whole sequence: a second, independent path that the golden test holds equal.
 
 pub mod decoder;
+pub mod input;
 pub mod prompt;
 pub mod sample;
 

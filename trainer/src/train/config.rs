@@ -112,6 +112,17 @@ pub struct TrainConfig {
     /// out of its batch; a warning each, counted at the end and in log.jsonl).
     #[serde(default)]
     pub on_corrupt: OnCorrupt,
+    /// A JSONL of prompts (`generate --input`'s format: `{"id", "prompt", "images"}`, image
+    /// paths relative to the file) that rank 0 answers greedily every `eval_generate_every`
+    /// steps and at the end: to the log, log.jsonl and TensorBoard (text).
+    #[serde(default)]
+    pub eval_prompts: Option<PathBuf>,
+    /// Answer `eval_prompts` every N optimizer steps (default: only at the end).
+    #[serde(default)]
+    pub eval_generate_every: Option<u64>,
+    /// Most new tokens per `eval_prompts` answer (the stop token included).
+    #[serde(default = "defaults::eval_max_new_tokens")]
+    pub eval_max_new_tokens: usize,
 }
 
 mod defaults {
@@ -144,6 +155,9 @@ mod defaults {
     }
     pub fn attention() -> String {
         "blockwise".into()
+    }
+    pub fn eval_max_new_tokens() -> usize {
+        64
     }
     pub fn loss_chunk() -> usize {
         crate::llava_next::DEFAULT_LOSS_CHUNK
@@ -230,6 +244,31 @@ impl TrainConfig {
                 "eval_every",
                 "needs eval_shards (a held-out `llava-data build` folder)".into(),
             ));
+        }
+        if self.eval_generate_every == Some(0) {
+            return Err((
+                "eval_generate_every",
+                "must be at least 1 (omit it to generate only at the end)".into(),
+            ));
+        }
+        if self.eval_generate_every.is_some() && self.eval_prompts.is_none() {
+            return Err((
+                "eval_generate_every",
+                "needs eval_prompts (a JSONL of prompts)".into(),
+            ));
+        }
+        if self.eval_max_new_tokens == 0 {
+            return Err(("eval_max_new_tokens", "must be at least 1".into()));
+        }
+        if let Some(p) = &self.eval_prompts {
+            // Every line checked before any weights are read.
+            crate::generate::input::read_input(p).map_err(|e| {
+                let m = match e {
+                    Error::Config(m) => m,
+                    e => e.to_string(),
+                };
+                ("eval_prompts", m)
+            })?;
         }
         if self.zero_stage > 2 {
             return Err((

@@ -7,6 +7,7 @@
 
 mod compat;
 mod config;
+mod eval_generate;
 mod log;
 mod stream;
 pub mod tensorboard;
@@ -15,6 +16,7 @@ pub use compat::{
     check_compatible, memory_plan, normalize_on_device, source_config, to_model_batch,
 };
 pub use config::{TrainConfig, TunableParts};
+pub use eval_generate::GenerateLog;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -263,6 +265,10 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
             Some((eval_index, batches))
         }
         _ => None,
+    };
+    let eval_gen = match lead {
+        true => eval_generate::EvalGenerate::new(cfg, &model_cfg, &index, &dev)?,
+        false => None,
     };
 
     let plan_cfg = PlanConfig {
@@ -688,6 +694,9 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
                 )?;
                 summary.evals.push(e);
             }
+        }
+        if let Some(g) = &eval_gen {
+            g.after_step(&model, step, total_steps, &mut reporter)?;
         }
         if let Some(b) = &reporter.bar {
             b.set_position(step);
