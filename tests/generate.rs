@@ -51,7 +51,7 @@ fn generate_from_a_run_checkpoint() {
         &cfg,
         "What is in the image?",
         &[image.as_path()],
-        Template::LlavaLlama3,
+        &Template::LlavaLlama3.into(),
         Aspect::Square,
         &dev,
     )
@@ -69,7 +69,7 @@ fn generate_from_a_run_checkpoint() {
         &cfg,
         "Say something.",
         &[],
-        Template::LlavaLlama3,
+        &Template::LlavaLlama3.into(),
         Aspect::Square,
         &dev,
     )
@@ -163,7 +163,7 @@ fn eval_prompts_during_training_equal_generate_on_the_checkpoints() {
                 &cfg,
                 &it.prompt,
                 &imgs,
-                prompt::default_template(&tok),
+                &prompt::default_template(&tok).into(),
                 Aspect::Square,
                 &dev,
             )

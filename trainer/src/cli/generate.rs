@@ -44,7 +44,9 @@ pub struct Args {
     /// Prompts per batch with --input (left padded; the same tokens as one at a time).
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
-    /// Prompt format; default: llava-llama3 when the tokenizer has Llama-3's header tokens.
+    /// Prompt format; default: the model folder's chat template (chat_template.jinja,
+    /// chat_template.json or tokenizer_config.json, rendered as HF's processor does), else
+    /// llava-llama3 when the tokenizer has Llama-3's header tokens, else raw.
     #[arg(long, value_enum)]
     template: Option<Template>,
     /// Tiling; default: anyres when config.json has image_grid_pinpoints, else pad.
@@ -138,9 +140,7 @@ pub fn run(args: Args) -> Result<()> {
         args.model.display(),
         t0.elapsed().as_secs_f64()
     );
-    let template = args
-        .template
-        .unwrap_or_else(|| prompt::default_template(&tok));
+    let format = prompt::prompt_format(args.template, &args.model, &tok)?;
     let aspect = args
         .image_aspect_ratio
         .unwrap_or_else(|| prompt::default_aspect(&cfg));
@@ -160,7 +160,7 @@ pub fn run(args: Args) -> Result<()> {
         for j in chunk {
             let imgs: Vec<&Path> = j.images.iter().map(PathBuf::as_path).collect();
             let (text, p) =
-                prompt::build_prompt(&tok, &cfg, &j.question, &imgs, template, aspect, &dev)?;
+                prompt::build_prompt(&tok, &cfg, &j.question, &imgs, &format, aspect, &dev)?;
             texts.push(text);
             prompts.push(p);
         }

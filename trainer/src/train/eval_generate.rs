@@ -104,13 +104,15 @@ impl EvalGenerate {
         let tok_path = tokenizer_file(cfg, index)?;
         let tok = Tokenizer::from_file(&tok_path)
             .map_err(|e| Error::Config(format!("{}: {e}", tok_path.display())))?;
+        // The format the run's checkpoints carry (their chat template is llava_llama_3's).
         let template = prompt::default_template(&tok);
+        let format = prompt::PromptFormat::from(template);
         let aspect = shards_aspect(index, model_cfg);
         let mut prompts = Vec::with_capacity(items.len());
         for it in &items {
             let images: Vec<&Path> = it.images.iter().map(PathBuf::as_path).collect();
             let (_, p) =
-                prompt::build_prompt(&tok, model_cfg, &it.prompt, &images, template, aspect, dev)
+                prompt::build_prompt(&tok, model_cfg, &it.prompt, &images, &format, aspect, dev)
                     .map_err(|e| Error::Config(format!("{}:{}: {e}", path.display(), it.line)))?;
             prompts.push(p);
         }
