@@ -162,7 +162,8 @@ pub struct Args {
     /// Evaluate on --eval-shards every N steps [default: only at the end].
     #[arg(long, value_name = "N")]
     eval_every: Option<u64>,
-    /// Also write TensorBoard event files (loss, lr, grad_norm, tokens/s, eval loss) into DIR
+    /// Also write TensorBoard event files (loss, lr, grad_norm, tokens/s, eval loss; the
+    /// --eval-prompts answers as text) into DIR
     /// (`tensorboard --logdir DIR`) [default: none; log.jsonl is always written].
     #[arg(long, value_name = "DIR")]
     tensorboard: Option<PathBuf>,

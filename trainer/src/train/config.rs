@@ -103,8 +103,8 @@ pub struct TrainConfig {
     /// Evaluate on `eval_shards` every N optimizer steps (default: only at the end).
     #[serde(default)]
     pub eval_every: Option<u64>,
-    /// Also write TensorBoard event files (scalars: loss, lr, grad_norm, tokens/s, eval loss)
-    /// into this folder.
+    /// Also write TensorBoard event files (scalars: loss, lr, grad_norm, tokens/s, eval loss;
+    /// `eval_prompts` answers as text) into this folder.
     #[serde(default)]
     pub tensorboard: Option<PathBuf>,
     /// A sample whose row checksum does not match its bytes (a changed shard): `stop` the run
