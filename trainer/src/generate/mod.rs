@@ -9,6 +9,7 @@
 
 pub mod chat_template;
 pub mod decoder;
+pub mod hf_image;
 pub mod input;
 pub mod prompt;
 pub mod sample;

@@ -157,7 +157,8 @@ pub fn tokenize(
     Ok(ids)
 }
 
-/// Tiles of one image file as the build makes them: `[T, 3, 336, 336]` f32 and its metadata.
+/// Tiles of one image file as the build makes them: `[T, 3, 336, 336]` f32 and its metadata
+/// (other tile sizes: HF's image processor, [`super::hf_image`]).
 pub fn load_image(
     path: &Path,
     cfg: &LlavaNextConfig,
@@ -165,14 +166,27 @@ pub fn load_image(
     dev: &Device,
 ) -> Result<(Tensor, ImageMeta)> {
     let size = cfg.vision_config.image_size;
-    if size != TILE as usize {
-        return Err(Error::Config(format!(
-            "the model's tiles are {size} px; image files are tiled at {TILE} px (the build's \
-             geometry): pass pixel values instead"
-        )));
-    }
     let rgb = decode_rgb_file(path)
         .map_err(|e| Error::Batch(format!("{}: cannot decode: {e}", path.display())))?;
+    if size != TILE as usize {
+        // Not the build's geometry: HF's image processor at the model's tile size.
+        if aspect != Aspect::Anyres || cfg.image_grid_pinpoints.is_empty() {
+            return Err(Error::Config(format!(
+                "the model's tiles are {size} px: only anyres with image_grid_pinpoints is \
+                 supported at other sizes than {TILE} px"
+            )));
+        }
+        let (px, t, grid) =
+            super::hf_image::hf_anyres_tiles(&rgb, size as u32, &cfg.image_grid_pinpoints)
+                .ok_or_else(|| Error::Config("no image_grid_pinpoints".into()))?;
+        let tensor = Tensor::from_vec(px, (t, 3, size, size), dev)?;
+        let meta = ImageMeta {
+            orig_size: (rgb.width as usize, rgb.height as usize),
+            grid,
+            num_tiles: t,
+        };
+        return Ok((tensor, meta));
+    }
     let mode = match aspect {
         Aspect::Anyres => {
             if cfg.image_grid_pinpoints.is_empty() {
