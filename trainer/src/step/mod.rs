@@ -11,10 +11,12 @@ pub mod segments;
 pub mod spans;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
+use crate::dist::Collective;
 use crate::{Batch, Error, LlavaNext, Result};
 
 /// How a micro-batch's gradients are computed.
@@ -32,32 +34,166 @@ impl Default for StepOptions {
 
 /// Sums of gradients over the micro-batches of one optimizer step, in f32, per trainable
 /// parameter.
+///
+/// With [`GradAccumulator::reduce_to_owners`] (ZeRO-2 over several ranks) it keeps sums only
+/// for the parameters this rank owns: the parameters are grouped into buckets by the segment
+/// whose backward completes their gradient ([`segments::param_segment`]); when the backward
+/// finishes a segment, every bucket up to it is reduced to its owners (a per-tensor reduce to
+/// each owner: the reduce-scatter of whole-tensor shards), so a rank holds f32 gradients for
+/// its own partition plus the bucket in flight. Every rank reduces the same buckets in the same
+/// order whatever its data (buckets a micro-batch's backward did not reach go out as zeros at
+/// [`GradAccumulator::end_micro_batch`]).
 pub struct GradAccumulator {
     params: Vec<(String, Var)>,
     grads: Vec<Option<Tensor>>,
+    reduce: Option<Reduce>,
+}
+
+/// ZeRO-2's per-micro-batch state.
+struct Reduce {
+    comm: Arc<dyn Collective>,
+    /// Per parameter: owner rank, bucket position.
+    owner: Vec<usize>,
+    bucket: Vec<usize>,
+    /// Per bucket, in backward order: its backward-order key and its parameters.
+    buckets: Vec<((u8, usize), Vec<usize>)>,
+    /// Buckets already reduced in this micro-batch.
+    flushed: usize,
+    /// This micro-batch's gradients not yet reduced.
+    local: Vec<Option<Tensor>>,
+}
+
+fn add_into(acc: &mut Option<Tensor>, g: Tensor) -> Result<()> {
+    *acc = Some(match acc.take() {
+        Some(a) => (a + g)?,
+        None => g,
+    });
+    Ok(())
 }
 
 impl GradAccumulator {
     pub fn new(params: Vec<(String, Var)>) -> Self {
         let grads = vec![None; params.len()];
-        Self { params, grads }
+        Self {
+            params,
+            grads,
+            reduce: None,
+        }
+    }
+
+    /// ZeRO-2: reduce each micro-batch's gradients to `owner(name)` as the backward completes
+    /// them (see the type's doc). A world of one keeps everything.
+    pub fn reduce_to_owners(
+        mut self,
+        comm: Arc<dyn Collective>,
+        owner: &dyn Fn(&str) -> usize,
+    ) -> Self {
+        if comm.world_size() <= 1 {
+            return self;
+        }
+        let keys: Vec<(u8, usize)> = self
+            .params
+            .iter()
+            .map(|(n, _)| segments::backward_order(segments::param_segment(n)))
+            .collect();
+        let mut order: Vec<usize> = (0..self.params.len()).collect();
+        order.sort_by(|&a, &b| {
+            (keys[a], &self.params[a].0).cmp(&(keys[b], &self.params[b].0))
+        });
+        let mut buckets: Vec<((u8, usize), Vec<usize>)> = Vec::new();
+        let mut bucket = vec![0; self.params.len()];
+        for i in order {
+            match buckets.last_mut() {
+                Some((k, v)) if *k == keys[i] => v.push(i),
+                _ => buckets.push((keys[i], vec![i])),
+            }
+            bucket[i] = buckets.len() - 1;
+        }
+        self.reduce = Some(Reduce {
+            owner: self.params.iter().map(|(n, _)| owner(n)).collect(),
+            comm,
+            bucket,
+            buckets,
+            flushed: 0,
+            local: vec![None; self.params.len()],
+        });
+        self
+    }
+
+    /// Whether the sums are already reduced over the ranks (ZeRO-2, owners only).
+    pub fn reduces(&self) -> bool {
+        self.reduce.is_some()
     }
 
     /// Adds every gradient `store` holds for a trainable parameter.
     pub fn absorb(&mut self, store: &GradStore) -> Result<()> {
-        for ((_, var), acc) in self.params.iter().zip(self.grads.iter_mut()) {
-            if let Some(g) = store.get(var.as_tensor()) {
-                let g = g.to_dtype(DType::F32)?;
-                *acc = Some(match acc.take() {
-                    Some(a) => (a + g)?,
-                    None => g,
-                });
+        for (i, (name, var)) in self.params.iter().enumerate() {
+            let Some(g) = store.get(var.as_tensor()) else {
+                continue;
+            };
+            let g = g.to_dtype(DType::F32)?;
+            match &mut self.reduce {
+                None => add_into(&mut self.grads[i], g)?,
+                Some(r) => {
+                    if r.bucket[i] < r.flushed {
+                        return Err(Error::Batch(format!(
+                            "gradient of {name} arrived after its ZeRO-2 bucket was reduced \
+                             (step::segments::param_segment maps it to the wrong segment)"
+                        )));
+                    }
+                    add_into(&mut r.local[i], g)?;
+                }
             }
         }
         Ok(())
     }
 
+    /// The backward has finished `seg`: reduces every bucket it completed (ZeRO-2).
+    pub fn segment_done(&mut self, seg: segments::Segment) -> Result<()> {
+        self.flush_through(segments::backward_order(Some(seg)))
+    }
+
+    /// The micro-batch's backward is over: reduces the buckets left (zeros where the backward
+    /// did not reach). An empty micro-batch calls it too, so every rank reduces the same.
+    pub fn end_micro_batch(&mut self) -> Result<()> {
+        self.flush_through((u8::MAX, usize::MAX))?;
+        if let Some(r) = &mut self.reduce {
+            r.flushed = 0;
+        }
+        Ok(())
+    }
+
+    fn flush_through(&mut self, limit: (u8, usize)) -> Result<()> {
+        let Some(r) = &mut self.reduce else {
+            return Ok(());
+        };
+        while r.flushed < r.buckets.len() && r.buckets[r.flushed].0 <= limit {
+            for &i in &r.buckets[r.flushed].1 {
+                let g = match r.local[i].take() {
+                    Some(g) => g,
+                    None => {
+                        let v = self.params[i].1.as_tensor();
+                        Tensor::zeros(v.dims(), DType::F32, v.device())?
+                    }
+                };
+                if let Some(s) = r.comm.reduce_sum(&g, r.owner[i])? {
+                    drop(g);
+                    add_into(&mut self.grads[i], s)?;
+                }
+            }
+            r.flushed += 1;
+        }
+        Ok(())
+    }
+
+    /// One parameter's gradient sum, taken out (see [`Self::take`]).
+    pub fn take_one(&mut self, name: &str) -> Option<Tensor> {
+        let i = self.params.iter().position(|(n, _)| n == name)?;
+        self.grads[i].take()
+    }
+
     /// The gradients by parameter name (parameters that got none are absent) and a fresh start.
+    /// ZeRO-2: this rank's parameters only, summed over the ranks.
     pub fn take(&mut self) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();
         for ((name, _), g) in self.params.iter().zip(self.grads.iter_mut()) {
@@ -107,6 +243,7 @@ pub fn micro_batch(
         let _t = spans::span(spans::Phase::Backward);
         acc.absorb(&scaled.backward()?)?;
     }
+    acc.end_micro_batch()?;
     Ok(MicroBatchLoss {
         loss: out.loss.detach(),
         targets: out.targets,

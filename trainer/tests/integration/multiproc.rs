@@ -433,3 +433,90 @@ fn a_killed_rank_is_named_the_last_checkpoint_is_intact_and_a_restart_resumes() 
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// One rank's heap report (`LLAVA_HEAP_REPORT`): peak live bytes of the steps and of the
+/// checkpoints, and the live bytes when the run started.
+fn heap_report(dir: &Path, rank: usize) -> (u64, u64, u64) {
+    let p = dir.join(format!("heap-rank{rank}.json"));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).expect("heap report")).expect("JSON");
+    let n = |k: &str| v["peaks"][k].as_u64().unwrap_or_else(|| panic!("{k} in {v}"));
+    (v["baseline"].as_u64().expect("baseline"), n("step"), n("checkpoint"))
+}
+
+#[test]
+fn per_rank_peak_heap_at_world_4_is_within_10_percent_of_the_memory_plan() {
+    let dir = scratch("heap");
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let mut table = vec![
+        "| ZeRO | rank | steps: measured | plan | checkpoint: measured | plan |".to_string(),
+        "|---|---|---|---|---|---|".to_string(),
+    ];
+    let mut failures = Vec::new();
+    let mut all_losses = Vec::new();
+    for zero in [0u8, 1, 2] {
+        let out = dir.join(format!("z{zero}"));
+        let reports = dir.join(format!("heap-z{zero}"));
+        std::fs::create_dir_all(&reports).expect("mkdir");
+        let mut args = run_args(&out, 1);
+        args.extend(["--zero-stage".into(), zero.to_string()]);
+        let mut cmd = clean(Command::new(BIN));
+        ok(
+            cmd.args(&args)
+                .args(["--nproc-per-node", "4"])
+                .env("LLAVA_HEAP_REPORT", &reports)
+                .output()
+                .expect("run"),
+            &format!("world 4 ZeRO {zero}"),
+        );
+        all_losses.push(losses(&out));
+        // The plan of the same flags at world 4, per rank.
+        args[0] = "plan".into();
+        let mut cmd = clean(Command::new(BIN));
+        let plan = ok(
+            cmd.args(&args)
+                .args(["--world-size", "4", "--json"])
+                .output()
+                .expect("plan"),
+            "plan",
+        );
+        let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).expect("plan JSON");
+        for rank in 0..4 {
+            let (base, step, ckpt) = heap_report(&reports, rank);
+            let r = &plan["plan"]["ranks"][rank];
+            let (p_step, p_ckpt) = (
+                r["step"].as_u64().expect("step"),
+                r["checkpoint"].as_u64().expect("checkpoint"),
+            );
+            // What the run holds above the process's own start (runtime, config, connections).
+            let (m_step, m_ckpt) = (step - base, ckpt - base);
+            table.push(format!(
+                "| {zero} | {rank} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB |",
+                mib(m_step),
+                mib(p_step),
+                mib(m_ckpt),
+                mib(p_ckpt)
+            ));
+            for (what, m, p) in [("steps", m_step, p_step), ("checkpoint", m_ckpt, p_ckpt)] {
+                let err = (m as f64 - p as f64).abs() / p as f64;
+                if err > 0.10 {
+                    failures.push(format!(
+                        "ZeRO {zero} rank {rank} {what}: measured {:.1} MiB, plan {:.1} MiB ({:.0}% off)",
+                        mib(m),
+                        mib(p),
+                        err * 100.0
+                    ));
+                }
+            }
+        }
+    }
+    eprintln!("{}", table.join("\n"));
+    // ZeRO-2's reductions during the backward give the same training as stages 0 and 1.
+    for (zero, l) in all_losses.iter().enumerate().skip(1) {
+        for (a, b) in l.iter().zip(&all_losses[0]) {
+            assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "ZeRO {zero}: {l:?} vs {:?}", all_losses[0]);
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    std::fs::remove_dir_all(&dir).ok();
+}
