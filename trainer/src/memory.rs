@@ -109,19 +109,25 @@ impl MemoryPlan {
         let sharding = crate::dist::zero::Sharding::new(&trainable_params, world, p.zero_stage)
             .ok();
         let mut owned = vec![0u64; world];
-        let mut buckets: std::collections::BTreeMap<(u8, usize), u64> = Default::default();
+        let mut largest_owned = vec![0u64; world];
+        // Per bucket (backward order): its elements, and each rank's part of them.
+        let mut buckets: std::collections::BTreeMap<(u8, usize), (u64, Vec<u64>)> =
+            Default::default();
         let mut largest = 0u64;
         for (name, shape) in &trainable_params {
             let n = count(shape);
             largest = largest.max(n);
             let r = sharding.as_ref().map_or(0, |s| s.owner(name));
             owned[r] += n;
+            largest_owned[r] = largest_owned[r].max(n);
             let key = crate::step::segments::backward_order(
                 crate::step::segments::param_segment(name),
             );
-            *buckets.entry(key).or_insert(0) += n;
+            let b = buckets.entry(key).or_insert((0, vec![0; world]));
+            b.0 += n;
+            b.1[r] += n;
         }
-        let largest_bucket = buckets.values().copied().max().unwrap_or(0);
+        let largest_bucket = buckets.values().map(|b| b.0).max().unwrap_or(0);
         let largest_weight = crate::init::all_params(cfg)
             .iter()
             .map(|(_, s)| count(s))
@@ -160,44 +166,60 @@ impl MemoryPlan {
         let chunk = p.loss_chunk.max(1) as u64;
         // logits, their exp and their gradient, f32.
         let head = 3 * 4 * chunk.min(tokens) * t.vocab_size as u64;
-        // One bucket's gradients in flight: autograd's (activation dtype) and their f32 copy.
-        let grad_transient = largest_bucket * (e + 4);
-        let activations = if p.recompute {
-            // Stored segment inputs + the largest segment working set.
-            let stored = layers * tokens * h * e + vision_layers * vision_boundary;
-            let working = (per_layer + scores)
-                .max(vision_layer + vision_scores)
-                .max(head);
-            stored + working + grad_transient
+        // Making one bucket's gradients and adding them up, per parameter: autograd's gradient,
+        // the store's zeros and sum, a contiguous copy of a transposed weight (activation
+        // dtype), the f32 copy and the accumulator's old and new sums (calibrated against the
+        // counting allocator on CPU ranks, docs/multi-gpu.md).
+        let transient = |n: u64| n * (3 * e + 12);
+        let stored = if p.recompute {
+            layers * tokens * h * e + vision_layers * vision_boundary
         } else {
-            layers * (per_layer + scores)
-                + vision_layers * (vision_layer + vision_scores)
-                + head
-                + grad_transient
+            layers * per_layer + vision_layers * vision_layer
         };
-        // The largest tensor's reduction: its sum and the incoming or outgoing copy (the CPU
-        // collective's wire buffers; NCCL's output tensor on a GPU).
-        let collective = if world > 1 { 2 * 4 * largest } else { 0 };
-        // A checkpoint serialises one tensor at a time (the largest: its bytes).
-        let save = 4 * largest.max(largest_weight);
+        let segment_working = (per_layer + scores).max(vision_layer + vision_scores);
+        let activations = stored + segment_working.max(head) + transient(largest_bucket);
+        // The largest tensor's reduction: on the CPU's star-shaped collective, rank 0 holds the
+        // running sum, the incoming bytes and tensor and the reply; NCCL needs only the output.
+        let collective = if world > 1 { 4 * 4 * largest } else { 0 };
         let ranks: Vec<RankMemory> = (0..world)
             .map(|r| {
-                let gradients = if sharded_grad {
-                    owned[r] * 4 + largest_bucket * 4
-                } else {
-                    trainable * 4
-                };
                 let optimizer = if sharded_opt {
                     owned[r] * (8 + master)
                 } else {
                     trainable * (8 + master)
                 };
+                // The backward, bucket by bucket (the head first): the f32 gradients held so
+                // far, plus the bucket being made and its segment's working set.
+                let (mut held, mut peak_grads, mut phase) = (0u64, 0u64, 0u64);
+                for (key, (n, per_rank)) in &buckets {
+                    let working = if key.0 == 0 { head } else { segment_working };
+                    // ZeRO-2: the bucket's own sums until they leave (within the transient).
+                    let in_flight = if sharded_grad { n * 4 } else { 0 };
+                    phase = phase.max(held + transient(*n) + working);
+                    held += if sharded_grad { per_rank[r] * 4 } else { n * 4 };
+                    peak_grads = peak_grads.max(held + in_flight);
+                }
+                // After the backward: every gradient and one collective's buffers (stages 0-1),
+                // then the optimizer's temporaries for its largest tensor.
+                let mine = if sharded_opt { largest_owned[r] } else { largest };
+                phase = phase
+                    .max(held + if sharded_grad { 0 } else { collective })
+                    .max(held + 3 * 4 * mine);
+                // A checkpoint: weights and optimizer state, plus the bytes of the largest tensor
+                // this rank serialises (rank 0: the weights; every rank its optimizer shard
+                // under ZeRO-1/2, else rank 0 all of it).
+                let opt_save = match (sharded_opt, r) {
+                    (true, _) => 4 * largest_owned[r],
+                    (false, 0) => 4 * largest,
+                    (false, _) => 0,
+                };
+                let weight_save = if r == 0 { e * largest_weight } else { 0 };
                 RankMemory {
                     rank: r,
-                    gradients,
+                    gradients: peak_grads,
                     optimizer,
-                    step: weights + gradients + optimizer + activations + collective,
-                    checkpoint: weights + optimizer + save,
+                    step: weights + optimizer + stored + phase,
+                    checkpoint: weights + optimizer + opt_save.max(weight_save),
                 }
             })
             .collect();
