@@ -106,8 +106,8 @@ impl MemoryPlan {
             .filter(|(n, _)| (p.trainable)(n))
             .collect();
         let count = |s: &[usize]| s.iter().map(|&d| d as u64).product::<u64>();
-        let sharding = crate::dist::zero::Sharding::new(&trainable_params, world, p.zero_stage)
-            .ok();
+        let sharding =
+            crate::dist::zero::Sharding::new(&trainable_params, world, p.zero_stage).ok();
         let mut owned = vec![0u64; world];
         let mut largest_owned = vec![0u64; world];
         // Per bucket (backward order): its elements, and each rank's part of them.
@@ -120,9 +120,8 @@ impl MemoryPlan {
             let r = sharding.as_ref().map_or(0, |s| s.owner(name));
             owned[r] += n;
             largest_owned[r] = largest_owned[r].max(n);
-            let key = crate::step::segments::backward_order(
-                crate::step::segments::param_segment(name),
-            );
+            let key =
+                crate::step::segments::backward_order(crate::step::segments::param_segment(name));
             let b = buckets.entry(key).or_insert((0, vec![0; world]));
             b.0 += n;
             b.1[r] += n;
@@ -201,7 +200,11 @@ impl MemoryPlan {
                 }
                 // After the backward: every gradient and one collective's buffers (stages 0-1),
                 // then the optimizer's temporaries for its largest tensor.
-                let mine = if sharded_opt { largest_owned[r] } else { largest };
+                let mine = if sharded_opt {
+                    largest_owned[r]
+                } else {
+                    largest
+                };
                 phase = phase
                     .max(held + if sharded_grad { 0 } else { collective })
                     .max(held + 3 * 4 * mine);
@@ -363,7 +366,11 @@ mod tests {
             );
             let ideal = p.optimizer as f64 / 8.0;
             if stage >= 1 {
-                assert!((z.optimizer as f64) < ideal * 1.1, "{stage}: {}", z.optimizer);
+                assert!(
+                    (z.optimizer as f64) < ideal * 1.1,
+                    "{stage}: {}",
+                    z.optimizer
+                );
             } else {
                 assert_eq!(z.optimizer, p.optimizer);
             }

@@ -141,11 +141,18 @@ impl NcclGroup {
         if comm.is_null() {
             return Err(self.aborted_error());
         }
-        out.inplace_op2(&src, &NcclOp { group: self, comm, kind })
-            .map_err(|e| match self.control.failure() {
-                Some((rank, msg)) => Error::Distributed(format!("rank {rank} failed: {msg}")),
-                None => e.into(),
-            })?;
+        out.inplace_op2(
+            &src,
+            &NcclOp {
+                group: self,
+                comm,
+                kind,
+            },
+        )
+        .map_err(|e| match self.control.failure() {
+            Some((rank, msg)) => Error::Distributed(format!("rank {rank} failed: {msg}")),
+            None => e.into(),
+        })?;
         Ok(out)
     }
 

@@ -68,8 +68,14 @@ type Reduce = unsafe extern "C" fn(
     RawStream,
 ) -> NcclResult;
 type ReduceScatter = AllReduce;
-type AllGather =
-    unsafe extern "C" fn(*const c_void, *mut c_void, usize, DataType, RawComm, RawStream) -> NcclResult;
+type AllGather = unsafe extern "C" fn(
+    *const c_void,
+    *mut c_void,
+    usize,
+    DataType,
+    RawComm,
+    RawStream,
+) -> NcclResult;
 type Broadcast = unsafe extern "C" fn(
     *const c_void,
     *mut c_void,
@@ -166,14 +172,14 @@ impl Nccl {
                 CStr::from_ptr(p).to_string_lossy().into_owned()
             }
         };
-        Err(Error::Distributed(format!("{what} failed: {msg} (ncclResult {r})")))
+        Err(Error::Distributed(format!(
+            "{what} failed: {msg} (ncclResult {r})"
+        )))
     }
 
     /// A fresh unique id (rank 0).
     pub fn unique_id(&self) -> Result<UniqueId> {
-        let mut id = UniqueId {
-            internal: [0; 128],
-        };
+        let mut id = UniqueId { internal: [0; 128] };
         // SAFETY: `id` is a valid out-pointer.
         self.check("ncclGetUniqueId", unsafe { (self.get_unique_id)(&mut id) })?;
         Ok(id)
@@ -198,10 +204,7 @@ mod tests {
     #[test]
     fn a_library_without_nccl_symbols_is_refused() {
         // libc is loaded in every process and has none of NCCL's symbols.
-        let err = Nccl::open("libc.so.6")
-            .err()
-            .expect("not NCCL")
-            .to_string();
+        let err = Nccl::open("libc.so.6").err().expect("not NCCL").to_string();
         assert!(err.contains("ncclGetUniqueId"), "{err}");
     }
 }

@@ -97,9 +97,7 @@ impl GradAccumulator {
             .map(|(n, _)| segments::backward_order(segments::param_segment(n)))
             .collect();
         let mut order: Vec<usize> = (0..self.params.len()).collect();
-        order.sort_by(|&a, &b| {
-            (keys[a], &self.params[a].0).cmp(&(keys[b], &self.params[b].0))
-        });
+        order.sort_by(|&a, &b| (keys[a], &self.params[a].0).cmp(&(keys[b], &self.params[b].0)));
         let mut buckets: Vec<((u8, usize), Vec<usize>)> = Vec::new();
         let mut bucket = vec![0; self.params.len()];
         for i in order {
@@ -248,4 +246,91 @@ pub fn micro_batch(
         loss: out.loss.detach(),
         targets: out.targets,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use candle_core::Device;
+
+    use super::segments::Segment;
+    use super::*;
+    use crate::dist::threads::ThreadGroup;
+
+    /// Two ranks, three parameters in three buckets (head, decoder layer 0, merge): each rank
+    /// ends the micro-batch holding only the sums of the parameters it owns, equal to the sum
+    /// of both ranks' gradients; a bucket the backward did not reach goes out as zeros.
+    #[test]
+    fn zero2_keeps_only_the_owned_sums_and_reduces_bucket_by_bucket() {
+        let names = [
+            "language_model.lm_head.weight",
+            "language_model.model.layers.0.mlp.up_proj.weight",
+            "language_model.model.embed_tokens.weight",
+        ];
+        let owner = |n: &str| usize::from(n.contains("layers"));
+        let handles: Vec<_> = ThreadGroup::new(2, Duration::from_secs(10))
+            .into_iter()
+            .map(|g| {
+                std::thread::spawn(move || -> Result<Vec<(String, Vec<f32>)>> {
+                    let rank = g.rank();
+                    let dev = Device::Cpu;
+                    let vars: Vec<(String, Var)> = names
+                        .iter()
+                        .map(|n| Ok((n.to_string(), Var::zeros(2, DType::F32, &dev)?)))
+                        .collect::<Result<_>>()?;
+                    let comm: Arc<dyn Collective> = Arc::new(g);
+                    let mut acc = GradAccumulator::new(vars.clone()).reduce_to_owners(comm, &owner);
+                    assert!(acc.reduces());
+                    let x = Tensor::new(&[1f32 + rank as f32, 2.0], &dev)?;
+                    for micro in 0..2 {
+                        // Head: d/dw sum(w * x) = x.
+                        let store = (vars[0].1.as_tensor() * &x)?.sum_all()?.backward()?;
+                        acc.absorb(&store)?;
+                        acc.segment_done(Segment::Head)?;
+                        // A head gradient after its bucket left is a mapping bug.
+                        assert!(acc.absorb(&store).is_err());
+                        // Layer 0: 3x; rank 1's second micro-batch stops before it (zeros).
+                        if !(rank == 1 && micro == 1) {
+                            let y = (&x * 3.0)?;
+                            let store = (vars[1].1.as_tensor() * &y)?.sum_all()?.backward()?;
+                            acc.absorb(&store)?;
+                            acc.segment_done(Segment::TextLayer(0))?;
+                        }
+                        acc.end_micro_batch()?;
+                    }
+                    let mut got: Vec<(String, Vec<f32>)> = acc
+                        .take()
+                        .into_iter()
+                        .map(|(n, t)| Ok((n, t.to_vec1::<f32>()?)))
+                        .collect::<Result<_>>()?;
+                    got.sort_by(|a, b| a.0.cmp(&b.0));
+                    Ok(got)
+                })
+            })
+            .collect();
+        let r: Vec<_> = handles
+            .into_iter()
+            .map(|h| h.join().expect("thread").expect("rank"))
+            .collect();
+        // Rank 0 owns the head and the (never reached) embedding: 2 micro-batches x (x0 + x1).
+        assert_eq!(
+            r[0],
+            vec![
+                ("language_model.lm_head.weight".to_string(), vec![6.0, 8.0]),
+                (
+                    "language_model.model.embed_tokens.weight".to_string(),
+                    vec![0.0, 0.0]
+                ),
+            ]
+        );
+        // Rank 1 owns layer 0: 3 x (x0 + x1) + 3 x x0 (its own second micro-batch sent zeros).
+        assert_eq!(
+            r[1],
+            vec![(
+                "language_model.model.layers.0.mlp.up_proj.weight".to_string(),
+                vec![12.0, 18.0]
+            )]
+        );
+    }
 }

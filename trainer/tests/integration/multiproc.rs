@@ -440,8 +440,16 @@ fn heap_report(dir: &Path, rank: usize) -> (u64, u64, u64) {
     let p = dir.join(format!("heap-rank{rank}.json"));
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&p).expect("heap report")).expect("JSON");
-    let n = |k: &str| v["peaks"][k].as_u64().unwrap_or_else(|| panic!("{k} in {v}"));
-    (v["baseline"].as_u64().expect("baseline"), n("step"), n("checkpoint"))
+    let n = |k: &str| {
+        v["peaks"][k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{k} in {v}"))
+    };
+    (
+        v["baseline"].as_u64().expect("baseline"),
+        n("step"),
+        n("checkpoint"),
+    )
 }
 
 /// The tiny model with a wider decoder (hidden 128): its states (the 128k-row embedding and
@@ -548,7 +556,11 @@ fn per_rank_peak_heap_at_world_4_is_within_10_percent_of_the_memory_plan() {
     // ZeRO-2's reductions during the backward give the same training as stages 0 and 1.
     for (zero, l) in all_losses.iter().enumerate().skip(1) {
         for (a, b) in l.iter().zip(&all_losses[0]) {
-            assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "ZeRO {zero}: {l:?} vs {:?}", all_losses[0]);
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                "ZeRO {zero}: {l:?} vs {:?}",
+                all_losses[0]
+            );
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
