@@ -566,3 +566,88 @@ fn per_rank_peak_heap_at_world_4_is_within_10_percent_of_the_memory_plan() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The pids of this test's `llava-trainer` processes (marked by `tag` in their environment)
+/// that torchrun started as `RANK=rank`.
+fn tagged_rank_pids(tag: &str, rank: usize) -> Vec<i32> {
+    let want_tag = format!("LLAVA_TEST_TAG={tag}");
+    let want_rank = format!("RANK={rank}");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        let vars: Vec<String> = env
+            .split(|&b| b == 0)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect();
+        let exe = std::fs::read_link(e.path().join("exe")).unwrap_or_default();
+        if vars.contains(&want_tag)
+            && vars.contains(&want_rank)
+            && exe.file_name().is_some_and(|n| n == "llava-trainer")
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[test]
+fn torchrun_max_restarts_resumes_from_the_last_checkpoint_after_a_killed_rank() {
+    let Some(mut cmd) = torchrun() else {
+        eprintln!("skipped torchrun --max-restarts: LLAVA_NO_TORCH=1");
+        return;
+    };
+    let dir = scratch("torchrun-restart");
+    let out = dir.join("run");
+    let tag = format!("restart-{}", std::process::id());
+    let mut args = run_args(&out, 1);
+    args.retain(|a| a != "--no-resume");
+    let pos = args.iter().position(|a| a == "--max-steps").expect("flag") + 1;
+    args[pos] = "12".into();
+    cmd.args([
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "1",
+        "--no-python",
+    ])
+    .args(["--master-port", &free_port().to_string()])
+    .arg(BIN)
+    .args(args)
+    .args(["--save-every", "1"])
+    .env("LLAVA_TEST_TAG", &tag)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let job = cmd.spawn().expect("torchrun starts");
+    // Once a checkpoint is complete, kill rank 1 as the OOM killer would.
+    let t0 = std::time::Instant::now();
+    while llava_trainer::checkpoint::list_checkpoints(&out).is_empty() {
+        assert!(t0.elapsed().as_secs() < 300, "no checkpoint within 300 s");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let victims = tagged_rank_pids(&tag, 1);
+    assert_eq!(victims.len(), 1, "one rank-1 process: {victims:?}");
+    // SAFETY: kill(2) on a pid this test's torchrun started.
+    assert_eq!(unsafe { libc::kill(victims[0], libc::SIGKILL) }, 0);
+    let done = ok(
+        job.wait_with_output().expect("torchrun"),
+        "torchrun --max-restarts 1",
+    );
+    let err = String::from_utf8_lossy(&done.stderr);
+    // The restarted workers resumed from a checkpoint and finished all 12 steps.
+    assert!(err.contains("resuming from"), "{err}");
+    let log = std::fs::read_to_string(out.join("log.jsonl")).expect("log");
+    let steps: Vec<u64> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["step"].as_u64())
+        .collect();
+    assert_eq!(steps, (1..=12).collect::<Vec<_>>(), "{err}");
+    let after = tagged_rank_pids(&tag, 1);
+    assert!(after.is_empty(), "workers left: {after:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}
