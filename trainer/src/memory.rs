@@ -41,7 +41,8 @@ pub struct MemoryPlan {
     pub gradients: u64,
     /// AdamW moments, plus f32 master weights under bf16 (sharded by ZeRO-1/2).
     pub optimizer: u64,
-    /// Estimated peak of activations, the recomputed segment's working set and the loss chunk.
+    /// Estimated peak of activations: the stored segment inputs (the whole graph without
+    /// recompute) plus the largest segment's working set or the loss chunk.
     pub activations: u64,
     /// Peak during a step: weights + gradients + optimizer + activations + the largest
     /// collective's buffers.
@@ -173,10 +174,12 @@ impl MemoryPlan {
         let stored = if p.recompute {
             layers * tokens * h * e + vision_layers * vision_boundary
         } else {
-            layers * per_layer + vision_layers * vision_layer
+            // Every layer's graph, attention scores included.
+            layers * (per_layer + scores) + vision_layers * (vision_layer + vision_scores)
         };
         let segment_working = (per_layer + scores).max(vision_layer + vision_scores);
-        let activations = stored + segment_working.max(head) + transient(largest_bucket);
+        // Activations only; the gradients' making (`transient`) counts in the step's phases.
+        let activations = stored + segment_working.max(head);
         // The largest tensor's reduction: on the CPU's star-shaped collective, rank 0 holds the
         // running sum, the incoming bytes and tensor and the reply; NCCL needs only the output.
         let collective = if world > 1 { 4 * 4 * largest } else { 0 };
