@@ -41,7 +41,7 @@ use crate::llava_next::{LlavaNext, LlavaNextConfig};
 use crate::memory;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::CosineSchedule;
-use crate::step::{self, GradAccumulator, StepOptions};
+use crate::step::{self, StepOptions};
 use crate::{Error, Result};
 use log::{gib, truncate_log};
 use stream::{batches_per_epoch, Stream};
@@ -204,6 +204,8 @@ pub const COLLECTIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) -> Result<Summary> {
     let mut opts = opts;
     let (rank, world) = (comm.rank(), comm.world_size());
+    // Per-phase peak heap, for checking the memory plan (crate::heap, LLAVA_HEAP_REPORT).
+    let _heap = crate::heap::RunReport::start(rank, world);
     let lead = rank == 0;
     let dev = opts.device.clone().unwrap_or(Device::Cpu);
     let dtype = if cfg.bf16 { DType::BF16 } else { DType::F32 };
@@ -514,6 +516,7 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
     // them all) and renames the folder once every shard is in.
     let sharded = sharding.stage >= 1 && world > 1;
     let save = |optim: &AdamW, step: u64, data_state: DataState, lr: f64, loss: f64| {
+        crate::heap::enter("checkpoint");
         let optimizer = if sharded {
             if lead {
                 checkpoint::prepare_checkpoint_tmp(&cfg.output, step)?;
@@ -577,11 +580,12 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
     };
     let mut last_saved = step;
     let (mut lr, mut loss_v) = (0.0, f64::NAN);
-    let mut acc = GradAccumulator::new(all_vars.clone());
+    let mut acc = zero::accumulator(all_vars.clone(), &sharding, comm.clone());
     let (started, first_step) = (Instant::now(), step);
     let mut last_progress = started;
     while step < total_steps {
         let t0 = Instant::now();
+        crate::heap::enter("step");
         let (group, wait) = stream.next_group()?;
         // Everything below stays on the device until the logging read.
         let mut loss_sum: Option<Tensor> = None;
@@ -595,6 +599,8 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
             tokens += b.tokens;
             samples += b.batch_size();
             if b.is_empty() {
+                // ZeRO-2 reduces per micro-batch: every rank takes part in as many.
+                acc.end_micro_batch()?;
                 continue;
             }
             let batch = to_model_batch(b, &model_cfg, &dev)?;
@@ -604,7 +610,7 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
                 None => out.loss,
             });
         }
-        let (grads, norm) = zero::reduce_gradients(acc.take(), &sharding, comm.as_ref(), &dev)?;
+        let (grads, norm) = zero::step_gradients(&mut acc, &sharding, comm.as_ref(), &dev)?;
         let mult = schedule.multiplier(step);
         lr = cfg.lr * mult;
         let stats = optim.step_with_norm(&grads, mult, norm)?;
