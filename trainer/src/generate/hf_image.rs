@@ -1,10 +1,15 @@
 //! Tiles for models whose tiles are not the build's 336 px: HF `LlavaNextImageProcessor` (its
 //! PIL path) with the tile size of the model's vision config: the image squashed to one tile,
 //! then resized into the best pinpoint (aspect kept, Pillow bicubic), padded with black to it,
-//! cut into tiles row-major; each rescaled by 1/255 and CLIP-normalised in f32. The golden is the
-//! parity fixture's `preprocess.pixel_values_pil_backend` (56-px tiles).
+//! cut into tiles row-major; each rescaled by 1/255 and CLIP-normalised in f32. The resizes are
+//! Pillow 13's (vertical pass first when the height shrinks much more than the width), which HF's processor uses today;
+//! the build keeps the reference's Pillow 10.3 order. The golden is the parity fixture's
+//! `preprocess.pixel_values_pil_backend` (56-px tiles, made with Pillow 13).
 
-use llava_imaging::{resize_and_pad_size, resize_bicubic, select_best_resolution, RgbImage};
+use llava_imaging::{
+    resize_and_pad_size, resize_bicubic_pillow13 as resize_bicubic, select_best_resolution,
+    RgbImage,
+};
 
 /// OpenAI CLIP's normalisation (every LLaVA-NeXT preprocessor config).
 const MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
