@@ -142,8 +142,10 @@ fn longest_fitting<T>(waiting: &[(T, u32)], room: u32) -> Option<usize> {
     best
 }
 
-/// One row out of `buffer`: its oldest sample (its longest with `longest_first`), then the
-/// longest that still fits until none does.
+/// One row out of `buffer`. Streaming: its oldest sample, then the longest that still fits until
+/// none does (greedy: cheap enough to replay a whole epoch on resume). Emptying
+/// (`longest_first`): its longest sample, then the subset of the others that fills the room
+/// best ([`best_subset`]; greedy where that table would be too large).
 fn take_row<K: Copy, T: Copy>(
     buffer: &mut Buffer<K, T>,
     capacity: u32,
@@ -157,6 +159,18 @@ fn take_row<K: Copy, T: Copy>(
     let (s, l) = buffer.waiting.remove(first);
     let mut samples = vec![s];
     let mut room = capacity - l;
+    if longest_first {
+        let lengths: Vec<u32> = buffer.waiting.iter().map(|w| w.1).collect();
+        if let Some(chosen) = best_subset(&lengths, room) {
+            // Remove from the back so the indices stay valid; keep the chosen order.
+            for &i in chosen.iter().rev() {
+                let (s, l) = buffer.waiting.remove(i);
+                samples.push(s);
+                room -= l;
+            }
+            samples[1..].reverse();
+        }
+    }
     while let Some(i) = longest_fitting(&buffer.waiting, room) {
         let (s, l) = buffer.waiting.remove(i);
         samples.push(s);
@@ -169,6 +183,55 @@ fn take_row<K: Copy, T: Copy>(
         samples,
         tokens,
     }
+}
+
+/// Table cells (samples × (room + 1) bits) above which [`best_subset`] gives up.
+const SUBSET_TABLE_BITS: u64 = 1 << 28;
+
+/// The indices (ascending) of a subset of `lengths` with the largest sum <= `room` (subset sum
+/// by bitsets: for each prefix of the samples, the sums it can reach), or None when the table
+/// would exceed [`SUBSET_TABLE_BITS`]. Deterministic: the reconstruction leaves out a sample
+/// whenever the sum is reachable without it, from the last sample back.
+fn best_subset(lengths: &[u32], room: u32) -> Option<Vec<usize>> {
+    let bits = room as usize + 1;
+    if lengths.len() as u64 * bits as u64 > SUBSET_TABLE_BITS {
+        return None;
+    }
+    let words = bits.div_ceil(64);
+    // reach[i]: sums reachable with lengths[..i].
+    let mut reach: Vec<Vec<u64>> = Vec::with_capacity(lengths.len() + 1);
+    let mut first = vec![0u64; words];
+    first[0] = 1;
+    reach.push(first);
+    for &l in lengths {
+        let prev = reach.last().expect("reach[0]");
+        let mut next = prev.clone();
+        let (w, b) = ((l / 64) as usize, l % 64);
+        for i in (w..words).rev() {
+            let mut v = prev[i - w] << b;
+            if b > 0 && i > w {
+                v |= prev[i - w - 1] >> (64 - b);
+            }
+            next[i] |= v;
+        }
+        // Sums above `room` do not count.
+        if bits % 64 != 0 {
+            next[words - 1] &= (1u64 << (bits % 64)) - 1;
+        }
+        reach.push(next);
+    }
+    let has = |set: &[u64], s: usize| set[s / 64] >> (s % 64) & 1 == 1;
+    let last = reach.last().expect("reach");
+    let mut sum = (0..bits).rev().find(|&s| has(last, s)).unwrap_or(0);
+    let mut chosen = Vec::new();
+    for i in (0..lengths.len()).rev() {
+        if !has(&reach[i], sum) {
+            chosen.push(i);
+            sum -= lengths[i] as usize;
+        }
+    }
+    chosen.reverse();
+    Some(chosen)
 }
 
 /// Every row of one epoch at once: `groups` in epoch order, each `(key, samples)`.
@@ -307,6 +370,37 @@ mod tests {
         let first = packer.pop().unwrap();
         assert_eq!(first.samples[0], 0);
         assert_eq!(first.tokens, 10);
+    }
+
+    #[test]
+    fn best_subset_fills_the_room_exactly_when_it_can() {
+        // Greedy (longest first) takes 6 then 3 (9 of 12); 5 + 4 + 3 = 12.
+        let chosen = best_subset(&[6, 5, 4, 3], 12).unwrap();
+        let sum: u32 = chosen.iter().map(|&i| [6, 5, 4, 3][i]).sum();
+        assert_eq!(sum, 12);
+        assert_eq!(best_subset(&[70, 65], 64).unwrap(), Vec::<usize>::new());
+        assert_eq!(best_subset(&[64, 1], 64).unwrap(), vec![0]);
+        assert_eq!(best_subset(&[63, 1, 1], 64).unwrap().len(), 2);
+        // Against brute force on random lengths.
+        let mut rng = SplitMix64::new(5);
+        for _ in 0..200 {
+            let n = 1 + rng.below(10) as usize;
+            let lengths: Vec<u32> = (0..n).map(|_| 1 + rng.below(150) as u32).collect();
+            let room = rng.below(400) as u32;
+            let chosen = best_subset(&lengths, room).unwrap();
+            let sum: u32 = chosen.iter().map(|&i| lengths[i]).sum();
+            let best = (0u32..1 << n)
+                .map(|m| {
+                    (0..n)
+                        .filter(|i| m >> i & 1 == 1)
+                        .map(|i| lengths[i])
+                        .sum::<u32>()
+                })
+                .filter(|&x| x <= room)
+                .max()
+                .unwrap();
+            assert_eq!(sum, best, "{lengths:?} room {room}");
+        }
     }
 
     #[test]
