@@ -211,7 +211,7 @@ pub fn memory_plan(
     };
     // Packed rows hold at most the positions of the unpacked batch, but in longer rows (which
     // matters for dense attention's L² scores): plan for rows as long as a pack can get.
-    let (rows, seq_len) = if cfg.packing {
+    let (rows, seq_len) = if cfg.packing || cfg.pack_across_batches {
         let pack = cfg
             .pack_length
             .map_or(index.manifest.settings.model_max_length, |n| n as usize);
