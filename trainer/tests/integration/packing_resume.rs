@@ -111,18 +111,21 @@ fn kill_and_resume(name: &str, signal: &str, ready: impl Fn(&Path) -> bool) {
     let output = dir.join("run");
     let mut child = spawn_run(&output);
     let stdout = child.stdout.take().expect("piped stdout");
+    // Read to the end: the killed run still prints (a closed pipe would kill it first).
+    let mut sent = false;
     for line in BufReader::new(stdout).lines() {
         let line = line.expect("stdout is UTF-8");
-        if line.starts_with("step ") && ready(&output) {
+        if !sent && line.starts_with("step ") && ready(&output) {
             let ok = Command::new("sh")
                 .args(["-c", &format!("kill -{signal} {}", child.id())])
                 .status()
                 .expect("sh")
                 .success();
             assert!(ok, "kill -{signal}");
-            break;
+            sent = true;
         }
     }
+    assert!(sent, "the run printed no step line: {}", stderr_of(&output));
     let status = child.wait().expect("wait");
     assert!(!status.success(), "the run was killed: {status}");
     let (step, _) = *checkpoint::list_checkpoints(&output)
