@@ -9,9 +9,7 @@ use llava_data::build::{build, BuildOptions, Partition};
 use llava_data::inspect::summary::{summarize, SummaryOptions};
 use llava_data::inspect::BuildDir;
 use llava_e2e::*;
-use llava_trainer::data::{
-    DataState, EpochPlan, IndexOptions, Modality, PlanConfig, ShardIndex,
-};
+use llava_trainer::data::{DataState, EpochPlan, IndexOptions, Modality, PlanConfig, ShardIndex};
 
 /// The example built from the repository's own `datasets.toml` (its paths are relative to the
 /// file: the fixtures and the tokenizer are linked next to a copy), once.
@@ -101,7 +99,11 @@ fn inspect_reports_the_trainers_rows_and_they_are_full() {
             );
             // The fewest rows the modality's tokens can take, or one more.
             let fewest = tokens.div_ceil(u64::from(pack_length));
-            assert!(n <= fewest + 1, "{}: {n} rows, {fewest} at best", p.modality);
+            assert!(
+                n <= fewest + 1,
+                "{}: {n} rows, {fewest} at best",
+                p.modality
+            );
         }
         let total = s.padding.total.across.as_ref().expect("total");
         assert_eq!(total.rows, rows);

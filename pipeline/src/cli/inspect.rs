@@ -473,7 +473,11 @@ pub fn format_summary(s: &Summary) -> String {
         );
         for m in p.modalities.iter().chain([&p.total]) {
             let Some(a) = &m.across else { continue };
-            let name = if m.modality == "*" { "(all)" } else { &m.modality };
+            let name = if m.modality == "*" {
+                "(all)"
+            } else {
+                &m.modality
+            };
             let _ = writeln!(
                 o,
                 "  {:<8} {:>7} rows  fill {:>6}  padding {:>6}{}",

@@ -153,7 +153,10 @@ impl Packed {
         Ok(Packed {
             pack_length,
             rows: rows.len() as u64,
-            fill: ratio(padding.real_tokens, rows.len() as u64 * u64::from(pack_length)),
+            fill: ratio(
+                padding.real_tokens,
+                rows.len() as u64 * u64::from(pack_length),
+            ),
             padding,
         })
     }

@@ -143,11 +143,7 @@ impl ShardReader {
     }
 
     /// [`ShardReader::read`] of parts that are consecutive row groups of one shard.
-    fn read_segment(
-        &mut self,
-        plan: &PlannedBatch,
-        on_corrupt: OnCorrupt,
-    ) -> DataResult<ReadRows> {
+    fn read_segment(&mut self, plan: &PlannedBatch, on_corrupt: OnCorrupt) -> DataResult<ReadRows> {
         let index = self.index.clone();
         let Some(first) = plan.parts.first() else {
             return Ok(ReadRows {

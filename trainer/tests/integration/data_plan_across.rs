@@ -37,7 +37,12 @@ fn across(world_size: usize, pack_length: u32) -> PlanConfig {
 }
 
 fn longest(index: &ShardIndex) -> u32 {
-    index.samples.iter().map(|s| s.length).max().expect("samples")
+    index
+        .samples
+        .iter()
+        .map(|s| s.length)
+        .max()
+        .expect("samples")
 }
 
 type Key = (String, u64);
@@ -148,7 +153,11 @@ fn a_resume_continues_the_same_rows_at_any_world_size() {
         assert_eq!(state.pack_across, capacity);
         // Same world size: the very same batches, rank by rank.
         let resumed = EpochPlan::new(&index, &across(2, capacity), &state).expect("resume");
-        assert_eq!(resumed.steps(), steps[k..].to_vec(), "resume after step {k}");
+        assert_eq!(
+            resumed.steps(),
+            steps[k..].to_vec(),
+            "resume after step {k}"
+        );
         // Other world sizes: the rest of the epoch exactly once, in the same rows.
         let before = count(&index, &steps[..k]);
         for w in [1, 3, 5] {
@@ -170,7 +179,10 @@ fn a_resume_continues_the_same_rows_at_any_world_size() {
                     .map(|b| keys(&index, b))
                     .collect();
                 for row in &full_steps {
-                    assert!(got.contains(row), "after step {k}: row {row:?} is not planned");
+                    assert!(
+                        got.contains(row),
+                        "after step {k}: row {row:?} is not planned"
+                    );
                 }
                 assert!(got.len() >= full_steps.len());
             }
@@ -208,11 +220,7 @@ fn a_resume_must_keep_the_packing() {
 fn a_pack_length_below_the_longest_sample_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let index = dataset(dir.path(), 13, 7);
-    let err = EpochPlan::new(
-        &index,
-        &across(1, longest(&index) - 1),
-        &DataState::new(0),
-    )
-    .unwrap_err();
+    let err =
+        EpochPlan::new(&index, &across(1, longest(&index) - 1), &DataState::new(0)).unwrap_err();
     assert!(err.to_string().contains("pack length"), "{err}");
 }

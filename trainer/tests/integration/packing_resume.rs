@@ -25,7 +25,12 @@ fn inputs() -> &'static (PathBuf, PathBuf, u32) {
     INPUTS.get_or_init(|| {
         let (shards, model) = crate::common::text_shards_and_tiny_model(&scratch("inputs"));
         let index = ShardIndex::open(&shards, &IndexOptions::default()).expect("index");
-        let longest = index.samples.iter().map(|s| s.length).max().expect("samples");
+        let longest = index
+            .samples
+            .iter()
+            .map(|s| s.length)
+            .max()
+            .expect("samples");
         (shards, model, 3 * longest)
     })
 }

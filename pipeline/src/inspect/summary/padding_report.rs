@@ -50,8 +50,10 @@ pub(super) fn modality_sections(
             Some(n) if options.across_batches => {
                 let seed = options.seed.unwrap_or(m.settings.seed);
                 let in_modality = |i: usize| modality[i] == counts.modality;
-                Some(Packed::across_batches(&group, in_modality, &length, n, seed, world_size)
-                    .map_err(|e| InspectError::Usage(format!("{}: {e}", counts.modality)))?)
+                Some(
+                    Packed::across_batches(&group, in_modality, &length, n, seed, world_size)
+                        .map_err(|e| InspectError::Usage(format!("{}: {e}", counts.modality)))?,
+                )
             }
             _ => None,
         };
