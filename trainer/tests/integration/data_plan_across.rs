@@ -224,3 +224,54 @@ fn a_pack_length_below_the_longest_sample_is_refused() {
         EpochPlan::new(&index, &across(1, longest(&index) - 1), &DataState::new(0)).unwrap_err();
     assert!(err.to_string().contains("pack length"), "{err}");
 }
+
+#[test]
+fn the_loader_reads_rows_that_span_batches_groups_and_shards() {
+    use llava_trainer::data::{Loader, LoaderConfig};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let index = dataset(dir.path(), 61, 37);
+    assert!(index.shards.len() > 2, "{} shards", index.shards.len());
+    let capacity = 5 * longest(&index);
+    let plan = EpochPlan::new(&index, &across(2, capacity), &DataState::new(0)).expect("plan");
+    let mut spanning = 0;
+    for rank in 0..2 {
+        let planned = plan.rank(rank).expect("rank");
+        spanning += planned
+            .iter()
+            .filter(|b| {
+                let shards: std::collections::HashSet<usize> = b
+                    .parts
+                    .iter()
+                    .map(|p| index.batches[p.batch].shard)
+                    .collect();
+                shards.len() > 1
+            })
+            .count();
+        let config = LoaderConfig {
+            workers: 2,
+            prefetch: 3,
+            ..LoaderConfig::default()
+        };
+        let loader = Loader::new(index.clone(), planned.clone(), &config).expect("loader");
+        let batches: Vec<_> = loader.map(|b| b.expect("batch")).collect();
+        assert_eq!(batches.len(), planned.len());
+        for (b, p) in batches.iter().zip(&planned) {
+            let got: Vec<Key> = b
+                .samples
+                .iter()
+                .map(|s| (s.source.clone(), s.index))
+                .collect();
+            assert_eq!(got, keys(&index, p), "step {}", p.step);
+            let lengths: Vec<u32> = p.samples.iter().map(|s| s.length).collect();
+            assert_eq!(b.model_lengths, lengths);
+            assert_eq!(b.tokens, p.tokens);
+            assert_eq!(b.rows, p.rows);
+            assert_eq!(b.num_rows(), usize::from(!p.is_empty()));
+            assert_eq!(b.input_ids.len(), b.seq_len * b.num_rows());
+        }
+    }
+    assert!(
+        spanning > 0,
+        "no row spans two shards: the test does not test that"
+    );
+}
