@@ -215,7 +215,7 @@ fn best_subset(lengths: &[u32], room: u32) -> Option<Vec<usize>> {
             next[i] |= v;
         }
         // Sums above `room` do not count.
-        if bits % 64 != 0 {
+        if !bits.is_multiple_of(64) {
             next[words - 1] &= (1u64 << (bits % 64)) - 1;
         }
         reach.push(next);
