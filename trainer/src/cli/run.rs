@@ -155,6 +155,12 @@ pub struct Args {
     /// Tokens per packed row (default: the shards' model_max_length).
     #[arg(long)]
     pack_length: Option<u32>,
+    /// Pack across batch boundaries (implies --packing): each micro-batch is one row of up to
+    /// --pack-length tokens of one modality, filled from the following groups too (fewer,
+    /// fuller steps; every sample once per epoch; `llava-data inspect --pack-across-batches`
+    /// reports its fill).
+    #[arg(long)]
+    pack_across_batches: bool,
     /// A held-out `llava-data build` folder: mean loss and supervised tokens on it (no
     /// gradient, rank 0, fixed order) every --eval-every steps and at the end [default: none].
     #[arg(long, value_name = "DIR")]
@@ -305,6 +311,11 @@ pub(crate) fn merged(args: Args) -> Result<TrainConfig> {
         args.packing.then_some(toml::Value::Boolean(true)),
     );
     set("pack_length", args.pack_length.map(|x| int(u64::from(x))));
+    set(
+        "pack_across_batches",
+        args.pack_across_batches
+            .then_some(toml::Value::Boolean(true)),
+    );
     set("eval_shards", args.eval_shards.map(path));
     set("eval_every", args.eval_every.map(int));
     set("tensorboard", args.tensorboard.map(path));

@@ -95,6 +95,11 @@ pub struct TrainConfig {
     /// Row capacity when packing (default: the shards' `model_max_length`).
     #[serde(default)]
     pub pack_length: Option<u32>,
+    /// Pack across batch boundaries (implies `packing`): each micro-batch is one row of up to
+    /// `pack_length` tokens of one modality, filled from the following groups (fewer, fuller
+    /// steps; docs/training.md). Changes the steps per epoch: a trajectory key.
+    #[serde(default)]
+    pub pack_across_batches: bool,
     /// A held-out `llava-data build` folder: its mean loss and supervised token count (no
     /// gradient) every `eval_every` steps and at the end, to log.jsonl, the terminal and
     /// TensorBoard.
@@ -301,13 +306,20 @@ impl TrainConfig {
     }
 
     pub(crate) fn trajectory_keys(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "tunable_parts": self.tunable_parts, "lr": self.lr,
             "vision_tower_lr": self.vision_tower_lr, "weight_decay": self.weight_decay,
             "warmup_ratio": self.warmup_ratio, "max_grad_norm": self.max_grad_norm,
             "batch_size": self.batch_size, "grad_accum": self.grad_accum, "epochs": self.epochs,
             "max_steps": self.max_steps, "seed": self.seed, "bf16": self.bf16,
-        })
+        });
+        // Only when on, so that checkpoints from before the key still resume.
+        if self.pack_across_batches {
+            if let Some(m) = v.as_object_mut() {
+                m.insert("pack_across_batches".into(), self.pack_length.into());
+            }
+        }
+        v
     }
 }
 

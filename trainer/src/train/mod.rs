@@ -261,6 +261,7 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
                 world_size: 1,
                 batch_size: cfg.batch_size,
                 pack_length: None,
+                across_batches: false,
             };
             let batches = EpochPlan::new(&eval_index, &eval_plan, &DataState::new(0))?
                 .rank_batches(&eval_index, 0)?;
@@ -277,10 +278,11 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
         seed: cfg.seed,
         world_size: world,
         batch_size: cfg.batch_size,
-        pack_length: cfg.packing.then(|| {
+        pack_length: (cfg.packing || cfg.pack_across_batches).then(|| {
             cfg.pack_length
                 .unwrap_or(index.manifest.settings.model_max_length as u32)
         }),
+        across_batches: cfg.pack_across_batches,
     };
     let per_epoch = batches_per_epoch(&index, &plan_cfg)? / cfg.grad_accum;
     let total_steps = cfg.max_steps.unwrap_or(cfg.epochs * per_epoch as u64);
