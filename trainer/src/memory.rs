@@ -127,7 +127,6 @@ impl MemoryPlan {
             b.0 += n;
             b.1[r] += n;
         }
-        let largest_bucket = buckets.values().map(|b| b.0).max().unwrap_or(0);
         let largest_weight = crate::init::all_params(cfg)
             .iter()
             .map(|(_, s)| count(s))

@@ -1,5 +1,6 @@
 //! CPU ranks as real processes (issue 28): `llava-trainer run` started by the real `torchrun`
-//! (static, `--standalone`, c10d rendezvous), by a Slurm-like environment set by hand, and by
+//! (static, `--standalone`, c10d rendezvous), by a real one-node Slurm cluster (`srun`, `sbatch`)
+//! and a Slurm-like environment set by hand, and by
 //! its own `--nproc-per-node` supervisor; every one trains the tiny model for a few steps with
 //! 2 ranks, and its losses equal world size 1's (same global batch) to 1e-6 and the thread
 //! ranks' exactly.
@@ -216,6 +217,104 @@ fn slurm_like_environment_trains_with_and_without_master_port() {
         );
     }
     assert_matches_reference("slurm without MASTER_PORT", &losses(&without));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A real one-node Slurm cluster (`scripts/slurm-local.sh`: Debian's slurmctld, slurmd and
+/// munge on loopback ports), stopped when dropped. `None` only with `LLAVA_NO_SLURM=1`; missing
+/// packages fail the test (scripts/setup.sh installs them).
+struct SlurmCluster {
+    dir: PathBuf,
+    conf: PathBuf,
+}
+
+impl SlurmCluster {
+    fn start() -> Option<Self> {
+        if std::env::var_os("LLAVA_NO_SLURM").is_some_and(|v| v == "1") {
+            eprintln!("skipped the real Slurm cluster: LLAVA_NO_SLURM=1");
+            return None;
+        }
+        // Short and outside the repo: munge's socket path must fit a sockaddr_un.
+        let dir = std::env::temp_dir().join(format!("llava-slurm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("slurm dir");
+        let script = llava_test_support::repo_root().join("scripts/slurm-local.sh");
+        let out = ok(
+            clean(Command::new(&script))
+                .arg("start")
+                .arg(&dir)
+                .output()
+                .expect("slurm-local.sh runs"),
+            "scripts/slurm-local.sh start",
+        );
+        let conf = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        Some(SlurmCluster { dir, conf })
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = clean(Command::new(program));
+        cmd.env("SLURM_CONF", &self.conf);
+        cmd
+    }
+}
+
+impl Drop for SlurmCluster {
+    fn drop(&mut self) {
+        let script = llava_test_support::repo_root().join("scripts/slurm-local.sh");
+        Command::new(script).arg("stop").arg(&self.dir).status().ok();
+        std::fs::remove_dir_all(&self.dir).ok();
+    }
+}
+
+/// The real thing: `srun --ntasks 2` (the rendezvous port from SLURM_JOB_ID, the host from the
+/// node list) and `sbatch --wait` of a batch script that exports MASTER_ADDR/MASTER_PORT and
+/// calls srun, on a one-node Slurm cluster; both train with 2 CPU ranks equal to world 1.
+#[test]
+fn real_slurm_srun_and_sbatch_train_with_2_cpu_ranks() {
+    let Some(cluster) = SlurmCluster::start() else {
+        return;
+    };
+    let dir = scratch("slurm-real");
+    let out = dir.join("srun");
+    let mut srun = cluster.command("srun");
+    srun.args(["--ntasks", "2", "--kill-on-bad-exit=1", "--time", "10"])
+        .arg(BIN)
+        .args(run_args(&out, 1));
+    ok(srun.output().expect("srun starts"), "srun --ntasks 2");
+    assert_matches_reference("srun", &losses(&out));
+
+    let out = dir.join("sbatch");
+    let quoted: Vec<String> = run_args(&out, 1)
+        .iter()
+        .map(|a| format!("'{a}'"))
+        .collect();
+    let script = dir.join("train.sbatch");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/bash\n#SBATCH --ntasks=2\n#SBATCH --time=10\n\
+             export MASTER_ADDR=127.0.0.1 MASTER_PORT={}\n\
+             srun --kill-on-bad-exit=1 '{BIN}' {}\n",
+            free_port(),
+            quoted.join(" ")
+        ),
+    )
+    .expect("batch script");
+    let log = dir.join("sbatch.log");
+    let status = cluster
+        .command("sbatch")
+        .arg("--wait")
+        .arg(format!("--output={}", log.display()))
+        .arg(&script)
+        .output()
+        .expect("sbatch starts");
+    let job_log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        status.status.success(),
+        "sbatch --wait failed ({}): {}\njob output:\n{job_log}",
+        status.status,
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert_matches_reference("sbatch + srun with MASTER_PORT", &losses(&out));
     std::fs::remove_dir_all(&dir).ok();
 }
 
