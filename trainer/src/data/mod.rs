@@ -15,6 +15,7 @@ pub mod loader;
 pub mod plan;
 mod read;
 pub mod rng;
+pub mod source;
 pub mod synthetic;
 
 pub use collate::{Batch, ImageInfo, PixelFormat, Pixels, SampleId, PAD_ID};
