@@ -9,8 +9,14 @@ samples=${1:-800}
 workers=${2:-4}
 s3s=${LLAVA_S3S_FS:-$(command -v s3s-fs || echo "${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs")}
 [[ -x $s3s ]] || { echo "s3s-fs missing: run scripts/setup.sh" >&2; exit 1; }
-cargo build -q --release -p llava-trainer --bin llava-trainer
-bin=${CARGO_TARGET_DIR:-$root/target}/release/llava-trainer
+# LLAVA_BENCH_PROFILE=debug reuses a debug build (slower decoding: compare rows, not machines).
+profile=${LLAVA_BENCH_PROFILE:-release}
+if [[ $profile == release ]]; then
+  cargo build -q --release -p llava-trainer --bin llava-trainer
+else
+  cargo build -q -p llava-trainer --bin llava-trainer
+fi
+bin=${CARGO_TARGET_DIR:-$root/target}/$profile/llava-trainer
 work=$(mktemp -d)
 server=
 trap '[[ -n $server ]] && kill $server 2>/dev/null; rm -rf "$work"' EXIT
@@ -25,7 +31,7 @@ server=$!
 for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break; sleep 0.1; done
 export AWS_ENDPOINT_URL=http://127.0.0.1:$port AWS_ACCESS_KEY_ID=bench \
   AWS_SECRET_ACCESS_KEY=bench-secret AWS_REGION=us-east-1
-echo "loader-bench, $samples synthetic five-tile samples, $workers workers, $(nproc) CPUs"
+echo "loader-bench ($profile), $samples synthetic five-tile samples, $workers workers, $(nproc) CPUs"
 printf '%-18s %10s %12s %10s %8s\n' source samples/s per-worker peak-MiB fetches
 run() { # label, args…
   local label=$1; shift

@@ -273,7 +273,10 @@ impl RemoteShards {
         let mut state = cache.state.lock().expect("not poisoned");
         let evicted = state.evict(cache.cap, n);
         self.evictions.fetch_add(evicted, Ordering::Relaxed);
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        // Appended, not replacing the extension (the range): one temporary name per range.
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".tmp{}", std::process::id()));
+        let tmp = PathBuf::from(tmp);
         let ok = std::fs::create_dir_all(&cache.dir).is_ok()
             && std::fs::write(&tmp, bytes).is_ok()
             && std::fs::rename(&tmp, path).is_ok();
