@@ -130,7 +130,10 @@ fn options(output: Option<&str>) -> BuildOptions {
 }
 
 /// Every batch of epoch 0 (rank 0 of 1) as (sample ids, u8 pixels), or the first error.
-fn load_all(index: std::sync::Arc<ShardIndex>) -> Result<Vec<(Vec<String>, Vec<u8>)>, String> {
+/// Each batch's sample ids and u8 pixels.
+type Batches = Vec<(Vec<String>, Vec<u8>)>;
+
+fn load_all(index: std::sync::Arc<ShardIndex>) -> Result<Batches, String> {
     let cfg = PlanConfig {
         seed: 1,
         world_size: 1,

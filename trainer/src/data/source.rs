@@ -159,8 +159,9 @@ impl CacheState {
 /// The [`RemoteShards`] of `dir` (an object store URL) with the cache set now, opened once per
 /// process.
 pub fn remote(dir: &Path) -> DataResult<Arc<RemoteShards>> {
-    static OPEN: OnceLock<Mutex<HashMap<(String, Option<(PathBuf, u64)>), Arc<RemoteShards>>>> =
-        OnceLock::new();
+    /// (URL, cache folder and cap) → its shards.
+    type Key = (String, Option<(PathBuf, u64)>);
+    static OPEN: OnceLock<Mutex<HashMap<Key, Arc<RemoteShards>>>> = OnceLock::new();
     let url = dir.to_string_lossy().trim_end_matches('/').to_string();
     let options = CACHE.lock().expect("not poisoned").clone();
     let key = (
