@@ -40,7 +40,9 @@ if [[ $python != 1 ]]; then
   # ~4 GB with its CUDA libraries): the real torch DataLoader over ShardDataset, the real torchrun
   # launching our ranks, and HF transformers loading our checkpoints. LLAVA_NO_TORCH=1 leaves it out
   # (those tests then say they are skipped and why).
-  pkgs=(numpy pytest pillow "transformers==4.57.6" jinja2 safetensors)
+  # pillow pinned: HF's processor resizes with it, and Pillow 13 changed the bicubic pass order
+  # (llava_imaging::resize_bicubic_pillow13); the goldens that use it were made with 13.0.0.
+  pkgs=(numpy pytest "pillow==13.0.0" "transformers==4.57.6" jinja2 safetensors)
   [[ ${LLAVA_NO_TORCH:-0} == 1 ]] || pkgs+=("torch==2.15.0")
   "$root/.venv/bin/python" -m pip install -q --disable-pip-version-check "${pkgs[@]}"
 fi

@@ -19,6 +19,7 @@ fn load_all(out: &Path) -> HashMap<(String, u64), Vec<u8>> {
         world_size: 1,
         batch_size: None,
         pack_length: None,
+        across_batches: false,
     };
     let planned = EpochPlan::new(&index, &cfg, &DataState::new(0))
         .expect("plan")

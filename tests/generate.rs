@@ -51,7 +51,7 @@ fn generate_from_a_run_checkpoint() {
         &cfg,
         "What is in the image?",
         &[image.as_path()],
-        Template::LlavaLlama3,
+        &Template::LlavaLlama3.into(),
         Aspect::Square,
         &dev,
     )
@@ -69,7 +69,7 @@ fn generate_from_a_run_checkpoint() {
         &cfg,
         "Say something.",
         &[],
-        Template::LlavaLlama3,
+        &Template::LlavaLlama3.into(),
         Aspect::Square,
         &dev,
     )
@@ -96,4 +96,112 @@ fn generate_from_a_run_checkpoint() {
     assert_eq!(batched, singles, "batched differs from one at a time");
     let answer = tok.decode(&singles[0].tokens, true).expect("decode");
     println!("answer tokens {:?}: {answer:?}", singles[0].tokens);
+}
+
+/// `eval_prompts` during a 2-rank (threads) run: rank 0 answers every step while rank 1 waits
+/// at the next collective; each answer in log.jsonl is the one `generate`'s path gives on the
+/// checkpoint of that step (same tokens); the TensorBoard events hold the answers as text.
+#[test]
+fn eval_prompts_during_training_equal_generate_on_the_checkpoints() {
+    let (dir, _cleanup) = scratch_removed_on_success("eval-generate");
+    let model = tiny_model(&dir);
+    let image = fixtures().join("images/coco/train2017/000000352481.png");
+    let prompts = dir.join("prompts.jsonl");
+    std::fs::create_dir_all(dir.join("img")).unwrap();
+    std::fs::copy(&image, dir.join("img/a.png")).unwrap();
+    std::fs::write(
+        &prompts,
+        "{\"id\": \"img\", \"prompt\": \"What is in the image?\", \"images\": [\"img/a.png\"]}\n\
+         {\"prompt\": \"Say something.\"}\n",
+    )
+    .unwrap();
+    let mut c = TrainConfig::new(shards(&dir), model, dir.join("run"));
+    c.lr = 1e-2;
+    c.batch_size = Some(1);
+    c.max_steps = Some(2);
+    c.save_every = Some(1);
+    c.workers = 1;
+    c.tokenizer = Some(tokenizer_path());
+    c.merge_type = Some(llava_trainer::llava_next::MergeType::Flat);
+    c.tensorboard = Some(dir.join("tb"));
+    c.eval_prompts = Some(prompts.clone());
+    c.eval_generate_every = Some(1);
+    c.eval_max_new_tokens = 6;
+    c.validate().expect("valid config");
+    train::run_threads(&c, 2, RunOptions::default()).expect("run");
+
+    let log = std::fs::read_to_string(dir.join("run/log.jsonl")).expect("log.jsonl");
+    let answers: Vec<train::GenerateLog> = log
+        .lines()
+        .filter(|l| l.contains("\"answer\""))
+        .map(|l| serde_json::from_str(l).expect("a generate record"))
+        .collect();
+    let ids: Vec<(u64, String)> = answers
+        .iter()
+        .map(|a| (a.step, a.prompt_id.to_string()))
+        .collect();
+    assert_eq!(
+        ids,
+        [(1, "\"img\""), (1, "2"), (2, "\"img\""), (2, "2")]
+            .map(|(s, i)| (s, i.to_string()))
+            .to_vec(),
+        "{log}"
+    );
+    let tok = tokenizers::Tokenizer::from_file(tokenizer_path()).expect("tokenizer");
+    let dev = candle_core::Device::Cpu;
+    for step in [1u64, 2] {
+        let ck = dir.join(format!("run/checkpoint-{step}"));
+        let cfg = LlavaNextConfig::from_file(ck.join("config.json")).expect("config");
+        let (m, _, _) = weights::load(&cfg, std::slice::from_ref(&ck), &LoadOptions::default())
+            .expect("load checkpoint");
+        let items = llava_trainer::generate::input::read_input(&prompts).expect("prompts");
+        let mut built = Vec::new();
+        for it in &items {
+            let imgs: Vec<&Path> = it.images.iter().map(PathBuf::as_path).collect();
+            let (_, p) = prompt::build_prompt(
+                &tok,
+                &cfg,
+                &it.prompt,
+                &imgs,
+                &prompt::default_template(&tok).into(),
+                Aspect::Square,
+                &dev,
+            )
+            .expect("prompt");
+            built.push(p);
+        }
+        let opts = GenerateOptions {
+            max_new_tokens: 6,
+            sampling: None,
+            stop_ids: llava_trainer::generate::input::stop_ids(&tok, Some(&ck), &[]),
+            use_cache: true,
+        };
+        for (k, p) in built.iter().enumerate() {
+            let g = generate(&m, std::slice::from_ref(p), &opts).expect("generate");
+            let logged = &answers[(step as usize - 1) * 2 + k];
+            assert_eq!(
+                g[0].tokens, logged.tokens,
+                "step {step} prompt {k}: generate on checkpoint-{step} differs from the run's"
+            );
+            assert_eq!(g[0].prompt_tokens, logged.prompt_tokens);
+            println!(
+                "step {step} prompt {k}: {:?} {:?}",
+                logged.tokens, logged.answer
+            );
+        }
+    }
+    // TensorBoard: the answers as text summaries (the text plugin's metadata).
+    let tb = std::fs::read_dir(dir.join("tb"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let bytes = std::fs::read(tb).unwrap();
+    let has = |s: &[u8]| bytes.windows(s.len()).any(|w| w == s);
+    assert!(
+        has(b"generate/img") && has(b"\x0a\x04text"),
+        "no text summary"
+    );
+    assert!(has(answers[3].answer.as_bytes()) || answers[3].answer.is_empty());
 }

@@ -39,6 +39,7 @@ fn first_planned(out: &Path, modality: Option<Modality>) -> Target {
         world_size: 1,
         batch_size: None,
         pack_length: None,
+        across_batches: false,
     };
     let plan = EpochPlan::new(&index, &cfg, &DataState::new(0))
         .expect("plan")
@@ -180,6 +181,7 @@ fn load_epoch(out: &Path, on_corrupt: OnCorrupt) -> (Option<DataError>, usize, V
         world_size: 1,
         batch_size: None,
         pack_length: None,
+        across_batches: false,
     };
     let planned = EpochPlan::new(&index, &cfg, &DataState::new(0))
         .expect("plan")

@@ -9,6 +9,7 @@ mod generate;
 mod inspect;
 mod integrity;
 mod object_store;
+mod pack_across;
 mod readme;
 mod recipe;
 mod train;

@@ -139,6 +139,7 @@ fn load_all(index: std::sync::Arc<ShardIndex>) -> Result<Batches, String> {
         world_size: 1,
         batch_size: None,
         pack_length: None,
+        across_batches: false,
     };
     let planned = EpochPlan::new(&index, &cfg, &DataState::new(0))
         .expect("plan")
@@ -281,6 +282,8 @@ fn shards_on_a_real_s3_server() {
         world_size: 1,
         bins: 10,
         pack_length: None,
+        across_batches: false,
+        seed: None,
     };
     let mut on_bucket = summary::summarize(&build_dir, &opts).expect("summary of the bucket");
     let on_files = summary::summarize(&local_build, &opts).unwrap();

@@ -10,6 +10,7 @@ pub mod geometry;
 pub mod located;
 pub mod manifest;
 pub mod normalize;
+pub mod pack_stream;
 pub mod packing;
 pub mod progress;
 pub mod rng;

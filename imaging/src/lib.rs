@@ -27,7 +27,7 @@ pub use limits::{DecodeLimits, PILLOW_MAX_IMAGE_PIXELS};
 pub use llava_formats::geometry;
 pub use normalize::normalize_tiles;
 pub use probe::{probe_size, probe_size_file, probe_size_file_with, probe_size_with};
-pub use resample::resize_bicubic;
+pub use resample::{resize_bicubic, resize_bicubic_pillow13};
 pub use tiles::{make_tiles, AspectMode, TileError, Tiles};
 
 use std::path::Path;

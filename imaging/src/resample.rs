@@ -511,10 +511,36 @@ pub fn apply_planar_multi(
     }
 }
 
-/// Pillow `image.resize((w, h))` (BICUBIC, the default for RGB) of an RGB image. A resize
-/// to the same size returns a copy, as Pillow does. `w` and `h` must be non-zero.
+/// Pillow `image.resize((w, h))` (BICUBIC, the default for RGB) of an RGB image, as the
+/// reference's Pillow 10.3.0 does it (horizontal pass first). A resize to the same size
+/// returns a copy, as Pillow does. `w` and `h` must be non-zero.
 pub fn resize_bicubic(src: &RgbImage, w: u32, h: u32) -> RgbImage {
     ResizePlan::new(src.width, src.height, w, h).apply(src)
+}
+
+/// [`resize_bicubic`] as Pillow 13 does it: when the height shrinks by more than twice as many
+/// pixels as the width does, the vertical pass runs first (`ImagingResampleInner` in Pillow
+/// 13.0.0's `Resample.c`: `in_h - out_h > 0 && in_h - out_h > (in_w - out_w) * 2`). The 8-bit
+/// intermediate then differs, so bytes can differ by a few levels from Pillow 10.3's; this is
+/// what HF's image processor gives today with a current Pillow. Every other size change is
+/// identical to [`resize_bicubic`].
+pub fn resize_bicubic_pillow13(src: &RgbImage, w: u32, h: u32) -> RgbImage {
+    let plan = ResizePlan::new(src.width, src.height, w, h);
+    let (dw, dh) = (
+        plan.in_w as i64 - plan.out_w as i64,
+        plan.in_h as i64 - plan.out_h as i64,
+    );
+    match (&plan.horiz, &plan.vert) {
+        (Some(hc), Some(vc)) if dh > 0 && dh > dw * 2 => {
+            let tmp = vertical(&src.data, plan.in_w, 0, vc);
+            RgbImage {
+                width: w,
+                height: h,
+                data: horizontal(&tmp, plan.in_w, 0, plan.out_h, hc),
+            }
+        }
+        _ => plan.apply(src),
+    }
 }
 
 #[cfg(test)]

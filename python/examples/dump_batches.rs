@@ -57,6 +57,7 @@ fn main() -> Result<()> {
         world_size: args.world_size,
         batch_size: args.batch_size,
         pack_length: args.pack_length,
+        across_batches: false,
     };
     let state = match &args.state {
         Some(json) => serde_json::from_str(json).context("--state is not a data state")?,

@@ -240,6 +240,7 @@ impl ShardDataset {
                 world_size,
                 batch_size,
                 pack_length,
+                across_batches: false,
             },
             rank,
             loader_config: LoaderConfig {

@@ -566,8 +566,18 @@ pub struct AttentionOpCount {
     pub attention: String,
     pub forward_ops: u64,
     pub backward_ops: u64,
+    /// Whole decoder layers (norms, projections, RoPE, attention, MLP), two in a row sharing
+    /// one mask as a model's layers do: the first and the second layer's forward and backward.
+    pub layers: [LayerOps; 2],
     /// What is counted.
     pub method: String,
+}
+
+/// Tensor ops of one whole decoder layer.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct LayerOps {
+    pub forward_ops: u64,
+    pub backward_ops: u64,
 }
 
 /// Counts the tensor ops of one causal attention call over `seq` tokens (Llama-3's 4:1 query
@@ -592,13 +602,62 @@ pub fn count_attention_ops(
     let grads = loss.backward()?;
     let c3 = tensors_created()?;
     drop(grads);
+    let layers = count_layer_ops(seq, kind, dev)?;
     Ok(AttentionOpCount {
         seq,
         attention: kind.to_string(),
         forward_ops: c1 - c0 - 1,
         backward_ops: c3 - c2 - 1,
+        layers,
         method: "tensors candle creates (its TensorId counter): every kernel launch makes one, \
                  and so does every view (narrow, reshape, transpose)"
             .into(),
     })
+}
+
+/// Two small decoder layers (4 query heads, 1 key/value head, head size 8) over one `seq`-token
+/// sample, sharing one layer context as a model's layers do; each layer's forward and backward
+/// from its own input (the count depends on the blocks, not on the sizes). The first builds the
+/// mask's partial-block biases, the second reuses them.
+fn count_layer_ops(seq: usize, kind: AttentionKind, dev: &Device) -> Result<[LayerOps; 2]> {
+    use crate::llama::{LayerContext, LlamaConfig, LlamaDecoderLayer};
+    let cfg = LlamaConfig {
+        vocab_size: 16,
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 1,
+        head_dim: Some(8),
+        max_position_embeddings: seq.max(1),
+        ..LlamaConfig::llama3_8b()
+    };
+    let varmap = VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, dev);
+    let layers = [
+        LlamaDecoderLayer::new(&cfg, vb.pp("layers.0"))?,
+        LlamaDecoderLayer::new(&cfg, vb.pp("layers.1"))?,
+    ];
+    let ctx = LayerContext::causal(&cfg, &[seq], seq, DType::F32, dev, kind)?;
+    let mut out = [LayerOps {
+        forward_ops: 0,
+        backward_ops: 0,
+    }; 2];
+    for (i, layer) in layers.iter().enumerate() {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, seq, cfg.hidden_size), dev)?)?;
+        let g = Tensor::randn(0f32, 1.0, (1, seq, cfg.hidden_size), dev)?;
+        let c0 = tensors_created()?;
+        let y = layer.forward(&x, &ctx)?;
+        let c1 = tensors_created()?;
+        let loss = (y * &g)?.sum_all()?;
+        let c2 = tensors_created()?;
+        let grads = loss.backward()?;
+        let c3 = tensors_created()?;
+        drop(grads);
+        out[i] = LayerOps {
+            forward_ops: c1 - c0,
+            backward_ops: c3 - c2,
+        };
+    }
+    Ok(out)
 }

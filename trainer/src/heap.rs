@@ -78,3 +78,79 @@ pub fn reset_peak() {
 pub fn peak() -> u64 {
     PEAK.load(Ordering::Relaxed)
 }
+
+/// Peak live bytes per phase of a training run (`step`, `checkpoint`), for checking the memory
+/// plan on CPU ranks: the run marks its phases with [`enter`]; with `LLAVA_HEAP_REPORT=<dir>`
+/// set, [`RunReport`] writes `<dir>/heap-rank<r>.json` when the run ends.
+struct Phases {
+    current: Option<&'static str>,
+    peaks: std::collections::BTreeMap<&'static str, u64>,
+}
+
+static PHASES: std::sync::Mutex<Phases> = std::sync::Mutex::new(Phases {
+    current: None,
+    peaks: std::collections::BTreeMap::new(),
+});
+
+/// Ends the current phase (its peak is kept, the highest over its repetitions) and starts
+/// `name` from the bytes live now.
+pub fn enter(name: &'static str) {
+    let mut p = PHASES.lock().unwrap_or_else(|e| e.into_inner());
+    close(&mut p);
+    p.current = Some(name);
+    reset_peak();
+}
+
+fn close(p: &mut Phases) {
+    if let Some(cur) = p.current.take() {
+        let peak = peak();
+        let e = p.peaks.entry(cur).or_insert(0);
+        *e = (*e).max(peak);
+    }
+}
+
+/// The phases' peaks of one rank's run; written on drop when `LLAVA_HEAP_REPORT` names a folder.
+pub struct RunReport {
+    rank: usize,
+    world: usize,
+    /// Live bytes when the run started (the process's own, before the model).
+    baseline: u64,
+}
+
+impl RunReport {
+    pub fn start(rank: usize, world: usize) -> Self {
+        Self {
+            rank,
+            world,
+            baseline: live(),
+        }
+    }
+}
+
+impl Drop for RunReport {
+    fn drop(&mut self) {
+        let Some(dir) = std::env::var_os("LLAVA_HEAP_REPORT") else {
+            return;
+        };
+        if !is_installed() {
+            return;
+        }
+        let mut p = PHASES.lock().unwrap_or_else(|e| e.into_inner());
+        close(&mut p);
+        let peaks: serde_json::Map<String, serde_json::Value> = p
+            .peaks
+            .iter()
+            .map(|(k, v)| (k.to_string(), (*v).into()))
+            .collect();
+        let doc = serde_json::json!({
+            "rank": self.rank,
+            "world": self.world,
+            "baseline": self.baseline,
+            "peaks": peaks,
+        });
+        let path = std::path::Path::new(&dir).join(format!("heap-rank{}.json", self.rank));
+        if let Err(e) = std::fs::write(&path, doc.to_string()) {
+            tracing::warn!("{}: cannot write the heap report: {e}", path.display());
+        }
+    }
+}

@@ -29,20 +29,40 @@ pub struct PlanInput<'a> {
     pub zero_stage: u8,
 }
 
-/// Bytes per device.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+/// Bytes per device: the rank that needs the most (ZeRO's whole-tensor shards are not equal),
+/// with every rank's own figures in [`MemoryPlan::ranks`].
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct MemoryPlan {
     pub parameters: u64,
     pub trainable_parameters: u64,
     /// Model weights as held on the device (bf16 or f32).
     pub weights: u64,
-    /// f32 gradient accumulators (sharded by ZeRO-2).
+    /// f32 gradient accumulators (ZeRO-2: this rank's partition plus the bucket in flight).
     pub gradients: u64,
     /// AdamW moments, plus f32 master weights under bf16 (sharded by ZeRO-1/2).
     pub optimizer: u64,
-    /// Estimated peak of activations, the recomputed segment's working set and the loss chunk.
+    /// Estimated peak of activations: the stored segment inputs (the whole graph without
+    /// recompute) plus the largest segment's working set or the loss chunk.
     pub activations: u64,
+    /// Peak during a step: weights + gradients + optimizer + activations + the largest
+    /// collective's buffers.
     pub total: u64,
+    /// Peak during a checkpoint: weights + optimizer + the serialisation of the largest tensor.
+    pub checkpoint: u64,
+    /// Every rank's figures (one entry per rank; equal at ZeRO-0).
+    pub ranks: Vec<RankMemory>,
+}
+
+/// One rank's share (see [`MemoryPlan`]).
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct RankMemory {
+    pub rank: usize,
+    pub gradients: u64,
+    pub optimizer: u64,
+    /// Peak during a step.
+    pub step: u64,
+    /// Peak during a checkpoint.
+    pub checkpoint: u64,
 }
 
 /// Bytes one decoder layer keeps per token for its backward (`e` = activation bytes):
@@ -77,15 +97,44 @@ impl MemoryPlan {
                 trainable += n;
             }
         }
-        let world = p.world_size.max(1) as u64;
+        let world = p.world_size.max(1);
         let weights = params * e;
-        // ZeRO-2 reduces each gradient to its owner only after the whole backward (the
-        // accumulator holds every f32 gradient until then): no gradient memory is saved yet.
-        let grad_share = 1;
-        let opt_share = if p.zero_stage >= 1 { world } else { 1 };
-        let gradients = trainable * 4 / grad_share;
         let master = if p.bf16 { 4 } else { 0 };
-        let optimizer = trainable * (8 + master) / opt_share;
+        // Who owns what (dist::zero's whole-tensor shards) and ZeRO-2's buckets (the trainable
+        // parameters whose gradients one segment's backward completes).
+        let trainable_params: Vec<(String, Vec<usize>)> = crate::init::all_params(cfg)
+            .into_iter()
+            .filter(|(n, _)| (p.trainable)(n))
+            .collect();
+        let count = |s: &[usize]| s.iter().map(|&d| d as u64).product::<u64>();
+        let sharding =
+            crate::dist::zero::Sharding::new(&trainable_params, world, p.zero_stage).ok();
+        let mut owned = vec![0u64; world];
+        let mut largest_owned = vec![0u64; world];
+        // Per bucket (backward order): its elements, and each rank's part of them.
+        let mut buckets: std::collections::BTreeMap<(u8, usize), (u64, Vec<u64>)> =
+            Default::default();
+        let mut largest = 0u64;
+        for (name, shape) in &trainable_params {
+            let n = count(shape);
+            largest = largest.max(n);
+            let r = sharding.as_ref().map_or(0, |s| s.owner(name));
+            owned[r] += n;
+            largest_owned[r] = largest_owned[r].max(n);
+            let key =
+                crate::step::segments::backward_order(crate::step::segments::param_segment(name));
+            let b = buckets.entry(key).or_insert((0, vec![0; world]));
+            b.0 += n;
+            b.1[r] += n;
+        }
+        let largest_bucket = buckets.values().map(|b| b.0).max().unwrap_or(0);
+        let largest_weight = crate::init::all_params(cfg)
+            .iter()
+            .map(|(_, s)| count(s))
+            .max()
+            .unwrap_or(0);
+        let sharded_opt = p.zero_stage >= 1 && world > 1;
+        let sharded_grad = p.zero_stage >= 2 && world > 1;
 
         let t = &cfg.text_config;
         let (b, s) = (p.batch_size as u64, p.seq_len as u64);
@@ -117,35 +166,90 @@ impl MemoryPlan {
         let chunk = p.loss_chunk.max(1) as u64;
         // logits, their exp and their gradient, f32.
         let head = 3 * 4 * chunk.min(tokens) * t.vocab_size as u64;
-        // One layer's parameter gradients in flight (bf16/f32 from autograd + f32 copy).
-        let layer_params: u64 = crate::init::all_params(cfg)
-            .iter()
-            .filter(|(n, _)| n.contains(".layers.0."))
-            .map(|(_, s)| s.iter().map(|&d| d as u64).product::<u64>())
-            .sum();
-        let grad_transient = layer_params * (e + 4);
-        let activations = if p.recompute {
-            // Stored segment inputs + the largest segment working set.
-            let stored = layers * tokens * h * e + vision_layers * vision_boundary;
-            let working = (per_layer + scores)
-                .max(vision_layer + vision_scores)
-                .max(head);
-            stored + working + grad_transient
+        // Making one bucket's gradients and adding them up, per parameter: autograd's gradient,
+        // the store's zeros and sum, a contiguous copy of a transposed weight (activation
+        // dtype), the f32 copy and the accumulator's old and new sums (calibrated against the
+        // counting allocator on CPU ranks, docs/multi-gpu.md).
+        let transient = |n: u64| n * (3 * e + 12);
+        let stored = if p.recompute {
+            layers * tokens * h * e + vision_layers * vision_boundary
         } else {
-            layers * (per_layer + scores)
-                + vision_layers * (vision_layer + vision_scores)
-                + head
-                + grad_transient
+            // Every layer's graph, attention scores included.
+            layers * (per_layer + scores) + vision_layers * (vision_layer + vision_scores)
         };
-        let total = weights + gradients + optimizer + activations;
+        let segment_working = (per_layer + scores).max(vision_layer + vision_scores);
+        // Activations only; the gradients' making (`transient`) counts in the step's phases.
+        let activations = stored + segment_working.max(head);
+        // The largest tensor's reduction: on the CPU's star-shaped collective, rank 0 holds the
+        // running sum, the incoming bytes and tensor and the reply; NCCL needs only the output.
+        let collective = if world > 1 { 4 * 4 * largest } else { 0 };
+        let ranks: Vec<RankMemory> = (0..world)
+            .map(|r| {
+                let optimizer = if sharded_opt {
+                    owned[r] * (8 + master)
+                } else {
+                    trainable * (8 + master)
+                };
+                // The backward, bucket by bucket (the head first): the f32 gradients held so
+                // far, plus the bucket being made and its segment's working set.
+                let (mut held, mut peak_grads, mut phase) = (0u64, 0u64, 0u64);
+                for (key, (n, per_rank)) in &buckets {
+                    let working = if key.0 == 0 { head } else { segment_working };
+                    // ZeRO-2: the bucket's own sums until they leave (within the transient).
+                    let in_flight = if sharded_grad { n * 4 } else { 0 };
+                    phase = phase.max(held + transient(*n) + working);
+                    held += if sharded_grad { per_rank[r] * 4 } else { n * 4 };
+                    peak_grads = peak_grads.max(held + in_flight);
+                }
+                // After the backward: every gradient and one collective's buffers (stages 0-1),
+                // then the optimizer's temporaries for its largest tensor.
+                let mine = if sharded_opt {
+                    largest_owned[r]
+                } else {
+                    largest
+                };
+                phase = phase
+                    .max(held + if sharded_grad { 0 } else { collective })
+                    .max(held + 3 * 4 * mine);
+                // A checkpoint: weights and optimizer state, plus the bytes of the largest tensor
+                // this rank serialises (rank 0: the weights; every rank its optimizer shard
+                // under ZeRO-1/2, else rank 0 all of it).
+                let opt_save = match (sharded_opt, r) {
+                    (true, _) => 4 * largest_owned[r],
+                    (false, 0) => 4 * largest,
+                    (false, _) => 0,
+                };
+                let weight_save = if r == 0 { e * largest_weight } else { 0 };
+                RankMemory {
+                    rank: r,
+                    gradients: peak_grads,
+                    optimizer,
+                    step: weights + optimizer + stored + phase,
+                    checkpoint: weights + optimizer + opt_save.max(weight_save),
+                }
+            })
+            .collect();
+        let top = ranks
+            .iter()
+            .copied()
+            .max_by_key(|r| (r.step.max(r.checkpoint), usize::MAX - r.rank))
+            .unwrap_or(RankMemory {
+                rank: 0,
+                gradients: 0,
+                optimizer: 0,
+                step: 0,
+                checkpoint: 0,
+            });
         Self {
             parameters: params,
             trainable_parameters: trainable,
             weights,
-            gradients,
-            optimizer,
+            gradients: top.gradients,
+            optimizer: top.optimizer,
             activations,
-            total,
+            total: top.step,
+            checkpoint: top.checkpoint,
+            ranks,
         }
     }
 
@@ -246,11 +350,39 @@ mod tests {
         assert_eq!(p.parameters, 8_355_276_800);
         let states = p.weights + p.gradients + p.optimizer;
         assert_eq!(states, p.parameters * 18);
-        // ZeRO-2 on 8 ranks: weights whole, optimizer in eighths; gradients whole until the
-        // bucketed reduce-scatter during the backward exists.
-        let z2 = plan(true, AttentionKind::default(), 8, 2);
-        assert_eq!(z2.optimizer, p.optimizer / 8);
-        assert_eq!(z2.gradients, p.gradients);
+        // ZeRO on 8 ranks: weights whole; the optimizer (stages 1, 2) and the gradients (stage
+        // 2: the rank's partition plus the bucket in flight) in about eighths.
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        for stage in [0u8, 1, 2] {
+            let z = plan(true, AttentionKind::default(), 8, stage);
+            assert_eq!(z.ranks.len(), 8);
+            eprintln!(
+                "8B, world 8, ZeRO {stage}, fullest rank {}: weights {:.2} GiB, gradients {:.2} GiB, \
+                 optimizer {:.2} GiB, activations {:.2} GiB, step {:.2} GiB, checkpoint {:.2} GiB",
+                z.ranks.iter().find(|r| r.step == z.total).map_or(0, |r| r.rank),
+                gib(z.weights),
+                gib(z.gradients),
+                gib(z.optimizer),
+                gib(z.activations),
+                gib(z.total),
+                gib(z.checkpoint)
+            );
+            let ideal = p.optimizer as f64 / 8.0;
+            if stage >= 1 {
+                assert!(
+                    (z.optimizer as f64) < ideal * 1.1,
+                    "{stage}: {}",
+                    z.optimizer
+                );
+            } else {
+                assert_eq!(z.optimizer, p.optimizer);
+            }
+            if stage == 2 {
+                assert!(z.gradients < p.gradients / 4, "{}", z.gradients);
+            } else {
+                assert_eq!(z.gradients, p.gradients);
+            }
+        }
     }
 
     #[test]

@@ -85,6 +85,7 @@ fn load(
         world_size: 1,
         batch_size: spec.batch_size,
         pack_length,
+        across_batches: false,
     };
     let plan = EpochPlan::new(index, &cfg, &DataState::new(0))?;
     let jobs = plan.rank_batches(index, 0)?.take(spec.batches);

@@ -52,6 +52,11 @@ pub struct InspectArgs {
     /// Tokens per packed row [default: the build's model_max_length]; implies --packing.
     #[arg(long, value_name = "N")]
     pack_length: Option<u32>,
+    /// Add the rows packed across batch boundaries, one row per micro-batch, as
+    /// `llava-trainer run --pack-across-batches --seed S` makes them in epoch 0 (S: --seed,
+    /// default the build's seed); implies --packing.
+    #[arg(long)]
+    pack_across_batches: bool,
     /// Bins of the length histograms (terminal and --plot).
     #[arg(long, default_value_t = 16)]
     bins: usize,
@@ -76,7 +81,8 @@ pub struct InspectArgs {
     /// (ignored when --sample is given).
     #[arg(long, value_name = "N", default_value_t = 50)]
     samples: usize,
-    /// With --html: seed of the sample choice [default: the build's seed].
+    /// With --html: seed of the sample choice; with --pack-across-batches: the training seed
+    /// [default: the build's seed].
     #[arg(long)]
     seed: Option<u64>,
     /// With --html: pixels per tile in the report's pictures (336 = the model's own pixels; the
@@ -145,6 +151,9 @@ fn summary_options(build: &BuildDir, args: &InspectArgs) -> Result<SummaryOption
         (_, Some(0)) => bail!("--pack-length must be at least 1"),
         (_, Some(n)) => Some(n),
         (true, None) => Some(build.manifest.settings.model_max_length as u32),
+        (false, None) if args.pack_across_batches => {
+            Some(build.manifest.settings.model_max_length as u32)
+        }
         (false, None) => None,
     };
     Ok(SummaryOptions {
@@ -152,6 +161,8 @@ fn summary_options(build: &BuildDir, args: &InspectArgs) -> Result<SummaryOption
         world_size: args.world_size,
         bins: args.bins,
         pack_length,
+        across_batches: args.pack_across_batches,
+        seed: args.seed,
     })
 }
 
@@ -453,6 +464,35 @@ pub fn format_summary(s: &Summary) -> String {
         );
     }
     let _ = writeln!(o, "  * random: {}", p.random);
+    if let Some(k) = &p.total.across {
+        let _ = writeln!(
+            o,
+            "\n  packed across batches: rows of <= {} tokens of one modality, one row per micro-batch \
+             (llava-trainer run --pack-across-batches, epoch 0)",
+            k.pack_length
+        );
+        for m in p.modalities.iter().chain([&p.total]) {
+            let Some(a) = &m.across else { continue };
+            let name = if m.modality == "*" {
+                "(all)"
+            } else {
+                &m.modality
+            };
+            let _ = writeln!(
+                o,
+                "  {:<8} {:>7} rows  fill {:>6}  padding {:>6}{}",
+                name,
+                a.rows,
+                pct(a.fill),
+                pct(a.padding.efficiency),
+                if steps {
+                    format!("  per step {}", pct(a.padding.step_efficiency))
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
     if let Some(k) = &p.total.packed {
         let _ = writeln!(
             o,

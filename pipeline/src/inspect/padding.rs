@@ -13,6 +13,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use std::collections::HashMap;
+
+use llava_formats::pack_stream::{epoch_group_order, pack_epoch};
 use llava_formats::packing::{pack, TooLong};
 use llava_formats::rng::{shuffle, SplitMix64};
 
@@ -110,6 +113,50 @@ impl Packed {
             pack_length,
             rows,
             fill: ratio(padding.real_tokens, rows * u64::from(pack_length)),
+            padding,
+        })
+    }
+
+    /// The rows the trainer's `pack_across_batches` plan makes of one modality in epoch 0
+    /// (`llava_formats::pack_stream`), each row one micro-batch: `group` and `length` per shard
+    /// row in shard order, `keep` picks the modality's rows. Groups are numbered in order of
+    /// first appearance, as the trainer's index numbers them, and walked in the seeded epoch
+    /// order.
+    pub fn across_batches(
+        group: &[u64],
+        keep: impl Fn(usize) -> bool,
+        length: &[u64],
+        pack_length: u32,
+        seed: u64,
+        world_size: usize,
+    ) -> Result<Packed, TooLong> {
+        let mut number: HashMap<u64, usize> = HashMap::new();
+        let mut samples: Vec<Vec<(usize, u32)>> = Vec::new();
+        for (i, &g) in group.iter().enumerate() {
+            let next = number.len();
+            let n = *number.entry(g).or_insert(next);
+            if n == samples.len() {
+                samples.push(Vec::new());
+            }
+            if keep(i) {
+                samples[n].push((i, length[i] as u32));
+            }
+        }
+        let order = epoch_group_order(samples.len(), seed, 0);
+        let groups = order
+            .iter()
+            .map(|&g| ((), std::mem::take(&mut samples[g as usize])))
+            .filter(|(_, s)| !s.is_empty());
+        let rows = pack_epoch(groups, pack_length)?;
+        let row_batches: Vec<Vec<u32>> = rows.iter().map(|r| vec![r.tokens as u32]).collect();
+        let padding = Padding::of(&row_batches, world_size);
+        Ok(Packed {
+            pack_length,
+            rows: rows.len() as u64,
+            fill: ratio(
+                padding.real_tokens,
+                rows.len() as u64 * u64::from(pack_length),
+            ),
             padding,
         })
     }

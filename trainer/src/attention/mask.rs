@@ -1,6 +1,14 @@
 //! Which keys each query sees, as one contiguous range per query.
 
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
 use candle_core::{DType, Device, Result, Tensor};
+
+/// Partial-block biases already built, by (query range, key range): shared by the clones of a
+/// mask, so every layer's forward and backward reuse the first one's.
+type BiasCache = Arc<Mutex<HashMap<(Range<usize>, Range<usize>), Tensor>>>;
 
 /// Visible keys of every query of a `[B, L]` batch: key `j` is visible to query `i` of row `b`
 /// iff `lo[b, i] <= j <= hi[b, i]`.
@@ -27,6 +35,8 @@ pub struct AttentionMask {
     /// `[B, L]` u32 on the model's device.
     lo_t: Tensor,
     hi_t: Tensor,
+    /// See [`AttentionMask::block_bias`].
+    biases: BiasCache,
 }
 
 /// How much of a `[queries, keys]` block some query sees.
@@ -125,6 +135,7 @@ impl AttentionMask {
             all_visible,
             lo_t,
             hi_t,
+            biases: BiasCache::default(),
         })
     }
 
@@ -180,12 +191,22 @@ impl AttentionMask {
     }
 
     /// Additive f32 bias of a block: 0 where visible, -inf elsewhere, shaped
-    /// `[B, 1, 1, |qs|, |ks|]` to broadcast over `[B, Hkv, rep, |qs|, |ks|]` scores.
-    pub fn block_bias(
-        &self,
-        qs: std::ops::Range<usize>,
-        ks: std::ops::Range<usize>,
-    ) -> Result<Tensor> {
+    /// `[B, 1, 1, |qs|, |ks|]` to broadcast over `[B, Hkv, rep, |qs|, |ks|]` scores. Built on the
+    /// device once per mask and block (about 10 ops), then shared by every layer's forward and
+    /// backward through the mask's clones.
+    pub fn block_bias(&self, qs: Range<usize>, ks: Range<usize>) -> Result<Tensor> {
+        let key = (qs.clone(), ks.clone());
+        if let Some(t) = self.biases.lock().ok().and_then(|c| c.get(&key).cloned()) {
+            return Ok(t);
+        }
+        let bias = self.build_bias(qs, ks)?;
+        if let Ok(mut c) = self.biases.lock() {
+            c.insert(key, bias.clone());
+        }
+        Ok(bias)
+    }
+
+    fn build_bias(&self, qs: Range<usize>, ks: Range<usize>) -> Result<Tensor> {
         let dev = self.device();
         let (bq, bk) = (qs.len(), ks.len());
         let kpos = Tensor::arange(ks.start as u32, ks.end as u32, dev)?.reshape((1, 1, bk))?;
@@ -223,5 +244,15 @@ mod tests {
             .expect("v");
         let inf = f32::NEG_INFINITY;
         assert_eq!(v, [0.0, inf, inf, 0.0, 0.0, inf]);
+    }
+
+    #[test]
+    fn a_block_bias_is_built_once_per_mask_and_shared_by_its_clones() {
+        let p = AttentionMask::causal_packed(&[vec![2, 3]], 6, &Device::Cpu).expect("mask");
+        let a = p.block_bias(2..4, 2..5).expect("bias");
+        let b = p.clone().block_bias(2..4, 2..5).expect("bias");
+        assert_eq!(a.id(), b.id(), "the clone reuses the first bias");
+        let other = p.block_bias(0..2, 0..2).expect("bias");
+        assert_ne!(a.id(), other.id());
     }
 }

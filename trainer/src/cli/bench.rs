@@ -112,8 +112,16 @@ pub fn run(args: Args) -> Result<()> {
         let r = llava_trainer::bench::count_attention_ops(args.seq, attention, &dev)?;
         if !args.json {
             eprintln!(
-                "{} at {} tokens: {} ops forward, {} backward",
-                r.attention, r.seq, r.forward_ops, r.backward_ops
+                "{} at {} tokens: {} ops forward, {} backward; whole decoder layer: first {} + {}, \
+                 second (mask biases reused) {} + {}",
+                r.attention,
+                r.seq,
+                r.forward_ops,
+                r.backward_ops,
+                r.layers[0].forward_ops,
+                r.layers[0].backward_ops,
+                r.layers[1].forward_ops,
+                r.layers[1].backward_ops
             );
         }
         println!("{}", serde_json::to_string_pretty(&r)?);

@@ -2,17 +2,16 @@
 //! conversion path (llava_llama_3 template, anyres tiles, image tokens), the model decodes with
 //! a KV cache (llava_trainer::generate); greedy unless --temperature is set.
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
+use llava_trainer::generate::input;
 use llava_trainer::generate::prompt::{self, Aspect, Template};
 use llava_trainer::generate::{generate, GenerateOptions, Prompt, Sampling};
 use llava_trainer::llava_next::LlavaNextConfig;
 use llava_trainer::weights::{self, LoadOptions};
-use serde::Deserialize;
 use serde_json::json;
 use tokenizers::Tokenizer;
 
@@ -45,7 +44,9 @@ pub struct Args {
     /// Prompts per batch with --input (left padded; the same tokens as one at a time).
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
-    /// Prompt format; default: llava-llama3 when the tokenizer has Llama-3's header tokens.
+    /// Prompt format; default: the model folder's chat template (chat_template.jinja,
+    /// chat_template.json or tokenizer_config.json, rendered as HF's processor does), else
+    /// llava-llama3 when the tokenizer has Llama-3's header tokens, else raw.
     #[arg(long, value_enum)]
     template: Option<Template>,
     /// Tiling; default: anyres when config.json has image_grid_pinpoints, else pad.
@@ -80,15 +81,6 @@ pub struct Args {
     json: bool,
 }
 
-#[derive(Deserialize)]
-struct InputLine {
-    #[serde(default)]
-    id: Option<serde_json::Value>,
-    prompt: String,
-    #[serde(default)]
-    images: Vec<PathBuf>,
-}
-
 struct Job {
     id: Option<serde_json::Value>,
     question: String,
@@ -107,51 +99,14 @@ fn read_jobs(args: &Args) -> Result<Vec<Job>> {
     if !args.images.is_empty() {
         bail!("--image goes with --prompt; with --input list images in each line");
     }
-    let base = path.parent().unwrap_or(Path::new("."));
-    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut jobs = Vec::new();
-    for (n, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line = line.with_context(|| format!("reading {}", path.display()))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let l: InputLine = serde_json::from_str(&line).with_context(|| {
-            format!(
-                "{}:{}: expected {{\"prompt\", \"images\"}}",
-                path.display(),
-                n + 1
-            )
-        })?;
-        jobs.push(Job {
-            id: l.id,
-            question: l.prompt,
-            images: l.images.into_iter().map(|p| base.join(p)).collect(),
-        });
-    }
-    Ok(jobs)
-}
-
-/// `<|eot_id|>` & co. in the tokenizer, generation_config.json's eos ids, and --stop-id.
-fn stop_ids(tok: &Tokenizer, model: &Path, extra: &[u32]) -> Vec<u32> {
-    let mut ids: Vec<u32> = ["<|eot_id|>", "<|end_of_text|>", "</s>"]
-        .iter()
-        .filter_map(|t| tok.token_to_id(t))
-        .collect();
-    if let Ok(text) = std::fs::read_to_string(model.join("generation_config.json")) {
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-            match &v["eos_token_id"] {
-                serde_json::Value::Number(n) => ids.extend(n.as_u64().map(|x| x as u32)),
-                serde_json::Value::Array(a) => {
-                    ids.extend(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32))
-                }
-                _ => {}
-            }
-        }
-    }
-    ids.extend_from_slice(extra);
-    ids.sort_unstable();
-    ids.dedup();
-    ids
+    Ok(input::read_input(path)?
+        .into_iter()
+        .map(|p| Job {
+            id: p.id,
+            question: p.prompt,
+            images: p.images,
+        })
+        .collect())
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -185,9 +140,7 @@ pub fn run(args: Args) -> Result<()> {
         args.model.display(),
         t0.elapsed().as_secs_f64()
     );
-    let template = args
-        .template
-        .unwrap_or_else(|| prompt::default_template(&tok));
+    let format = prompt::prompt_format(args.template, &args.model, &tok)?;
     let aspect = args
         .image_aspect_ratio
         .unwrap_or_else(|| prompt::default_aspect(&cfg));
@@ -198,7 +151,7 @@ pub fn run(args: Args) -> Result<()> {
             top_p: args.top_p,
             seed: args.seed,
         }),
-        stop_ids: stop_ids(&tok, &args.model, &args.stop_ids),
+        stop_ids: input::stop_ids(&tok, Some(&args.model), &args.stop_ids),
         use_cache: !args.no_cache,
     };
     for chunk in jobs.chunks(args.batch_size.max(1)) {
@@ -207,7 +160,7 @@ pub fn run(args: Args) -> Result<()> {
         for j in chunk {
             let imgs: Vec<&Path> = j.images.iter().map(PathBuf::as_path).collect();
             let (text, p) =
-                prompt::build_prompt(&tok, &cfg, &j.question, &imgs, template, aspect, &dev)?;
+                prompt::build_prompt(&tok, &cfg, &j.question, &imgs, &format, aspect, &dev)?;
             texts.push(text);
             prompts.push(p);
         }

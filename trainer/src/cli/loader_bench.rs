@@ -131,6 +131,7 @@ pub fn run(args: Args) -> Result<()> {
         world_size: args.world_size,
         batch_size: args.batch_size,
         pack_length: None,
+        across_batches: false,
     };
     if args.plan_memory {
         return plan_memory(&index, &config, &args);

@@ -45,14 +45,15 @@ pub fn run(args: Args) -> Result<()> {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         println!(
             "parameters {} ({} trainable)\nweights     {:>8.2} GiB\ngradients   {:>8.2} GiB\n\
-             optimizer   {:>8.2} GiB\nactivations {:>8.2} GiB (estimate)\ntotal       {:>8.2} GiB \
-             per device{}",
+             optimizer   {:>8.2} GiB\nactivations {:>8.2} GiB (estimate)\ncheckpoint  {:>8.2} GiB \
+             (peak while saving)\ntotal       {:>8.2} GiB per device{}",
             plan.parameters,
             plan.trainable_parameters,
             gib(plan.weights),
             gib(plan.gradients),
             gib(plan.optimizer),
             gib(plan.activations),
+            gib(plan.checkpoint),
             gib(plan.total),
             capacity.map_or(String::new(), |c| format!(" of {:.2} GiB", gib(c)))
         );

@@ -155,6 +155,12 @@ pub struct Args {
     /// Tokens per packed row (default: the shards' model_max_length).
     #[arg(long)]
     pack_length: Option<u32>,
+    /// Pack across batch boundaries (implies --packing): each micro-batch is one row of up to
+    /// --pack-length tokens of one modality, filled from the following groups too (fewer,
+    /// fuller steps; every sample once per epoch; `llava-data inspect --pack-across-batches`
+    /// reports its fill).
+    #[arg(long)]
+    pack_across_batches: bool,
     /// A held-out `llava-data build` folder: mean loss and supervised tokens on it (no
     /// gradient, rank 0, fixed order) every --eval-every steps and at the end [default: none].
     #[arg(long, value_name = "DIR")]
@@ -162,7 +168,8 @@ pub struct Args {
     /// Evaluate on --eval-shards every N steps [default: only at the end].
     #[arg(long, value_name = "N")]
     eval_every: Option<u64>,
-    /// Also write TensorBoard event files (loss, lr, grad_norm, tokens/s, eval loss) into DIR
+    /// Also write TensorBoard event files (loss, lr, grad_norm, tokens/s, eval loss; the
+    /// --eval-prompts answers as text) into DIR
     /// (`tensorboard --logdir DIR`) [default: none; log.jsonl is always written].
     #[arg(long, value_name = "DIR")]
     tensorboard: Option<PathBuf>,
@@ -178,13 +185,25 @@ pub struct Args {
     /// The cache's size cap, e.g. 200G [default: 100G].
     #[arg(long, value_name = "SIZE", default_value = "100G", value_parser = llava_trainer::data::source::parse_size)]
     cache_size: u64,
+    /// JSONL of prompts (`generate --input` lines: {"id", "prompt", "images"}) that rank 0
+    /// answers greedily every --eval-generate-every steps and at the end: printed, in log.jsonl
+    /// and TensorBoard (text) [default: none].
+    #[arg(long, value_name = "FILE.jsonl")]
+    eval_prompts: Option<PathBuf>,
+    /// Answer --eval-prompts every N steps [default: only at the end].
+    #[arg(long, value_name = "N")]
+    eval_generate_every: Option<u64>,
+    /// Most new tokens per --eval-prompts answer [default: 64].
+    #[arg(long, value_name = "N")]
+    eval_max_new_tokens: Option<usize>,
 }
 
 /// Keys that hold paths: in a train.toml they are relative to the file (as in datasets.toml);
 /// as flags, to the current directory.
-const PATH_KEYS: [&str; 10] = [
+const PATH_KEYS: [&str; 11] = [
     "shards",
     "eval_shards",
+    "eval_prompts",
     "tensorboard",
     "model",
     "llm",
@@ -302,10 +321,21 @@ pub(crate) fn merged(args: Args) -> Result<TrainConfig> {
         args.packing.then_some(toml::Value::Boolean(true)),
     );
     set("pack_length", args.pack_length.map(|x| int(u64::from(x))));
+    set(
+        "pack_across_batches",
+        args.pack_across_batches
+            .then_some(toml::Value::Boolean(true)),
+    );
     set("eval_shards", args.eval_shards.map(path));
     set("eval_every", args.eval_every.map(int));
     set("tensorboard", args.tensorboard.map(path));
     set("on_corrupt", args.on_corrupt.map(toml::Value::String));
+    set("eval_prompts", args.eval_prompts.map(path));
+    set("eval_generate_every", args.eval_generate_every.map(int));
+    set(
+        "eval_max_new_tokens",
+        args.eval_max_new_tokens.map(|x| int(x as u64)),
+    );
     // An error names the flag, or the file, line and key it comes from.
     let located = |key: &str, message: String| -> anyhow::Error {
         match &file {

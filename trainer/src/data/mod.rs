@@ -12,6 +12,7 @@ pub mod collate;
 pub mod error;
 pub mod index;
 pub mod loader;
+mod pack_across;
 pub mod plan;
 mod read;
 pub mod rng;

@@ -23,6 +23,14 @@
 //! rank trains on at each step does not change, so balance, resume and world-size changes work
 //! exactly as without packing, and packing may be switched on or off when resuming.
 //!
+//! Packing across batches (`pack_length` with `across_batches`): the units are no longer
+//! batches but rows of at most `pack_length` tokens, one per micro-batch, filled from the
+//! following samples of the same modality across batch and group boundaries
+//! ([`llava_formats::pack_stream`], in [`pack_across`](super::pack_across)). Windows, balance,
+//! leftovers and resume work on these units as on batches; [`DataState::position`] then counts
+//! rows and [`DataState::pack_across`] records the pack length, so a resume mid-epoch must use
+//! the same packing (at any world size).
+//!
 //! Memory: the plan keeps the epoch's group order (4 bytes per group) and a cursor, never the
 //! batches: a step's [`PlannedBatch`]es are made when the step is reached, in order (a step's
 //! rank assignment depends on the token totals of the steps before it). A rank's loader holds
@@ -45,7 +53,8 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{DataError, DataResult};
 use super::index::{Modality, SampleRef, ShardIndex};
-use super::rng::{shuffle, SplitMix64};
+use super::pack_across::RowUnits;
+use llava_formats::pack_stream::epoch_group_order;
 use llava_formats::packing;
 
 /// What the plan depends on besides the shards and the resume state.
@@ -60,6 +69,19 @@ pub struct PlanConfig {
     /// Pack each batch's samples into rows of at most this many tokens; `None`: one sample per
     /// row.
     pub pack_length: Option<u32>,
+    /// With `pack_length`: fill rows across batch boundaries instead, one row per micro-batch
+    /// ([`llava_formats::pack_stream`]; see the module doc).
+    pub across_batches: bool,
+}
+
+impl PlanConfig {
+    /// The row capacity when packing across batches (the unit of [`DataState::position`]).
+    fn pack_across(&self) -> u32 {
+        match self.pack_length {
+            Some(n) if self.across_batches => n,
+            _ => 0,
+        }
+    }
 }
 
 /// Where a run is in the data: save it with each checkpoint (it is serde-serialisable), and
@@ -78,6 +100,10 @@ pub struct DataState {
     pub world_size: usize,
     pub batch_size: usize,
     pub seed: u64,
+    /// Row capacity when the plan packs across batches (then `position` counts rows); 0: it
+    /// counts batches. Absent in older checkpoints (0).
+    #[serde(default)]
+    pub pack_across: u32,
 }
 
 impl DataState {
@@ -154,7 +180,7 @@ pub fn effective_batch_size(built: usize, requested: Option<usize>) -> DataResul
 
 /// A global batch before it is given to a rank.
 #[derive(Debug, Clone)]
-struct Unit {
+pub(super) struct Unit {
     group: usize,
     parts: Vec<RowSlice>,
     samples: usize,
@@ -162,7 +188,7 @@ struct Unit {
 }
 
 impl Unit {
-    fn new(index: &ShardIndex, group: usize, parts: Vec<RowSlice>) -> Self {
+    pub(super) fn new(index: &ShardIndex, group: usize, parts: Vec<RowSlice>) -> Self {
         let mut samples = 0;
         let mut tokens = 0;
         for p in &parts {
@@ -214,11 +240,61 @@ fn units_in_group(index: &ShardIndex, g: usize, batch_size: usize) -> u64 {
     }
 }
 
+/// The epoch's units in order: built batches (or slices / merges of them), or rows packed
+/// across batches ([`RowUnits`]).
+#[derive(Debug, Clone)]
+enum Units {
+    Batches(BatchUnits),
+    Rows(RowUnits),
+}
+
+impl Units {
+    fn new(
+        index: &ShardIndex,
+        seed: u64,
+        epoch: u64,
+        batch_size: usize,
+        pack_across: u32,
+    ) -> DataResult<Self> {
+        Ok(match pack_across {
+            0 => Self::Batches(BatchUnits::new(index, seed, epoch, batch_size)),
+            n => Self::Rows(RowUnits::new(index, seed, epoch, n)?),
+        })
+    }
+
+    fn total(&self, index: &ShardIndex) -> u64 {
+        match self {
+            Self::Batches(u) => u.total(index),
+            Self::Rows(u) => u.total(),
+        }
+    }
+
+    fn next(&mut self, index: &ShardIndex) -> Option<Unit> {
+        match self {
+            Self::Batches(u) => u.next(index),
+            Self::Rows(u) => u.next(index),
+        }
+    }
+
+    fn skip(&mut self, index: &ShardIndex, n: u64) {
+        match self {
+            Self::Batches(u) => u.skip(index, n),
+            Self::Rows(u) => {
+                for _ in 0..n {
+                    if u.next(index).is_none() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The epoch's global batches in order, made one at a time: the groups in their seeded
 /// (seed, epoch) order, each contributing its batches in order. It keeps the group order only
 /// (4 bytes per group, shared by clones), so a plan costs no memory per sample.
 #[derive(Debug, Clone)]
-struct Units {
+struct BatchUnits {
     order: Arc<[u32]>,
     batch_size: usize,
     built: usize,
@@ -229,10 +305,9 @@ struct Units {
     row: usize,
 }
 
-impl Units {
+impl BatchUnits {
     fn new(index: &ShardIndex, seed: u64, epoch: u64, batch_size: usize) -> Self {
-        let mut order: Vec<u32> = (0..index.groups.len() as u32).collect();
-        shuffle(&mut order, &mut SplitMix64::for_epoch(seed, epoch));
+        let order = epoch_group_order(index.groups.len(), seed, epoch);
         Self {
             order: order.into(),
             batch_size,
@@ -424,6 +499,7 @@ struct Frame {
     /// Steps from the anchor to the end of the epoch.
     steps: usize,
     pack_length: Option<u32>,
+    pack_across: u32,
 }
 
 impl Frame {
@@ -434,6 +510,7 @@ impl Frame {
                 world_size: self.world_size,
                 batch_size: self.batch_size,
                 seed: self.seed,
+                pack_across: self.pack_across,
                 ..DataState::new(self.epoch + 1)
             };
         }
@@ -446,6 +523,7 @@ impl Frame {
             world_size: self.world_size,
             batch_size: self.batch_size,
             seed: self.seed,
+            pack_across: self.pack_across,
         }
     }
 
@@ -550,7 +628,20 @@ impl<'a> EpochPlan<'a> {
                 state.batch_size
             )));
         }
-        let mut units = Units::new(index, config.seed, state.epoch, batch_size);
+        let pack_across = config.pack_across();
+        if mid_epoch && state.pack_across != pack_across {
+            let packing = |n: u32| match n {
+                0 => "batch by batch".to_string(),
+                n => format!("across batches in rows of {n} tokens"),
+            };
+            return Err(DataError::Resume(format!(
+                "the saved state packed {}, this run packs {}; the epoch's micro-batches would \
+                 change: finish the epoch with the old packing",
+                packing(state.pack_across),
+                packing(pack_across)
+            )));
+        }
+        let mut units = Units::new(index, config.seed, state.epoch, batch_size, pack_across)?;
         let n = units.total(index);
         if state.position > n {
             return Err(DataError::Resume(format!(
@@ -602,6 +693,7 @@ impl<'a> EpochPlan<'a> {
                 anchor_step,
                 steps,
                 pack_length: config.pack_length,
+                pack_across: config.pack_across(),
             },
             start,
             num_steps,

@@ -21,6 +21,25 @@ use super::index::ShardIndex;
 use super::loader::OnCorrupt;
 use super::plan::PlannedBatch;
 
+/// The plan's parts cut where the shard changes or a row group is skipped (ranges of
+/// `plan.parts`): a batch-wise plan is one segment, a row packed across batches may be several.
+fn segments(index: &ShardIndex, plan: &PlannedBatch) -> Vec<Range<usize>> {
+    let mut out: Vec<Range<usize>> = Vec::new();
+    for (i, p) in plan.parts.iter().enumerate() {
+        let b = &index.batches[p.batch];
+        let joins = i > 0 && {
+            let prev = &index.batches[plan.parts[i - 1].batch];
+            prev.shard == b.shard
+                && (prev.row_group == b.row_group || prev.row_group + 1 == b.row_group)
+        };
+        match out.last_mut() {
+            Some(seg) if joins => seg.end = i + 1,
+            _ => out.push(i..i + 1),
+        }
+    }
+    out
+}
+
 /// A byte range of a file held in memory, served to the Parquet decoder at file offsets.
 struct RangeReader {
     offset: u64,
@@ -91,6 +110,40 @@ impl ShardReader {
     /// selection skips the other batches of those row groups). A row whose checksum does not
     /// match fails the read, or with [`OnCorrupt::Skip`] is left out and listed.
     pub fn read(&mut self, plan: &PlannedBatch, on_corrupt: OnCorrupt) -> DataResult<ReadRows> {
+        let segments = segments(&self.index, plan);
+        if segments.len() <= 1 {
+            return self.read_segment(plan, on_corrupt);
+        }
+        // A row packed across batches: one read per run of consecutive row groups of one shard.
+        let mut out = ReadRows {
+            rows: Vec::with_capacity(plan.samples.len()),
+            bytes: 0,
+            skipped: Vec::new(),
+        };
+        let mut first_sample = 0;
+        for parts in segments {
+            let samples: usize = plan.parts[parts.clone()].iter().map(|p| p.rows.len()).sum();
+            let sub = PlannedBatch {
+                parts: plan.parts[parts].to_vec(),
+                samples: plan.samples[first_sample..first_sample + samples].to_vec(),
+                rows: Vec::new(),
+                ..plan.clone()
+            };
+            let read = self.read_segment(&sub, on_corrupt)?;
+            out.rows.extend(read.rows);
+            out.bytes += read.bytes;
+            out.skipped.extend(
+                read.skipped
+                    .into_iter()
+                    .map(|(pos, bad)| (first_sample + pos, bad)),
+            );
+            first_sample += samples;
+        }
+        Ok(out)
+    }
+
+    /// [`ShardReader::read`] of parts that are consecutive row groups of one shard.
+    fn read_segment(&mut self, plan: &PlannedBatch, on_corrupt: OnCorrupt) -> DataResult<ReadRows> {
         let index = self.index.clone();
         let Some(first) = plan.parts.first() else {
             return Ok(ReadRows {

@@ -3,9 +3,10 @@
 //!
 //! Backends: [`threads::ThreadGroup`] runs every rank as a thread of one process and sums in
 //! rank order (deterministic; CPU runs and the tests); [`tcp::TcpGroup`] runs CPU ranks as
-//! processes (torchrun, srun, `--nproc-per-node`) with the same sums over TCP. NCCL (through cudarc, on candle's CUDA
-//! stream) is the multi-GPU backend: `nccl::NcclGroup` with the `cuda` feature, compiled but
-//! never run and not yet used by the training loop; [`launch`] (torchrun / Slurm
+//! processes (torchrun, srun, `--nproc-per-node`) with the same sums over TCP. NCCL (our own
+//! bindings, [`nccl_lib`], loaded at run time; collectives on candle's CUDA stream) is the
+//! multi-GPU backend: `nccl::NcclGroup` with the `cuda` feature, compiled but never run on a
+//! GPU; [`launch`] (torchrun / Slurm
 //! environments) and [`rendezvous`] (rank 0 shares NCCL's unique id over TCP and relays
 //! failures) are its launch side; [`join`] picks between our rendezvous and torchrun's agent
 //! store ([`store`], the c10d TCPStore client).
@@ -14,6 +15,7 @@ pub mod join;
 pub mod launch;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+pub mod nccl_lib;
 pub mod rendezvous;
 pub mod spawn;
 pub mod store;

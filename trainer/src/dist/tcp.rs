@@ -27,7 +27,6 @@ use candle_core::{DType, Device, Tensor};
 use super::join::join;
 use super::launch::LaunchEnv;
 use super::rendezvous::Rendezvous;
-use super::threads::sum_in_rank_order;
 use super::Collective;
 use crate::{Error, Result};
 
@@ -274,7 +273,11 @@ impl TcpGroup {
         if self.rank == 0 {
             let deadline = Instant::now() + self.timeout;
             self.check(0, deadline, what)?;
+            // Sums fold each rank's tensor in as it arrives (rank order, as
+            // `sum_in_rank_order`): one incoming tensor at a time, not world of them.
+            let summing = matches!(op, Op::AllReduce | Op::Reduce);
             let mut parts: Vec<Option<Tensor>> = vec![t.cloned()];
+            let mut sum: Option<Tensor> = if summing { t.cloned() } else { None };
             for (i, s) in links.iter_mut().enumerate() {
                 let r = i + 1;
                 let mut head = [0u8; 13];
@@ -292,16 +295,29 @@ impl TcpGroup {
                     )));
                 }
                 let mut got = self.read_tensors(s, r, deadline, what)?;
-                parts.push(got.pop());
+                if summing {
+                    let (Some(acc), Some(x)) = (sum.take(), got.pop()) else {
+                        return Err(dist(format!("{what}: rank {r} or rank 0 sent nothing")));
+                    };
+                    sum = Some((acc + x.to_device(&dev)?)?);
+                } else {
+                    parts.push(got.pop());
+                }
             }
+            let total = || sum.clone().ok_or_else(|| dist(format!("{what}: no sum")));
             let to_dev = |x: Tensor| x.to_device(&dev).map_err(Error::from);
             let (mine, reply): (Vec<Tensor>, Vec<Vec<Tensor>>) = match op {
                 Op::AllReduce => {
-                    let sum = sum_in_rank_order(&parts)?;
-                    (vec![sum.clone()], vec![vec![sum]; self.world - 1])
+                    // One frame for every rank.
+                    let sum = total()?;
+                    let frame = encode_tensors(std::slice::from_ref(&sum))?;
+                    for (i, s) in links.iter_mut().enumerate() {
+                        self.write_full(s, &frame, i + 1, deadline, what)?;
+                    }
+                    return Ok(vec![sum]);
                 }
                 Op::Reduce => {
-                    let sum = sum_in_rank_order(&parts)?;
+                    let sum = total()?;
                     let reply = (1..self.world)
                         .map(|r| if r == root { vec![sum.clone()] } else { vec![] })
                         .collect();

@@ -5,7 +5,9 @@
 //! - Stage 0: gradients are all-reduced; every rank steps every parameter.
 //! - Stage 1: gradients are all-reduced; each rank keeps f32 master weights and AdamW moments
 //!   only for the parameters it owns, steps them, and broadcasts their new values.
-//! - Stage 2: as stage 1, but each gradient is reduced to its owner only.
+//! - Stage 2: as stage 1, but each gradient is reduced to its owner only, bucket by bucket
+//!   during the backward of every micro-batch ([`GradAccumulator::reduce_to_owners`]): a rank
+//!   keeps f32 gradients only for the parameters it owns.
 //!
 //! The global gradient norm is assembled from per-tensor norms in name order whatever the
 //! stage, so that stages 0, 1 and 2 clip by bit-identical coefficients.
@@ -14,7 +16,10 @@ use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Device, Tensor};
 
+use std::sync::Arc;
+
 use super::Collective;
+use crate::step::GradAccumulator;
 use crate::{Error, Result};
 
 /// Owner rank of every trainable parameter.
@@ -61,6 +66,51 @@ impl Sharding {
     pub fn steps(&self, rank: usize, name: &str) -> bool {
         self.stage == 0 || self.world == 1 || self.owner(name) == rank
     }
+}
+
+/// The step's accumulator: at stage 2 over several ranks, one that reduces each micro-batch's
+/// gradients to their owners during the backward.
+pub fn accumulator(
+    vars: Vec<(String, candle_core::Var)>,
+    sharding: &Sharding,
+    comm: Arc<dyn Collective>,
+) -> GradAccumulator {
+    let acc = GradAccumulator::new(vars);
+    if sharding.stage >= 2 && comm.world_size() > 1 {
+        acc.reduce_to_owners(comm, &|n| sharding.owner(n))
+    } else {
+        acc
+    }
+}
+
+/// The gradients this rank steps with and the global norm (see [`reduce_gradients`]), from the
+/// step's accumulator, which may have reduced them already (ZeRO-2).
+pub fn step_gradients(
+    acc: &mut GradAccumulator,
+    sharding: &Sharding,
+    comm: &dyn Collective,
+    dev: &Device,
+) -> Result<(HashMap<String, Tensor>, Option<Tensor>)> {
+    if !acc.reduces() {
+        return reduce_gradients(acc.take(), sharding, comm, dev);
+    }
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let mut out = HashMap::new();
+    let mut mine = Vec::with_capacity(sharding.params.len());
+    for (name, _) in &sharding.params {
+        let n = match acc.take_one(name) {
+            Some(g) if sharding.owner(name) == rank => {
+                let g = (g / world as f64)?;
+                let n = tensor_norm(&g)?;
+                out.insert(name.clone(), g);
+                n
+            }
+            _ => Tensor::new(0f32, dev)?,
+        };
+        mine.push(n);
+    }
+    let all = comm.all_reduce_sum(&Tensor::stack(&mine, 0)?)?;
+    Ok((out, Some(all.sqr()?.sum_all()?.sqrt()?)))
 }
 
 /// Averages the step's summed gradients over the ranks. Returns the gradients this rank steps

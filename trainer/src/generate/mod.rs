@@ -7,7 +7,10 @@
 //! Without the cache ([`GenerateOptions::use_cache`] false) every step is the training forward
 //! over the whole sequence: a second, independent path that the golden test holds equal.
 
+pub mod chat_template;
 pub mod decoder;
+pub mod hf_image;
+pub mod input;
 pub mod prompt;
 pub mod sample;
 

@@ -11,6 +11,7 @@ use candle_core::{Device, Tensor};
 use llava_imaging::{decode_rgb_file, make_tiles, normalize_tiles, AspectMode, TILE};
 use tokenizers::Tokenizer;
 
+use super::chat_template::ChatTemplate;
 use super::Prompt;
 use crate::hf_tokenizer::IMAGE_TOKEN;
 use crate::llava_next::{ImageMeta, LlavaNextConfig};
@@ -23,6 +24,9 @@ using natural language.";
 /// How the question becomes text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Template {
+    /// The model folder's Jinja chat template (chat_template.jinja / chat_template.json /
+    /// tokenizer_config.json), rendered as HF's processor does.
+    Chat,
     /// The `llava_llama_3` conversation; the tokenizer adds `<|begin_of_text|>`.
     LlavaLlama3,
     /// The text exactly as given (write `<image>` where each image goes; no special tokens
@@ -50,6 +54,65 @@ pub fn llava_llama3_text(question: &str, n_images: usize) -> String {
         "<image>\n".repeat(n_images),
         question.trim()
     )
+}
+
+/// A template choice made concrete: the chat template itself, or a built-in format.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptFormat {
+    Chat(ChatTemplate),
+    LlavaLlama3,
+    Raw,
+}
+
+impl From<Template> for PromptFormat {
+    /// The built-in formats (`Chat` needs [`prompt_format`]: it becomes llava_llama_3 here).
+    fn from(t: Template) -> Self {
+        match t {
+            Template::Raw => Self::Raw,
+            Template::LlavaLlama3 | Template::Chat => Self::LlavaLlama3,
+        }
+    }
+}
+
+/// The format for `choice` (None: the model folder's chat template when it has one, else
+/// [`default_template`] with a notice).
+pub fn prompt_format(
+    choice: Option<Template>,
+    model_dir: &Path,
+    tok: &Tokenizer,
+) -> Result<PromptFormat> {
+    match choice {
+        Some(Template::LlavaLlama3) => Ok(PromptFormat::LlavaLlama3),
+        Some(Template::Raw) => Ok(PromptFormat::Raw),
+        Some(Template::Chat) => ChatTemplate::find(model_dir)?
+            .map(PromptFormat::Chat)
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "{} has no chat template (chat_template.jinja, chat_template.json or \
+                     tokenizer_config.json's chat_template)",
+                    model_dir.display()
+                ))
+            }),
+        None => match ChatTemplate::find(model_dir)? {
+            Some(c) => {
+                tracing::info!("prompt format: the chat template of {}", c.origin.display());
+                Ok(PromptFormat::Chat(c))
+            }
+            None => {
+                let t = default_template(tok);
+                tracing::info!(
+                    "{} has no chat template: prompts use the {} format",
+                    model_dir.display(),
+                    if t == Template::Raw {
+                        "raw"
+                    } else {
+                        "llava_llama_3"
+                    }
+                );
+                Ok(t.into())
+            }
+        },
+    }
 }
 
 /// The template a tokenizer calls for: llava_llama_3 when it knows Llama-3's header tokens.
@@ -94,7 +157,8 @@ pub fn tokenize(
     Ok(ids)
 }
 
-/// Tiles of one image file as the build makes them: `[T, 3, 336, 336]` f32 and its metadata.
+/// Tiles of one image file as the build makes them: `[T, 3, 336, 336]` f32 and its metadata
+/// (other tile sizes: HF's image processor, [`super::hf_image`]).
 pub fn load_image(
     path: &Path,
     cfg: &LlavaNextConfig,
@@ -102,14 +166,27 @@ pub fn load_image(
     dev: &Device,
 ) -> Result<(Tensor, ImageMeta)> {
     let size = cfg.vision_config.image_size;
-    if size != TILE as usize {
-        return Err(Error::Config(format!(
-            "the model's tiles are {size} px; image files are tiled at {TILE} px (the build's \
-             geometry): pass pixel values instead"
-        )));
-    }
     let rgb = decode_rgb_file(path)
         .map_err(|e| Error::Batch(format!("{}: cannot decode: {e}", path.display())))?;
+    if size != TILE as usize {
+        // Not the build's geometry: HF's image processor at the model's tile size.
+        if aspect != Aspect::Anyres || cfg.image_grid_pinpoints.is_empty() {
+            return Err(Error::Config(format!(
+                "the model's tiles are {size} px: only anyres with image_grid_pinpoints is \
+                 supported at other sizes than {TILE} px"
+            )));
+        }
+        let (px, t, grid) =
+            super::hf_image::hf_anyres_tiles(&rgb, size as u32, &cfg.image_grid_pinpoints)
+                .ok_or_else(|| Error::Config("no image_grid_pinpoints".into()))?;
+        let tensor = Tensor::from_vec(px, (t, 3, size, size), dev)?;
+        let meta = ImageMeta {
+            orig_size: (rgb.width as usize, rgb.height as usize),
+            grid,
+            num_tiles: t,
+        };
+        return Ok((tensor, meta));
+    }
     let mode = match aspect {
         Aspect::Anyres => {
             if cfg.image_grid_pinpoints.is_empty() {
@@ -154,13 +231,14 @@ pub fn build_prompt(
     cfg: &LlavaNextConfig,
     question: &str,
     images: &[&Path],
-    template: Template,
+    format: &PromptFormat,
     aspect: Aspect,
     dev: &Device,
 ) -> Result<(String, Prompt)> {
-    let text = match template {
-        Template::LlavaLlama3 => llava_llama3_text(question, images.len()),
-        Template::Raw => {
+    let text = match format {
+        PromptFormat::Chat(c) => c.render(question, images.len())?,
+        PromptFormat::LlavaLlama3 => llava_llama3_text(question, images.len()),
+        PromptFormat::Raw => {
             let n = question.matches(IMAGE_TOKEN).count();
             if n == 0 {
                 let prefix = format!("{IMAGE_TOKEN} ").repeat(images.len());
@@ -175,12 +253,13 @@ pub fn build_prompt(
             }
         }
     };
-    let input_ids = tokenize(
-        tok,
-        &text,
-        cfg.image_token_index,
-        template == Template::LlavaLlama3,
-    )?;
+    // As HF's processor: special tokens unless the rendered text starts with BOS.
+    let add_special = match format {
+        PromptFormat::Chat(c) => !c.starts_with_bos(&text),
+        PromptFormat::LlavaLlama3 => true,
+        PromptFormat::Raw => false,
+    };
+    let input_ids = tokenize(tok, &text, cfg.image_token_index, add_special)?;
     let mut tiles = Vec::new();
     let mut metas = Vec::new();
     for p in images {

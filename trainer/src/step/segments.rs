@@ -11,7 +11,8 @@
 //!
 //! Live memory: the stored inputs (`2·s·h` bytes per decoder layer in bf16) plus one segment's
 //! graph. The head is itself recomputed chunk by chunk, so at most one chunk of logits exists.
-//! Each segment boundary is also where gradient communication could start (issue 11).
+//! Each segment boundary is where ZeRO-2 sends the gradients the backward has just completed
+//! (see [`GradAccumulator`]'s buckets and [`param_segment`]).
 
 use candle_core::{Tensor, Var};
 
@@ -42,6 +43,51 @@ pub fn chain(model: &LlavaNext, has_images: bool) -> Vec<Segment> {
     out.extend((0..model.config().text_config.num_hidden_layers).map(Segment::TextLayer));
     out.push(Segment::Head);
     out
+}
+
+/// The segment whose backward completes `name`'s gradient: the earliest one (in forward order)
+/// that uses it, since the backward walks the chain from the last. `None`: no segment uses it
+/// (`post_layernorm`), or an unknown name; its gradient is complete only at the end.
+pub fn param_segment(name: &str) -> Option<Segment> {
+    use crate::llava_next::{LANGUAGE_PREFIX, PROJECTOR_PREFIX, VISION_PREFIX};
+    let layer = |rest: &str| -> Option<usize> { rest.split('.').next()?.parse().ok() };
+    if let Some(rest) = name.strip_prefix(VISION_PREFIX) {
+        if let Some(l) = rest.strip_prefix(".encoder.layers.") {
+            return layer(l).map(Segment::VisionLayer);
+        }
+        if rest.starts_with(".embeddings.") || rest.starts_with(".pre_layrnorm.") {
+            return Some(Segment::VisionEmbed);
+        }
+        return None;
+    }
+    if name.starts_with(PROJECTOR_PREFIX) || name == crate::llava_next::IMAGE_NEWLINE {
+        return Some(Segment::Merge);
+    }
+    let rest = name.strip_prefix(LANGUAGE_PREFIX)?;
+    if let Some(l) = rest.strip_prefix(".model.layers.") {
+        return layer(l).map(Segment::TextLayer);
+    }
+    if rest.starts_with(".model.embed_tokens.") {
+        // Also the head's weight when tied: the merge comes later in the backward.
+        return Some(Segment::Merge);
+    }
+    if rest.starts_with(".model.norm.") || rest.starts_with(".lm_head.") {
+        return Some(Segment::Head);
+    }
+    None
+}
+
+/// Position of a segment's backward in the backward's order (the head first); `None` (unused
+/// parameters) last.
+pub fn backward_order(seg: Option<Segment>) -> (u8, usize) {
+    match seg {
+        Some(Segment::Head) => (0, 0),
+        Some(Segment::TextLayer(k)) => (1, usize::MAX - k),
+        Some(Segment::Merge) => (2, 0),
+        Some(Segment::VisionLayer(k)) => (3, usize::MAX - k),
+        Some(Segment::VisionEmbed) => (4, 0),
+        None => (5, 0),
+    }
 }
 
 /// Everything the segments of one micro-batch share.
@@ -134,6 +180,7 @@ pub fn micro_batch(
         acc,
         grad_accum,
     )?;
+    acc.segment_done(Segment::Head)?;
     for i in (0..segs.len() - 1).rev() {
         let Some(g) = grad.take() else { break };
         if !(trainable[i] || needs_input_grad[i]) {
@@ -156,7 +203,11 @@ pub fn micro_batch(
         let store = (y * g)?.sum_all()?.backward()?;
         acc.absorb(&store)?;
         grad = var.and_then(|v| store.get(v.as_tensor()).cloned());
+        drop(store);
+        acc.segment_done(segs[i])?;
     }
+    // Whatever the backward did not reach (frozen early segments) goes out as zeros.
+    acc.end_micro_batch()?;
     let loss = (nll / n.max(1) as f64)?;
     Ok(MicroBatchLoss { loss, targets: n })
 }

@@ -209,9 +209,34 @@ pub fn memory_plan(
     } else {
         0
     };
+    // Packed across batches: one row of `pack_length` tokens, holding as many images as the
+    // shortest samples with an image let in.
+    let (tiles, batch_size, seq_len) = if cfg.pack_across_batches {
+        let pack = cfg
+            .pack_length
+            .map_or(index.manifest.settings.model_max_length, |n| n as usize);
+        let images = if tiles == 0 {
+            0
+        } else {
+            let shortest = index
+                .groups
+                .iter()
+                .filter(|g| g.modality == crate::data::Modality::Image)
+                .flat_map(|g| g.batches.clone())
+                .flat_map(|b| index.samples[index.batches[b].samples.clone()].iter())
+                .map(|s| s.length as usize)
+                .min()
+                .unwrap_or(pack)
+                .max(1);
+            pack.div_ceil(shortest)
+        };
+        (5 * images, 1, pack)
+    } else {
+        (tiles, batch_size, seq_len)
+    };
     // Packed rows hold at most the positions of the unpacked batch, but in longer rows (which
     // matters for dense attention's L² scores): plan for rows as long as a pack can get.
-    let (rows, seq_len) = if cfg.packing {
+    let (rows, seq_len) = if cfg.packing && !cfg.pack_across_batches {
         let pack = cfg
             .pack_length
             .map_or(index.manifest.settings.model_max_length, |n| n as usize);

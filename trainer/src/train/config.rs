@@ -95,6 +95,11 @@ pub struct TrainConfig {
     /// Row capacity when packing (default: the shards' `model_max_length`).
     #[serde(default)]
     pub pack_length: Option<u32>,
+    /// Pack across batch boundaries (implies `packing`): each micro-batch is one row of up to
+    /// `pack_length` tokens of one modality, filled from the following groups (fewer, fuller
+    /// steps; docs/training.md). Changes the steps per epoch: a trajectory key.
+    #[serde(default)]
+    pub pack_across_batches: bool,
     /// A held-out `llava-data build` folder: its mean loss and supervised token count (no
     /// gradient) every `eval_every` steps and at the end, to log.jsonl, the terminal and
     /// TensorBoard.
@@ -103,8 +108,8 @@ pub struct TrainConfig {
     /// Evaluate on `eval_shards` every N optimizer steps (default: only at the end).
     #[serde(default)]
     pub eval_every: Option<u64>,
-    /// Also write TensorBoard event files (scalars: loss, lr, grad_norm, tokens/s, eval loss)
-    /// into this folder.
+    /// Also write TensorBoard event files (scalars: loss, lr, grad_norm, tokens/s, eval loss;
+    /// `eval_prompts` answers as text) into this folder.
     #[serde(default)]
     pub tensorboard: Option<PathBuf>,
     /// A sample whose row checksum does not match its bytes (a changed shard): `stop` the run
@@ -112,6 +117,17 @@ pub struct TrainConfig {
     /// out of its batch; a warning each, counted at the end and in log.jsonl).
     #[serde(default)]
     pub on_corrupt: OnCorrupt,
+    /// A JSONL of prompts (`generate --input`'s format: `{"id", "prompt", "images"}`, image
+    /// paths relative to the file) that rank 0 answers greedily every `eval_generate_every`
+    /// steps and at the end: to the log, log.jsonl and TensorBoard (text).
+    #[serde(default)]
+    pub eval_prompts: Option<PathBuf>,
+    /// Answer `eval_prompts` every N optimizer steps (default: only at the end).
+    #[serde(default)]
+    pub eval_generate_every: Option<u64>,
+    /// Most new tokens per `eval_prompts` answer (the stop token included).
+    #[serde(default = "defaults::eval_max_new_tokens")]
+    pub eval_max_new_tokens: usize,
 }
 
 mod defaults {
@@ -144,6 +160,9 @@ mod defaults {
     }
     pub fn attention() -> String {
         "blockwise".into()
+    }
+    pub fn eval_max_new_tokens() -> usize {
+        64
     }
     pub fn loss_chunk() -> usize {
         crate::llava_next::DEFAULT_LOSS_CHUNK
@@ -231,6 +250,31 @@ impl TrainConfig {
                 "needs eval_shards (a held-out `llava-data build` folder)".into(),
             ));
         }
+        if self.eval_generate_every == Some(0) {
+            return Err((
+                "eval_generate_every",
+                "must be at least 1 (omit it to generate only at the end)".into(),
+            ));
+        }
+        if self.eval_generate_every.is_some() && self.eval_prompts.is_none() {
+            return Err((
+                "eval_generate_every",
+                "needs eval_prompts (a JSONL of prompts)".into(),
+            ));
+        }
+        if self.eval_max_new_tokens == 0 {
+            return Err(("eval_max_new_tokens", "must be at least 1".into()));
+        }
+        if let Some(p) = &self.eval_prompts {
+            // Every line checked before any weights are read.
+            crate::generate::input::read_input(p).map_err(|e| {
+                let m = match e {
+                    Error::Config(m) => m,
+                    e => e.to_string(),
+                };
+                ("eval_prompts", m)
+            })?;
+        }
         if self.zero_stage > 2 {
             return Err((
                 "zero_stage",
@@ -262,13 +306,20 @@ impl TrainConfig {
     }
 
     pub(crate) fn trajectory_keys(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "tunable_parts": self.tunable_parts, "lr": self.lr,
             "vision_tower_lr": self.vision_tower_lr, "weight_decay": self.weight_decay,
             "warmup_ratio": self.warmup_ratio, "max_grad_norm": self.max_grad_norm,
             "batch_size": self.batch_size, "grad_accum": self.grad_accum, "epochs": self.epochs,
             "max_steps": self.max_steps, "seed": self.seed, "bf16": self.bf16,
-        })
+        });
+        // Only when on, so that checkpoints from before the key still resume.
+        if self.pack_across_batches {
+            if let Some(m) = v.as_object_mut() {
+                m.insert("pack_across_batches".into(), self.pack_length.into());
+            }
+        }
+        v
     }
 }
 

@@ -77,4 +77,19 @@ impl Reporter {
         }
         Ok(())
     }
+
+    /// A record in `log.jsonl` and text summaries in TensorBoard, nothing printed (the caller
+    /// logs its own line).
+    pub fn record_text(
+        &mut self,
+        step: u64,
+        record: &impl serde::Serialize,
+        texts: &[(&str, &str)],
+    ) -> Result<()> {
+        append_log(&self.log_path, record)?;
+        if let Some(w) = self.events.as_mut() {
+            w.texts(step, texts)?;
+        }
+        Ok(())
+    }
 }

@@ -7,6 +7,7 @@
 
 mod compat;
 mod config;
+mod eval_generate;
 mod log;
 mod stream;
 pub mod tensorboard;
@@ -15,6 +16,7 @@ pub use compat::{
     check_compatible, memory_plan, normalize_on_device, source_config, to_model_batch,
 };
 pub use config::{TrainConfig, TunableParts};
+pub use eval_generate::GenerateLog;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -39,7 +41,7 @@ use crate::llava_next::{LlavaNext, LlavaNextConfig};
 use crate::memory;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::CosineSchedule;
-use crate::step::{self, GradAccumulator, StepOptions};
+use crate::step::{self, StepOptions};
 use crate::{Error, Result};
 use log::{gib, truncate_log};
 use stream::{batches_per_epoch, Stream};
@@ -202,6 +204,8 @@ pub const COLLECTIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) -> Result<Summary> {
     let mut opts = opts;
     let (rank, world) = (comm.rank(), comm.world_size());
+    // Per-phase peak heap, for checking the memory plan (crate::heap, LLAVA_HEAP_REPORT).
+    let _heap = crate::heap::RunReport::start(rank, world);
     let lead = rank == 0;
     let dev = opts.device.clone().unwrap_or(Device::Cpu);
     let dtype = if cfg.bf16 { DType::BF16 } else { DType::F32 };
@@ -257,6 +261,7 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
                 world_size: 1,
                 batch_size: cfg.batch_size,
                 pack_length: None,
+                across_batches: false,
             };
             let batches = EpochPlan::new(&eval_index, &eval_plan, &DataState::new(0))?
                 .rank_batches(&eval_index, 0)?;
@@ -264,15 +269,20 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
         }
         _ => None,
     };
+    let eval_gen = match lead {
+        true => eval_generate::EvalGenerate::new(cfg, &model_cfg, &index, &dev)?,
+        false => None,
+    };
 
     let plan_cfg = PlanConfig {
         seed: cfg.seed,
         world_size: world,
         batch_size: cfg.batch_size,
-        pack_length: cfg.packing.then(|| {
+        pack_length: (cfg.packing || cfg.pack_across_batches).then(|| {
             cfg.pack_length
                 .unwrap_or(index.manifest.settings.model_max_length as u32)
         }),
+        across_batches: cfg.pack_across_batches,
     };
     let per_epoch = batches_per_epoch(&index, &plan_cfg)? / cfg.grad_accum;
     let total_steps = cfg.max_steps.unwrap_or(cfg.epochs * per_epoch as u64);
@@ -508,6 +518,7 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
     // them all) and renames the folder once every shard is in.
     let sharded = sharding.stage >= 1 && world > 1;
     let save = |optim: &AdamW, step: u64, data_state: DataState, lr: f64, loss: f64| {
+        crate::heap::enter("checkpoint");
         let optimizer = if sharded {
             if lead {
                 checkpoint::prepare_checkpoint_tmp(&cfg.output, step)?;
@@ -571,11 +582,12 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
     };
     let mut last_saved = step;
     let (mut lr, mut loss_v) = (0.0, f64::NAN);
-    let mut acc = GradAccumulator::new(all_vars.clone());
+    let mut acc = zero::accumulator(all_vars.clone(), &sharding, comm.clone());
     let (started, first_step) = (Instant::now(), step);
     let mut last_progress = started;
     while step < total_steps {
         let t0 = Instant::now();
+        crate::heap::enter("step");
         let (group, wait) = stream.next_group()?;
         // Everything below stays on the device until the logging read.
         let mut loss_sum: Option<Tensor> = None;
@@ -589,6 +601,8 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
             tokens += b.tokens;
             samples += b.batch_size();
             if b.is_empty() {
+                // ZeRO-2 reduces per micro-batch: every rank takes part in as many.
+                acc.end_micro_batch()?;
                 continue;
             }
             let batch = to_model_batch(b, &model_cfg, &dev)?;
@@ -598,7 +612,7 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
                 None => out.loss,
             });
         }
-        let (grads, norm) = zero::reduce_gradients(acc.take(), &sharding, comm.as_ref(), &dev)?;
+        let (grads, norm) = zero::step_gradients(&mut acc, &sharding, comm.as_ref(), &dev)?;
         let mult = schedule.multiplier(step);
         lr = cfg.lr * mult;
         let stats = optim.step_with_norm(&grads, mult, norm)?;
@@ -688,6 +702,9 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
                 )?;
                 summary.evals.push(e);
             }
+        }
+        if let Some(g) = &eval_gen {
+            g.after_step(&model, step, total_steps, &mut reporter)?;
         }
         if let Some(b) = &reporter.bar {
             b.set_position(step);

@@ -3,7 +3,10 @@
 //!
 //! The few protobuf fields are written by hand: `Event { wall_time = 1 (double), step = 2
 //! (int64), file_version = 3 (string), summary = 5 }`, `Summary { value = 1 (repeated) }`,
-//! `Summary.Value { tag = 1 (string), simple_value = 2 (float) }`. A TFRecord is
+//! `Summary.Value { tag = 1 (string), simple_value = 2 (float) }`; text (the text plugin's
+//! format) is `Summary.Value { tag = 1, tensor = 8, metadata = 9 }` with `TensorProto { dtype = 1
+//! (DT_STRING = 7), tensor_shape = 2 (empty: a scalar), string_val = 8 }` and
+//! `SummaryMetadata { plugin_data = 1: PluginData { plugin_name = 1: "text" } }`. A TFRecord is
 //! `u64 length, masked crc32c(length), data, masked crc32c(data)`, little endian.
 
 use std::fs::File;
@@ -65,6 +68,34 @@ impl EventWriter {
             put_bytes(&mut value, 1, tag.as_bytes());
             put_key(&mut value, 2, 5);
             value.extend_from_slice(&(*v as f32).to_le_bytes());
+            put_bytes(&mut summary, 1, &value);
+        }
+        let mut event = Vec::new();
+        put_double(&mut event, 1, wall_time());
+        put_key(&mut event, 2, 0);
+        put_varint(&mut event, step);
+        put_bytes(&mut event, 5, &summary);
+        self.record(&event)
+    }
+
+    /// One event at `step` holding every `(tag, text)` as a text summary (markdown, shown by
+    /// TensorBoard's Text tab); flushed at once.
+    pub fn texts(&mut self, step: u64, values: &[(&str, &str)]) -> Result<()> {
+        let mut summary = Vec::new();
+        for (tag, text) in values {
+            let mut plugin = Vec::new();
+            put_bytes(&mut plugin, 1, b"text");
+            let mut metadata = Vec::new();
+            put_bytes(&mut metadata, 1, &plugin);
+            let mut tensor = Vec::new();
+            put_key(&mut tensor, 1, 0);
+            put_varint(&mut tensor, 7);
+            put_bytes(&mut tensor, 2, &[]);
+            put_bytes(&mut tensor, 8, text.as_bytes());
+            let mut value = Vec::new();
+            put_bytes(&mut value, 1, tag.as_bytes());
+            put_bytes(&mut value, 8, &tensor);
+            put_bytes(&mut value, 9, &metadata);
             put_bytes(&mut summary, 1, &value);
         }
         let mut event = Vec::new();

@@ -76,6 +76,7 @@ fn plan(
         world_size,
         batch_size: None,
         pack_length: None,
+        across_batches: false,
     };
     EpochPlan::new(index, &cfg, &DataState::new(0))
         .expect("plan")
@@ -197,6 +198,7 @@ fn merged_and_split_batches_and_empty_batches_load() {
             world_size: w,
             batch_size: bs,
             pack_length: None,
+            across_batches: false,
         };
         let plan = EpochPlan::new(&index, &cfg, &DataState::new(0)).expect("plan");
         let mut total = 0;

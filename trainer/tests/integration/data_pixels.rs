@@ -152,6 +152,7 @@ fn collated_tiles_match_golden_float32_pixels() {
             world_size: 1,
             batch_size: None,
             pack_length: None,
+            across_batches: false,
         };
         let plan = EpochPlan::new(&index, &cfg, &DataState::new(0)).expect("plan");
         let loader_cfg = LoaderConfig {

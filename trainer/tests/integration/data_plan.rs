@@ -48,6 +48,7 @@ fn config(world_size: usize, batch_size: Option<usize>) -> PlanConfig {
         world_size,
         batch_size,
         pack_length: None,
+        across_batches: false,
     }
 }
 
@@ -151,6 +152,7 @@ fn deterministic_per_seed_and_epoch() {
             world_size: 2,
             batch_size: None,
             pack_length: None,
+            across_batches: false,
         };
         EpochPlan::new(&index, &cfg, &DataState::new(epoch))
             .expect("plan")
@@ -285,6 +287,7 @@ fn dry_run_json_lines() {
 fn packed(world_size: usize, batch_size: Option<usize>, pack_length: u32) -> PlanConfig {
     PlanConfig {
         pack_length: Some(pack_length),
+        across_batches: false,
         ..config(world_size, batch_size)
     }
 }

@@ -195,6 +195,7 @@ fn reference(index: &ShardIndex, config: &PlanConfig, state: &DataState) -> Vec<
                 world_size: w,
                 batch_size,
                 seed: config.seed,
+                pack_across: 0,
             }
         };
         let step = anchor_step + k as u64;
@@ -339,6 +340,7 @@ fn the_plan_equals_the_eager_reference() {
                             world_size,
                             batch_size,
                             pack_length,
+                            across_batches: false,
                         };
                         for epoch in [0, 3] {
                             check(index, &config, epoch);
@@ -355,6 +357,7 @@ fn the_plan_equals_the_eager_reference() {
         world_size: 2,
         batch_size: None,
         pack_length: None,
+        across_batches: false,
     };
     let plan = EpochPlan::new(&index, &config, &DataState::new(0)).expect("plan");
     assert!(plan.rank_batches(&again, 0).is_err());

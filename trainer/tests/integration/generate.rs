@@ -180,3 +180,95 @@ fn cli_generate_json_cache_and_batch() {
     assert_eq!(batch[1]["tokens"], text_only[0]["tokens"]);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The model folder's chat template rendered as HF's `LlavaNextProcessor.apply_chat_template(…,
+/// add_generation_prompt=True)` renders it (fixtures/chat-templates/golden.json, made by
+/// scripts/make-chat-template-golden.py with transformers 4.57.6): llava_llama_3's (what our
+/// checkpoints carry), Llama-3-Instruct's (string content, BOS in the text) and a multi-line
+/// template where trim_blocks, lstrip_blocks and loop controls matter; 0, 1 and 2 images.
+#[test]
+fn chat_templates_render_as_hf() {
+    use llava_trainer::generate::chat_template::ChatTemplate;
+    use llava_trainer::generate::prompt;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures/chat-templates/golden.json");
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let special: Vec<(String, String)> = doc["special_tokens"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+        .collect();
+    let cases = doc["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 9);
+    for case in cases {
+        let name = case["template"].as_str().unwrap();
+        // Written to a model folder as HF writes it, then found there.
+        let dir = tempfile::tempdir().unwrap();
+        let file = if name == "multiline_llava_hf" {
+            let p = dir.path().join("chat_template.jinja");
+            std::fs::write(&p, doc["templates"][name].as_str().unwrap()).unwrap();
+            p
+        } else {
+            let p = dir.path().join("tokenizer_config.json");
+            let mut cfg = serde_json::json!({"chat_template": doc["templates"][name]});
+            for (k, v) in &special {
+                cfg[k] = Value::String(v.clone());
+            }
+            std::fs::write(&p, cfg.to_string()).unwrap();
+            p
+        };
+        let t = ChatTemplate::find(dir.path()).unwrap().expect("a template");
+        assert_eq!(t.origin, file);
+        assert_eq!(
+            t.takes_content_parts(),
+            !case["string_content"].as_bool().unwrap()
+        );
+        let n = case["n_images"].as_u64().unwrap() as usize;
+        let q = case["question"].as_str().unwrap();
+        let text = t.render(q, n).unwrap();
+        assert_eq!(
+            text,
+            case["text"].as_str().unwrap(),
+            "{name} with {n} images"
+        );
+        assert_eq!(t.starts_with_bos(&text), name == "llama3_instruct");
+        if name == "llava_llama_3" {
+            assert_eq!(text, prompt::llava_llama3_text(q, n), "the built-in format");
+        }
+    }
+}
+
+/// Image files at a tile size other than 336 px: HF's `LlavaNextImageProcessor` (PIL path) at
+/// the fixture's 56-px tiles, against its own output (`preprocess.pixel_values_pil_backend`),
+/// with the grid and tile count HF chose: every tile bit-exact (sample 1's base tile, 50x130
+/// squashed to 56x56, needs Pillow 13's vertical-first order).
+#[test]
+fn image_files_at_other_tile_sizes_match_hf_image_processor() {
+    use llava_trainer::generate::prompt::{load_image, Aspect};
+    let fx = load_fixture();
+    let want = &fx.expected["preprocess.pixel_values_pil_backend"];
+    let max_abs = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    for i in 0..fx.num_patches.len() {
+        let path = fx.dir.join(format!("images/sample{i}.png"));
+        let (px, meta) =
+            load_image(&path, &fx.cfg, Aspect::Anyres, &candle_core::Device::Cpu).expect("tiles");
+        assert_eq!(meta, fx.images[i], "sample {i}: grid");
+        for k in 0..meta.num_tiles {
+            let d = max_abs(&px.get(k).unwrap(), &want.get(i).unwrap().get(k).unwrap());
+            println!("sample {i} tile {k}: max |ours - HF| {d:e}");
+            assert!(d == 0.0, "sample {i} tile {k}: max abs diff {d}");
+        }
+    }
+}

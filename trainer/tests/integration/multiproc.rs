@@ -433,3 +433,221 @@ fn a_killed_rank_is_named_the_last_checkpoint_is_intact_and_a_restart_resumes() 
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// One rank's heap report (`LLAVA_HEAP_REPORT`): peak live bytes of the steps and of the
+/// checkpoints, and the live bytes when the run started.
+fn heap_report(dir: &Path, rank: usize) -> (u64, u64, u64) {
+    let p = dir.join(format!("heap-rank{rank}.json"));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).expect("heap report")).expect("JSON");
+    let n = |k: &str| {
+        v["peaks"][k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{k} in {v}"))
+    };
+    (
+        v["baseline"].as_u64().expect("baseline"),
+        n("step"),
+        n("checkpoint"),
+    )
+}
+
+/// The tiny model with a wider decoder (hidden 128): its states (the 128k-row embedding and
+/// head dominate) are large next to the few MiB every rank holds besides (loader, thread pools,
+/// rotary tables), which the plan does not count.
+fn wider_tiny_model(dir: &Path) -> PathBuf {
+    let config = dir.join("wider-tiny-model.json");
+    let base = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/tiny-model.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(base).expect("tiny config")).expect("JSON");
+    v["text_config"]["hidden_size"] = 128.into();
+    v["text_config"]["intermediate_size"] = 256.into();
+    std::fs::write(&config, v.to_string()).expect("write config");
+    let model = dir.join("wider-tiny-model");
+    ok(
+        clean(Command::new(BIN))
+            .args(["init", "--config"])
+            .arg(&config)
+            .arg("--output")
+            .arg(&model)
+            .output()
+            .expect("init"),
+        "init",
+    );
+    model
+}
+
+#[test]
+fn per_rank_peak_heap_at_world_4_is_within_10_percent_of_the_memory_plan() {
+    let dir = scratch("heap");
+    let model = wider_tiny_model(&dir);
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let mut table = vec![
+        "| ZeRO | rank | steps: measured | plan | checkpoint: measured | plan |".to_string(),
+        "|---|---|---|---|---|---|".to_string(),
+    ];
+    let mut failures = Vec::new();
+    let mut all_losses = Vec::new();
+    for zero in [0u8, 1, 2] {
+        let out = dir.join(format!("z{zero}"));
+        let reports = dir.join(format!("heap-z{zero}"));
+        std::fs::create_dir_all(&reports).expect("mkdir");
+        let mut args = run_args(&out, 1);
+        let at = |flag: &str| args.iter().position(|a| a == flag).expect("flag") + 1;
+        let (m, steps) = (at("--model"), at("--max-steps"));
+        args[m] = model.display().to_string();
+        // Two steps and the final checkpoint.
+        args[steps] = "2".into();
+        // Loss chunks of 8 rows: the logits' working set no longer depends on each rank's
+        // batch lengths, so the states that ZeRO splits dominate the peak.
+        args.extend(["--zero-stage".into(), zero.to_string()]);
+        args.extend(["--loss-chunk".into(), "8".into()]);
+        let mut cmd = clean(Command::new(BIN));
+        ok(
+            cmd.args(&args)
+                .args(["--nproc-per-node", "4"])
+                .env("LLAVA_HEAP_REPORT", &reports)
+                .output()
+                .expect("run"),
+            &format!("world 4 ZeRO {zero}"),
+        );
+        all_losses.push(losses(&out));
+        // The plan of the same flags at world 4, per rank.
+        args[0] = "plan".into();
+        let mut cmd = clean(Command::new(BIN));
+        let plan = ok(
+            cmd.args(&args)
+                .args(["--world-size", "4", "--json"])
+                .output()
+                .expect("plan"),
+            "plan",
+        );
+        let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).expect("plan JSON");
+        for rank in 0..4 {
+            let (base, step, ckpt) = heap_report(&reports, rank);
+            let r = &plan["plan"]["ranks"][rank];
+            let (p_step, p_ckpt) = (
+                r["step"].as_u64().expect("step"),
+                r["checkpoint"].as_u64().expect("checkpoint"),
+            );
+            // What the run holds above the process's own start (runtime, config, connections).
+            let (m_step, m_ckpt) = (step - base, ckpt - base);
+            table.push(format!(
+                "| {zero} | {rank} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB |",
+                mib(m_step),
+                mib(p_step),
+                mib(m_ckpt),
+                mib(p_ckpt)
+            ));
+            for (what, m, p) in [("steps", m_step, p_step), ("checkpoint", m_ckpt, p_ckpt)] {
+                let err = (m as f64 - p as f64).abs() / p as f64;
+                if err > 0.10 {
+                    failures.push(format!(
+                        "ZeRO {zero} rank {rank} {what}: measured {:.1} MiB, plan {:.1} MiB ({:.0}% off)",
+                        mib(m),
+                        mib(p),
+                        err * 100.0
+                    ));
+                }
+            }
+        }
+    }
+    eprintln!("{}", table.join("\n"));
+    // ZeRO-2's reductions during the backward give the same training as stages 0 and 1.
+    for (zero, l) in all_losses.iter().enumerate().skip(1) {
+        for (a, b) in l.iter().zip(&all_losses[0]) {
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                "ZeRO {zero}: {l:?} vs {:?}",
+                all_losses[0]
+            );
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The pids of this test's `llava-trainer` processes (marked by `tag` in their environment)
+/// that torchrun started as `RANK=rank`.
+fn tagged_rank_pids(tag: &str, rank: usize) -> Vec<i32> {
+    let want_tag = format!("LLAVA_TEST_TAG={tag}");
+    let want_rank = format!("RANK={rank}");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        let vars: Vec<String> = env
+            .split(|&b| b == 0)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect();
+        let exe = std::fs::read_link(e.path().join("exe")).unwrap_or_default();
+        if vars.contains(&want_tag)
+            && vars.contains(&want_rank)
+            && exe.file_name().is_some_and(|n| n == "llava-trainer")
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[test]
+fn torchrun_max_restarts_resumes_from_the_last_checkpoint_after_a_killed_rank() {
+    let Some(mut cmd) = torchrun() else {
+        eprintln!("skipped torchrun --max-restarts: LLAVA_NO_TORCH=1");
+        return;
+    };
+    let dir = scratch("torchrun-restart");
+    let out = dir.join("run");
+    let tag = format!("restart-{}", std::process::id());
+    let mut args = run_args(&out, 1);
+    args.retain(|a| a != "--no-resume");
+    let pos = args.iter().position(|a| a == "--max-steps").expect("flag") + 1;
+    args[pos] = "12".into();
+    cmd.args([
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "1",
+        "--no-python",
+    ])
+    .args(["--master-port", &free_port().to_string()])
+    .arg(BIN)
+    .args(args)
+    .args(["--save-every", "1"])
+    .env("LLAVA_TEST_TAG", &tag)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let job = cmd.spawn().expect("torchrun starts");
+    // Once a checkpoint is complete, kill rank 1 as the OOM killer would.
+    let t0 = std::time::Instant::now();
+    while llava_trainer::checkpoint::list_checkpoints(&out).is_empty() {
+        assert!(t0.elapsed().as_secs() < 300, "no checkpoint within 300 s");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let victims = tagged_rank_pids(&tag, 1);
+    assert_eq!(victims.len(), 1, "one rank-1 process: {victims:?}");
+    // SAFETY: kill(2) on a pid this test's torchrun started.
+    assert_eq!(unsafe { libc::kill(victims[0], libc::SIGKILL) }, 0);
+    let done = ok(
+        job.wait_with_output().expect("torchrun"),
+        "torchrun --max-restarts 1",
+    );
+    let err = String::from_utf8_lossy(&done.stderr);
+    // The restarted workers resumed from a checkpoint and finished all 12 steps.
+    assert!(err.contains("resuming from"), "{err}");
+    let log = std::fs::read_to_string(out.join("log.jsonl")).expect("log");
+    let steps: Vec<u64> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["step"].as_u64())
+        .collect();
+    assert_eq!(steps, (1..=12).collect::<Vec<_>>(), "{err}");
+    let after = tagged_rank_pids(&tag, 1);
+    assert!(after.is_empty(), "workers left: {after:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}

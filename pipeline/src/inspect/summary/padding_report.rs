@@ -46,9 +46,21 @@ pub(super) fn modality_sections(
             })?),
             None => None,
         };
+        let across = match options.pack_length {
+            Some(n) if options.across_batches => {
+                let seed = options.seed.unwrap_or(m.settings.seed);
+                let in_modality = |i: usize| modality[i] == counts.modality;
+                Some(
+                    Packed::across_batches(&group, in_modality, &length, n, seed, world_size)
+                        .map_err(|e| InspectError::Usage(format!("{}: {e}", counts.modality)))?,
+                )
+            }
+            _ => None,
+        };
         paddings.push(ModalityPadding {
             modality: counts.modality.clone(),
             packed,
+            across,
             grouped: Padding::of(&grouped, world_size),
             random: Padding::of(
                 &random_batches(&lengths32, batch_size, m.settings.seed, &counts.modality),
@@ -69,12 +81,23 @@ pub(super) fn modality_sections(
                 pack_length: n,
                 ..Packed::default()
             }),
+            across: options
+                .pack_length
+                .filter(|_| options.across_batches)
+                .map(|n| Packed {
+                    pack_length: n,
+                    ..Packed::default()
+                }),
         },
         |acc, p| ModalityPadding {
             modality: acc.modality,
             grouped: acc.grouped.add(&p.grouped),
             random: acc.random.add(&p.random),
             packed: match (&acc.packed, &p.packed) {
+                (Some(a), Some(b)) => Some(a.add(b)),
+                _ => None,
+            },
+            across: match (&acc.across, &p.across) {
                 (Some(a), Some(b)) => Some(a.add(b)),
                 _ => None,
             },

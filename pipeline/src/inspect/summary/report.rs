@@ -15,6 +15,11 @@ pub struct SummaryOptions {
     pub bins: usize,
     /// Also report the grouped batches packed into rows of this many tokens.
     pub pack_length: Option<u32>,
+    /// With `pack_length`: also report the rows packed across batches, as the trainer's
+    /// `pack_across_batches` plan makes them in epoch 0 with `seed`.
+    pub across_batches: bool,
+    /// The training seed of that plan (default: the build's seed).
+    pub seed: Option<u64>,
 }
 
 impl Default for SummaryOptions {
@@ -24,6 +29,8 @@ impl Default for SummaryOptions {
             world_size: 1,
             bins: 16,
             pack_length: None,
+            across_batches: false,
+            seed: None,
         }
     }
 }
@@ -165,4 +172,7 @@ pub struct ModalityPadding {
     /// The grouped batches packed (with `--packing`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub packed: Option<Packed>,
+    /// Rows packed across batches, one row per micro-batch (with `--pack-across-batches`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub across: Option<Packed>,
 }
