@@ -29,6 +29,13 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 "$root/scripts/fetch-tokenizer.sh"
+# s3s-fs: the real S3 server (loopback only) that tests/object_store.rs starts, from crates.io
+# into ~/.cargo/bin when missing (1m40s with a warm sccache, 10-20 min on a clean 2-core machine).
+# 0.14.1 is the last release that builds with rustc < 1.96.
+if ! command -v s3s-fs >/dev/null && [[ ! -x ${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs ]]; then
+  echo "setup: installing s3s-fs 0.14.1 (cargo install, several minutes)"
+  cargo install --locked s3s-fs --version 0.14.1 --features binary
+fi
 # The venv for the Python package's tests (python/tests; maturin is only needed to install the
 # package, `pip install ./python`). Skipped with LLAVA_SKIP_PYTHON=1.
 if [[ $python != 1 ]]; then

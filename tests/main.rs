@@ -8,6 +8,7 @@ mod data_build;
 mod generate;
 mod inspect;
 mod integrity;
+mod object_store;
 mod pack_across;
 mod readme;
 mod recipe;

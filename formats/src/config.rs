@@ -111,6 +111,21 @@ impl ConfigError {
     }
 }
 
+/// Whether an output or shard location is a URL (`s3://…`, `gs://…`, `file:///…`) rather than a
+/// local path: `scheme://` with an ASCII scheme, as object stores name their locations.
+pub fn is_url(path: &Path) -> bool {
+    let Some(text) = path.to_str() else {
+        return false;
+    };
+    text.split_once("://").is_some_and(|(scheme, _)| {
+        !scheme.is_empty()
+            && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    })
+}
+
 /// `datasets.toml` as written (paths still relative to the file).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -442,7 +457,10 @@ impl DatasetsConfig {
 
     fn resolve_paths(&mut self, base: &Path) {
         let join = |p: &Path| base.join(p);
-        self.output = join(&self.output);
+        // `s3://bucket/prefix` is a location, not a relative folder named `s3:`.
+        if !is_url(&self.output) {
+            self.output = join(&self.output);
+        }
         self.tokenizer = join(&self.tokenizer);
         for source in &mut self.sources {
             source.json_as_written = source
@@ -503,6 +521,15 @@ template = "plain"
 image_aspect_ratio = "square"
 sampling = "first:3"
 "#;
+
+    #[test]
+    fn url_output_is_not_joined_to_the_config_folder() {
+        let c =
+            load_str(&GOOD.replace("output = \"out\"", "output = \"s3://bucket/run1\"")).unwrap();
+        assert_eq!(c.output, PathBuf::from("s3://bucket/run1"));
+        assert!(is_url(&c.output));
+        assert!(!is_url(Path::new("/data/s3:/x")) && !is_url(Path::new("out")));
+    }
 
     #[test]
     fn loads_and_resolves_relative_paths() {

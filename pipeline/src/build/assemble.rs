@@ -16,7 +16,7 @@ use super::pass1::Pass1;
 use super::shard::{record_path, ShardRecord};
 use super::{io_err, json_err, BuildContext, BuildError, SHARDS_DIR, WORK_DIR};
 
-const BUILD_RECORD: &str = "build.json";
+pub(crate) const BUILD_RECORD: &str = "build.json";
 
 /// What pass 1 and the plan decided: identical in every partition of a build.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -101,13 +101,32 @@ fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), BuildEr
 
 /// Joins the plan and every shard record into `manifest.json` and `rejects.jsonl`.
 pub fn assemble(output: &Path) -> Result<Manifest, BuildError> {
-    assemble_inner(output, None)
+    assemble_inner(output, None, &local_len(output))
+}
+
+/// The size of each finished shard file in a local output folder.
+fn local_len(output: &Path) -> impl Fn(&str) -> Option<u64> + '_ {
+    move |file| {
+        std::fs::metadata(output.join(SHARDS_DIR).join(file))
+            .ok()
+            .map(|m| m.len())
+    }
+}
+
+/// [`assemble`] of a build whose shards live elsewhere (a bucket: `super::sink`): `output` holds
+/// the work records, `shard_len` says each shard's stored size.
+pub(crate) fn assemble_sized(
+    output: &Path,
+    progress: Option<bool>,
+    shard_len: &dyn Fn(&str) -> Option<u64>,
+) -> Result<Manifest, BuildError> {
+    assemble_inner(output, progress, shard_len)
 }
 
 /// [`assemble`] for `llava-data merge`: a bar over the shard records on a terminal
 /// (`terminal`), else progress lines when `crate::progress::set_progress_log_interval` asked.
 pub fn assemble_with_progress(output: &Path, terminal: bool) -> Result<Manifest, BuildError> {
-    assemble_inner(output, Some(terminal))
+    assemble_inner(output, Some(terminal), &local_len(output))
 }
 
 fn read_build_record(output: &Path) -> Result<BuildRecord, BuildError> {
@@ -116,14 +135,19 @@ fn read_build_record(output: &Path) -> Result<BuildRecord, BuildError> {
     serde_json::from_str(&text).map_err(json_err(&build_path))
 }
 
-/// The record of shard `file` if the shard is finished (for this config, at its recorded size).
-fn finished_record(output: &Path, file: &str, config_sha256: &str) -> Option<ShardRecord> {
-    let shard_file = output.join(SHARDS_DIR).join(file);
+/// The record of shard `file` if the shard is finished (for this config, at its recorded size;
+/// `shard_len` says the stored size, local or in a bucket).
+fn finished_record(
+    output: &Path,
+    file: &str,
+    config_sha256: &str,
+    shard_len: &dyn Fn(&str) -> Option<u64>,
+) -> Option<ShardRecord> {
     std::fs::read_to_string(record_path(output, file))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .filter(|r: &ShardRecord| r.config_sha256 == config_sha256)
-        .filter(|r| std::fs::metadata(&shard_file).is_ok_and(|m| m.len() == r.info.bytes))
+        .filter(|r| shard_len(file) == Some(r.info.bytes))
 }
 
 /// Rejects in source order, then file order, then record order: independent of which pass or
@@ -160,7 +184,9 @@ pub fn write_rejects_so_far(output: &Path) -> Result<usize, BuildError> {
     let build = read_build_record(output)?;
     let mut rejects = build.pass1_rejects;
     for file in &build.shard_files {
-        if let Some(record) = finished_record(output, file, &build.base.config_sha256) {
+        if let Some(record) =
+            finished_record(output, file, &build.base.config_sha256, &local_len(output))
+        {
             rejects.extend(record.rejects);
         }
     }
@@ -169,7 +195,11 @@ pub fn write_rejects_so_far(output: &Path) -> Result<usize, BuildError> {
     Ok(rejects.len())
 }
 
-fn assemble_inner(output: &Path, progress: Option<bool>) -> Result<Manifest, BuildError> {
+fn assemble_inner(
+    output: &Path,
+    progress: Option<bool>,
+    shard_len: &dyn Fn(&str) -> Option<u64>,
+) -> Result<Manifest, BuildError> {
     let build = read_build_record(output)?;
     let mut manifest = build.base.clone();
     let source_index: BTreeMap<String, usize> = manifest
@@ -192,7 +222,7 @@ fn assemble_inner(output: &Path, progress: Option<bool>) -> Result<Manifest, Bui
         if let Some(b) = &bar {
             b.inc(1);
         }
-        let Some(record) = finished_record(output, file, &manifest.config_sha256) else {
+        let Some(record) = finished_record(output, file, &manifest.config_sha256, shard_len) else {
             missing.push(file.clone());
             continue;
         };
@@ -311,7 +341,7 @@ fn explain_counts(
             Ok(rows) => rows,
             Err(e) => return format!("{head} (reading {}: {e})", path.display()),
         };
-        let record = finished_record(output, file, &build.base.config_sha256);
+        let record = finished_record(output, file, &build.base.config_sha256, &local_len(output));
         let counted = record.as_ref().map_or(0, |r| r.written[source_pos]);
         if rows.len() as u64 != counted {
             let in_shard: Vec<String> = record

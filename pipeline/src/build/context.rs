@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use llava_formats::config::{ConfigError, DatasetsConfig, Pinpoints};
+use llava_formats::config::{is_url, ConfigError, DatasetsConfig, Pinpoints};
 use llava_imaging::{parse_pinpoints, AspectMode, DecodeLimits, MergeType};
 use sha2::{Digest, Sha256};
 
@@ -15,7 +15,11 @@ pub struct BuildContext {
     pub config: DatasetsConfig,
     pub config_path: PathBuf,
     pub config_sha256: String,
+    /// The output folder; for an object store output, the local work folder
+    /// ([`super::sink::work_folder`]) and the bucket is `remote`.
     pub output: PathBuf,
+    /// The object store of an `s3://…` (`gs://`, `az://`) output.
+    pub remote: Option<llava_storage::Location>,
     pub tokenizer: TextTokenizer,
     pub pinpoints: Vec<(u32, u32)>,
     pub merge: MergeType,
@@ -29,6 +33,24 @@ impl BuildContext {
         let file = config_path.display().to_string();
         let err = |key: &str, message: String| {
             BuildError::Config(ConfigError::at_key(&file, &text, key, message))
+        };
+        // An object store output is opened (and its credentials read) before any work starts.
+        let from_config = output.is_none();
+        let output = output
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| config.output.clone());
+        let remote = if is_url(&output) {
+            let url = output.to_string_lossy();
+            let location = llava_storage::Location::parse(&url).map_err(|e| {
+                if from_config {
+                    err("output", e.to_string())
+                } else {
+                    BuildError::Storage(e)
+                }
+            })?;
+            Some(location)
+        } else {
+            None
         };
         let pinpoints = match &config.image_grid_pinpoints {
             Pinpoints::Text(s) => {
@@ -95,14 +117,19 @@ impl BuildContext {
                 budget: budget.clone(),
             });
         }
-        let output = output
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| config.output.clone());
+        let output = match &remote {
+            Some(r) if r.is_remote() => super::sink::work_folder(r.url()),
+            // `file:///abs/path`: the folder itself.
+            Some(_) => url_path(&output),
+            None => output,
+        };
+        let remote = remote.filter(|r| r.is_remote());
         Ok(BuildContext {
             config_sha256: hex::encode(Sha256::digest(text.as_bytes())),
             config,
             config_path: config_path.to_path_buf(),
             output,
+            remote,
             tokenizer,
             pinpoints,
             merge,
@@ -116,4 +143,10 @@ impl BuildContext {
             .as_deref()
             .unwrap_or(Path::new("."))
     }
+}
+
+/// The local folder of a `file://` URL.
+fn url_path(output: &Path) -> PathBuf {
+    let text = output.to_string_lossy();
+    PathBuf::from(text.strip_prefix("file://").unwrap_or(&text))
 }

@@ -14,6 +14,7 @@ pub mod context;
 pub mod group;
 pub mod pass1;
 pub mod shard;
+pub mod sink;
 mod stage_clock;
 
 use std::path::{Path, PathBuf};
@@ -40,6 +41,9 @@ pub enum BuildError {
     },
     #[error("{0}")]
     Source(#[from] crate::record::SourceError),
+    /// An object store output (`s3://…`): a location, credentials, an upload.
+    #[error(transparent)]
+    Storage(#[from] llava_storage::StorageError),
     #[error("writing {path}: {source}")]
     Parquet {
         path: PathBuf,
@@ -178,6 +182,7 @@ pub fn build_with(ctx: &BuildContext, options: &BuildOptions) -> Result<BuildOut
     let plan = group::plan(ctx, &pass1.samples);
     let work = ctx.output.join(WORK_DIR);
     assemble::write_pass1_and_plan(&work, ctx, &pass1, &plan)?;
+    sink::upload_build_record(ctx)?;
     let started = std::time::Instant::now();
     let (written, skipped) = match shard::write_owned(ctx, &pass1, &plan, options, &mut times) {
         Ok(done) => done,
@@ -196,13 +201,16 @@ pub fn build_with(ctx: &BuildContext, options: &BuildOptions) -> Result<BuildOut
         }
     };
     times.pass2_s = started.elapsed().as_secs_f64();
-    let manifest = if options.partition == Partition::WHOLE {
-        Some(assemble::assemble(&ctx.output)?)
-    } else {
-        None
+    let manifest = match (&ctx.remote, options.partition == Partition::WHOLE) {
+        (_, false) => None,
+        (None, true) => Some(assemble::assemble(&ctx.output)?),
+        (Some(remote), true) => Some(sink::merge_remote(remote, &ctx.output, None)?),
     };
     Ok(BuildOutcome {
-        output: ctx.output.clone(),
+        output: ctx
+            .remote
+            .as_ref()
+            .map_or_else(|| ctx.output.clone(), |r| PathBuf::from(r.url())),
         shards_written: written,
         shards_skipped: skipped,
         pass1_reused: pass1.reused,

@@ -4,7 +4,6 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use llava_formats::config::DatasetsConfig;
 use llava_formats::manifest::{Modality, RejectEntry, ShardInfo};
@@ -19,10 +18,9 @@ use sha2::{Digest, Sha256};
 
 use super::group::{Plan, ShardPlan};
 use super::pass1::{progress_bar, Pass1};
+use super::sink::ShardOut;
 use super::stage_clock::{CpuClock, StageClocks};
-use super::{
-    io_err, json_err, BuildContext, BuildError, BuildOptions, BuildTimes, SHARDS_DIR, WORK_DIR,
-};
+use super::{io_err, BuildContext, BuildError, BuildOptions, BuildTimes, SHARDS_DIR, WORK_DIR};
 use crate::convert::{render, Prepared, Sample};
 
 /// What a finished shard holds, written beside the work files; `assemble` builds the manifest
@@ -100,6 +98,9 @@ fn shard_groups<'a>(plan: &'a Plan, shard: &ShardPlan) -> &'a [super::group::Gro
 
 /// A shard is finished when its file and record exist, for this config, with the recorded size.
 fn is_finished(ctx: &BuildContext, shard: &ShardPlan) -> bool {
+    if let Some(remote) = &ctx.remote {
+        return super::sink::is_finished_remote(ctx, remote, shard);
+    }
     let path = ctx.output.join(SHARDS_DIR).join(&shard.file);
     let Ok(text) = std::fs::read_to_string(record_path(&ctx.output, &shard.file)) else {
         return false;
@@ -127,7 +128,7 @@ fn write_shard(
 ) -> Result<ShardRecord, BuildError> {
     let final_path = ctx.output.join(SHARDS_DIR).join(&shard.file);
     let tmp_path = final_path.with_extension("parquet.tmp");
-    let file = HashingWriter::new(File::create(&tmp_path).map_err(io_err(&tmp_path))?);
+    let file = HashingWriter::new(super::sink::create(ctx, &shard.file, &tmp_path)?);
     let schema = shard_schema(ctx.config.tile_encoding);
     let parquet_err = |source: parquet::errors::ParquetError| BuildError::Parquet {
         path: tmp_path.clone(),
@@ -242,10 +243,6 @@ fn write_shard(
     })?;
     let (file, row_groups) = file;
     let (file, bytes, sha256) = file.finish();
-    let t = Instant::now();
-    file.sync_all().map_err(io_err(&tmp_path))?;
-    clocks.sync.add(t);
-    drop(file);
     let record = ShardRecord {
         config_sha256: ctx.config_sha256.clone(),
         info: ShardInfo {
@@ -263,13 +260,15 @@ fn write_shard(
         image_tokens: stats.image_tokens,
         truncated: stats.truncated,
     };
-    // The record first, the rename last: a shard file under its final name is always complete.
-    let record_file = record_path(&ctx.output, &shard.file);
-    let record_tmp = record_file.with_extension("json.tmp");
-    let json = serde_json::to_vec_pretty(&record).map_err(json_err(&record_tmp))?;
-    std::fs::write(&record_tmp, json).map_err(io_err(&record_tmp))?;
-    std::fs::rename(&record_tmp, &record_file).map_err(io_err(&record_file))?;
-    std::fs::rename(&tmp_path, &final_path).map_err(io_err(&final_path))?;
+    super::sink::commit(
+        ctx,
+        file,
+        &record,
+        &shard.file,
+        &tmp_path,
+        &final_path,
+        clocks,
+    )?;
     Ok(record)
 }
 
@@ -390,7 +389,7 @@ fn encode_tiles(sample: &Sample, config: &DatasetsConfig) -> Result<Vec<Vec<u8>>
 /// the next rows are rendered, and the fsync that ends the shard waits only for the last few MiB
 /// instead of the whole file (measured: docs/benchmarks.md).
 struct HashingWriter {
-    file: File,
+    file: ShardOut,
     hasher: Sha256,
     bytes: u64,
     unsynced: u64,
@@ -400,7 +399,7 @@ struct HashingWriter {
 const WRITEBACK_EVERY: u64 = 8 << 20;
 
 impl HashingWriter {
-    fn new(file: File) -> Self {
+    fn new(file: ShardOut) -> Self {
         Self {
             file,
             hasher: Sha256::new(),
@@ -410,7 +409,7 @@ impl HashingWriter {
     }
 
     /// (file, size, SHA-256 hex) of everything written.
-    fn finish(self) -> (File, u64, String) {
+    fn finish(self) -> (ShardOut, u64, String) {
         (self.file, self.bytes, hex::encode(self.hasher.finalize()))
     }
 
@@ -419,12 +418,12 @@ impl HashingWriter {
     fn start_writeback(&mut self) {
         self.unsynced = 0;
         #[cfg(target_os = "linux")]
-        {
+        if let Some(file) = self.file.file() {
             use std::os::fd::AsRawFd;
             // SAFETY: the descriptor is this open file's; offset 0 and length 0 mean "the whole
             // file", and SYNC_FILE_RANGE_WRITE only queues writeback.
             unsafe {
-                libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+                libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
             }
         }
     }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use llava_data::build::sink::{merge_remote, work_folder};
 use llava_data::build::{assemble::assemble_with_progress, build, BuildOptions, Partition};
 use llava_formats::manifest::Manifest;
 
@@ -15,7 +16,9 @@ use llava_formats::manifest::Manifest;
 pub struct BuildArgs {
     /// The mixture: `datasets.toml` (every key is documented in docs/configuration.md).
     config: PathBuf,
-    /// Output folder (overrides the config's `output`).
+    /// Output folder (overrides the config's `output`), or an object store URL: `s3://bucket/prefix`
+    /// (also S3-compatible servers via AWS_ENDPOINT_URL), `gs://…`, `az://…`; shards are uploaded
+    /// as they are written, the manifest last (docs/object-storage.md).
     #[arg(long)]
     output: Option<PathBuf>,
     /// Build only every N-th shard starting at i (`i/N`), e.g. from a Slurm array task or a
@@ -39,7 +42,7 @@ pub struct BuildArgs {
     after_help = "Examples:\n  llava-data merge /data/shards          # once every `build --partition i/N` is done\n  llava-data merge /data/shards --json   # the merged manifest as JSON\n\nThe merged output is identical to a single-machine build."
 )]
 pub struct MergeArgs {
-    /// The output folder that all partitions wrote into.
+    /// The output folder (or `s3://…` URL) that all partitions wrote into.
     output: PathBuf,
     /// Print the manifest summary as JSON on stdout.
     #[arg(long)]
@@ -101,8 +104,15 @@ pub fn run_build(args: BuildArgs) -> Result<()> {
 
 pub fn run_merge(args: MergeArgs) -> Result<()> {
     let terminal = progress_setup(args.progress_every)?;
-    let manifest = assemble_with_progress(&args.output, terminal)
-        .with_context(|| format!("merging {}", args.output.display()))?;
+    let manifest = if llava_formats::config::is_url(&args.output) {
+        // A bucket: the partitions' records are there; the manifest is assembled locally.
+        let url = args.output.to_string_lossy();
+        let remote = llava_storage::Location::parse(&url)?;
+        merge_remote(&remote, &work_folder(&url), Some(terminal))
+    } else {
+        assemble_with_progress(&args.output, terminal)
+    }
+    .with_context(|| format!("merging {}", args.output.display()))?;
     report(&manifest, args.json)
 }
 

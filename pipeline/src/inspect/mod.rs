@@ -15,6 +15,7 @@ pub mod html;
 pub mod padding;
 #[cfg(feature = "inspect")]
 pub mod plot;
+pub mod remote;
 pub mod sample;
 #[cfg(feature = "inspect")]
 pub mod summary;
@@ -57,6 +58,19 @@ pub enum InspectError {
     Image(String),
     #[error("{0}")]
     Usage(String),
+    /// An object store build (`s3://…`): the object and the reason.
+    #[error("{0}")]
+    Storage(String),
+}
+
+/// The object store of `dir` when it is a URL (`s3://…`, `gs://…`, `az://…`).
+pub fn remote(dir: &Path) -> Result<Option<llava_storage::Location>, InspectError> {
+    if !llava_formats::config::is_url(dir) {
+        return Ok(None);
+    }
+    llava_storage::Location::parse(&dir.to_string_lossy())
+        .map(Some)
+        .map_err(|e| InspectError::Storage(e.to_string()))
 }
 
 #[cfg(feature = "inspect")]
@@ -85,7 +99,14 @@ pub struct BuildDir {
 impl BuildDir {
     pub fn open(dir: &Path) -> Result<Self, InspectError> {
         let path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+        let text = match remote(dir)? {
+            // An object store (`s3://bucket/prefix`): `verify` fetches each shard in turn.
+            Some(location) => location
+                .read(MANIFEST_FILE)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .map_err(|e| InspectError::Storage(e.to_string()))?,
+            None => std::fs::read_to_string(&path).map_err(io_err(&path))?,
+        };
         let manifest = Manifest::from_json(&text).map_err(|e| InspectError::Manifest {
             path: path.clone(),
             reason: e.to_string(),
@@ -101,10 +122,34 @@ impl BuildDir {
         self.dir.join(file)
     }
 
+    /// Shard `shard` as a file for the Parquet and polars readers: the local file, or for a
+    /// bucket a sparse copy holding the footer and the ranges `want` picks ([`remote`]).
+    pub fn open_shard(
+        &self,
+        shard: &llava_formats::manifest::ShardInfo,
+        want: remote::Want,
+    ) -> Result<std::fs::File, InspectError> {
+        match remote(&self.dir)? {
+            Some(location) => remote::sparse_copy(&location, shard, want),
+            None => {
+                let path = self.shard_path(&shard.file);
+                std::fs::File::open(&path).map_err(io_err(&path))
+            }
+        }
+    }
+
     /// The entries of `rejects.jsonl` (none when the file does not exist).
     pub fn rejects(&self) -> Result<Vec<RejectEntry>, InspectError> {
         let path = self.dir.join(REJECTS_FILE);
-        let text = match std::fs::read_to_string(&path) {
+        let read = match remote(&self.dir)? {
+            Some(location) => match location.read(REJECTS_FILE) {
+                Ok(b) => Ok(String::from_utf8_lossy(&b).into_owned()),
+                Err(llava_storage::StorageError::Missing { .. }) => return Ok(Vec::new()),
+                Err(e) => return Err(InspectError::Storage(e.to_string())),
+            },
+            None => std::fs::read_to_string(&path),
+        };
+        let text = match read {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(io_err(&path)(e)),

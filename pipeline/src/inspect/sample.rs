@@ -1,7 +1,6 @@
 //! One sample as the model sees it: its tokens decoded back to text with the trained spans
 //! marked and its images as placeholders, and its tiles as one picture.
 
-use std::fs::File;
 use std::path::Path;
 
 use image::{Rgb, RgbImage};
@@ -11,7 +10,7 @@ use llava_formats::tile_codec::TileEncoding;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 
-use super::{io_err, BuildDir, InspectError};
+use super::{BuildDir, InspectError};
 use crate::tokenizer::TextTokenizer;
 
 /// Pixels between the base tile and the grid (and between the pictures of two images).
@@ -67,7 +66,10 @@ pub fn locate(build: &BuildDir, keys: &[String]) -> Result<Vec<RowAt>, InspectEr
             break;
         }
         let path = build.shard_path(&shard.file);
-        let file = File::open(&path).map_err(io_err(&path))?;
+        // On a bucket: only the id, source and index chunks.
+        let file = build.open_shard(shard, &|meta| {
+            super::remote::column_chunks(meta, Some(&[c::ID, c::SOURCE, c::INDEX]), None)
+        })?;
         let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(parquet_err(&path))?;
         let schema = builder.schema().clone();
         let roots = |names: &[&str]| -> Result<Vec<usize>, InspectError> {
@@ -208,7 +210,19 @@ fn read_shard_rows(
 ) -> Result<Vec<Found>, InspectError> {
     use parquet::arrow::arrow_reader::{RowSelection, RowSelector};
     let path = build.shard_path(&shard.file);
-    let file = File::open(&path).map_err(io_err(&path))?;
+    // On a bucket: every column of the row groups holding `positions`.
+    let file = build.open_shard(shard, &|meta| {
+        let mut groups = Vec::new();
+        let mut first = 0usize;
+        for (g, rg) in meta.row_groups().iter().enumerate() {
+            let n = rg.num_rows() as usize;
+            if positions.iter().any(|&p| p >= first && p < first + n) {
+                groups.push(g);
+            }
+            first += n;
+        }
+        super::remote::column_chunks(meta, None, Some(&groups))
+    })?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(parquet_err(&path))?;
     let rg_rows: Vec<usize> = builder
         .metadata()

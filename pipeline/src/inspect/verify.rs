@@ -102,15 +102,67 @@ fn sha256_of(path: &std::path::Path) -> std::io::Result<(u64, String)> {
     Ok((size, hex::encode(hasher.finalize())))
 }
 
+/// For a build in an object store: `shard` copied into a temporary folder (removed when the
+/// returned guard drops). `Ok(None)` for a local build.
+#[allow(clippy::type_complexity)]
+fn fetch_remote(
+    build: &BuildDir,
+    shard: &ShardInfo,
+) -> Result<Option<(tempdir::TempDir, std::path::PathBuf)>, String> {
+    let Some(location) = super::remote(&build.dir).map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    let dir = tempdir::TempDir::new().map_err(|e| format!("a temporary folder: {e}"))?;
+    let path = dir.0.join("shard.parquet");
+    match location.download(&shard.file, &path) {
+        Ok(_) => Ok(Some((dir, path))),
+        Err(llava_storage::StorageError::Missing { .. }) => Err("missing".into()),
+        Err(e) => Err(format!("cannot read: {e}")),
+    }
+}
+
+/// A temporary folder removed on drop (no extra dependency for one use).
+mod tempdir {
+    pub struct TempDir(pub std::path::PathBuf);
+
+    impl TempDir {
+        pub fn new() -> std::io::Result<Self> {
+            let dir = std::env::temp_dir().join(format!(
+                "llava-verify-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            std::fs::create_dir_all(&dir)?;
+            Ok(TempDir(dir))
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
 /// Checks one shard; returns the rows read.
 fn verify_shard(build: &BuildDir, shard: &ShardInfo, problems: &mut Vec<Problem>) -> u64 {
-    let path = build.shard_path(&shard.file);
     let mut problem = |what: String| {
         problems.push(Problem {
             file: shard.file.clone(),
             what,
         })
     };
+    // A bucket's shard is checked from a temporary local copy (one shard at a time).
+    let fetched = match fetch_remote(build, shard) {
+        Ok(f) => f,
+        Err(e) => {
+            problem(e);
+            return 0;
+        }
+    };
+    let path = fetched
+        .as_ref()
+        .map_or_else(|| build.shard_path(&shard.file), |(_, p)| p.clone());
     if !path.is_file() {
         problem("missing".into());
         return 0;
@@ -397,7 +449,22 @@ fn verify_inner(build: &BuildDir, progress: Option<bool>) -> VerifyReport {
     // Files in shards/ that the manifest does not list.
     let listed: BTreeSet<String> = m.shards.iter().map(|s| s.file.clone()).collect();
     let dir = build.dir.join(crate::build::SHARDS_DIR);
-    if let Ok(entries) = std::fs::read_dir(&dir) {
+    if let Ok(Some(location)) = super::remote(&build.dir) {
+        let mut extra: Vec<String> = location
+            .list(crate::build::SHARDS_DIR)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(key, _)| key)
+            .filter(|f| !listed.contains(f))
+            .collect();
+        extra.sort();
+        for f in extra {
+            report.warnings.push(Problem {
+                file: f,
+                what: "not in the manifest (ignored by trainers)".into(),
+            });
+        }
+    } else if let Ok(entries) = std::fs::read_dir(&dir) {
         let mut extra: Vec<String> = entries
             .filter_map(Result::ok)
             .map(|e| {

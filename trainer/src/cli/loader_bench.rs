@@ -23,9 +23,16 @@ Examples:
   llava-trainer loader-bench --shards out/example --world-size 8 --plan-memory
   llava-trainer loader-bench --shards /tmp/synth --make-synthetic 400 --json")]
 pub struct Args {
-    /// Folder with manifest.json and the shards.
+    /// Folder with manifest.json and the shards, or an object store URL (`s3://bucket/prefix`,
+    /// gs://, az://, https://): only the row groups read are fetched (docs/object-storage.md).
     #[arg(long)]
     shards: PathBuf,
+    /// With an object store --shards: keep fetched row groups in DIR (later epochs read locally).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// The cache's size cap, e.g. 200G.
+    #[arg(long, value_name = "SIZE", default_value = "100G", value_parser = llava_trainer::data::source::parse_size)]
+    cache_size: u64,
     /// Loader threads.
     #[arg(long, default_value_t = 16)]
     workers: usize,
@@ -104,6 +111,12 @@ pub fn run(args: Args) -> Result<()> {
             "wrote {samples} synthetic five-tile samples in {:.1}s",
             t.elapsed().as_secs_f64()
         );
+    }
+    if let Some(dir) = &args.cache_dir {
+        llava_trainer::data::source::set_cache(Some(llava_trainer::data::source::CacheOptions {
+            dir: dir.clone(),
+            max_bytes: args.cache_size,
+        }));
     }
     let opened = Instant::now();
     let index = ShardIndex::open(
@@ -194,6 +207,12 @@ pub fn run(args: Args) -> Result<()> {
         "wait_p99_ms": percentile(&steady, 0.99),
         "worker_p50_ms": percentile(&builds, 0.50),
         "worker_p99_ms": percentile(&builds, 0.99),
+        // `--shards s3://…`: ranged requests made, ranges served by --cache-dir, ranges evicted.
+        "object_store": index.remote.as_ref().map(|r| {
+            let s = r.cache_stats();
+            serde_json::json!({"fetches": s.fetches, "cache_hits": s.hits,
+                "cache_evictions": s.evictions, "cache_bytes": s.bytes})
+        }),
     });
     if args.json {
         println!("{result}");

@@ -178,6 +178,13 @@ pub struct Args {
     /// batch, a warning each, the count at the end and in log.jsonl) [default: stop].
     #[arg(long, value_name = "stop|skip")]
     on_corrupt: Option<String>,
+    /// With `--shards s3://…` (gs://, az://, https://): keep fetched row groups in DIR so that
+    /// later epochs read them locally (docs/object-storage.md) [default: no cache].
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// The cache's size cap, e.g. 200G [default: 100G].
+    #[arg(long, value_name = "SIZE", default_value = "100G", value_parser = llava_trainer::data::source::parse_size)]
+    cache_size: u64,
     /// JSONL of prompts (`generate --input` lines: {"id", "prompt", "images"}) that rank 0
     /// answers greedily every --eval-generate-every steps and at the end: printed, in log.jsonl
     /// and TensorBoard (text) [default: none].
@@ -242,7 +249,10 @@ pub(crate) fn merged(args: Args) -> Result<TrainConfig> {
             let base = p.parent().unwrap_or(std::path::Path::new("."));
             for key in PATH_KEYS {
                 if let Some(toml::Value::String(s)) = table.get_mut(key) {
-                    *s = base.join(&*s).display().to_string();
+                    // `s3://bucket/prefix` is a location, not a path relative to the file.
+                    if !llava_formats::config::is_url(std::path::Path::new(s.as_str())) {
+                        *s = base.join(&*s).display().to_string();
+                    }
                 }
             }
             table
@@ -436,6 +446,12 @@ fn layout(args: &Args) -> Result<Layout> {
 
 pub fn run(args: Args) -> Result<()> {
     let layout = layout(&args)?;
+    if let Some(dir) = &args.cache_dir {
+        llava_trainer::data::source::set_cache(Some(llava_trainer::data::source::CacheOptions {
+            dir: dir.clone(),
+            max_bytes: args.cache_size,
+        }));
+    }
     let rendezvous_timeout = Duration::try_from_secs_f64(args.rendezvous_timeout)
         .context("--rendezvous-timeout: a number of seconds")?;
     let collective_timeout = Duration::try_from_secs_f64(args.collective_timeout)

@@ -73,6 +73,11 @@ pub enum DataError {
     #[error("invalid plan request: {0}")]
     Plan(String),
 
+    /// An object store (`--shards s3://…`): a missing or changed object, credentials, a
+    /// request that failed after its retries.
+    #[error(transparent)]
+    Storage(#[from] llava_storage::StorageError),
+
     #[error("cannot resume: {0}")]
     Resume(String),
 

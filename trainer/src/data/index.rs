@@ -25,6 +25,7 @@ use parquet::arrow::ProjectionMask;
 use sha2::{Digest, Sha256};
 
 use super::error::{DataError, DataResult};
+use super::source;
 
 pub use llava_formats::manifest::Modality;
 
@@ -92,16 +93,23 @@ pub struct ShardIndex {
     pub samples: Vec<SampleRef>,
     /// Interned source names.
     pub sources: Vec<String>,
+    /// The object store the shards are read from (`--shards s3://…`); `None`: local files.
+    pub remote: Option<Arc<source::RemoteShards>>,
 }
 
 impl ShardIndex {
     /// Reads `dir/manifest.json` and the small columns of every shard it lists.
     pub fn open(dir: &Path, options: &IndexOptions) -> DataResult<Arc<Self>> {
         let manifest_path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&manifest_path).map_err(|source| DataError::Io {
-            path: manifest_path.clone(),
-            source,
-        })?;
+        let text = if source::is_remote(dir) {
+            let bytes = source::remote(dir)?.read(MANIFEST_FILE)?;
+            String::from_utf8_lossy(&bytes).into_owned()
+        } else {
+            std::fs::read_to_string(&manifest_path).map_err(|source| DataError::Io {
+                path: manifest_path.clone(),
+                source,
+            })?
+        };
         let manifest = Manifest::from_json(&text).map_err(|source| DataError::ManifestCheck {
             path: manifest_path.clone(),
             source,
@@ -145,6 +153,11 @@ impl ShardIndex {
             groups: Vec::new(),
             samples: Vec::new(),
             sources: Vec::new(),
+            remote: if source::is_remote(dir) {
+                Some(source::remote(dir)?)
+            } else {
+                None
+            },
         };
         // Reserve what the manifest lists (a corrupt count only costs a wrong reservation).
         let listed: u64 = manifest.shards.iter().map(|s| s.rows).sum();
@@ -164,7 +177,7 @@ impl ShardIndex {
                     .map(|info| {
                         scope.spawn(move || -> DataResult<(ShardFile, SmallColumns)> {
                             let file = open_shard(dir, info, options)?;
-                            let columns = read_small_columns(&file)?;
+                            let columns = read_small_columns(dir, &file)?;
                             Ok((file, columns))
                         })
                     })
@@ -331,51 +344,17 @@ const MAX_OPEN_THREADS: usize = 16;
 /// Opens a shard, checks size, optional checksum, version, schema and row-group count.
 fn open_shard(dir: &Path, info: &ShardInfo, options: &IndexOptions) -> DataResult<ShardFile> {
     let path = dir.join(&info.file);
-    let mut file = File::open(&path).map_err(|source| DataError::MissingShard {
-        path: path.clone(),
-        source,
-    })?;
-    let size = file
-        .metadata()
-        .map_err(|source| DataError::Io {
-            path: path.clone(),
-            source,
-        })?
-        .len();
-    if size != info.bytes {
-        return Err(DataError::ShardSize {
-            path,
-            expected: info.bytes,
-            found: size,
-        });
-    }
-    if options.verify_checksums {
-        let found = sha256_file(&mut file).map_err(|source| DataError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        if !found.eq_ignore_ascii_case(&info.sha256) {
-            return Err(DataError::Checksum {
-                path,
-                expected: info.sha256.clone(),
-                found,
-            });
-        }
-    }
+    let metadata = if source::is_remote(dir) {
+        remote_footer(dir, info, options)?
+    } else {
+        local_footer(&path, info, options)?
+    };
     let corrupt = |detail: String| DataError::Corrupt {
         path: path.clone(),
         row_group: None,
         detail,
     };
     let modality = info.modality;
-    let metadata =
-        ArrowReaderMetadata::load(&file, ArrowReaderOptions::new()).map_err(|source| {
-            DataError::Parquet {
-                path: path.clone(),
-                row_group: None,
-                source,
-            }
-        })?;
     // The writer's key-value metadata (schema version) travels in the Arrow schema.
     let kv: HashMap<String, String> = metadata
         .schema()
@@ -429,6 +408,85 @@ fn open_shard(dir: &Path, info: &ShardInfo, options: &IndexOptions) -> DataResul
     })
 }
 
+/// A shard in an object store: its size (and ETag, kept for every later range) checked, the
+/// optional checksum streamed, the footer read with one or two ranged requests.
+fn remote_footer(
+    dir: &Path,
+    info: &ShardInfo,
+    options: &IndexOptions,
+) -> DataResult<ArrowReaderMetadata> {
+    let remote = source::remote(dir)?;
+    let path = dir.join(&info.file);
+    remote.open(&info.file, info.bytes)?;
+    if options.verify_checksums {
+        let mut hasher = Sha256::new();
+        remote.stream(&info.file, info.bytes, |b| hasher.update(b))?;
+        let found = hex::encode(hasher.finalize());
+        if !found.eq_ignore_ascii_case(&info.sha256) {
+            return Err(DataError::Checksum {
+                path,
+                expected: info.sha256.clone(),
+                found,
+            });
+        }
+    }
+    let footer = remote.footer(&info.file, info.bytes)?;
+    ArrowReaderMetadata::load(&footer, ArrowReaderOptions::new()).map_err(|source| {
+        DataError::Parquet {
+            path,
+            row_group: None,
+            source,
+        }
+    })
+}
+
+/// A local shard file: size, optional checksum, footer.
+fn local_footer(
+    path: &Path,
+    info: &ShardInfo,
+    options: &IndexOptions,
+) -> DataResult<ArrowReaderMetadata> {
+    let path = path.to_path_buf();
+    let mut file = File::open(&path).map_err(|source| DataError::MissingShard {
+        path: path.clone(),
+        source,
+    })?;
+    let size = file
+        .metadata()
+        .map_err(|source| DataError::Io {
+            path: path.clone(),
+            source,
+        })?
+        .len();
+    if size != info.bytes {
+        return Err(DataError::ShardSize {
+            path,
+            expected: info.bytes,
+            found: size,
+        });
+    }
+    if options.verify_checksums {
+        let found = sha256_file(&mut file).map_err(|source| DataError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        if !found.eq_ignore_ascii_case(&info.sha256) {
+            return Err(DataError::Checksum {
+                path,
+                expected: info.sha256.clone(),
+                found,
+            });
+        }
+    }
+    ArrowReaderMetadata::load(&file, ArrowReaderOptions::new()).map_err(|source| {
+        DataError::Parquet {
+            path: path.to_path_buf(),
+            row_group: None,
+            source,
+        }
+    })
+}
+
 fn sha256_file(file: &mut File) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -467,16 +525,12 @@ impl SmallColumns {
     }
 }
 
-fn read_small_columns(file: &ShardFile) -> DataResult<SmallColumns> {
+fn read_small_columns(dir: &Path, file: &ShardFile) -> DataResult<SmallColumns> {
     let parquet_err = |source| DataError::Parquet {
         path: file.path.clone(),
         row_group: None,
         source,
     };
-    let handle = File::open(&file.path).map_err(|source| DataError::MissingShard {
-        path: file.path.clone(),
-        source,
-    })?;
     let wanted = [
         col::SOURCE,
         col::INDEX,
@@ -490,12 +544,37 @@ fn read_small_columns(file: &ShardFile) -> DataResult<SmallColumns> {
         .iter()
         .filter_map(|name| schema.index_of(name).ok())
         .collect();
-    let mask = ProjectionMask::roots(file.metadata.parquet_schema(), roots);
-    let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(handle, file.metadata.clone())
-        .with_projection(mask)
-        .with_batch_size(64 * 1024)
-        .build()
-        .map_err(parquet_err)?;
+    let mask = ProjectionMask::roots(file.metadata.parquet_schema(), roots.clone());
+    let reader = if source::is_remote(dir) {
+        // Only the small columns' chunks of every row group are fetched (never the tiles).
+        let meta = file.metadata.metadata();
+        let mut ranges = Vec::new();
+        for rg in meta.row_groups() {
+            for (i, c) in rg.columns().iter().enumerate() {
+                let root = file.metadata.parquet_schema().get_column_root_idx(i);
+                if roots.contains(&root) {
+                    let (start, len) = c.byte_range();
+                    ranges.push(start..start + len);
+                }
+            }
+        }
+        let parts = source::remote(dir)?.ranges(&file.info.file, ranges, file.info.bytes)?;
+        ParquetRecordBatchReaderBuilder::new_with_metadata(parts, file.metadata.clone())
+            .with_projection(mask)
+            .with_batch_size(64 * 1024)
+            .build()
+            .map_err(parquet_err)?
+    } else {
+        let handle = File::open(&file.path).map_err(|source| DataError::MissingShard {
+            path: file.path.clone(),
+            source,
+        })?;
+        ParquetRecordBatchReaderBuilder::new_with_metadata(handle, file.metadata.clone())
+            .with_projection(mask)
+            .with_batch_size(64 * 1024)
+            .build()
+            .map_err(parquet_err)?
+    };
     let mut out = SmallColumns::default();
     let mut names: HashMap<String, u32> = HashMap::new();
     for batch in reader {

@@ -16,6 +16,7 @@ mod pack_across;
 pub mod plan;
 mod read;
 pub mod rng;
+pub mod source;
 pub mod synthetic;
 
 pub use collate::{Batch, ImageInfo, PixelFormat, Pixels, SampleId, PAD_ID};

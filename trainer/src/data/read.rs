@@ -213,23 +213,29 @@ impl ShardReader {
                 hi = hi.max(start as u64 + len as u64);
             }
         }
-        let file = match self.files.entry(shard_id) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(File::open(path).map_err(|source| DataError::MissingShard {
-                    path: path.clone(),
-                    source,
-                })?)
-            }
+        // An object store (`--shards s3://…`) serves the same range (`super::source`).
+        let data = if let Some(remote) = &index.remote {
+            remote.read_range(&shard.info.file, lo..hi)?
+        } else {
+            let file = match self.files.entry(shard_id) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(File::open(path).map_err(|source| DataError::MissingShard {
+                        path: path.clone(),
+                        source,
+                    })?)
+                }
+            };
+            let mut buf = vec![0u8; (hi - lo) as usize];
+            file.seek(SeekFrom::Start(lo))
+                .and_then(|_| file.read_exact(&mut buf))
+                .map_err(|e| corrupt(first_rg, format!("cannot read bytes {lo}..{hi}: {e}")))?;
+            Bytes::from(buf)
         };
-        let mut buf = vec![0u8; (hi - lo) as usize];
-        file.seek(SeekFrom::Start(lo))
-            .and_then(|_| file.read_exact(&mut buf))
-            .map_err(|e| corrupt(first_rg, format!("cannot read bytes {lo}..{hi}: {e}")))?;
-        let bytes_read = buf.len() as u64;
+        let bytes_read = data.len() as u64;
         let chunk = RangeReader {
             offset: lo,
-            data: Bytes::from(buf),
+            data,
             file_len: shard.info.bytes,
         };
 

@@ -1,7 +1,6 @@
 //! The summary's input: the small columns of every shard (never `tiles`, never `input_ids`), one
 //! row per sample, as a polars frame; and the typed columns read back out of aggregated frames.
 
-use std::fs::File;
 use std::path::Path;
 
 use llava_formats::constants::IGNORE_INDEX;
@@ -10,7 +9,7 @@ use polars::prelude::*;
 use polars_io::parquet::read::ParquetReader;
 use polars_io::SerReader;
 
-use crate::inspect::{io_err, BuildDir, InspectError};
+use crate::inspect::{BuildDir, InspectError};
 
 /// The columns the summary reads (the list ones are small: one element per image, or per token
 /// for `labels`).
@@ -37,8 +36,16 @@ fn polars_at(path: &Path) -> impl Fn(PolarsError) -> InspectError + '_ {
 }
 
 /// Reads one shard's small columns and reduces them to one row per sample.
-fn read_shard(path: &Path) -> Result<DataFrame, InspectError> {
-    let file = File::open(path).map_err(io_err(path))?;
+fn read_shard(
+    build: &BuildDir,
+    shard: &llava_formats::manifest::ShardInfo,
+) -> Result<DataFrame, InspectError> {
+    let path = &build.shard_path(&shard.file);
+    // On a bucket only these columns' chunks are fetched.
+    let names: Vec<&str> = COLUMNS.iter().copied().chain([IMAGE_NUM_TILES]).collect();
+    let file = build.open_shard(shard, &|meta| {
+        crate::inspect::remote::column_chunks(meta, Some(&names), None)
+    })?;
     let columns = COLUMNS
         .iter()
         .chain([&IMAGE_NUM_TILES])
@@ -89,7 +96,7 @@ fn read_shard(path: &Path) -> Result<DataFrame, InspectError> {
 pub fn read_rows(build: &BuildDir) -> Result<DataFrame, InspectError> {
     let mut all: Option<DataFrame> = None;
     for shard in &build.manifest.shards {
-        let df = read_shard(&build.shard_path(&shard.file))?;
+        let df = read_shard(build, shard)?;
         match all.as_mut() {
             None => all = Some(df),
             Some(a) => {
