@@ -260,7 +260,11 @@ impl SlurmCluster {
 impl Drop for SlurmCluster {
     fn drop(&mut self) {
         let script = llava_test_support::repo_root().join("scripts/slurm-local.sh");
-        Command::new(script).arg("stop").arg(&self.dir).status().ok();
+        Command::new(script)
+            .arg("stop")
+            .arg(&self.dir)
+            .status()
+            .ok();
         std::fs::remove_dir_all(&self.dir).ok();
     }
 }
@@ -283,10 +287,7 @@ fn real_slurm_srun_and_sbatch_train_with_2_cpu_ranks() {
     assert_matches_reference("srun", &losses(&out));
 
     let out = dir.join("sbatch");
-    let quoted: Vec<String> = run_args(&out, 1)
-        .iter()
-        .map(|a| format!("'{a}'"))
-        .collect();
+    let quoted: Vec<String> = run_args(&out, 1).iter().map(|a| format!("'{a}'")).collect();
     let script = dir.join("train.sbatch");
     std::fs::write(
         &script,
