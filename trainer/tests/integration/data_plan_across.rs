@@ -1,5 +1,5 @@
 //! The plan packing across batches (`pack_across_batches`): every sample once per epoch at any
-//! world size, one modality per row, rows within the pack length and mostly full, token balance
+//! world size, one modality per row (but the epoch's final pooled rows), rows within the pack length and mostly full, token balance
 //! as the batch-wise plan's, determinism, and resumes (same and other world sizes) that
 //! continue the same rows.
 
@@ -54,7 +54,8 @@ fn keys(index: &ShardIndex, b: &PlannedBatch) -> Vec<Key> {
         .collect()
 }
 
-/// Checks one rank-by-step list of batches: one row each, within capacity, one modality.
+/// Checks one rank-by-step list of batches: one row each, within capacity, one modality or
+/// (`modality` None) really several.
 fn check_batch(index: &ShardIndex, b: &PlannedBatch, capacity: u32) {
     if b.is_empty() {
         return;
@@ -63,11 +64,22 @@ fn check_batch(index: &ShardIndex, b: &PlannedBatch, capacity: u32) {
     let tokens: u64 = b.samples.iter().map(|s| u64::from(s.length)).sum();
     assert_eq!(tokens, b.tokens);
     assert!(tokens <= u64::from(capacity), "{tokens} > {capacity}");
-    let m = b.modality.expect("modality");
-    for p in &b.parts {
-        let g = index.batches[p.batch].group;
-        let info = index.groups.iter().find(|x| x.id == g).expect("group");
-        assert_eq!(info.modality, m, "a row mixes modalities");
+    let modalities: Vec<_> = b
+        .parts
+        .iter()
+        .map(|p| {
+            let g = index.batches[p.batch].group;
+            index
+                .groups
+                .iter()
+                .find(|x| x.id == g)
+                .expect("group")
+                .modality
+        })
+        .collect();
+    match b.modality {
+        Some(m) => assert!(modalities.iter().all(|&x| x == m), "a row mixes modalities"),
+        None => assert!(modalities.iter().any(|&x| x != modalities[0]), "not mixed"),
     }
 }
 
