@@ -485,7 +485,7 @@ pub fn format_summary(s: &Summary) -> String {
                 "  {:<8} {:>7} rows  fill {:>6}  padding {:>6}{}",
                 name,
                 a.rows,
-                pct(a.fill),
+                if a.rows == 0 { "-".into() } else { pct(a.fill) },
                 pct(a.padding.efficiency),
                 if steps {
                     format!("  per step {}", pct(a.padding.step_efficiency))

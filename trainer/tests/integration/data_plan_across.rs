@@ -245,7 +245,7 @@ fn the_loader_reads_rows_that_span_batches_groups_and_shards() {
     assert!(index.shards.len() > 2, "{} shards", index.shards.len());
     let capacity = 5 * longest(&index);
     let plan = EpochPlan::new(&index, &across(2, capacity), &DataState::new(0)).expect("plan");
-    let mut spanning = 0;
+    let (mut spanning, mut mixed) = (0, 0);
     for rank in 0..2 {
         let planned = plan.rank(rank).expect("rank");
         spanning += planned
@@ -280,8 +280,35 @@ fn the_loader_reads_rows_that_span_batches_groups_and_shards() {
             assert_eq!(b.rows, p.rows);
             assert_eq!(b.num_rows(), usize::from(!p.is_empty()));
             assert_eq!(b.input_ids.len(), b.seq_len * b.num_rows());
+            assert_eq!(b.modality, p.modality);
+            if p.modality.is_none() && !p.is_empty() {
+                mixed += 1;
+            }
+            // Each sample's images (a row may mix image and text samples): one placeholder each,
+            // in the sample's own segment of its row.
+            for (r, (row, segs)) in b.rows.iter().zip(&b.segments).enumerate() {
+                let mut at = r * b.seq_len;
+                for (&sample, &n) in row.iter().zip(segs) {
+                    let placeholders = b.input_ids[at..at + n]
+                        .iter()
+                        .filter(|&&t| t == llava_formats::constants::IMAGE_TOKEN_INDEX as i32)
+                        .count();
+                    let images = b.images.iter().filter(|m| m.sample == sample).count();
+                    assert_eq!(placeholders, images, "step {} sample {sample}", p.step);
+                    assert!(b
+                        .images
+                        .iter()
+                        .filter(|m| m.sample == sample)
+                        .all(|m| m.row == r));
+                    at += n;
+                }
+            }
         }
     }
+    assert!(
+        mixed > 0,
+        "no row mixes modalities: the test does not test that"
+    );
     assert!(
         spanning > 0,
         "no row spans two shards: the test does not test that"
