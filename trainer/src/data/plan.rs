@@ -160,10 +160,11 @@ impl PlannedBatch {
                 "source": index.source_name(s),
                 "index": s.index,
             })).collect::<Vec<_>>(),
+            // null for an empty batch, "mixed" for a final pooled row of several modalities.
             "modality": match self.modality {
-                Some(m) => m.as_str(),
-                None if self.is_empty() => "none",
-                None => "mixed",
+                Some(m) => Some(m.as_str()),
+                None if self.is_empty() => None,
+                None => Some("mixed"),
             },
             "rows": self.rows,
             "tokens": self.tokens,

@@ -291,7 +291,7 @@ fn the_loader_reads_rows_that_span_batches_groups_and_shards() {
                 for (&sample, &n) in row.iter().zip(segs) {
                     let placeholders = b.input_ids[at..at + n]
                         .iter()
-                        .filter(|&&t| t == llava_formats::constants::IMAGE_TOKEN_INDEX as i32)
+                        .filter(|&&t| t == llava_formats::constants::IMAGE_TOKEN_INDEX)
                         .count();
                     let images = b.images.iter().filter(|m| m.sample == sample).count();
                     assert_eq!(placeholders, images, "step {} sample {sample}", p.step);
