@@ -5,9 +5,12 @@
 //!
 //! Order: the groups in their seeded (seed, epoch) order ([`epoch_group_order`], the order of
 //! the batch-wise plan), each group's samples in shard row order. Each modality has its own
-//! buffer: rows never mix modalities, as batches never do. After a group arrives, rows leave its
-//! modality's buffer while the buffer holds at least [`LOOKAHEAD_ROWS`] rows' worth of tokens;
-//! at the end of the epoch every buffer is emptied (modalities in the order first seen).
+//! buffer: while streaming, rows never mix modalities, as batches never do. After a group
+//! arrives, rows leave its modality's buffer while the buffer holds at least [`LOOKAHEAD_ROWS`]
+//! rows' worth of tokens. At the end of the epoch the leftovers of **all** modalities are pooled
+//! (modalities in the order first seen) and packed together, so a small remainder of one
+//! modality shares the last rows of another instead of taking a nearly empty row of its own:
+//! only these final rows may mix modalities (their key is `None`).
 //!
 //! A row while streaming: the **oldest** waiting sample first (so no sample waits long and the
 //! epoch keeps roughly its shuffled order), then repeatedly the longest waiting sample that
@@ -35,12 +38,13 @@ pub fn epoch_group_order(groups: usize, seed: u64, epoch: u64) -> Vec<u32> {
     order
 }
 
-/// One packed row: samples of one `key` (modality) whose lengths sum to `tokens` ≤ capacity,
-/// in the order they were placed.
+/// One packed row: samples whose lengths sum to `tokens` ≤ capacity, in the order they were
+/// placed, each with its `key` (modality). `key` is the row's one key, or `None` for a row that
+/// mixes keys (only among the epoch's final pooled rows).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row<K, T> {
-    pub key: K,
-    pub samples: Vec<T>,
+    pub key: Option<K>,
+    pub samples: Vec<(K, T)>,
     pub tokens: u64,
 }
 
@@ -109,19 +113,40 @@ impl<K: Copy + Eq, T: Copy> AcrossBatches<K, T> {
         }
         let threshold = LOOKAHEAD_ROWS * u64::from(capacity);
         while buffer.tokens >= threshold && !buffer.waiting.is_empty() {
-            let row = take_row(buffer, capacity, false);
-            self.ready.push_back(row);
+            let key = buffer.key;
+            let (samples, tokens) = take_row(buffer, capacity, false);
+            self.ready.push_back(Row {
+                key: Some(key),
+                samples: samples.into_iter().map(|s| (key, s)).collect(),
+                tokens,
+            });
         }
         Ok(())
     }
 
-    /// The end of the epoch: every waiting sample into rows, longest first.
+    /// The end of the epoch: every waiting sample of every modality, pooled, into rows, longest
+    /// first.
     pub fn finish(&mut self) {
+        let mut pool = Buffer {
+            key: (),
+            waiting: Vec::new(),
+            tokens: 0,
+        };
         for buffer in &mut self.buffers {
-            while !buffer.waiting.is_empty() {
-                let row = take_row(buffer, self.capacity, true);
-                self.ready.push_back(row);
-            }
+            let key = buffer.key;
+            pool.waiting
+                .extend(buffer.waiting.drain(..).map(|(s, l)| ((key, s), l)));
+            pool.tokens += std::mem::take(&mut buffer.tokens);
+        }
+        while !pool.waiting.is_empty() {
+            let (samples, tokens) = take_row(&mut pool, self.capacity, true);
+            let first = samples[0].0;
+            let key = samples.iter().all(|s| s.0 == first).then_some(first);
+            self.ready.push_back(Row {
+                key,
+                samples,
+                tokens,
+            });
         }
     }
 
@@ -142,15 +167,15 @@ fn longest_fitting<T>(waiting: &[(T, u32)], room: u32) -> Option<usize> {
     best
 }
 
-/// One row out of `buffer`. Streaming: its oldest sample, then the longest that still fits until
+/// One row out of `buffer` (its samples and tokens). Streaming: its oldest sample, then the longest that still fits until
 /// none does (greedy: cheap enough to replay a whole epoch on resume). Emptying
 /// (`longest_first`): its longest sample, then the subset of the others that fills the room
 /// best ([`best_subset`]; greedy where that table would be too large).
-fn take_row<K: Copy, T: Copy>(
+fn take_row<K, T: Copy>(
     buffer: &mut Buffer<K, T>,
     capacity: u32,
     longest_first: bool,
-) -> Row<K, T> {
+) -> (Vec<T>, u64) {
     let first = if longest_first {
         longest_fitting(&buffer.waiting, capacity).unwrap_or(0)
     } else {
@@ -178,11 +203,7 @@ fn take_row<K: Copy, T: Copy>(
     }
     let tokens = u64::from(capacity - room);
     buffer.tokens -= tokens;
-    Row {
-        key: buffer.key,
-        samples,
-        tokens,
-    }
+    (samples, tokens)
 }
 
 /// Table cells (samples × (room + 1) bits) above which [`best_subset`] gives up.
@@ -289,7 +310,7 @@ mod tests {
     }
 
     #[test]
-    fn every_sample_once_one_modality_per_row_and_no_row_over_capacity() {
+    fn every_sample_once_one_modality_per_row_but_the_final_pooled_ones_none_over_capacity() {
         let mut rng = SplitMix64::new(7);
         for (groups, per_group, max, capacity) in [
             (0, 4, 10, 16),
@@ -307,12 +328,23 @@ mod tests {
                 .flat_map(|(_, s)| s.iter().map(|x| x.1))
                 .collect();
             let rows = pack_epoch(input, capacity).unwrap();
-            let mut seen: Vec<usize> = rows.iter().flat_map(|r| r.samples.clone()).collect();
+            let mut seen: Vec<usize> = rows
+                .iter()
+                .flat_map(|r| r.samples.iter().map(|s| s.1))
+                .collect();
             seen.sort_unstable();
             assert_eq!(seen, (0..groups * per_group).collect::<Vec<_>>());
             for r in &rows {
-                assert!(r.samples.iter().all(|&s| key_of[s] == r.key));
-                let sum: u64 = r.samples.iter().map(|&s| u64::from(length_of[s])).sum();
+                assert!(r.samples.iter().all(|&(k, s)| key_of[s] == k));
+                match r.key {
+                    Some(k) => assert!(r.samples.iter().all(|s| s.0 == k)),
+                    None => assert!(r.samples.iter().any(|s| s.0 != r.samples[0].0)),
+                }
+                let sum: u64 = r
+                    .samples
+                    .iter()
+                    .map(|&(_, s)| u64::from(length_of[s]))
+                    .sum();
                 assert_eq!(sum, r.tokens);
                 assert!(r.tokens <= u64::from(capacity));
             }
@@ -322,7 +354,7 @@ mod tests {
     #[test]
     fn rows_fill_up_across_groups() {
         // 400 groups of 8 samples of 100..3000 tokens (LLaVA-like), rows of 8192: one partial
-        // row per modality at the end, the rest nearly full.
+        // pooled row at the end, the rest nearly full.
         let mut rng = SplitMix64::new(11);
         let input: Vec<_> = random_groups(&mut rng, 400, 8, 2900)
             .into_iter()
@@ -368,8 +400,24 @@ mod tests {
         let mut packer = AcrossBatches::new(10);
         packer.push_group(0u8, samples).unwrap();
         let first = packer.pop().unwrap();
-        assert_eq!(first.samples[0], 0);
+        assert_eq!(first.samples[0], (0, 0));
+        assert_eq!(first.key, Some(0));
         assert_eq!(first.tokens, 10);
+    }
+
+    #[test]
+    fn only_the_final_pooled_rows_mix_modalities() {
+        // Capacity 10, threshold 80: modality 0 streams rows of 6 + 4; the leftovers 6 (key 0)
+        // and 4 (key 1) share the last row instead of two rows of 6 and 4.
+        let a: Vec<(usize, u32)> = (0..17)
+            .map(|i| (i, if i % 2 == 0 { 6 } else { 4 }))
+            .collect();
+        let rows = pack_epoch([(0u8, a), (1u8, vec![(17, 4)])], 10).unwrap();
+        assert_eq!(rows.len(), 9);
+        assert!(rows.iter().all(|r| r.tokens == 10));
+        let last = rows.last().unwrap();
+        assert_eq!(last.key, None);
+        assert!(rows[..8].iter().all(|r| r.key == Some(0)));
     }
 
     #[test]

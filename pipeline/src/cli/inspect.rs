@@ -467,23 +467,25 @@ pub fn format_summary(s: &Summary) -> String {
     if let Some(k) = &p.total.across {
         let _ = writeln!(
             o,
-            "\n  packed across batches: rows of <= {} tokens of one modality, one row per micro-batch \
+            "\n  packed across batches: rows of <= {} tokens of one modality (the epoch's last rows, \
+             of the pooled leftovers, may mix them), one row per micro-batch \
              (llava-trainer run --pack-across-batches, epoch 0)",
             k.pack_length
         );
-        for m in p.modalities.iter().chain([&p.total]) {
-            let Some(a) = &m.across else { continue };
-            let name = if m.modality == "*" {
-                "(all)"
-            } else {
-                &m.modality
-            };
+        let mixed = p.across_mixed.as_ref().map(|a| ("mixed", a));
+        let rows = p
+            .modalities
+            .iter()
+            .filter_map(|m| m.across.as_ref().map(|a| (m.modality.as_str(), a)))
+            .chain(mixed)
+            .chain(p.total.across.as_ref().map(|a| ("(all)", a)));
+        for (name, a) in rows {
             let _ = writeln!(
                 o,
                 "  {:<8} {:>7} rows  fill {:>6}  padding {:>6}{}",
                 name,
                 a.rows,
-                pct(a.fill),
+                if a.rows == 0 { "-".into() } else { pct(a.fill) },
                 pct(a.padding.efficiency),
                 if steps {
                     format!("  per step {}", pct(a.padding.step_efficiency))

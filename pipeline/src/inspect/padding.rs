@@ -117,48 +117,60 @@ impl Packed {
         })
     }
 
-    /// The rows the trainer's `pack_across_batches` plan makes of one modality in epoch 0
-    /// (`llava_formats::pack_stream`), each row one micro-batch: `group` and `length` per shard
-    /// row in shard order, `keep` picks the modality's rows. Groups are numbered in order of
-    /// first appearance, as the trainer's index numbers them, and walked in the seeded epoch
-    /// order.
-    pub fn across_batches(
+    /// The rows the trainer's `pack_across_batches` plan makes in epoch 0
+    /// (`llava_formats::pack_stream`), each row one micro-batch: `group`, `modality` and
+    /// `length` per shard row in shard order. Groups are numbered in order of first appearance,
+    /// as the trainer's index numbers them, and walked in the seeded epoch order. Each row is
+    /// `(modality, tokens)`, the modality `None` for the epoch's final pooled rows that mix
+    /// modalities.
+    pub fn across_batches_rows(
         group: &[u64],
-        keep: impl Fn(usize) -> bool,
+        modality: &[String],
         length: &[u64],
         pack_length: u32,
         seed: u64,
-        world_size: usize,
-    ) -> Result<Packed, TooLong> {
+    ) -> Result<Vec<(Option<String>, u32)>, TooLong> {
         let mut number: HashMap<u64, usize> = HashMap::new();
-        let mut samples: Vec<Vec<(usize, u32)>> = Vec::new();
+        let mut names: Vec<&str> = Vec::new();
+        let mut samples: Vec<(usize, Vec<(usize, u32)>)> = Vec::new();
         for (i, &g) in group.iter().enumerate() {
             let next = number.len();
             let n = *number.entry(g).or_insert(next);
             if n == samples.len() {
-                samples.push(Vec::new());
+                let m = match names.iter().position(|&x| x == modality[i]) {
+                    Some(m) => m,
+                    None => {
+                        names.push(&modality[i]);
+                        names.len() - 1
+                    }
+                };
+                samples.push((m, Vec::new()));
             }
-            if keep(i) {
-                samples[n].push((i, length[i] as u32));
-            }
+            samples[n].1.push((i, length[i] as u32));
         }
         let order = epoch_group_order(samples.len(), seed, 0);
         let groups = order
             .iter()
-            .map(|&g| ((), std::mem::take(&mut samples[g as usize])))
+            .map(|&g| std::mem::take(&mut samples[g as usize]))
             .filter(|(_, s)| !s.is_empty());
         let rows = pack_epoch(groups, pack_length)?;
-        let row_batches: Vec<Vec<u32>> = rows.iter().map(|r| vec![r.tokens as u32]).collect();
+        Ok(rows
+            .iter()
+            .map(|r| (r.key.map(|m| names[m].to_string()), r.tokens as u32))
+            .collect())
+    }
+
+    /// Rows of one micro-batch each, of `tokens` real tokens.
+    pub fn of_rows(tokens: &[u32], pack_length: u32, world_size: usize) -> Packed {
+        let row_batches: Vec<Vec<u32>> = tokens.iter().map(|&t| vec![t]).collect();
         let padding = Padding::of(&row_batches, world_size);
-        Ok(Packed {
+        let rows = tokens.len() as u64;
+        Packed {
             pack_length,
-            rows: rows.len() as u64,
-            fill: ratio(
-                padding.real_tokens,
-                rows.len() as u64 * u64::from(pack_length),
-            ),
+            rows,
+            fill: ratio(padding.real_tokens, rows * u64::from(pack_length)),
             padding,
-        })
+        }
     }
 
     /// Sum of two (the modalities of one build); ratios recomputed.

@@ -156,8 +156,8 @@ pub struct Args {
     #[arg(long)]
     pack_length: Option<u32>,
     /// Pack across batch boundaries (implies --packing): each micro-batch is one row of up to
-    /// --pack-length tokens of one modality, filled from the following groups too (fewer,
-    /// fuller steps; every sample once per epoch; `llava-data inspect --pack-across-batches`
+    /// --pack-length tokens of one modality (the epoch's last rows may mix), filled from the
+    /// following groups too (fewer, fuller steps; every sample once per epoch; `llava-data inspect --pack-across-batches`
     /// reports its fill).
     #[arg(long)]
     pack_across_batches: bool,

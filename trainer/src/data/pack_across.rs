@@ -1,7 +1,9 @@
 //! The plan's units when packing across batches (`pack_across_batches = true`): each unit is
 //! one row of at most `pack_length` tokens, filled from the samples of one modality across
 //! batch and group boundaries by [`llava_formats::pack_stream`] (the same code as
-//! `llava-data inspect --pack-across-batches`).
+//! `llava-data inspect --pack-across-batches`). Only the epoch's final rows, packed from the
+//! pooled leftovers of all modalities, may mix image and text samples (their planned
+//! `modality` is `None`).
 //!
 //! The rows are a pure function of (shard index, seed, epoch, pack length), made one at a time
 //! in order; the plan gives them to ranks exactly as it gives batches (token-balanced windows,
@@ -100,7 +102,7 @@ impl RowUnits {
 /// A row's samples in shard order (batch, then row), as consecutive row slices: the order the
 /// reader reads them in.
 fn unit_of(index: &ShardIndex, row: &Row<Modality, Item>) -> Unit {
-    let mut items = row.samples.clone();
+    let mut items: Vec<Item> = row.samples.iter().map(|s| s.1).collect();
     items.sort_unstable_by_key(|&(_, b, r)| (b, r));
     let group = items.first().map_or(0, |&(g, _, _)| g as usize);
     let mut parts: Vec<RowSlice> = Vec::new();

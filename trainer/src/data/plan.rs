@@ -131,7 +131,8 @@ pub struct PlannedBatch {
     pub epoch: u64,
     pub step: u64,
     pub rank: usize,
-    /// `None` only for an empty batch (see the module doc).
+    /// The samples' one modality; `None` for an empty batch (see the module doc) or a row that
+    /// mixes modalities (only the epoch's final rows when packing across batches).
     pub modality: Option<Modality>,
     /// Consecutive built batches of one shard, in order; empty for an empty batch.
     pub parts: Vec<RowSlice>,
@@ -159,7 +160,12 @@ impl PlannedBatch {
                 "source": index.source_name(s),
                 "index": s.index,
             })).collect::<Vec<_>>(),
-            "modality": self.modality.map(Modality::as_str),
+            // null for an empty batch, "mixed" for a final pooled row of several modalities.
+            "modality": match self.modality {
+                Some(m) => Some(m.as_str()),
+                None if self.is_empty() => None,
+                None => Some("mixed"),
+            },
             "rows": self.rows,
             "tokens": self.tokens,
         })
@@ -910,11 +916,21 @@ fn planned(
                 .copied()
         })
         .collect();
+    // One modality, unless the unit is a final pooled row packed across batches.
+    let modality_of = |p: &RowSlice| index.shards[index.batches[p.batch].shard].modality;
+    let first = unit
+        .parts
+        .first()
+        .map_or(index.groups[unit.group].modality, modality_of);
     PlannedBatch {
         epoch,
         step,
         rank,
-        modality: Some(index.groups[unit.group].modality),
+        modality: unit
+            .parts
+            .iter()
+            .all(|p| modality_of(p) == first)
+            .then_some(first),
         parts: unit.parts,
         rows: Vec::new(),
         samples,

@@ -96,8 +96,8 @@ pub struct TrainConfig {
     #[serde(default)]
     pub pack_length: Option<u32>,
     /// Pack across batch boundaries (implies `packing`): each micro-batch is one row of up to
-    /// `pack_length` tokens of one modality, filled from the following groups (fewer, fuller
-    /// steps; docs/training.md). Changes the steps per epoch: a trajectory key.
+    /// `pack_length` tokens of one modality (the epoch's last rows, of the pooled leftovers, may
+    /// mix), filled from the following groups (fewer, fuller steps; docs/training.md). Changes the steps per epoch: a trajectory key.
     #[serde(default)]
     pub pack_across_batches: bool,
     /// A held-out `llava-data build` folder: its mean loss and supervised token count (no

@@ -1,5 +1,5 @@
 //! The plan packing across batches (`pack_across_batches`): every sample once per epoch at any
-//! world size, one modality per row, rows within the pack length and mostly full, token balance
+//! world size, one modality per row (but the epoch's final pooled rows), rows within the pack length and mostly full, token balance
 //! as the batch-wise plan's, determinism, and resumes (same and other world sizes) that
 //! continue the same rows.
 
@@ -54,7 +54,8 @@ fn keys(index: &ShardIndex, b: &PlannedBatch) -> Vec<Key> {
         .collect()
 }
 
-/// Checks one rank-by-step list of batches: one row each, within capacity, one modality.
+/// Checks one rank-by-step list of batches: one row each, within capacity, one modality or
+/// (`modality` None) really several.
 fn check_batch(index: &ShardIndex, b: &PlannedBatch, capacity: u32) {
     if b.is_empty() {
         return;
@@ -63,11 +64,22 @@ fn check_batch(index: &ShardIndex, b: &PlannedBatch, capacity: u32) {
     let tokens: u64 = b.samples.iter().map(|s| u64::from(s.length)).sum();
     assert_eq!(tokens, b.tokens);
     assert!(tokens <= u64::from(capacity), "{tokens} > {capacity}");
-    let m = b.modality.expect("modality");
-    for p in &b.parts {
-        let g = index.batches[p.batch].group;
-        let info = index.groups.iter().find(|x| x.id == g).expect("group");
-        assert_eq!(info.modality, m, "a row mixes modalities");
+    let modalities: Vec<_> = b
+        .parts
+        .iter()
+        .map(|p| {
+            let g = index.batches[p.batch].group;
+            index
+                .groups
+                .iter()
+                .find(|x| x.id == g)
+                .expect("group")
+                .modality
+        })
+        .collect();
+    match b.modality {
+        Some(m) => assert!(modalities.iter().all(|&x| x == m), "a row mixes modalities"),
+        None => assert!(modalities.iter().any(|&x| x != modalities[0]), "not mixed"),
     }
 }
 
@@ -233,7 +245,7 @@ fn the_loader_reads_rows_that_span_batches_groups_and_shards() {
     assert!(index.shards.len() > 2, "{} shards", index.shards.len());
     let capacity = 5 * longest(&index);
     let plan = EpochPlan::new(&index, &across(2, capacity), &DataState::new(0)).expect("plan");
-    let mut spanning = 0;
+    let (mut spanning, mut mixed) = (0, 0);
     for rank in 0..2 {
         let planned = plan.rank(rank).expect("rank");
         spanning += planned
@@ -268,8 +280,35 @@ fn the_loader_reads_rows_that_span_batches_groups_and_shards() {
             assert_eq!(b.rows, p.rows);
             assert_eq!(b.num_rows(), usize::from(!p.is_empty()));
             assert_eq!(b.input_ids.len(), b.seq_len * b.num_rows());
+            assert_eq!(b.modality, p.modality);
+            if p.modality.is_none() && !p.is_empty() {
+                mixed += 1;
+            }
+            // Each sample's images (a row may mix image and text samples): one placeholder each,
+            // in the sample's own segment of its row.
+            for (r, (row, segs)) in b.rows.iter().zip(&b.segments).enumerate() {
+                let mut at = r * b.seq_len;
+                for (&sample, &n) in row.iter().zip(segs) {
+                    let placeholders = b.input_ids[at..at + n]
+                        .iter()
+                        .filter(|&&t| t == llava_formats::constants::IMAGE_TOKEN_INDEX)
+                        .count();
+                    let images = b.images.iter().filter(|m| m.sample == sample).count();
+                    assert_eq!(placeholders, images, "step {} sample {sample}", p.step);
+                    assert!(b
+                        .images
+                        .iter()
+                        .filter(|m| m.sample == sample)
+                        .all(|m| m.row == r));
+                    at += n;
+                }
+            }
         }
     }
+    assert!(
+        mixed > 0,
+        "no row mixes modalities: the test does not test that"
+    );
     assert!(
         spanning > 0,
         "no row spans two shards: the test does not test that"

@@ -24,6 +24,22 @@ pub(super) fn modality_sections(
     let group = u64s(rows, c::GROUP)?;
     let batch_size = options.batch_size.unwrap_or(m.grouping.batch_size).max(1);
     let world_size = options.world_size.max(1);
+    // Packed across batches: all modalities at once (the epoch's final rows may mix them).
+    let across_rows = match options.pack_length {
+        Some(n) if options.across_batches => {
+            let seed = options.seed.unwrap_or(m.settings.seed);
+            Some(
+                Packed::across_batches_rows(&group, &modality, &length, n, seed)
+                    .map_err(|e| InspectError::Usage(format!("packing across batches: {e}")))?,
+            )
+        }
+        _ => None,
+    };
+    let across_of = |keep: &dyn Fn(&Option<String>) -> bool| {
+        let (rows, n) = (across_rows.as_ref()?, options.pack_length?);
+        let tokens: Vec<u32> = rows.iter().filter(|r| keep(&r.0)).map(|r| r.1).collect();
+        Some(Packed::of_rows(&tokens, n, world_size))
+    };
     let mut modalities = Vec::new();
     let mut paddings = Vec::new();
     for counts in per_modality {
@@ -46,17 +62,7 @@ pub(super) fn modality_sections(
             })?),
             None => None,
         };
-        let across = match options.pack_length {
-            Some(n) if options.across_batches => {
-                let seed = options.seed.unwrap_or(m.settings.seed);
-                let in_modality = |i: usize| modality[i] == counts.modality;
-                Some(
-                    Packed::across_batches(&group, in_modality, &length, n, seed, world_size)
-                        .map_err(|e| InspectError::Usage(format!("{}: {e}", counts.modality)))?,
-                )
-            }
-            _ => None,
-        };
+        let across = across_of(&|k| k.as_deref() == Some(counts.modality.as_str()));
         paddings.push(ModalityPadding {
             modality: counts.modality.clone(),
             packed,
@@ -72,7 +78,7 @@ pub(super) fn modality_sections(
             counts,
         });
     }
-    let total = paddings.iter().fold(
+    let mut total = paddings.iter().fold(
         ModalityPadding {
             modality: "*".into(),
             grouped: Padding::default(),
@@ -103,6 +109,8 @@ pub(super) fn modality_sections(
             },
         },
     );
+    total.across = across_of(&|_| true);
+    let across_mixed = across_of(&|k| k.is_none()).filter(|p| p.rows > 0);
     let report = PaddingReport {
         batch_size,
         world_size,
@@ -111,6 +119,7 @@ pub(super) fn modality_sections(
             m.settings.seed
         ),
         modalities: paddings,
+        across_mixed,
         total,
     };
     Ok((modalities, report))

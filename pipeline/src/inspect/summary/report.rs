@@ -159,6 +159,10 @@ pub struct PaddingReport {
     /// How the random baseline was drawn.
     pub random: String,
     pub modalities: Vec<ModalityPadding>,
+    /// With `--pack-across-batches`: the epoch's final rows that mix modalities (the pooled
+    /// leftovers); the modalities' `across` count only their rows of one modality, `total` all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub across_mixed: Option<Packed>,
     pub total: ModalityPadding,
 }
 
