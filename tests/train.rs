@@ -227,7 +227,7 @@ fn data_parallel_threads() {
     let (d, _) = weights_diff(&ck(&a), &ck(&b));
     println!("world 2 × accum 1 vs world 1 × accum 2: max abs {d:e}");
     assert!(d < 1e-6, "{d}");
-    // ZeRO stages shard state, not arithmetic.
+    // ZeRO stages shard state, not arithmetic (ZeRO-2: up to the order of the sum).
     for zero in [1, 2] {
         let (_, z) = run(
             &format!("w2a2z{zero}"),
@@ -238,7 +238,14 @@ fn data_parallel_threads() {
             RunOptions::default(),
         );
         let (d, same) = weights_diff(&ck(&w2), &ck(&z));
-        assert!(same, "ZeRO-{zero} differs from ZeRO-0 by {d:e}");
+        if zero == 1 {
+            assert!(same, "ZeRO-1 differs from ZeRO-0 by {d:e}");
+        } else {
+            // ZeRO-2 reduces each micro-batch's gradients to their owner as the backward makes
+            // them, so with grad_accum 2 it sums (rank 0 + rank 1) per micro-batch where ZeRO-0
+            // sums each rank's micro-batches first: the same sum in another f32 order.
+            assert!(d < 1e-6, "ZeRO-2 differs from ZeRO-0 by {d:e}");
+        }
     }
     // Checkpointed at world 4 after step 1, resumed at world 2 (accum 2: the same global batch)
     // and at world 1 (accum 4).
