@@ -15,7 +15,7 @@ export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace --locked "$@" 2>&1 | tee "$log" || status=$?
+cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 if [[ ${LLAVA_SKIP_PYTHON:-0} != 1 ]]; then
   start=$SECONDS
   junit=$(mktemp --suffix .xml)
