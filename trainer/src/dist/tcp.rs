@@ -198,16 +198,9 @@ impl TcpGroup {
         deadline: Instant,
         what: &str,
     ) -> Result<()> {
-        let mut pos = 0;
-        while pos < buf.len() {
-            match s.read(&mut buf[pos..]) {
-                Ok(0) => return Err(self.lost(peer, what)),
-                Ok(n) => pos += n,
-                Err(e) if retry(&e) => self.check(peer, deadline, what)?,
-                Err(_) => return Err(self.lost(peer, what)),
-            }
-        }
-        Ok(())
+        self.transfer_all(buf.len(), peer, deadline, what, |pos| {
+            s.read(&mut buf[pos..])
+        })
     }
 
     fn write_full(
@@ -218,9 +211,23 @@ impl TcpGroup {
         deadline: Instant,
         what: &str,
     ) -> Result<()> {
+        self.transfer_all(buf.len(), peer, deadline, what, |pos| s.write(&buf[pos..]))
+    }
+
+    /// Calls `step(pos)` (one `read` or `write` from byte `pos`) until `len` bytes moved; a
+    /// timeout or interruption checks the deadline and the peer, a closed or failed socket is
+    /// the peer lost.
+    fn transfer_all(
+        &self,
+        len: usize,
+        peer: usize,
+        deadline: Instant,
+        what: &str,
+        mut step: impl FnMut(usize) -> io::Result<usize>,
+    ) -> Result<()> {
         let mut pos = 0;
-        while pos < buf.len() {
-            match s.write(&buf[pos..]) {
+        while pos < len {
+            match step(pos) {
                 Ok(0) => return Err(self.lost(peer, what)),
                 Ok(n) => pos += n,
                 Err(e) if retry(&e) => self.check(peer, deadline, what)?,
