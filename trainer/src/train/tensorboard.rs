@@ -70,12 +70,7 @@ impl EventWriter {
             value.extend_from_slice(&(*v as f32).to_le_bytes());
             put_bytes(&mut summary, 1, &value);
         }
-        let mut event = Vec::new();
-        put_double(&mut event, 1, wall_time());
-        put_key(&mut event, 2, 0);
-        put_varint(&mut event, step);
-        put_bytes(&mut event, 5, &summary);
-        self.record(&event)
+        self.summary_event(step, &summary)
     }
 
     /// One event at `step` holding every `(tag, text)` as a text summary (markdown, shown by
@@ -98,11 +93,16 @@ impl EventWriter {
             put_bytes(&mut value, 9, &metadata);
             put_bytes(&mut summary, 1, &value);
         }
+        self.summary_event(step, &summary)
+    }
+
+    /// An `Event` (wall time, step, `summary`) written as one record.
+    fn summary_event(&mut self, step: u64, summary: &[u8]) -> Result<()> {
         let mut event = Vec::new();
         put_double(&mut event, 1, wall_time());
         put_key(&mut event, 2, 0);
         put_varint(&mut event, step);
-        put_bytes(&mut event, 5, &summary);
+        put_bytes(&mut event, 5, summary);
         self.record(&event)
     }
 
