@@ -114,9 +114,11 @@ impl ConfigError {
 /// Whether an output or shard location is a URL (`s3://…`, `gs://…`, `file:///…`) rather than a
 /// local path: `scheme://` with an ASCII scheme, as object stores name their locations.
 pub fn is_url(path: &Path) -> bool {
-    let Some(text) = path.to_str() else {
-        return false;
-    };
+    path.to_str().is_some_and(is_url_str)
+}
+
+/// [`is_url`] of a string: the one rule, shared with `llava-storage`.
+pub fn is_url_str(text: &str) -> bool {
     text.split_once("://").is_some_and(|(scheme, _)| {
         !scheme.is_empty()
             && scheme.starts_with(|c: char| c.is_ascii_alphabetic())

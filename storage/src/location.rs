@@ -15,21 +15,9 @@ use object_store::{
 use crate::error::{credential_hint, StorageError};
 use crate::{block_on, Result};
 
-pub use llava_url::is_url;
-
-/// Kept apart so that `llava-formats` (which has no object_store) can share the rule.
-mod llava_url {
-    /// Whether `text` is a URL (`s3://…`, `gs://…`, `file:///…`) rather than a local path.
-    pub fn is_url(text: &str) -> bool {
-        text.split_once("://").is_some_and(|(scheme, _)| {
-            !scheme.is_empty()
-                && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
-                && scheme
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
-        })
-    }
-}
+/// Whether `text` is a URL (`s3://…`, `gs://…`, `file:///…`) rather than a local path: the
+/// rule `datasets.toml` and every CLI use (`llava_formats::config`).
+pub use llava_formats::config::is_url_str as is_url;
 
 /// Size and ETag of an object, as listed or first read.
 #[derive(Debug, Clone, PartialEq, Eq)]
