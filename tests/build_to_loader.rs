@@ -6,33 +6,13 @@ use std::path::Path;
 
 use llava_data::build::{build, BuildOptions, Partition};
 use llava_e2e::*;
-use llava_trainer::data::{
-    DataState, EpochPlan, IndexOptions, Loader, LoaderConfig, PixelFormat, Pixels, PlanConfig,
-    ShardIndex,
-};
+use llava_trainer::data::{IndexOptions, Pixels, ShardIndex};
 
 /// (source, index) → the sample's tiles as the loader hands them over (u8, CHW, concatenated).
 fn load_all(out: &Path) -> HashMap<(String, u64), Vec<u8>> {
     let index = ShardIndex::open(out, &IndexOptions::default()).expect("index opens");
-    let cfg = PlanConfig {
-        seed: 1,
-        world_size: 1,
-        batch_size: None,
-        pack_length: None,
-        across_batches: false,
-    };
-    let planned = EpochPlan::new(&index, &cfg, &DataState::new(0))
-        .expect("plan")
-        .rank(0)
-        .expect("rank 0");
-    let config = LoaderConfig {
-        workers: 2,
-        prefetch: 3,
-        pixels: PixelFormat::U8,
-        on_corrupt: Default::default(),
-    };
     let mut samples = HashMap::new();
-    for batch in Loader::new(index.clone(), planned, &config).expect("loader") {
+    for batch in epoch0_u8_loader(&index, 1, 3, Default::default()).expect("loader") {
         let batch = batch.expect("batch loads");
         let Pixels::U8(pixels) = &batch.pixels else {
             panic!("asked for u8 pixels");

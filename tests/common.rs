@@ -309,3 +309,31 @@ pub fn tiny_model(dir: &Path) -> PathBuf {
     checkpoint::save_hf_model(&out, &cfg, &varmap, None).expect("save");
     out
 }
+
+/// A u8-pixel loader (2 workers) over epoch 0 of `index` as rank 0 of 1, batches as the build
+/// grouped them: how the build-to-loader, integrity and object-store tests read a build back.
+pub fn epoch0_u8_loader(
+    index: &std::sync::Arc<llava_trainer::data::ShardIndex>,
+    seed: u64,
+    prefetch: usize,
+    on_corrupt: llava_trainer::data::OnCorrupt,
+) -> llava_trainer::data::DataResult<llava_trainer::data::Loader> {
+    use llava_trainer::data::{
+        DataState, EpochPlan, Loader, LoaderConfig, PixelFormat, PlanConfig,
+    };
+    let cfg = PlanConfig {
+        seed,
+        world_size: 1,
+        batch_size: None,
+        pack_length: None,
+        across_batches: false,
+    };
+    let planned = EpochPlan::new(index, &cfg, &DataState::new(0))?.rank(0)?;
+    let config = LoaderConfig {
+        workers: 2,
+        prefetch,
+        pixels: PixelFormat::U8,
+        on_corrupt,
+    };
+    Loader::new(std::sync::Arc::clone(index), planned, &config)
+}

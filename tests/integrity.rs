@@ -5,7 +5,6 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use arrow_array::RecordBatch;
 use llava_e2e::*;
@@ -13,8 +12,8 @@ use llava_formats::manifest::Manifest;
 use llava_formats::schema::{batch_to_rows, col, rows_to_batch, writer_properties, ShardRow};
 use llava_formats::tile_codec::TileEncoding;
 use llava_trainer::data::{
-    CorruptRow, DataError, DataState, EpochPlan, IndexOptions, Loader, LoaderConfig, Modality,
-    OnCorrupt, PixelFormat, PlanConfig, ShardIndex,
+    CorruptRow, DataError, DataState, EpochPlan, IndexOptions, Modality, OnCorrupt, PlanConfig,
+    ShardIndex,
 };
 use llava_trainer::train::{self, TrainConfig};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -176,25 +175,8 @@ fn flip_token_id(out: &Path, t: &Target) -> String {
 /// and skipped.
 fn load_epoch(out: &Path, on_corrupt: OnCorrupt) -> (Option<DataError>, usize, Vec<CorruptRow>) {
     let index = ShardIndex::open(out, &IndexOptions::default()).expect("index");
-    let cfg = PlanConfig {
-        seed: SEED,
-        world_size: 1,
-        batch_size: None,
-        pack_length: None,
-        across_batches: false,
-    };
-    let planned = EpochPlan::new(&index, &cfg, &DataState::new(0))
-        .expect("plan")
-        .rank(0)
-        .expect("rank 0");
-    let config = LoaderConfig {
-        workers: 2,
-        prefetch: 2,
-        pixels: PixelFormat::U8,
-        on_corrupt,
-    };
     let (mut samples, mut skipped) = (0, Vec::new());
-    for batch in Loader::new(Arc::clone(&index), planned, &config).expect("loader") {
+    for batch in epoch0_u8_loader(&index, SEED, 2, on_corrupt).expect("loader") {
         match batch {
             Ok(b) => {
                 samples += b.batch_size();

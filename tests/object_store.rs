@@ -19,10 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use llava_trainer::checkpoint;
 use llava_trainer::data::source::{set_cache, CacheOptions};
-use llava_trainer::data::{
-    DataState, EpochPlan, IndexOptions, Loader, LoaderConfig, PixelFormat, Pixels, PlanConfig,
-    ShardIndex,
-};
+use llava_trainer::data::{IndexOptions, Pixels, ShardIndex};
 use llava_trainer::train::{self, Control, RunOptions, TrainConfig};
 
 const BUCKET: &str = "llava";
@@ -129,30 +126,13 @@ fn options(output: Option<&str>) -> BuildOptions {
     }
 }
 
-/// Every batch of epoch 0 (rank 0 of 1) as (sample ids, u8 pixels), or the first error.
 /// Each batch's sample ids and u8 pixels.
 type Batches = Vec<(Vec<String>, Vec<u8>)>;
 
+/// Every batch of epoch 0 (rank 0 of 1) as (sample ids, u8 pixels), or the first error.
 fn load_all(index: std::sync::Arc<ShardIndex>) -> Result<Batches, String> {
-    let cfg = PlanConfig {
-        seed: 1,
-        world_size: 1,
-        batch_size: None,
-        pack_length: None,
-        across_batches: false,
-    };
-    let planned = EpochPlan::new(&index, &cfg, &DataState::new(0))
-        .expect("plan")
-        .rank(0)
-        .expect("rank 0");
-    let config = LoaderConfig {
-        workers: 2,
-        prefetch: 2,
-        pixels: PixelFormat::U8,
-        on_corrupt: Default::default(),
-    };
     let mut out = Vec::new();
-    for batch in Loader::new(index.clone(), planned, &config).map_err(|e| e.to_string())? {
+    for batch in epoch0_u8_loader(&index, 1, 2, Default::default()).map_err(|e| e.to_string())? {
         let batch = batch.map_err(|e| e.to_string())?;
         let Pixels::U8(pixels) = &batch.pixels else {
             panic!("asked for u8 pixels");
