@@ -19,7 +19,7 @@ rm -rf "$out.new"
 mkdir -p "$out.new/fixture/model"
 echo "gpu-prepare: compressing $(du -h "$bin" | cut -f1) binary with xz -9"
 xz -9 -T0 -c "$bin" >"$out.new/llava-trainer.xz"
-# What `llava-trainer parity` reads (trainer/src/parity.rs): model/, inputs, expected, fixture.json.
+# What `llava-trainer parity` reads (trainer/src/diag/parity.rs): model/, inputs, expected, fixture.json.
 cp "$fixture"/{inputs.safetensors,expected.safetensors,fixture.json} "$out.new/fixture/"
 cp "$fixture"/model/{config.json,model.safetensors} "$out.new/fixture/model/"
 python3 - "$out.new" "$bin" <<'EOF'

@@ -20,9 +20,9 @@ from transformers import LlavaNextImageProcessor, LlavaNextProcessor, PreTrained
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OUT = ROOT / "fixtures/chat-templates/golden.json"
 
-# What our checkpoints carry (trainer/src/hf_tokenizer.rs LLAVA_LLAMA3_CHAT_TEMPLATE).
+# What our checkpoints carry (trainer/src/io/hf_tokenizer.rs LLAVA_LLAMA3_CHAT_TEMPLATE).
 def llava_llama3():
-    src = (ROOT / "trainer/src/hf_tokenizer.rs").read_text()
+    src = (ROOT / "trainer/src/io/hf_tokenizer.rs").read_text()
     start = src.index("pub const LLAVA_LLAMA3_CHAT_TEMPLATE: &str = concat!(")
     body = src[start:src.index(");", start)]
     parts = []

@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use llava_data::build::{build, BuildOptions, Partition};
+use llava_data::shard_build::{build, BuildOptions, Partition};
 use llava_e2e::*;
-use llava_trainer::data::{IndexOptions, Pixels, ShardIndex};
+use llava_loader::{IndexOptions, Pixels, ShardIndex};
 
 /// (source, index) → the sample's tiles as the loader hands them over (u8, CHW, concatenated).
 fn load_all(out: &Path) -> HashMap<(String, u64), Vec<u8>> {

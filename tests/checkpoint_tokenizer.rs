@@ -1,4 +1,4 @@
-//! Which tokenizer a run's checkpoints carry (`llava_trainer::checkpoint_tokenizer`, issue 31):
+//! Which tokenizer a run's checkpoints carry (`llava_trainer::io::checkpoint_tokenizer`, issue 31):
 //! the model folder's, else the run's `--tokenizer`, else the manifest's file when its SHA-256
 //! matches; with none, advice naming why and how to add one. (The README's path, in
 //! `readme.rs`, checks the manifest case end to end with the binaries.)
@@ -7,8 +7,8 @@ use std::path::Path;
 
 use llava_e2e::*;
 use llava_formats::manifest::Manifest;
-use llava_trainer::checkpoint_tokenizer::{resolve, TokenizerSource};
-use llava_trainer::init::ModelSource;
+use llava_trainer::io::checkpoint_tokenizer::{resolve, TokenizerSource};
+use llava_trainer::io::init::ModelSource;
 
 fn sha256_of(path: &Path) -> String {
     use sha2::Digest;
@@ -104,8 +104,8 @@ fn writes_from_a_tokenizer_file() {
         std::fs::write(&src, tokenizer.to_string()).expect("write");
         let dst = dir.join(format!("out-{companions}"));
         std::fs::create_dir(&dst).expect("mkdir");
-        let wrote =
-            llava_trainer::hf_tokenizer::write_tokenizer_files(&src, &dst, 6, 64).expect("writes");
+        let wrote = llava_trainer::io::hf_tokenizer::write_tokenizer_files(&src, &dst, 6, 64)
+            .expect("writes");
         assert!(wrote);
         let tok = read(&dst.join("tokenizer.json"));
         assert!(tok.to_string().contains("\"<image>\""), "{tok}");

@@ -3,11 +3,11 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use llava_data::build::{build, BuildOptions, Partition};
+use llava_data::shard_build::{build, BuildOptions, Partition};
 use llava_formats::constants::TILE_SIZE;
 use llava_formats::schema::{batch_to_rows, ShardRow};
-use llava_trainer::checkpoint;
-use llava_trainer::init::{self, InitSpec};
+use llava_trainer::io::checkpoint;
+use llava_trainer::io::init::{self, InitSpec};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 pub use llava_test_support::{
@@ -313,14 +313,12 @@ pub fn tiny_model(dir: &Path) -> PathBuf {
 /// A u8-pixel loader (2 workers) over epoch 0 of `index` as rank 0 of 1, batches as the build
 /// grouped them: how the build-to-loader, integrity and object-store tests read a build back.
 pub fn epoch0_u8_loader(
-    index: &std::sync::Arc<llava_trainer::data::ShardIndex>,
+    index: &std::sync::Arc<llava_loader::ShardIndex>,
     seed: u64,
     prefetch: usize,
-    on_corrupt: llava_trainer::data::OnCorrupt,
-) -> llava_trainer::data::DataResult<llava_trainer::data::Loader> {
-    use llava_trainer::data::{
-        DataState, EpochPlan, Loader, LoaderConfig, PixelFormat, PlanConfig,
-    };
+    on_corrupt: llava_loader::OnCorrupt,
+) -> llava_loader::DataResult<llava_loader::Loader> {
+    use llava_loader::{DataState, EpochPlan, Loader, LoaderConfig, PixelFormat, PlanConfig};
     let cfg = PlanConfig {
         seed,
         world_size: 1,

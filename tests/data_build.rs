@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use llava_data::build::{assemble::assemble, build, BuildOptions, Partition};
+use llava_data::shard_build::{assemble::assemble, build, BuildOptions, Partition};
 use llava_e2e::*;
 use llava_formats::manifest::{Manifest, RejectEntry};
 use sha2::{Digest, Sha256};

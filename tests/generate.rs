@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use llava_e2e::*;
 use llava_trainer::generate::prompt::{self, Aspect, Template};
 use llava_trainer::generate::{generate, GenerateOptions};
-use llava_trainer::llava_next::LlavaNextConfig;
+use llava_trainer::io::weights::{self, LoadOptions};
+use llava_trainer::model::config::LlavaNextConfig;
 use llava_trainer::train::{self, RunOptions, TrainConfig};
-use llava_trainer::weights::{self, LoadOptions};
 
 /// The instructions alone (llava_llama_3), square images, flat merge.
 fn shards(dir: &Path) -> PathBuf {
@@ -25,7 +25,7 @@ fn trained_checkpoint(dir: &Path) -> PathBuf {
     c.save_every = Some(2);
     c.workers = 1;
     c.tokenizer = Some(tokenizer_path());
-    c.merge_type = Some(llava_trainer::llava_next::MergeType::Flat);
+    c.merge_type = Some(llava_trainer::model::config::MergeType::Flat);
     train::run(&c, RunOptions::default()).expect("run");
     dir.join("run/checkpoint-2")
 }
@@ -122,7 +122,7 @@ fn eval_prompts_during_training_equal_generate_on_the_checkpoints() {
     c.save_every = Some(1);
     c.workers = 1;
     c.tokenizer = Some(tokenizer_path());
-    c.merge_type = Some(llava_trainer::llava_next::MergeType::Flat);
+    c.merge_type = Some(llava_trainer::model::config::MergeType::Flat);
     c.tensorboard = Some(dir.join("tb"));
     c.eval_prompts = Some(prompts.clone());
     c.eval_generate_every = Some(1);

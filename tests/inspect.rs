@@ -5,10 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use llava_data::build::{build, BuildOptions, Partition};
 use llava_data::inspect::sample::{self, Marking, GAP};
 use llava_data::inspect::summary::{summarize, SummaryOptions};
 use llava_data::inspect::{verify::verify, BuildDir};
+use llava_data::shard_build::{build, BuildOptions, Partition};
 use llava_data::tokenizer::TextTokenizer;
 use llava_e2e::*;
 use llava_formats::constants::TILE_SIZE;

@@ -11,7 +11,7 @@ use llava_e2e::*;
 use llava_formats::manifest::Manifest;
 use llava_formats::schema::{batch_to_rows, col, rows_to_batch, writer_properties, ShardRow};
 use llava_formats::tile_codec::TileEncoding;
-use llava_trainer::data::{
+use llava_loader::{
     CorruptRow, DataError, DataState, EpochPlan, IndexOptions, Modality, OnCorrupt, PlanConfig,
     ShardIndex,
 };
@@ -264,7 +264,7 @@ fn training_stops_at_a_corrupt_row_or_skips_and_counts_it() {
         c.seed = SEED;
         c.max_steps = Some(2);
         c.workers = 2;
-        c.merge_type = Some(llava_trainer::llava_next::MergeType::Flat);
+        c.merge_type = Some(llava_trainer::model::config::MergeType::Flat);
         c.on_corrupt = on_corrupt;
         c
     };

@@ -13,13 +13,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use llava_data::build::{build, BuildOptions, Partition};
+use llava_data::shard_build::{build, BuildOptions, Partition};
 use llava_e2e::*;
 use std::sync::{Arc, Mutex};
 
-use llava_trainer::checkpoint;
-use llava_trainer::data::source::{set_cache, CacheOptions};
-use llava_trainer::data::{IndexOptions, Pixels, ShardIndex};
+use llava_loader::source::{set_cache, CacheOptions};
+use llava_loader::{IndexOptions, Pixels, ShardIndex};
+use llava_trainer::io::checkpoint;
 use llava_trainer::train::{self, Control, RunOptions, TrainConfig};
 
 const BUCKET: &str = "llava";
@@ -173,7 +173,7 @@ fn train_config(shards: &Path, model: &Path, output: &Path) -> TrainConfig {
     c.warmup_ratio = 0.1;
     c.max_steps = Some(STEPS);
     c.workers = 2;
-    c.merge_type = Some(llava_trainer::llava_next::MergeType::Flat);
+    c.merge_type = Some(llava_trainer::model::config::MergeType::Flat);
     c
 }
 

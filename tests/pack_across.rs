@@ -6,11 +6,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use llava_data::build::{build, BuildOptions, Partition};
 use llava_data::inspect::summary::{summarize, SummaryOptions};
 use llava_data::inspect::BuildDir;
+use llava_data::shard_build::{build, BuildOptions, Partition};
 use llava_e2e::*;
-use llava_trainer::data::{DataState, EpochPlan, IndexOptions, Modality, PlanConfig, ShardIndex};
+use llava_loader::{DataState, EpochPlan, IndexOptions, Modality, PlanConfig, ShardIndex};
 
 /// The example built from the repository's own `datasets.toml` (its paths are relative to the
 /// file: the fixtures and the tokenizer are linked next to a copy), once.

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use llava_data::build::{assemble::assemble, build, BuildOptions, Partition};
+use llava_data::shard_build::{assemble::assemble, build, BuildOptions, Partition};
 use llava_data::tokenizer::encode_calls;
 use llava_e2e::*;
 

@@ -10,10 +10,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use llava_data::build::{build, BuildOptions, Partition};
+use llava_data::shard_build::{build, BuildOptions, Partition};
 use llava_e2e::*;
-use llava_trainer::checkpoint;
-use llava_trainer::init::{self, InitSpec, ModelSource};
+use llava_trainer::io::checkpoint;
+use llava_trainer::io::init::{self, InitSpec, ModelSource};
 use llava_trainer::train::{self, RunOptions, TrainConfig};
 
 fn recipe_dir() -> PathBuf {
@@ -58,7 +58,7 @@ fn recipe_configs_hold_the_model_cards_values() {
     assert_eq!(p.tunable_parts, "mm_mlp_adapter");
     assert_eq!(
         p.merge_type,
-        Some(llava_trainer::llava_next::MergeType::Flat)
+        Some(llava_trainer::model::config::MergeType::Flat)
     );
     assert_eq!(p.lr, 1e-3);
     assert_eq!(p.vision_tower_lr, None);
@@ -77,7 +77,7 @@ fn recipe_configs_hold_the_model_cards_values() {
     );
     assert_eq!(
         f.merge_type,
-        Some(llava_trainer::llava_next::MergeType::SpatialUnpad)
+        Some(llava_trainer::model::config::MergeType::SpatialUnpad)
     );
     assert_eq!(f.lr, 1e-5);
     assert_eq!(f.vision_tower_lr, Some(2e-6));

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use llava_e2e::*;
-use llava_trainer::checkpoint;
-use llava_trainer::init;
+use llava_trainer::io::checkpoint;
+use llava_trainer::io::init;
 use llava_trainer::train::{self, Control, RunOptions, TrainConfig};
 
 fn config(shards: &Path, model: &Path, output: &Path) -> TrainConfig {
@@ -18,7 +18,7 @@ fn config(shards: &Path, model: &Path, output: &Path) -> TrainConfig {
     c.save_every = Some(3);
     c.save_total_limit = Some(2);
     c.workers = 2;
-    c.merge_type = Some(llava_trainer::llava_next::MergeType::Flat);
+    c.merge_type = Some(llava_trainer::model::config::MergeType::Flat);
     c
 }
 
@@ -48,7 +48,7 @@ fn train_resume_and_checkpoint_layout() {
 
     // Refuses shards built for another merge.
     let mut bad = config(&shards, &model, &dir.join("bad"));
-    bad.merge_type = Some(llava_trainer::llava_next::MergeType::SpatialUnpad);
+    bad.merge_type = Some(llava_trainer::model::config::MergeType::SpatialUnpad);
     let err = train::run(&bad, RunOptions::default()).expect_err("merge mismatch");
     assert!(err.to_string().contains("mm_patch_merge_type"), "{err}");
 

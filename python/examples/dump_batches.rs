@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use llava_trainer::data::{
+use llava_loader::{
     DataState, EpochPlan, IndexOptions, Loader, LoaderConfig, PixelFormat, Pixels, PlanConfig,
     ShardIndex,
 };

@@ -1,6 +1,6 @@
-//! `llava_data`: llava-data shards from Python, through the trainer's own loader.
+//! `llava_data`: llava-data shards from Python, through the trainer's loader crate, `llava-loader`.
 //!
-//! [`ShardDataset`] wraps `llava_trainer::data` as it is: the shard index, the token-balanced
+//! [`ShardDataset`] wraps `llava_loader` as it is: the shard index, the token-balanced
 //! resumable epoch plan ([`EpochPlan`] / [`DataState`]), the prefetching worker threads
 //! ([`Loader`]) and the collation. Only the hand-over is new: each collated batch becomes the
 //! dict the reference's `DataCollatorForSupervisedDataset` gives its model, as NumPy arrays
@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use llava_trainer::data::{
+use llava_loader::{
     Batch, DataError, DataState, EpochPlan, IndexOptions, Loader, LoaderConfig, OnCorrupt,
     PixelFormat, Pixels, PlanConfig, ShardIndex, PAD_ID,
 };

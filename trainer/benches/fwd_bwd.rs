@@ -9,7 +9,8 @@ fn fwd_bwd(c: &mut Criterion) {
     let fx = common::load_fixture();
     let (model, _varmap) = fx.model();
     let batch = fx.batch();
-    let timing = llava_trainer::bench::time_forward_backward(&model, &batch, 2, 10).expect("step");
+    let timing =
+        llava_trainer::diag::bench::time_forward_backward(&model, &batch, 2, 10).expect("step");
     println!(
         "tiny-llava-next-a, batch 3 x 85, 13 tiles: forward {:?}, backward {:?} (mean of {})",
         timing.forward, timing.backward, timing.iters

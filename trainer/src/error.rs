@@ -72,11 +72,18 @@ pub enum Error {
     Batch(String),
 
     /// A collective failed: another rank failed, did not arrive in time, or the group broke.
+    /// A process-level setup step failed (signal handlers).
+    #[error("installing {what}: {source}")]
+    Setup {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("distributed: {0}")]
     Distributed(String),
 
     #[error(transparent)]
-    Data(#[from] crate::data::DataError),
+    Data(#[from] llava_loader::DataError),
 
     /// Shards, model and run configuration do not fit together.
     #[error("{0}")]

@@ -1,34 +1,24 @@
-//! Training model for LLaVA-NeXT (CLIP ViT-L/14-336 → mlp2x_gelu → Llama-3) on candle.
+//! `llava-trainer`'s library: LLaVA-NeXT (CLIP ViT-L/14-336 → mlp2x_gelu → Llama-3) trained on
+//! candle from `llava-data` shards, read by `llava-loader`.
 //!
-//! Everything in the forward pass has a backward pass: candle-nn's fused softmax / norm / rope
-//! kernels are inference-only and are replaced by the primitive-op forms in [`ops`].
+//! One folder per concern:
+//! - [`model`]: the network (config, batches, CLIP, projector, Llama-3, attention, the
+//!   differentiable ops), forward and loss.
+//! - [`train`]: the training loop (run, step, optimizer, schedule, evaluation, logging).
+//! - [`io`]: model files on disk (weights, torch pickles, checkpoints, HF tokenizer files, init).
+//! - [`parallel`]: launching ranks, rendezvous, collectives and ZeRO.
+//! - [`diag`]: measuring tools (bench, parity, memory plan, heap).
+//! - [`generate`]: text generation from a checkpoint.
+//!
+//! The binary's `cli/` only parses flags and calls into these.
 
-pub mod attention;
-pub mod bench;
-pub mod checkpoint;
-pub mod checkpoint_tokenizer;
-pub mod clip;
-pub mod data;
-pub mod dist;
+pub mod diag;
 pub mod error;
 pub mod generate;
-pub mod heap;
-pub mod hf_tokenizer;
-pub mod init;
-pub mod json_file;
-pub mod llama;
-pub mod llava_next;
-pub mod memory;
-pub mod ops;
-pub mod optim;
-pub mod packing_bench;
-pub mod parity;
-pub mod projector;
-pub mod schedule;
-pub mod step;
-pub mod torch_pickle;
+pub mod io;
+pub mod model;
+pub mod parallel;
 pub mod train;
-pub mod weights;
 
 pub use error::{Error, Result};
-pub use llava_next::{Batch, ImageMeta, LlavaNext, LlavaNextConfig, Output};
+pub use model::{Batch, ImageMeta, LlavaNext, LlavaNextConfig, Output};

@@ -2,9 +2,9 @@
 
 mod cli;
 
-// Counts live heap bytes for `bench`'s CPU memory figures (llava_trainer::heap).
+// Counts live heap bytes for `bench`'s CPU memory figures (llava_trainer::diag::heap).
 #[global_allocator]
-static ALLOC: llava_trainer::heap::CountingAlloc = llava_trainer::heap::CountingAlloc;
+static ALLOC: llava_trainer::diag::heap::CountingAlloc = llava_trainer::diag::heap::CountingAlloc;
 
 use clap::{Parser, Subcommand};
 

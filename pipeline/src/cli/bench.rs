@@ -8,9 +8,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use llava_data::build::{build_with, BuildContext, BuildOptions, BuildTimes, Partition};
 use llava_data::convert::{prepare, render};
 use llava_data::record::{parse_record, read_entries};
+use llava_data::shard_build::{build_with, BuildContext, BuildOptions, BuildTimes, Partition};
 use llava_formats::tile_codec::TileEncoding;
 use rayon::prelude::*;
 use serde_json::json;

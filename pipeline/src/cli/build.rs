@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use llava_data::build::sink::{merge_remote, work_folder};
-use llava_data::build::{assemble::assemble_with_progress, build, BuildOptions, Partition};
+use llava_data::shard_build::sink::{merge_remote, work_folder};
+use llava_data::shard_build::{assemble::assemble_with_progress, build, BuildOptions, Partition};
 use llava_formats::manifest::Manifest;
 
 #[derive(Args)]

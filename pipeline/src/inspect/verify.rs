@@ -448,10 +448,10 @@ fn verify_inner(build: &BuildDir, progress: Option<bool>) -> VerifyReport {
     }
     // Files in shards/ that the manifest does not list.
     let listed: BTreeSet<String> = m.shards.iter().map(|s| s.file.clone()).collect();
-    let dir = build.dir.join(crate::build::SHARDS_DIR);
+    let dir = build.dir.join(crate::shard_build::SHARDS_DIR);
     if let Ok(Some(location)) = super::remote(&build.dir) {
         let mut extra: Vec<String> = location
-            .list(crate::build::SHARDS_DIR)
+            .list(crate::shard_build::SHARDS_DIR)
             .unwrap_or_default()
             .into_iter()
             .map(|(key, _)| key)
@@ -470,7 +470,7 @@ fn verify_inner(build: &BuildDir, progress: Option<bool>) -> VerifyReport {
             .map(|e| {
                 format!(
                     "{}/{}",
-                    crate::build::SHARDS_DIR,
+                    crate::shard_build::SHARDS_DIR,
                     e.file_name().to_string_lossy()
                 )
             })

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use llava_data::build::{build, BuildOptions, Partition};
+use llava_data::shard_build::{build, BuildOptions, Partition};
 use serde_json::{json, Value};
 
 fn repo_root() -> PathBuf {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use llava_data::build::{build, BuildOptions, Partition};
+use llava_data::shard_build::{build, BuildOptions, Partition};
 
 /// A build of sharegpt4v (anyres, 2x2 grids among them) and sharegpt_text, made once.
 fn built() -> &'static PathBuf {

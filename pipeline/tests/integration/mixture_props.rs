@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use image::ImageEncoder;
-use llava_data::build::{assemble::assemble, build, Partition};
+use llava_data::shard_build::{assemble::assemble, build, Partition};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestRunner};
 use serde_json::json;

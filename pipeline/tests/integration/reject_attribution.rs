@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use arrow_array::{Array, StringArray, UInt64Array};
-use llava_data::build::{assemble::assemble, build, BuildOptions, Partition};
+use llava_data::shard_build::{assemble::assemble, build, BuildOptions, Partition};
 use llava_formats::manifest::{Manifest, RejectEntry};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;

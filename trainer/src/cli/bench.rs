@@ -1,9 +1,9 @@
 //! `llava-trainer bench`: synthetic training steps of a named model shape, as JSON.
 
 use anyhow::{Context, Result};
-use llava_trainer::attention::AttentionKind;
-use llava_trainer::bench::{named_config, run_bench, BenchSpec};
-use llava_trainer::packing_bench::{run_packing_bench, PackingBenchSpec};
+use llava_trainer::diag::bench::{named_config, run_bench, BenchSpec};
+use llava_trainer::diag::packing_bench::{run_packing_bench, PackingBenchSpec};
+use llava_trainer::model::attention::AttentionKind;
 
 #[derive(clap::Args, Debug)]
 #[command(
@@ -48,7 +48,7 @@ pub struct Args {
     #[arg(long, default_value = "blockwise")]
     attention: String,
     /// Rows of lm_head logits per loss chunk.
-    #[arg(long, default_value_t = llava_trainer::llava_next::DEFAULT_LOSS_CHUNK)]
+    #[arg(long, default_value_t = llava_trainer::model::llava_next::DEFAULT_LOSS_CHUNK)]
     loss_chunk: usize,
     /// Trainable parts (comma-separated mm_vision_tower, mm_mlp_adapter, mm_language_model).
     #[arg(
@@ -109,7 +109,7 @@ pub fn run(args: Args) -> Result<()> {
         .with_context(|| format!("model {:?}", args.model))?;
     let attention: AttentionKind = args.attention.parse().map_err(anyhow::Error::msg)?;
     if args.count_ops {
-        let r = llava_trainer::bench::count_attention_ops(args.seq, attention, &dev)?;
+        let r = llava_trainer::diag::bench::count_attention_ops(args.seq, attention, &dev)?;
         if !args.json {
             eprintln!(
                 "{} at {} tokens: {} ops forward, {} backward; whole decoder layer: first {} + {}, \

@@ -10,8 +10,8 @@ use candle_core::DType;
 use llava_trainer::generate::input;
 use llava_trainer::generate::prompt::{self, Aspect, Template};
 use llava_trainer::generate::{generate, GenerateOptions, Prompt, Sampling};
-use llava_trainer::llava_next::LlavaNextConfig;
-use llava_trainer::weights::{self, LoadOptions};
+use llava_trainer::io::weights::{self, LoadOptions};
+use llava_trainer::model::config::LlavaNextConfig;
 use serde_json::json;
 use tokenizers::Tokenizer;
 

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
-use llava_trainer::checkpoint;
-use llava_trainer::init::{self, InitSpec, ModelSource};
+use llava_trainer::io::checkpoint;
+use llava_trainer::io::init::{self, InitSpec, ModelSource};
 
 #[derive(clap::Args, Debug)]
 #[command(after_help = "\

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use llava_trainer::data::index::BatchInfo;
-use llava_trainer::data::synthetic::{write_synthetic, SynthSpec};
-use llava_trainer::data::{
+use llava_loader::index::BatchInfo;
+use llava_loader::synthetic::{write_synthetic, SynthSpec};
+use llava_loader::{
     DataState, EpochPlan, IndexOptions, Loader, LoaderConfig, PixelFormat, PlanConfig, SampleRef,
     ShardIndex,
 };
-use llava_trainer::heap;
+use llava_trainer::diag::heap;
 
 #[derive(clap::Args, Debug)]
 #[command(after_help = "\
@@ -31,7 +31,7 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
     /// The cache's size cap, e.g. 200G.
-    #[arg(long, value_name = "SIZE", default_value = "100G", value_parser = llava_trainer::data::source::parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "100G", value_parser = llava_loader::source::parse_size)]
     cache_size: u64,
     /// Loader threads.
     #[arg(long, default_value_t = 16)]
@@ -113,7 +113,7 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     if let Some(dir) = &args.cache_dir {
-        llava_trainer::data::source::set_cache(Some(llava_trainer::data::source::CacheOptions {
+        llava_loader::source::set_cache(Some(llava_loader::source::CacheOptions {
             dir: dir.clone(),
             max_bytes: args.cache_size,
         }));

@@ -9,3 +9,4 @@ pub mod model_parts;
 pub mod parity;
 pub mod plan;
 pub mod run;
+pub mod run_config;

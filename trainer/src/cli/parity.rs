@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use llava_trainer::parity::Tolerances;
+use llava_trainer::diag::parity::Tolerances;
 
 #[derive(clap::Args, Debug)]
 #[command(
@@ -54,7 +54,7 @@ pub fn run(args: Args) -> Result<()> {
         tighten,
         ..Tolerances::default()
     };
-    let report = llava_trainer::parity::run_parity(&args.fixture, &dev, args.bf16, &tol)
+    let report = llava_trainer::diag::parity::run_parity(&args.fixture, &dev, args.bf16, &tol)
         .with_context(|| format!("parity against {}", args.fixture.display()))?;
     if !args.json {
         eprintln!(

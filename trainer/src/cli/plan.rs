@@ -1,7 +1,7 @@
 //! `llava-trainer plan`: the per-device memory a `run` would need, before loading anything big.
 
 use anyhow::{Context, Result};
-use llava_trainer::data::{IndexOptions, ShardIndex};
+use llava_loader::{IndexOptions, ShardIndex};
 use llava_trainer::train;
 
 #[derive(clap::Args, Debug)]
@@ -29,10 +29,10 @@ pub fn run(args: Args) -> Result<()> {
         Some(g) => Some((g * (1u64 << 30) as f64) as u64),
         None => {
             let dev = super::device::parse(&args.run.device_spec())?;
-            llava_trainer::memory::device_capacity(&dev)
+            llava_trainer::diag::memory::device_capacity(&dev)
         }
     };
-    let cfg = super::run::merged(args.run)?;
+    let cfg = super::run_config::merged(args.run)?;
     let index = ShardIndex::open(&cfg.shards, &IndexOptions::default())
         .with_context(|| format!("opening shards {}", cfg.shards.display()))?;
     let model = train::source_config(&cfg.source)?;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::hf_tokenizer::IMAGE_TOKEN;
+use crate::io::hf_tokenizer::IMAGE_TOKEN;
 use crate::{Error, Result};
 
 /// A chat template and the special tokens its context gets.

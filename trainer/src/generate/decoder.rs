@@ -6,8 +6,8 @@
 
 use candle_core::{DType, Device, Module, Tensor, D};
 
-use crate::llama::{LlamaForCausalLM, Rope};
-use crate::ops;
+use crate::model::llama::{LlamaForCausalLM, Rope};
+use crate::model::ops;
 use crate::Result;
 
 /// A large negative bias rather than -inf: a padding query sees no key at all, and a uniform

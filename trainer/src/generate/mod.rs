@@ -17,7 +17,8 @@ pub mod sample;
 use candle_core::{DType, Tensor};
 use llava_formats::rng::SplitMix64;
 
-use crate::llava_next::{Batch, ImageMeta, LlavaNext};
+use crate::model::batch::{Batch, ImageMeta};
+use crate::model::llava_next::LlavaNext;
 use crate::{Error, Result};
 pub use decoder::Decoder;
 pub use sample::Sampling;

@@ -1,6 +1,6 @@
 //! From a question and image files to a [`Prompt`]: the conversion path of the build. The
 //! `llava_llama_3` conversation (the chat template of our checkpoints,
-//! [`crate::hf_tokenizer::LLAVA_LLAMA3_CHAT_TEMPLATE`]: default system prompt, `<image>\n` per
+//! [`crate::io::hf_tokenizer::LLAVA_LLAMA3_CHAT_TEMPLATE`]: default system prompt, `<image>\n` per
 //! image at the front of the user turn, the stripped text, the assistant header), tokenized with
 //! the checkpoint's `tokenizer.json`; each image decoded, tiled and normalised by
 //! `llava-imaging` exactly as the build does, with the config's pinpoints.
@@ -13,8 +13,9 @@ use tokenizers::Tokenizer;
 
 use super::chat_template::ChatTemplate;
 use super::Prompt;
-use crate::hf_tokenizer::IMAGE_TOKEN;
-use crate::llava_next::{ImageMeta, LlavaNextConfig};
+use crate::io::hf_tokenizer::IMAGE_TOKEN;
+use crate::model::batch::ImageMeta;
+use crate::model::config::LlavaNextConfig;
 use crate::{Error, Result};
 
 pub const LLAMA3_SYSTEM: &str = "You are a helpful language and vision assistant. You are able to \

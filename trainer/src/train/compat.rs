@@ -6,12 +6,12 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use super::config::{TrainConfig, TunableParts};
-use crate::attention::AttentionKind;
-use crate::data::{self, Pixels, ShardIndex};
-use crate::init::ModelSource;
-use crate::llava_next::LlavaNextConfig;
-use crate::memory::{MemoryPlan, PlanInput};
+use crate::diag::memory::{MemoryPlan, PlanInput};
+use crate::io::init::ModelSource;
+use crate::model::attention::AttentionKind;
+use crate::model::config::LlavaNextConfig;
 use crate::{Batch, Error, ImageMeta, Result};
+use llava_loader::{Pixels, ShardIndex};
 
 /// Refuses shards that do not fit the model (what the trainer cannot silently fix).
 pub fn check_compatible(
@@ -95,7 +95,11 @@ pub fn check_compatible(
 
 /// The loader's plain arrays as the model's tensors; checks every image's token count against
 /// the model's (a mismatch means the shards were built for another geometry).
-pub fn to_model_batch(b: &data::Batch, cfg: &LlavaNextConfig, dev: &Device) -> Result<Batch> {
+pub fn to_model_batch(
+    b: &llava_loader::Batch,
+    cfg: &LlavaNextConfig,
+    dev: &Device,
+) -> Result<Batch> {
     let (rows, l) = (b.num_rows(), b.seq_len);
     let vocab = cfg.text_config.vocab_size as i32;
     if let Some(&id) = b.input_ids.iter().find(|&&id| id >= vocab) {
@@ -221,7 +225,7 @@ pub fn memory_plan(
             let shortest = index
                 .groups
                 .iter()
-                .filter(|g| g.modality == crate::data::Modality::Image)
+                .filter(|g| g.modality == llava_loader::Modality::Image)
                 .flat_map(|g| g.batches.clone())
                 .flat_map(|b| index.samples[index.batches[b].samples.clone()].iter())
                 .map(|s| s.length as usize)

@@ -3,10 +3,10 @@
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-use crate::data::OnCorrupt;
-use crate::init::ModelSource;
-use crate::llava_next::MergeType;
+use crate::io::init::ModelSource;
+use crate::model::config::MergeType;
 use crate::{Error, Result};
+use llava_loader::OnCorrupt;
 
 /// `train.toml`; every key is also a `llava-trainer run` flag.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -165,7 +165,7 @@ mod defaults {
         64
     }
     pub fn loss_chunk() -> usize {
-        crate::llava_next::DEFAULT_LOSS_CHUNK
+        crate::model::llava_next::DEFAULT_LOSS_CHUNK
     }
 }
 
@@ -214,7 +214,7 @@ impl TrainConfig {
             ("tunable_parts", m)
         })?;
         self.attention
-            .parse::<crate::attention::AttentionKind>()
+            .parse::<crate::model::attention::AttentionKind>()
             .map_err(|e| {
                 (
                     "attention",

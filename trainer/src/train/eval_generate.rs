@@ -15,13 +15,14 @@ use tokenizers::Tokenizer;
 
 use super::log::Reporter;
 use super::TrainConfig;
-use crate::checkpoint_tokenizer::{self, TokenizerSource};
-use crate::data::ShardIndex;
 use crate::generate::input::{self, InputPrompt};
 use crate::generate::prompt::{self, Aspect};
 use crate::generate::{generate, GenerateOptions, Prompt};
-use crate::llava_next::{LlavaNext, LlavaNextConfig};
+use crate::io::checkpoint_tokenizer::{self, TokenizerSource};
+use crate::model::config::LlavaNextConfig;
+use crate::model::llava_next::LlavaNext;
 use crate::{Error, Result};
+use llava_loader::ShardIndex;
 
 /// One answer (a log.jsonl line).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

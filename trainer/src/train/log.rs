@@ -3,7 +3,78 @@
 use std::io::Write;
 use std::path::Path;
 
+use serde::{Deserialize, Serialize};
+
 use crate::{Error, Result};
+
+/// One logged step.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StepLog {
+    pub step: u64,
+    pub epoch: f64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens_per_s: f64,
+    pub samples_per_s: f64,
+    pub data_wait_s: f64,
+    pub step_s: f64,
+}
+
+impl StepLog {
+    pub(crate) fn report(&self, total_steps: u64, reporter: &mut Reporter) -> Result<()> {
+        let line = format!(
+            "step {}/{total_steps} loss {:.4} lr {:.3e} grad_norm {:.3} tokens/s {:.0} \
+             samples/s {:.2} data_wait {:.3}s",
+            self.step,
+            self.loss,
+            self.lr,
+            self.grad_norm,
+            self.tokens_per_s,
+            self.samples_per_s,
+            self.data_wait_s
+        );
+        reporter.report(
+            self.step,
+            &line,
+            self,
+            &[
+                ("train/loss", self.loss),
+                ("train/lr", self.lr),
+                ("train/grad_norm", self.grad_norm),
+                ("train/tokens_per_s", self.tokens_per_s),
+                ("train/samples_per_s", self.samples_per_s),
+            ],
+        )
+    }
+}
+
+/// Samples left out of a step for a row checksum mismatch (a log.jsonl line; `on_corrupt = "skip"`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CorruptLog {
+    pub step: u64,
+    /// One located description per sample: shard, row group, row, sample, checksums.
+    pub skipped_corrupt: Vec<String>,
+    /// Skipped so far in this process.
+    pub skipped_corrupt_total: usize,
+}
+
+impl CorruptLog {
+    pub(crate) fn report(&self, reporter: &mut Reporter) -> Result<()> {
+        let total = self.skipped_corrupt_total;
+        let line = format!(
+            "step {}: skipped {} corrupt sample(s), {total} so far",
+            self.step,
+            self.skipped_corrupt.len()
+        );
+        reporter.report(
+            self.step,
+            &line,
+            self,
+            &[("train/skipped_corrupt", total as f64)],
+        )
+    }
+}
 
 pub(crate) fn gib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 30) as f64

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::data::{self, DataState, EpochPlan, Loader, LoaderConfig, PlanConfig, ShardIndex};
 use crate::{Error, Result};
+use llava_loader::{DataState, EpochPlan, Loader, LoaderConfig, PlanConfig, ShardIndex};
 
 /// Micro-batches across epochs from a data state, in groups of `accum` from one epoch.
 pub(crate) struct Stream {
@@ -29,7 +29,7 @@ impl Stream {
     }
 
     /// The next `accum` micro-batches, and the time spent waiting for them.
-    pub(crate) fn next_group(&mut self) -> Result<(Vec<data::Batch>, Duration)> {
+    pub(crate) fn next_group(&mut self) -> Result<(Vec<llava_loader::Batch>, Duration)> {
         let mut wait = Duration::ZERO;
         if self.loader.is_none() {
             self.open_epoch()?;

@@ -3,7 +3,7 @@
 //! lengths that are not multiples of the block size, and with an empty row.
 
 use candle_core::{DType, Device, Tensor, Var};
-use llava_trainer::attention::{attend, AttentionKind, AttentionMask};
+use llava_trainer::model::attention::{attend, AttentionKind, AttentionMask};
 
 /// Relative error as in the issue: max |a - e| / max |e|.
 fn rel_err(a: &Tensor, e: &Tensor) -> f64 {

@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use llava_trainer::{weights, Batch, LlavaNext};
+use llava_trainer::io::weights;
+use llava_trainer::{Batch, LlavaNext};
 
 /// Fixture directory: `$LLAVA_PARITY_FIXTURE`, else the bundled tiny-llava-next-a.
 pub fn fixture_dir() -> PathBuf {
@@ -15,12 +16,12 @@ pub fn fixture_dir() -> PathBuf {
         })
 }
 
-/// The library's fixture reader ([`llava_trainer::parity::Fixture`]), with the conveniences the
+/// The library's fixture reader ([`llava_trainer::diag::parity::Fixture`]), with the conveniences the
 /// tests use (tensors on the CPU, panics instead of errors).
-pub struct Fixture(pub llava_trainer::parity::Fixture);
+pub struct Fixture(pub llava_trainer::diag::parity::Fixture);
 
 impl std::ops::Deref for Fixture {
-    type Target = llava_trainer::parity::Fixture;
+    type Target = llava_trainer::diag::parity::Fixture;
     fn deref(&self) -> &Self::Target {
         &self.0
     }
@@ -29,7 +30,7 @@ impl std::ops::Deref for Fixture {
 pub fn load_fixture() -> Fixture {
     let dir = fixture_dir();
     Fixture(
-        llava_trainer::parity::Fixture::load(&dir)
+        llava_trainer::diag::parity::Fixture::load(&dir)
             .unwrap_or_else(|e| panic!("fixture {}: {e}", dir.display())),
     )
 }
@@ -120,7 +121,7 @@ pub fn init_tiny_model(dir: &std::path::Path) -> PathBuf {
 
 /// Text-only synthetic shards (16 samples, batches of 2) and the tiny model under `dir`.
 pub fn text_shards_and_tiny_model(dir: &std::path::Path) -> (PathBuf, PathBuf) {
-    use llava_trainer::data::synthetic::{write_synthetic, SynthSpec};
+    use llava_loader::synthetic::{write_synthetic, SynthSpec};
     let shards = dir.join("shards");
     let spec = SynthSpec {
         image_samples: 0,

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use llava_formats::schema::{batch_to_rows, col};
+use llava_loader::synthetic::{write_synthetic, SynthSpec};
 use llava_test_support::RemoveOnSuccess;
-use llava_trainer::data::synthetic::{write_synthetic, SynthSpec};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 const BIN: &str = env!("CARGO_BIN_EXE_llava-trainer");

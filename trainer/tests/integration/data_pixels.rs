@@ -8,8 +8,8 @@ use std::path::PathBuf;
 
 use llava_formats::schema::{ImageMeta, ShardRow};
 use llava_imaging::{decode_rgb_file, make_tiles, AspectMode, RECIPE_PINPOINTS};
-use llava_trainer::data::synthetic::{manifest, write_manifest, write_shard};
-use llava_trainer::data::{
+use llava_loader::synthetic::{manifest, write_manifest, write_shard};
+use llava_loader::{
     DataState, EpochPlan, IndexOptions, Loader, LoaderConfig, PixelFormat, Pixels, PlanConfig,
     ShardIndex,
 };
@@ -133,7 +133,7 @@ fn collated_tiles_match_golden_float32_pixels() {
     let info = write_shard(
         dir.path(),
         "image-00000.parquet",
-        llava_trainer::data::Modality::Image,
+        llava_loader::Modality::Image,
         batches,
     )
     .expect("shard");

@@ -8,10 +8,10 @@ use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use llava_trainer::dist::launch::{
+use llava_trainer::parallel::launch::{
     expand_hostlist, first_host, from_env, from_process_env, LaunchError, LaunchSource,
 };
-use llava_trainer::dist::rendezvous::{rendezvous, RendezvousError};
+use llava_trainer::parallel::rendezvous::{rendezvous, RendezvousError};
 
 fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
     let m: HashMap<String, String> = pairs
@@ -201,7 +201,7 @@ const PARENT_LIMIT: Duration = Duration::from_secs(10);
 
 /// A port that was free a moment ago (the OS hands out fresh ephemeral ports in order).
 fn free_port() -> u16 {
-    llava_trainer::dist::spawn::free_port().expect("bind 127.0.0.1:0")
+    llava_trainer::parallel::spawn::free_port().expect("bind 127.0.0.1:0")
 }
 
 fn spawn_rank(scenario: &str, rank: usize, world: usize, port: u16) -> Child {
@@ -431,12 +431,12 @@ fn duplicate_rank_is_rejected() {
 #[test]
 fn rendezvous_can_be_shared_with_a_training_thread() {
     fn send_sync<T: Send + Sync>() {}
-    send_sync::<llava_trainer::dist::rendezvous::Rendezvous>();
+    send_sync::<llava_trainer::parallel::rendezvous::Rendezvous>();
 }
 
 #[test]
 fn single_rank_needs_no_network() {
-    let env = llava_trainer::dist::launch::LaunchEnv::single();
+    let env = llava_trainer::parallel::launch::LaunchEnv::single();
     let r = rendezvous(&env, Some(vec![1, 2, 3]), Duration::from_millis(10)).expect("world of one");
     assert_eq!(r.id, [1, 2, 3]);
     assert_eq!(r.failure(), None);
@@ -452,7 +452,7 @@ mod local_job {
     use std::path::{Path, PathBuf};
     use std::time::Duration;
 
-    use llava_trainer::dist::spawn::{run_local_job, JobExit, LocalJob, SpawnError};
+    use llava_trainer::parallel::spawn::{run_local_job, JobExit, LocalJob, SpawnError};
 
     fn scratch(name: &str) -> PathBuf {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))

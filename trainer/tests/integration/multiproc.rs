@@ -156,7 +156,7 @@ fn nproc_per_node_processes_equal_threads_and_world_1() {
     assert_matches_reference("--nproc-per-node 2", &p);
     // The checkpoints are byte-identical too.
     let last = |d: &Path| {
-        let (_, c) = llava_trainer::checkpoint::list_checkpoints(d)
+        let (_, c) = llava_trainer::io::checkpoint::list_checkpoints(d)
             .pop()
             .expect("a checkpoint");
         std::fs::read(c.join("model.safetensors")).expect("weights")
@@ -166,7 +166,7 @@ fn nproc_per_node_processes_equal_threads_and_world_1() {
 }
 
 fn free_port() -> u16 {
-    llava_trainer::dist::spawn::free_port().expect("a free port")
+    llava_trainer::parallel::spawn::free_port().expect("a free port")
 }
 
 /// Two ranks with Slurm's variables, as `srun --ntasks 2` on one node sets them.
@@ -477,7 +477,7 @@ fn a_killed_rank_is_named_the_last_checkpoint_is_intact_and_a_restart_resumes() 
     let mut ranks = start(&out);
     // Wait for a complete checkpoint, then kill rank 1 as the OOM killer would.
     let t0 = std::time::Instant::now();
-    while llava_trainer::checkpoint::list_checkpoints(&out).is_empty() {
+    while llava_trainer::io::checkpoint::list_checkpoints(&out).is_empty() {
         assert!(t0.elapsed().as_secs() < 300, "no checkpoint within 300 s");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
@@ -499,15 +499,15 @@ fn a_killed_rank_is_named_the_last_checkpoint_is_intact_and_a_restart_resumes() 
         killed_at.elapsed()
     );
     // Every checkpoint left is complete (the rename is atomic); the last one resumes.
-    let cks = llava_trainer::checkpoint::list_checkpoints(&out);
+    let cks = llava_trainer::io::checkpoint::list_checkpoints(&out);
     let (last, last_dir) = cks.last().cloned().expect("a checkpoint");
-    llava_trainer::checkpoint::check_is_checkpoint(&last_dir).expect("complete");
+    llava_trainer::io::checkpoint::check_is_checkpoint(&last_dir).expect("complete");
     let mut again = start(&out);
     // Stop the restarted job after it resumed: the log says where from.
     let r1 = again.pop().expect("rank 1");
     let r0 = again.pop().expect("rank 0");
     let t0 = std::time::Instant::now();
-    while llava_trainer::checkpoint::list_checkpoints(&out)
+    while llava_trainer::io::checkpoint::list_checkpoints(&out)
         .last()
         .is_none_or(|(s, _)| *s <= last)
     {
@@ -725,7 +725,7 @@ fn torchrun_max_restarts_resumes_from_the_last_checkpoint_after_a_killed_rank() 
     let job = cmd.spawn().expect("torchrun starts");
     // Once a checkpoint is complete, kill rank 1 as the OOM killer would.
     let t0 = std::time::Instant::now();
-    while llava_trainer::checkpoint::list_checkpoints(&out).is_empty() {
+    while llava_trainer::io::checkpoint::list_checkpoints(&out).is_empty() {
         assert!(t0.elapsed().as_secs() < 300, "no checkpoint within 300 s");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }

@@ -8,10 +8,10 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::{compare, load_fixture};
-use llava_trainer::init::build_model;
-use llava_trainer::optim::{AdamW, AdamWConfig};
-use llava_trainer::schedule::CosineSchedule;
-use llava_trainer::weights;
+use llava_trainer::io::weights;
+use llava_trainer::model::trainable::build_model;
+use llava_trainer::train::optim::{AdamW, AdamWConfig};
+use llava_trainer::train::schedule::CosineSchedule;
 
 const LOSS_ATOL: f64 = 1e-5;
 const W_ATOL: f64 = 1e-5;

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 
+use llava_loader::{DataState, EpochPlan, IndexOptions, PlanConfig, ShardIndex};
 use llava_test_support::RemoveOnSuccess;
-use llava_trainer::checkpoint;
-use llava_trainer::data::{DataState, EpochPlan, IndexOptions, PlanConfig, ShardIndex};
+use llava_trainer::io::checkpoint;
 
 const BIN: &str = env!("CARGO_BIN_EXE_llava-trainer");
 /// Steps of every run: more than one epoch of packed rows.

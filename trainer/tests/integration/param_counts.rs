@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use llava_trainer::llama::LlamaConfig;
+use llava_trainer::model::llama::LlamaConfig;
 use llava_trainer::LlavaNextConfig;
 
 /// Meta-Llama-3-8B(-Instruct), vocabulary 128256: its `model.safetensors.index.json` gives

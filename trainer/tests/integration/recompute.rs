@@ -8,11 +8,11 @@ use crate::common;
 use std::collections::HashMap;
 
 use candle_core::{DType, Tensor};
-use llava_trainer::attention::AttentionKind;
-use llava_trainer::init::build_model;
-use llava_trainer::step::{micro_batch, GradAccumulator, StepOptions};
+use llava_trainer::io::weights::{self, LoadOptions};
+use llava_trainer::model::attention::AttentionKind;
+use llava_trainer::model::trainable::build_model;
+use llava_trainer::train::step::{micro_batch, GradAccumulator, StepOptions};
 use llava_trainer::train::TunableParts;
-use llava_trainer::weights::{self, LoadOptions};
 
 /// Gradients and loss of one micro-batch.
 fn grads(

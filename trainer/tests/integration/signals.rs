@@ -15,8 +15,8 @@ use std::sync::OnceLock;
 
 use llava_test_support::RemoveOnSuccess;
 
-use llava_trainer::checkpoint;
-use llava_trainer::data::synthetic::{write_synthetic, SynthSpec};
+use llava_loader::synthetic::{write_synthetic, SynthSpec};
+use llava_trainer::io::checkpoint;
 
 const BIN: &str = env!("CARGO_BIN_EXE_llava-trainer");
 /// Steps of the runs that must end on their own (the reference, SIGUSR1, the resume).

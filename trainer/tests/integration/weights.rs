@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use llava_trainer::weights::{self, LoadOptions};
+use llava_trainer::io::weights::{self, LoadOptions};
 use llava_trainer::Error;
 
 fn tmpdir(name: &str) -> PathBuf {
@@ -301,7 +301,7 @@ fn init_from_a_reference_checkpoint_writes_the_hf_layout() {
         "init --from failed: {}",
         String::from_utf8_lossy(&run.stderr)
     );
-    let cfg = llava_trainer::llava_next::LlavaNextConfig::from_file(out.join("config.json"))
+    let cfg = llava_trainer::model::config::LlavaNextConfig::from_file(out.join("config.json"))
         .expect("HF config");
     assert_eq!(cfg.text_config.vocab_size, fx.cfg.text_config.vocab_size);
     assert_eq!(cfg.image_token_index, fx.cfg.image_token_index);
