@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Quick start: the whole flow on the bundled example, on the CPU. Installs what is missing (no
-# Python packages: python3 alone assembles the tokenizer), fetches the tokenizer, builds the debug
+# Quick start: the whole flow on the bundled example, on the CPU. Installs what building needs
+# (setup.sh --build: no Python packages, no test servers), fetches the tokenizer, builds the debug
 # binaries, builds the example mixture (datasets.toml → out/example), prints `llava-data
 # inspect`'s summary, trains a tiny random model for two steps (stage 2: every part trains) and
 # lists the checkpoint folder it wrote (out/quickstart/run/checkpoint-2). Rerunning it redoes
@@ -8,7 +8,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-LLAVA_SKIP_PYTHON=1 ./scripts/setup.sh
+./scripts/setup.sh --build
 cargo build -p llava-data -p llava-trainer
 bin=${CARGO_TARGET_DIR:-target}/debug
 out=out/quickstart

