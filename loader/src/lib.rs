@@ -7,12 +7,14 @@
 //! - [`collate`]: padding, masks, labels and CLIP normalisation (`llava_formats::normalize`); the
 //!   tiles were decoded as their row group was read (`read`, `llava_formats::tile_codec`).
 //! - [`source`]: where shard bytes come from (a path, or `llava-storage` ranges with a cache).
-//! - [`synthetic`]: shards in the real format for tests and `loader-bench`.
+//! - [`synthetic`]: shards in the real format for tests and `loader-bench`; [`bench`]: what
+//!   `loader-bench` measures.
 //!
 //! Its users are `llava-trainer` and the Python package (`python/`, `llava_data.ShardDataset`).
 //! It depends on `llava-formats` and `llava-storage` only: no candle, no pipeline, no imaging,
 //! so that `pip install ./python` compiles no tensor library.
 
+pub mod bench;
 pub mod collate;
 pub mod error;
 pub mod index;

@@ -169,15 +169,7 @@ pub fn run(args: Args) -> Result<()> {
         let secs = t.elapsed().as_secs_f64();
         let new_total: usize = out.iter().map(|g| g.tokens.len()).sum();
         for ((j, g), text) in chunk.iter().zip(&out).zip(&texts) {
-            let answer_ids: Vec<u32> = g
-                .tokens
-                .iter()
-                .copied()
-                .filter(|t| !(g.stopped && gen_opts.stop_ids.contains(t)))
-                .collect();
-            let answer = tok
-                .decode(&answer_ids, true)
-                .map_err(|e| anyhow::anyhow!("decoding the answer: {e}"))?;
+            let answer = g.answer(&tok, &gen_opts.stop_ids)?;
             if args.json {
                 let v = json!({
                     "id": j.id,
@@ -188,7 +180,7 @@ pub fn run(args: Args) -> Result<()> {
                     "tokens": g.tokens,
                     "prompt_tokens": g.prompt_tokens,
                     "new_tokens": g.tokens.len(),
-                    "stopped": if g.stopped { "stop_token" } else { "max_new_tokens" },
+                    "stopped": g.stop_reason(),
                     "batch_size": chunk.len(),
                     "seconds": secs,
                     "tokens_per_s": new_total as f64 / secs.max(1e-9),

@@ -4,16 +4,13 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use llava_loader::index::BatchInfo;
 use llava_loader::synthetic::{write_synthetic, SynthSpec};
 use llava_loader::{
-    DataState, EpochPlan, IndexOptions, Loader, LoaderConfig, PixelFormat, PlanConfig, SampleRef,
-    ShardIndex,
+    DataState, EpochPlan, IndexOptions, LoaderConfig, PixelFormat, PlanConfig, ShardIndex,
 };
-use llava_trainer::diag::heap;
 
 #[derive(clap::Args, Debug)]
 #[command(after_help = "\
@@ -75,22 +72,6 @@ pub struct Args {
     /// First write this many synthetic five-tile image samples (batch size 4) into --shards.
     #[arg(long)]
     make_synthetic: Option<usize>,
-}
-
-/// Peak resident set size of this process so far (Linux `VmHWM`), in MiB.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[i].as_secs_f64() * 1e3
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -167,143 +148,22 @@ pub fn run(args: Args) -> Result<()> {
         },
         on_corrupt: Default::default(),
     };
-    let start = Instant::now();
-    let mut loader = Loader::new(index.clone(), batches, &loader_config)?;
-    let (mut waits, mut builds) = (Vec::new(), Vec::new());
-    let (mut samples, mut tiles, mut bytes) = (0usize, 0usize, 0u64);
-    loop {
-        let t = Instant::now();
-        let Some(batch) = loader.next() else { break };
-        waits.push(t.elapsed());
-        let batch = batch?;
-        builds.push(batch.load_time);
-        samples += batch.batch_size();
-        tiles += batch.num_tiles;
-        bytes += batch.bytes_read;
-    }
-    let wall = start.elapsed().as_secs_f64();
-    drop(loader);
-    let first_wait = waits.first().copied().unwrap_or_default();
-    let to_first_batch = start - opened + first_wait;
-    // Steady state excludes the first batch (pipeline fill).
-    let mut steady: Vec<Duration> = waits.iter().skip(1).copied().collect();
-    steady.sort();
-    builds.sort();
-    let result = serde_json::json!({
-        "workers": args.workers,
-        "batches": waits.len(),
-        "samples": samples,
-        "tiles": tiles,
-        "seconds": wall,
-        "samples_per_s": samples as f64 / wall,
-        "samples_per_s_per_worker": samples as f64 / wall / args.workers as f64,
-        "shard_mb_per_s": bytes as f64 / 1e6 / wall,
-        "tile_mb_per_s": (tiles * 3 * index.tile_size() * index.tile_size()) as f64 / 1e6 / wall,
-        "first_batch_ms": first_wait.as_secs_f64() * 1e3,
-        "open_ms": open_time.as_secs_f64() * 1e3,
-        "time_to_first_batch_ms": to_first_batch.as_secs_f64() * 1e3,
-        "peak_rss_mib": peak_rss_mib(),
-        "wait_p50_ms": percentile(&steady, 0.50),
-        "wait_p99_ms": percentile(&steady, 0.99),
-        "worker_p50_ms": percentile(&builds, 0.50),
-        "worker_p99_ms": percentile(&builds, 0.99),
-        // `--shards s3://…`: ranged requests made, ranges served by --cache-dir, ranges evicted.
-        "object_store": index.remote.as_ref().map(|r| {
-            let s = r.cache_stats();
-            serde_json::json!({"fetches": s.fetches, "cache_hits": s.hits,
-                "cache_evictions": s.evictions, "cache_bytes": s.bytes})
-        }),
-    });
+    let report = llava_loader::bench::measure(&index, batches, &loader_config, opened, open_time)?;
     if args.json {
-        println!("{result}");
+        println!("{}", serde_json::to_string(&report)?);
     } else {
-        println!(
-            "index opened in {:.1} ms, first batch {:.1} ms after the start (open + plan + read); peak RSS {:.0} MiB\n\
-             {} batches, {samples} samples ({tiles} tiles) in {wall:.2}s with {} workers: \
-             {:.1} samples/s ({:.1}/worker), {:.1} MB/s shard bytes, {:.1} MB/s tiles; \
-             consumer wait p50 {:.1} ms p99 {:.1} ms (first {:.1} ms); \
-             worker per batch p50 {:.1} ms p99 {:.1} ms",
-            open_time.as_secs_f64() * 1e3,
-            to_first_batch.as_secs_f64() * 1e3,
-            peak_rss_mib().unwrap_or(f64::NAN),
-            waits.len(),
-            args.workers,
-            result["samples_per_s"].as_f64().unwrap_or(0.0),
-            result["samples_per_s_per_worker"].as_f64().unwrap_or(0.0),
-            result["shard_mb_per_s"].as_f64().unwrap_or(0.0),
-            result["tile_mb_per_s"].as_f64().unwrap_or(0.0),
-            result["wait_p50_ms"].as_f64().unwrap_or(0.0),
-            result["wait_p99_ms"].as_f64().unwrap_or(0.0),
-            result["first_batch_ms"].as_f64().unwrap_or(0.0),
-            result["worker_p50_ms"].as_f64().unwrap_or(0.0),
-            result["worker_p99_ms"].as_f64().unwrap_or(0.0),
-        );
+        println!("{}", report.summary());
     }
     Ok(())
 }
 
-/// Live heap bytes that `make` leaves allocated (what it returns, kept alive until measured).
-fn heap_delta<T>(make: impl FnOnce() -> Result<T>) -> Result<(u64, T)> {
-    let before = heap::live();
-    let value = make()?;
-    Ok((heap::live().saturating_sub(before), value))
-}
-
-/// `--plan-memory`: the plan as kept (group order + cursor), one rank's lazy batches, and, for
-/// comparison, every step's batches made at once (what the plan held before it was lazy) and
-/// one rank's batches as a `Vec` (what the loader held).
+/// `--plan-memory`: the plan's own heap bytes ([`llava_trainer::diag::plan_memory`]).
 fn plan_memory(index: &Arc<ShardIndex>, config: &PlanConfig, args: &Args) -> Result<()> {
-    if !heap::is_installed() {
-        bail!("--plan-memory needs the counting allocator of the llava-trainer binary");
-    }
-    let state = DataState::new(args.epoch);
-    let samples = index.samples.len().max(1) as f64;
-    let t = Instant::now();
-    let (plan_bytes, plan) = heap_delta(|| Ok(EpochPlan::new(index, config, &state)?))?;
-    let plan_ms = t.elapsed().as_secs_f64() * 1e3;
-    let (rank_bytes, rank) = heap_delta(|| Ok(plan.rank_batches(index, args.rank)?))?;
-    let t = Instant::now();
-    let (eager_bytes, eager) = heap_delta(|| Ok(plan.steps()))?;
-    let eager_ms = t.elapsed().as_secs_f64() * 1e3;
-    drop(eager);
-    let (rank_vec_bytes, rank_vec) = heap_delta(|| Ok(plan.rank(args.rank)?))?;
-    drop(rank_vec);
-    drop(rank);
-    let index_bytes = std::mem::size_of::<SampleRef>() * index.samples.len()
-        + std::mem::size_of::<BatchInfo>() * index.batches.len();
-    let result = serde_json::json!({
-        "samples": index.samples.len(),
-        "world_size": config.world_size,
-        "steps": plan.num_steps(),
-        "plan_bytes": plan_bytes,
-        "plan_bytes_per_sample": plan_bytes as f64 / samples,
-        "plan_ms": plan_ms,
-        "rank_batches_bytes": rank_bytes,
-        "all_steps_made_bytes": eager_bytes,
-        "all_steps_made_bytes_per_sample": eager_bytes as f64 / samples,
-        "all_steps_made_ms": eager_ms,
-        "rank_vec_bytes": rank_vec_bytes,
-        "rank_vec_bytes_per_sample": rank_vec_bytes as f64 / samples,
-        "index_bytes_per_sample": index_bytes as f64 / samples,
-    });
+    let report = llava_trainer::diag::plan_memory::measure(index, config, args.rank, args.epoch)?;
     if args.json {
-        println!("{result}");
-        return Ok(());
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", report.summary());
     }
-    println!(
-        "{} samples, world size {}, {} steps: plan {plan_bytes} bytes ({:.4}/sample, made in \
-         {plan_ms:.1} ms), rank {}'s lazy batches {rank_bytes} bytes; every step made at once \
-         {eager_bytes} bytes ({:.1}/sample, {eager_ms:.0} ms), rank {}'s as a Vec \
-         {rank_vec_bytes} bytes ({:.1}/sample); the index {:.1} bytes/sample",
-        index.samples.len(),
-        config.world_size,
-        plan.num_steps(),
-        plan_bytes as f64 / samples,
-        args.rank,
-        eager_bytes as f64 / samples,
-        args.rank,
-        rank_vec_bytes as f64 / samples,
-        index_bytes as f64 / samples,
-    );
     Ok(())
 }

@@ -54,6 +54,31 @@ pub struct Generated {
     pub stopped: bool,
 }
 
+impl Generated {
+    /// The answer as text: the new tokens without the stop token that ended them, decoded
+    /// with special tokens skipped.
+    pub fn answer(&self, tok: &tokenizers::Tokenizer, stop_ids: &[u32]) -> Result<String> {
+        let ids: Vec<u32> = self
+            .tokens
+            .iter()
+            .copied()
+            .filter(|t| !(self.stopped && stop_ids.contains(t)))
+            .collect();
+        tok.decode(&ids, true)
+            .map_err(|e| Error::Batch(format!("decoding an answer: {e}")))
+    }
+
+    /// Why the answer ended: `stop_token` or `max_new_tokens` (the `stopped` field of the JSON
+    /// outputs).
+    pub fn stop_reason(&self) -> &'static str {
+        if self.stopped {
+            "stop_token"
+        } else {
+            "max_new_tokens"
+        }
+    }
+}
+
 /// Generates an answer for every prompt (one batch).
 pub fn generate(
     model: &LlavaNext,

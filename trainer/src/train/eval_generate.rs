@@ -161,16 +161,7 @@ impl EvalGenerate {
         let tps = new_total as f64 / secs.max(1e-9);
         let mut logs = Vec::with_capacity(out.len());
         for (it, g) in self.items.iter().zip(&out) {
-            let answer_ids: Vec<u32> = g
-                .tokens
-                .iter()
-                .copied()
-                .filter(|t| !(g.stopped && self.opts.stop_ids.contains(t)))
-                .collect();
-            let answer = self
-                .tok
-                .decode(&answer_ids, true)
-                .map_err(|e| Error::Batch(format!("decoding an answer: {e}")))?;
+            let answer = g.answer(&self.tok, &self.opts.stop_ids)?;
             let log = GenerateLog {
                 step,
                 prompt_id: it
@@ -181,12 +172,7 @@ impl EvalGenerate {
                 answer,
                 tokens: g.tokens.clone(),
                 prompt_tokens: g.prompt_tokens,
-                stopped: if g.stopped {
-                    "stop_token"
-                } else {
-                    "max_new_tokens"
-                }
-                .into(),
+                stopped: g.stop_reason().into(),
                 tokens_per_s: tps,
             };
             tracing::info!(

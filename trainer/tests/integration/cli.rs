@@ -184,3 +184,61 @@ fn train_toml_errors_name_the_file_line_and_key_once() {
     assert!(!out.status.success());
     assert!(err.contains("--eval-every: must be at least 1"), "{err}");
 }
+
+/// `loader-bench` on 40 synthetic samples (10 batches of 4): the `--json` report counts every
+/// sample and tile once, in the keys scripts read; `--plan-memory --json` (the binary's counting
+/// allocator) sizes the plan; the terminal summary names the same counts.
+#[test]
+fn loader_bench_reports_every_sample_and_the_plan_memory() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/e2e-scratch")
+        .join(format!("cli-loader-bench-{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    let shards = dir.join("synth");
+    let bench = |extra: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("loader-bench")
+            .arg("--shards")
+            .arg(&shards)
+            .args(["--workers", "2"])
+            .args(extra)
+            .output()
+            .expect("llava-trainer loader-bench starts");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let json: serde_json::Value =
+        serde_json::from_str(bench(&["--make-synthetic", "40", "--json"]).trim()).expect("JSON");
+    assert_eq!(json["samples"], 40, "{json}");
+    assert_eq!(json["batches"], 10, "{json}");
+    assert_eq!(json["tiles"], 200, "{json}");
+    assert_eq!(json["workers"], 2, "{json}");
+    assert!(json["object_store"].is_null(), "{json}");
+    for key in [
+        "samples_per_s",
+        "shard_mb_per_s",
+        "tile_mb_per_s",
+        "time_to_first_batch_ms",
+        "wait_p50_ms",
+        "worker_p99_ms",
+    ] {
+        assert!(json[key].as_f64().is_some_and(|v| v >= 0.0), "{key}: {json}");
+    }
+    let text = bench(&[]);
+    assert!(text.contains("10 batches, 40 samples (200 tiles)"), "{text}");
+
+    let plan: serde_json::Value =
+        serde_json::from_str(bench(&["--plan-memory", "--json"]).trim()).expect("JSON");
+    assert_eq!(plan["samples"], 40, "{plan}");
+    assert_eq!(plan["steps"], 10, "{plan}");
+    assert!(plan["plan_bytes"].as_u64().is_some_and(|b| b > 0), "{plan}");
+    assert!(
+        plan["all_steps_made_bytes"].as_u64() > plan["plan_bytes"].as_u64(),
+        "{plan}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
