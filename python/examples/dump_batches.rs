@@ -44,6 +44,9 @@ struct Args {
     /// Pack each batch into rows of at most this many tokens.
     #[arg(long)]
     pack_length: Option<u32>,
+    /// With --pack-length: fill rows across batch boundaries (`run --pack-across-batches`).
+    #[arg(long, requires = "pack_length")]
+    pack_across_batches: bool,
     /// Resume from this data state (JSON, as saved with a checkpoint).
     #[arg(long)]
     state: Option<String>,
@@ -57,7 +60,7 @@ fn main() -> Result<()> {
         world_size: args.world_size,
         batch_size: args.batch_size,
         pack_length: args.pack_length,
-        across_batches: false,
+        across_batches: args.pack_across_batches,
     };
     let state = match &args.state {
         Some(json) => serde_json::from_str(json).context("--state is not a data state")?,

@@ -72,8 +72,10 @@ fn py_err(e: DataError) -> PyErr {
 ///
 /// packing=True lays each batch's samples out back to back in rows of at most pack_length
 /// model tokens (default: the shards' model_max_length), as `llava-trainer run --packing`; the
-/// same samples per step. Only for a model that keeps the samples of a row apart (attention,
-/// positions and loss per segment): the reference model does not.
+/// same samples per step. pack_across_batches=True fills rows across batch boundaries instead,
+/// as `llava-trainer run --pack-across-batches` (fewer, fuller rows; an epoch's leftovers are
+/// pooled and may mix modalities). Only for a model that keeps the samples of a row apart
+/// (attention, positions and loss per segment): the reference model does not.
 ///
 /// An epoch ends with StopIteration; iterating again continues with the next epoch (or call
 /// set_epoch). state_dict() is where the next batch comes from: save it with a checkpoint and
@@ -127,6 +129,7 @@ struct Args {
     packing: bool,
     pack_length: Option<u32>,
     on_corrupt: String,
+    pack_across_batches: bool,
 }
 
 /// (worker id, number of workers) when called in a torch DataLoader worker process. Never
@@ -177,7 +180,7 @@ impl ShardDataset {
     #[new]
     #[pyo3(signature = (dir, rank=0, world_size=1, seed=42, workers=16, epoch=0, batch_size=None,
                         normalize=true, prefetch=None, verify_checksums=false, packing=false,
-                        pack_length=None, on_corrupt="stop"))]
+                        pack_length=None, on_corrupt="stop", pack_across_batches=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -194,6 +197,7 @@ impl ShardDataset {
         packing: bool,
         pack_length: Option<u32>,
         on_corrupt: &str,
+        pack_across_batches: bool,
     ) -> PyResult<Self> {
         let args = Args {
             dir: dir.clone(),
@@ -207,6 +211,7 @@ impl ShardDataset {
             packing,
             pack_length,
             on_corrupt: on_corrupt.to_string(),
+            pack_across_batches,
         };
         let on_corrupt: OnCorrupt = on_corrupt
             .parse()
@@ -216,9 +221,9 @@ impl ShardDataset {
                 "rank {rank} is not below world_size {world_size}"
             )));
         }
-        if pack_length.is_some() && !packing {
+        if pack_length.is_some() && !packing && !pack_across_batches {
             return Err(PyValueError::new_err(
-                "pack_length is used only with packing=True",
+                "pack_length is used only with packing=True or pack_across_batches=True",
             ));
         }
         if workers == 0 || prefetch == Some(0) {
@@ -230,9 +235,10 @@ impl ShardDataset {
         let index = py
             .detach(|| ShardIndex::open(&dir, &options))
             .map_err(py_err)?;
-        // As llava-trainer run: --packing packs to --pack-length, default the shards' max length.
-        let pack_length =
-            packing.then(|| pack_length.unwrap_or(index.manifest.settings.model_max_length as u32));
+        // As llava-trainer run: --packing / --pack-across-batches pack to --pack-length, default
+        // the shards' max length.
+        let pack_length = (packing || pack_across_batches)
+            .then(|| pack_length.unwrap_or(index.manifest.settings.model_max_length as u32));
         let dataset = Self {
             index,
             plan: PlanConfig {
@@ -240,7 +246,7 @@ impl ShardDataset {
                 world_size,
                 batch_size,
                 pack_length,
-                across_batches: false,
+                across_batches: pack_across_batches,
             },
             rank,
             loader_config: LoaderConfig {
@@ -363,6 +369,10 @@ impl ShardDataset {
                 a.packing.into_pyobject(py)?.to_owned().into_any(),
                 a.pack_length.into_pyobject(py)?.into_any(),
                 a.on_corrupt.as_str().into_pyobject(py)?.into_any(),
+                a.pack_across_batches
+                    .into_pyobject(py)?
+                    .to_owned()
+                    .into_any(),
             ],
         )?;
         let state = state_dict(py, &this.state)?;

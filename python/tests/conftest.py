@@ -79,8 +79,9 @@ def rust_batches(shards):
     """rust_batches(**options) -> the Rust loader's batches (dicts) for those options."""
     cache = {}
 
-    def run(world_size=1, rank=0, seed=42, epoch=0, u8=False, state=None, batch_size=None, pack_length=None):
-        key = (world_size, rank, seed, epoch, u8, json.dumps(state, sort_keys=True), batch_size, pack_length)
+    def run(world_size=1, rank=0, seed=42, epoch=0, u8=False, state=None, batch_size=None, pack_length=None,
+            across=False):
+        key = (world_size, rank, seed, epoch, u8, json.dumps(state, sort_keys=True), batch_size, pack_length, across)
         if key not in cache:
             cmd = [str(DUMP), "--shards", str(shards), "--world-size", str(world_size),
                    "--rank", str(rank), "--seed", str(seed), "--epoch", str(epoch)]
@@ -92,6 +93,8 @@ def rust_batches(shards):
                 cmd += ["--batch-size", str(batch_size)]
             if pack_length is not None:
                 cmd += ["--pack-length", str(pack_length)]
+            if across:
+                cmd.append("--pack-across-batches")
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             cache[key] = [json.loads(line) for line in out.splitlines()]
         return cache[key]

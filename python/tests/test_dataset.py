@@ -151,6 +151,29 @@ def test_packed_batches_equal_the_rust_loader(shards, rust_batches, epoch_f32):
         assert [sum(s) for s in py["segments"]] == py["lengths"].tolist()
 
 
+def test_cross_batch_packed_batches_equal_the_rust_loader(shards, rust_batches, epoch_f32):
+    with pytest.raises(ValueError, match="pack_across_batches=True"):
+        llava_data.ShardDataset(shards, pack_length=8192)
+    across = list(llava_data.ShardDataset(shards, workers=2, pack_across_batches=True))  # 8192
+
+    rust = rust_batches(pack_length=8192, across=True)
+    assert len(across) == len(rust)
+    # Fuller rows than one batch at a time: fewer of them for the same samples.
+    per_batch = list(llava_data.ShardDataset(shards, workers=2, packing=True))
+    assert sum(len(b["rows"]) for b in across) < sum(len(b["rows"]) for b in per_batch)
+    for py, r in zip(across, rust):
+        check_equal(py, r)
+        assert [sum(s) for s in py["segments"]] == py["lengths"].tolist()
+    # Every sample of the epoch once.
+    ids = sorted(tuple(i) for b in across for i in b["ids"])
+    assert ids == sorted(tuple(i) for b in epoch_f32[0] for i in b["ids"])
+    # A copy for a spawned DataLoader worker (pickled before iterating) keeps the mode.
+    import pickle
+    fresh = llava_data.ShardDataset(shards, workers=2, pack_across_batches=True)
+    copy = pickle.loads(pickle.dumps(fresh))
+    assert [summary(b) for b in copy] == [summary(b) for b in across]
+
+
 def source_files(config):
     return {s["name"]: s["json"].rsplit("/", 1)[-1] for s in config["sources"]}
 

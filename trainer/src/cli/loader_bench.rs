@@ -17,6 +17,7 @@ use llava_loader::{
 Examples:
   llava-trainer loader-bench --shards out/example --workers 4 --max-batches 50
   llava-trainer loader-bench --shards out/example --world-size 4 --rank 1 --dry-run
+  llava-trainer loader-bench --shards out/example --pack-across-batches --dry-run
   llava-trainer loader-bench --shards out/example --world-size 8 --plan-memory
   llava-trainer loader-bench --shards /tmp/synth --make-synthetic 400 --json")]
 pub struct Args {
@@ -60,6 +61,15 @@ pub struct Args {
     /// Compare every shard's SHA-256 with the manifest first.
     #[arg(long)]
     verify_checksums: bool,
+    /// Pack each batch's samples into rows of --pack-length tokens (as `run --packing`).
+    #[arg(long)]
+    packing: bool,
+    /// Fill rows across batch boundaries (as `run --pack-across-batches`).
+    #[arg(long)]
+    pack_across_batches: bool,
+    /// Row length of packing [default: the shards' model_max_length].
+    #[arg(long, value_name = "TOKENS")]
+    pack_length: Option<u32>,
     /// Print the rank's plan as JSON lines and exit.
     #[arg(long)]
     dry_run: bool,
@@ -107,12 +117,19 @@ pub fn run(args: Args) -> Result<()> {
         },
     )?;
     let open_time = opened.elapsed();
+    if args.pack_length.is_some() && !args.packing && !args.pack_across_batches {
+        bail!("--pack-length goes with --packing or --pack-across-batches");
+    }
+    // As `run`: packing packs to --pack-length, default the shards' max length.
     let config = PlanConfig {
         seed: args.seed,
         world_size: args.world_size,
         batch_size: args.batch_size,
-        pack_length: None,
-        across_batches: false,
+        pack_length: (args.packing || args.pack_across_batches).then(|| {
+            args.pack_length
+                .unwrap_or(index.manifest.settings.model_max_length as u32)
+        }),
+        across_batches: args.pack_across_batches,
     };
     if args.plan_memory {
         return plan_memory(&index, &config, &args);

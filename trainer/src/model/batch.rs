@@ -26,6 +26,7 @@ impl ImageMeta {
         }
     }
 
+    /// A grid image has its base tile and one per grid cell.
     pub(crate) fn check_tiles(&self) -> Result<()> {
         let (cols, rows) = self.grid;
         if self.num_tiles != 1 + cols * rows {

@@ -11,9 +11,11 @@ use crate::model::llava_next::LlavaNext;
 use crate::{Error, Result};
 
 impl LlavaNext {
+    /// An image placeholder: -200 (the reference's) or the config's `image_token_index`.
     pub(crate) fn is_placeholder(&self, id: i64) -> bool {
         id == IMAGE_TOKEN_INDEX as i64 || id == self.cfg.image_token_index
     }
+
     /// The host-side plan of a batch: image token counts from the config, the gather table of
     /// the input embeddings, lengths after expansion and truncation, and the supervised
     /// positions. Reads `input_ids` / `labels` as host data: keep them on the CPU (the training

@@ -187,7 +187,8 @@ fn train_toml_errors_name_the_file_line_and_key_once() {
 
 /// `loader-bench` on 40 synthetic samples (10 batches of 4): the `--json` report counts every
 /// sample and tile once, in the keys scripts read; `--plan-memory --json` (the binary's counting
-/// allocator) sizes the plan; the terminal summary names the same counts.
+/// allocator) sizes the plan; the terminal summary names the same counts; `--pack-across-batches
+/// --dry-run` prints packed rows holding every sample once.
 #[test]
 fn loader_bench_reports_every_sample_and_the_plan_memory() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -226,10 +227,16 @@ fn loader_bench_reports_every_sample_and_the_plan_memory() {
         "wait_p50_ms",
         "worker_p99_ms",
     ] {
-        assert!(json[key].as_f64().is_some_and(|v| v >= 0.0), "{key}: {json}");
+        assert!(
+            json[key].as_f64().is_some_and(|v| v >= 0.0),
+            "{key}: {json}"
+        );
     }
     let text = bench(&[]);
-    assert!(text.contains("10 batches, 40 samples (200 tiles)"), "{text}");
+    assert!(
+        text.contains("10 batches, 40 samples (200 tiles)"),
+        "{text}"
+    );
 
     let plan: serde_json::Value =
         serde_json::from_str(bench(&["--plan-memory", "--json"]).trim()).expect("JSON");
@@ -240,5 +247,18 @@ fn loader_bench_reports_every_sample_and_the_plan_memory() {
         plan["all_steps_made_bytes"].as_u64() > plan["plan_bytes"].as_u64(),
         "{plan}"
     );
+
+    // --pack-across-batches --dry-run: the trainer's packed rows, every sample once.
+    let rows = bench(&["--pack-across-batches", "--dry-run"]);
+    let mut seen: Vec<u64> = Vec::new();
+    for line in rows.lines() {
+        let row: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+        for s in row["samples"].as_array().expect("samples") {
+            seen.push(s["index"].as_u64().expect("index"));
+        }
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (0..40).collect::<Vec<u64>>(), "{rows}");
+    assert!(rows.lines().count() < 40, "nothing was packed:\n{rows}");
     std::fs::remove_dir_all(&dir).ok();
 }
