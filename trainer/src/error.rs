@@ -79,6 +79,16 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Joining a multi-process job failed: `context` names the rank and where it tried to join.
+    #[error("{context}")]
+    Join {
+        context: String,
+        #[source]
+        source: Box<Error>,
+    },
+    /// What this build cannot do (e.g. NCCL ranks without the `cuda` feature), and how to get it.
+    #[error("{0}")]
+    Unsupported(String),
     #[error("distributed: {0}")]
     Distributed(String),
 

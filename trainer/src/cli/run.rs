@@ -1,14 +1,12 @@
 //! `llava-trainer run`: train on llava-data shards (`--config train.toml`, every key a flag).
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use llava_trainer::parallel::launch::LaunchEnv;
 use llava_trainer::parallel::layout::Layout;
 use llava_trainer::parallel::spawn;
-use llava_trainer::train::{self, RunOptions, Signals, Summary, TrainConfig};
+use llava_trainer::train::{self, RunOptions, Signals, Summary};
 
 use super::run_config::merged;
 
@@ -256,9 +254,9 @@ pub fn run(args: Args) -> Result<()> {
     let summary = match layout {
         Layout::Single => train::run(&cfg, opts)?,
         Layout::Threads(n) => train::run_threads(&cfg, n, opts)?,
-        Layout::Launched(env) => run_nccl(&cfg, &env, opts, rendezvous_timeout)?,
+        Layout::Launched(env) => train::run_nccl_rank(&cfg, &env, opts, rendezvous_timeout)?,
         Layout::LaunchedCpu(env) => {
-            run_tcp(&cfg, &env, opts, rendezvous_timeout, collective_timeout)?
+            train::run_tcp_rank(&cfg, &env, opts, rendezvous_timeout, collective_timeout)?
         }
         Layout::SpawnLocal(_) => unreachable!("handled above"),
     };
@@ -302,74 +300,4 @@ fn print_outcome(summary: &Summary) {
             summary.skipped_corrupt.len()
         );
     }
-}
-
-/// One CPU rank of a multi-process job: the TCP collective, joined through torchrun's store or
-/// our rendezvous ([`llava_trainer::parallel::join`]).
-fn run_tcp(
-    cfg: &TrainConfig,
-    env: &LaunchEnv,
-    opts: RunOptions,
-    rendezvous_timeout: Duration,
-    collective_timeout: Duration,
-) -> Result<Summary> {
-    use llava_trainer::parallel::tcp::TcpGroup;
-    let group = Arc::new(
-        TcpGroup::join(env, rendezvous_timeout, collective_timeout).with_context(|| {
-            format!(
-                "rank {} of {} ({:?} launch, MASTER_ADDR={} MASTER_PORT={})",
-                env.rank, env.world_size, env.source, env.master_addr, env.master_port
-            )
-        })?,
-    );
-    tracing::info!(
-        "rank {} of {}: joined (TCP collective)",
-        env.rank,
-        env.world_size
-    );
-    Ok(train::run_joined(cfg, opts, group)?)
-}
-
-/// One rank of a multi-process job: NCCL on GPU `LOCAL_RANK`, joined through the rendezvous.
-#[cfg(feature = "cuda")]
-fn run_nccl(
-    cfg: &TrainConfig,
-    env: &LaunchEnv,
-    opts: RunOptions,
-    rendezvous_timeout: Duration,
-) -> Result<Summary> {
-    use llava_trainer::parallel::nccl::NcclGroup;
-    let device = opts
-        .device
-        .clone()
-        .context("a launched rank has its CUDA device")?;
-    let group = Arc::new(
-        NcclGroup::new(env, &device, rendezvous_timeout, train::COLLECTIVE_TIMEOUT).with_context(
-            || {
-                format!(
-                    "rank {} of {} joining the job at {}:{}",
-                    env.rank, env.world_size, env.master_addr, env.master_port
-                )
-            },
-        )?,
-    );
-    group.watchdog(spawn::FAILURE_GRACE)?;
-    Ok(train::run_joined(cfg, opts, group)?)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn run_nccl(
-    _cfg: &TrainConfig,
-    env: &LaunchEnv,
-    _opts: RunOptions,
-    _rendezvous_timeout: Duration,
-) -> Result<Summary> {
-    anyhow::bail!(
-        "launched as rank {} of {} ({:?}): ranks in separate processes need NCCL, which this \
-         llava-trainer was built without; rebuild with `--features cuda` (scripts/build-cuda.sh), \
-         or on the CPU run one process with --nproc-per-node N",
-        env.rank,
-        env.world_size,
-        env.source
-    )
 }

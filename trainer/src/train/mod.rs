@@ -7,7 +7,7 @@
 //!
 //! - `run`: the loop each rank runs; `start`: what happens before its first step (checks,
 //!   loading, resume); `control`: stop, save or go on after a step; [`signals`]: the signals
-//!   that ask for it.
+//!   that ask for it; `launched`: one rank of a launcher's job (join, run, finish).
 //! - [`step`]: one step's compute (forward and backward of each micro-batch); [`optim`] and
 //!   [`schedule`]: AdamW and the learning rate.
 //! - `evaluate` and `eval_generate`: evaluation loss and generations during training; `log` and
@@ -20,6 +20,7 @@ mod config;
 mod control;
 mod eval_generate;
 mod evaluate;
+mod launched;
 mod log;
 pub mod optim;
 mod run;
@@ -38,6 +39,7 @@ pub use config::{TrainConfig, TunableParts};
 pub use control::Control;
 pub use eval_generate::GenerateLog;
 pub use evaluate::EvalLog;
+pub use launched::{run_nccl_rank, run_tcp_rank};
 pub use log::{CorruptLog, StepLog};
 pub use run::{run, run_joined, run_rank, run_threads, RunOptions, Summary, COLLECTIVE_TIMEOUT};
 pub use signals::Signals;
