@@ -449,23 +449,16 @@ fn verify_inner(build: &BuildDir, progress: Option<bool>) -> VerifyReport {
     // Files in shards/ that the manifest does not list.
     let listed: BTreeSet<String> = m.shards.iter().map(|s| s.file.clone()).collect();
     let dir = build.dir.join(crate::shard_build::SHARDS_DIR);
-    if let Ok(Some(location)) = super::remote(&build.dir) {
-        let mut extra: Vec<String> = location
+    // The shards folder's files, from the bucket or the disk.
+    let present: Vec<String> = if let Ok(Some(location)) = super::remote(&build.dir) {
+        location
             .list(crate::shard_build::SHARDS_DIR)
             .unwrap_or_default()
             .into_iter()
             .map(|(key, _)| key)
-            .filter(|f| !listed.contains(f))
-            .collect();
-        extra.sort();
-        for f in extra {
-            report.warnings.push(Problem {
-                file: f,
-                what: "not in the manifest (ignored by trainers)".into(),
-            });
-        }
+            .collect()
     } else if let Ok(entries) = std::fs::read_dir(&dir) {
-        let mut extra: Vec<String> = entries
+        entries
             .filter_map(Result::ok)
             .map(|e| {
                 format!(
@@ -474,15 +467,20 @@ fn verify_inner(build: &BuildDir, progress: Option<bool>) -> VerifyReport {
                     e.file_name().to_string_lossy()
                 )
             })
-            .filter(|f| !listed.contains(f))
-            .collect();
-        extra.sort();
-        for f in extra {
-            report.warnings.push(Problem {
-                file: f,
-                what: "not in the manifest (ignored by trainers)".into(),
-            });
-        }
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut extra: Vec<String> = present
+        .into_iter()
+        .filter(|f| !listed.contains(f))
+        .collect();
+    extra.sort();
+    for f in extra {
+        report.warnings.push(Problem {
+            file: f,
+            what: "not in the manifest (ignored by trainers)".into(),
+        });
     }
     report
 }
