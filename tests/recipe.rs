@@ -27,21 +27,7 @@ fn read_toml(path: &Path) -> toml::Table {
 /// `llava-trainer run --config FILE` semantics: path keys relative to the file's folder.
 fn train_config(path: &Path, overrides: &[(&str, toml::Value)]) -> TrainConfig {
     let mut t = read_toml(path);
-    let base = path.parent().unwrap();
-    for key in [
-        "shards",
-        "model",
-        "llm",
-        "vision",
-        "projector",
-        "output",
-        "tokenizer",
-        "resume",
-    ] {
-        if let Some(toml::Value::String(s)) = t.get_mut(key) {
-            *s = base.join(&*s).display().to_string();
-        }
-    }
+    train::resolve_paths(&mut t, path.parent().unwrap());
     for (k, v) in overrides {
         t.insert(k.to_string(), v.clone());
     }

@@ -6,25 +6,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use llava_formats::config::ConfigError;
 use llava_formats::located;
-use llava_trainer::train::TrainConfig;
+use llava_trainer::train::{self, TrainConfig};
 
 use super::run::Args;
-
-/// Keys that hold paths: in a train.toml they are relative to the file (as in datasets.toml);
-/// as flags, to the current directory.
-const PATH_KEYS: [&str; 11] = [
-    "shards",
-    "eval_shards",
-    "eval_prompts",
-    "tensorboard",
-    "model",
-    "llm",
-    "vision",
-    "projector",
-    "output",
-    "tokenizer",
-    "resume",
-];
 
 /// Where the run keys are documented (for error messages).
 const RUN_DOCS: &str = "`llava-trainer run --help` and docs/configuration.md";
@@ -52,15 +36,7 @@ pub(crate) fn merged(args: Args) -> Result<TrainConfig> {
             let file = p.display().to_string();
             let mut table: toml::Table = toml::from_str(&text)
                 .map_err(|e| ConfigError::from_toml(&file, &text, &e, RUN_DOCS))?;
-            let base = p.parent().unwrap_or(std::path::Path::new("."));
-            for key in PATH_KEYS {
-                if let Some(toml::Value::String(s)) = table.get_mut(key) {
-                    // `s3://bucket/prefix` is a location, not a path relative to the file.
-                    if !llava_formats::config::is_url(std::path::Path::new(s.as_str())) {
-                        *s = base.join(&*s).display().to_string();
-                    }
-                }
-            }
+            train::resolve_paths(&mut table, p.parent().unwrap_or(std::path::Path::new(".")));
             table
         }
         None => toml::Table::new(),

@@ -1,12 +1,41 @@
 //! `train.toml`: the run's settings, and the tunable parts they name.
 
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::io::init::ModelSource;
 use crate::model::config::MergeType;
 use crate::{Error, Result};
 use llava_loader::OnCorrupt;
+
+/// Keys that hold paths: in a train.toml they are relative to the file (as in datasets.toml);
+/// as flags, to the current directory.
+pub const PATH_KEYS: [&str; 11] = [
+    "shards",
+    "eval_shards",
+    "eval_prompts",
+    "tensorboard",
+    "model",
+    "llm",
+    "vision",
+    "projector",
+    "output",
+    "tokenizer",
+    "resume",
+];
+
+/// Makes a train.toml's paths (the [`PATH_KEYS`]) relative to `base`, the file's folder, as
+/// `llava-trainer run --config` reads them. `s3://bucket/prefix` is a location, not a path
+/// relative to the file: it stays as it is.
+pub fn resolve_paths(table: &mut toml::Table, base: &Path) {
+    for key in PATH_KEYS {
+        if let Some(toml::Value::String(s)) = table.get_mut(key) {
+            if !llava_formats::config::is_url(Path::new(s.as_str())) {
+                *s = base.join(&*s).display().to_string();
+            }
+        }
+    }
+}
 
 /// `train.toml`; every key is also a `llava-trainer run` flag.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -35,7 +35,7 @@ pub mod tensorboard;
 pub use compat::{
     check_compatible, memory_plan, normalize_on_device, source_config, to_model_batch,
 };
-pub use config::{TrainConfig, TunableParts};
+pub use config::{resolve_paths, TrainConfig, TunableParts, PATH_KEYS};
 pub use control::Control;
 pub use eval_generate::GenerateLog;
 pub use evaluate::EvalLog;
