@@ -12,6 +12,7 @@ pub mod manifest;
 pub mod normalize;
 pub mod pack_stream;
 pub mod packing;
+pub mod process;
 pub mod progress;
 pub mod rng;
 pub mod schema;

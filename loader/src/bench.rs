@@ -97,7 +97,7 @@ where
         first_batch_ms: first_wait.as_secs_f64() * 1e3,
         open_ms: open_time.as_secs_f64() * 1e3,
         time_to_first_batch_ms: to_first_batch.as_secs_f64() * 1e3,
-        peak_rss_mib: peak_rss_mib(),
+        peak_rss_mib: llava_formats::process::peak_rss_mib(None),
         wait_p50_ms: percentile_ms(&steady, 0.50),
         wait_p99_ms: percentile_ms(&steady, 0.99),
         worker_p50_ms: percentile_ms(&builds, 0.50),
@@ -143,14 +143,6 @@ impl LoaderBenchReport {
             self.worker_p99_ms,
         )
     }
-}
-
-/// Peak resident set size of this process so far (Linux `VmHWM`), in MiB.
-pub fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
 }
 
 /// The `p` quantile (0..=1) of sorted durations, in ms (nearest rank).

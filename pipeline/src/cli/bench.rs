@@ -95,14 +95,6 @@ pub struct BenchArgs {
     loader_workers: usize,
 }
 
-/// Peak resident set size of this process so far (Linux `VmHWM`), in MiB.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
-}
-
 /// CPU seconds used by this process so far (all threads, user + system). A ratio of CPU times
 /// is steadier than one of wall times on a shared machine: another process's load stretches the
 /// wall clock of whichever phase it overlaps, not the CPU time of ours.
@@ -271,7 +263,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     });
     let convert_s = t.elapsed().as_secs_f64();
     let convert_cpu_s = process_cpu_s() - cpu;
-    let rss_convert = peak_rss_mib();
+    let rss_convert = llava_formats::process::peak_rss_mib(None);
 
     // 3. The whole build (pass 1, grouping, pixels, tile encoding, Parquet, SHA-256, manifest)
     // once per encoding and level, each into its own folder.
@@ -325,7 +317,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
         }
     }
-    let rss_build = peak_rss_mib();
+    let rss_build = llava_formats::process::peak_rss_mib(None);
     let convert_per_record = convert_s / n;
     let convert_cpu_per_record = convert_cpu_s / n;
     let report = json!({

@@ -42,14 +42,6 @@ struct ShardEntry {
     bytes: u64,
 }
 
-/// Peak RSS (`VmHWM`, MiB) of process `pid`, while it runs.
-fn vm_hwm_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
-}
-
 /// Runs `cmd`, sampling its peak RSS every 20 ms; (wall seconds, peak MiB, stdout).
 fn run_measured(mut cmd: Command) -> Result<(f64, f64, String)> {
     let t = Instant::now();
@@ -67,7 +59,7 @@ fn run_measured(mut cmd: Command) -> Result<(f64, f64, String)> {
     });
     let mut peak = 0f64;
     let status = loop {
-        if let Some(m) = vm_hwm_mib(pid) {
+        if let Some(m) = llava_formats::process::peak_rss_mib(Some(pid)) {
             peak = peak.max(m);
         }
         if let Some(status) = child.try_wait()? {

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use candle_core::Device;
+use llava_formats::process::status_kib;
 
 use crate::{Error, Result};
 
@@ -17,12 +18,6 @@ pub(super) struct MemoryProbe {
         std::thread::JoinHandle<u64>,
     )>,
     cpu: bool,
-}
-
-fn proc_status_kib(key: &str) -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = text.lines().find(|l| l.starts_with(key))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 impl MemoryProbe {
@@ -40,7 +35,7 @@ impl MemoryProbe {
                 // Reset the high-water mark so the peak is this span's (Linux ≥ 4.0).
                 let _ = std::fs::write("/proc/self/clear_refs", "5");
                 Ok(Self {
-                    baseline: proc_status_kib("VmRSS:").unwrap_or(0) * 1024,
+                    baseline: status_kib(None, "VmRSS:").unwrap_or(0) * 1024,
                     sampler: None,
                     cpu: true,
                 })
@@ -85,7 +80,7 @@ impl MemoryProbe {
             ));
         }
         if self.cpu {
-            let peak = proc_status_kib("VmHWM:").unwrap_or(0) * 1024;
+            let peak = status_kib(None, "VmHWM:").unwrap_or(0) * 1024;
             return Ok((peak, self.baseline, "cpu: peak RSS (VmHWM)".into()));
         }
         let peak = match self.sampler {
