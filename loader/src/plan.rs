@@ -75,6 +75,20 @@ pub struct PlanConfig {
 }
 
 impl PlanConfig {
+    /// `pack_length` as `llava-trainer run` sets it from its `packing`, `pack_across_batches`
+    /// and `pack_length` keys (the Python package and `loader-bench` take the same): with
+    /// either packing on, the given row length or else the shards' `model_max_length`; with
+    /// neither, `None`.
+    pub fn packing_length(
+        index: &ShardIndex,
+        packing: bool,
+        across_batches: bool,
+        pack_length: Option<u32>,
+    ) -> Option<u32> {
+        (packing || across_batches)
+            .then(|| pack_length.unwrap_or(index.manifest.settings.model_max_length as u32))
+    }
+
     /// The row capacity when packing across batches (the unit of [`DataState::position`]).
     fn pack_across(&self) -> u32 {
         match self.pack_length {

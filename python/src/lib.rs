@@ -235,10 +235,8 @@ impl ShardDataset {
         let index = py
             .detach(|| ShardIndex::open(&dir, &options))
             .map_err(py_err)?;
-        // As llava-trainer run: --packing / --pack-across-batches pack to --pack-length, default
-        // the shards' max length.
-        let pack_length = (packing || pack_across_batches)
-            .then(|| pack_length.unwrap_or(index.manifest.settings.model_max_length as u32));
+        let pack_length =
+            PlanConfig::packing_length(&index, packing, pack_across_batches, pack_length);
         let dataset = Self {
             index,
             plan: PlanConfig {

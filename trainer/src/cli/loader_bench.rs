@@ -120,15 +120,16 @@ pub fn run(args: Args) -> Result<()> {
     if args.pack_length.is_some() && !args.packing && !args.pack_across_batches {
         bail!("--pack-length goes with --packing or --pack-across-batches");
     }
-    // As `run`: packing packs to --pack-length, default the shards' max length.
     let config = PlanConfig {
         seed: args.seed,
         world_size: args.world_size,
         batch_size: args.batch_size,
-        pack_length: (args.packing || args.pack_across_batches).then(|| {
-            args.pack_length
-                .unwrap_or(index.manifest.settings.model_max_length as u32)
-        }),
+        pack_length: PlanConfig::packing_length(
+            &index,
+            args.packing,
+            args.pack_across_batches,
+            args.pack_length,
+        ),
         across_batches: args.pack_across_batches,
     };
     if args.plan_memory {

@@ -61,6 +61,23 @@ pub struct Summary {
     pub skipped_corrupt: Vec<String>,
 }
 
+impl Summary {
+    /// A run at `steps_done` of `total_steps` that has not trained, saved or evaluated yet.
+    fn new(steps_done: u64, total_steps: u64, resumed_from: Option<PathBuf>) -> Self {
+        Summary {
+            steps_done,
+            total_steps,
+            history: Vec::new(),
+            last_checkpoint: None,
+            interrupted: false,
+            resumed_from,
+            already_finished: false,
+            evals: Vec::new(),
+            skipped_corrupt: Vec::new(),
+        }
+    }
+}
+
 /// Trains as `cfg` says on one device; resumes from the latest checkpoint in `output` unless
 /// told otherwise.
 pub fn run(cfg: &TrainConfig, opts: RunOptions) -> Result<Summary> {
@@ -185,25 +202,19 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
 
     // Resume: the checkpoint's weights replace the loaded ones, then the optimizer state.
     let resume = start::resume_dir(cfg);
-    if let Some(dir) = &resume {
-        if let Some(done) = start::finished_at(dir, cfg, world, &index, total_steps)? {
-            return Ok(Summary {
-                steps_done: done,
-                total_steps,
-                history: Vec::new(),
-                last_checkpoint: Some(dir.clone()),
-                interrupted: false,
-                resumed_from: Some(dir.clone()),
-                already_finished: true,
-                evals: Vec::new(),
-                skipped_corrupt: Vec::new(),
-            });
-        }
-    }
     let resumed_state = match &resume {
-        Some(dir) => Some(start::restore_weights(
-            dir, cfg, world, &index, &varmap, &dev,
-        )?),
+        Some(dir) => {
+            let state = start::resume_state(dir)?;
+            if start::is_finished(&state, cfg, world, &index, total_steps) {
+                return Ok(Summary {
+                    last_checkpoint: Some(dir.clone()),
+                    already_finished: true,
+                    ..Summary::new(state.global_step, total_steps, resume.clone())
+                });
+            }
+            start::restore_weights(dir, &state, cfg, world, &index, &varmap, &dev)?;
+            Some(state)
+        }
         None => None,
     };
 
@@ -305,17 +316,7 @@ pub fn run_rank(cfg: &TrainConfig, opts: RunOptions, comm: Arc<dyn Collective>) 
         projector_only: parts.projector_only(),
     };
 
-    let mut summary = Summary {
-        steps_done: step,
-        total_steps,
-        history: Vec::new(),
-        last_checkpoint: None,
-        interrupted: false,
-        resumed_from: resume.clone(),
-        already_finished: false,
-        evals: Vec::new(),
-        skipped_corrupt: Vec::new(),
-    };
+    let mut summary = Summary::new(step, total_steps, resume.clone());
     let mut last_saved = step;
     let (mut lr, mut loss_v) = (0.0, f64::NAN);
     let mut acc = zero::accumulator(all_vars.clone(), &sharding, comm.clone());

@@ -90,10 +90,12 @@ pub(crate) fn plan_config(cfg: &TrainConfig, index: &ShardIndex, world: usize) -
         seed: cfg.seed,
         world_size: world,
         batch_size: cfg.batch_size,
-        pack_length: (cfg.packing || cfg.pack_across_batches).then(|| {
-            cfg.pack_length
-                .unwrap_or(index.manifest.settings.model_max_length as u32)
-        }),
+        pack_length: PlanConfig::packing_length(
+            index,
+            cfg.packing,
+            cfg.pack_across_batches,
+            cfg.pack_length,
+        ),
         across_batches: cfg.pack_across_batches,
     }
 }
@@ -109,36 +111,39 @@ pub(crate) fn resume_dir(cfg: &TrainConfig) -> Option<PathBuf> {
     }
 }
 
-/// The step of `dir` when it already is this run's last (same settings, same shards): nothing
+/// The trainer state of the checkpoint `dir` to resume from (checked to be a checkpoint).
+pub(crate) fn resume_state(dir: &Path) -> Result<TrainerState> {
+    checkpoint::check_is_checkpoint(dir)?;
+    checkpoint::load_state_json(dir)
+}
+
+/// Whether the checkpoint already is this run's last step (same settings, same shards): nothing
 /// to train, and no weights to read.
-pub(crate) fn finished_at(
-    dir: &Path,
+pub(crate) fn is_finished(
+    state: &TrainerState,
     cfg: &TrainConfig,
     world: usize,
     index: &ShardIndex,
     total_steps: u64,
-) -> Result<Option<u64>> {
-    checkpoint::check_is_checkpoint(dir)?;
-    let state = checkpoint::load_state_json(dir)?;
-    let finished = state.global_step >= total_steps
+) -> bool {
+    state.global_step >= total_steps
         && state.config == cfg.trajectory_keys_at(world)
         && state.shards_tokenizer_sha256 == index.manifest.tokenizer_sha256
-        && state.shards_config_sha256 == index.manifest.config_sha256;
-    Ok(finished.then_some(state.global_step))
+        && state.shards_config_sha256 == index.manifest.config_sha256
 }
 
-/// Checks that `dir` was written by this run's settings on these shards, and puts its weights
-/// into `varmap`. Returns its trainer state (the optimizer state is read later, per rank).
+/// Checks that the checkpoint `dir` (whose state is `state`) was written by this run's settings
+/// on these shards, and puts its weights into `varmap` (the optimizer state is read later, per
+/// rank).
 pub(crate) fn restore_weights(
     dir: &Path,
+    state: &TrainerState,
     cfg: &TrainConfig,
     world: usize,
     index: &ShardIndex,
     varmap: &VarMap,
     dev: &Device,
-) -> Result<TrainerState> {
-    checkpoint::check_is_checkpoint(dir)?;
-    let state = checkpoint::load_state_json(dir)?;
+) -> Result<()> {
     if state.config != cfg.trajectory_keys_at(world) {
         return Err(Error::Checkpoint {
             path: dir.into(),
@@ -176,7 +181,7 @@ pub(crate) fn restore_weights(
         })?;
         var.set(&t.to_dtype(var.dtype())?)?;
     }
-    Ok(state)
+    Ok(())
 }
 
 /// The model over `varmap` with the run's attention and loss chunk, and its trainable
